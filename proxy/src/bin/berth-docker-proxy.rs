@@ -1,0 +1,91 @@
+//! `berth-docker-proxy`: berth behind docker-proxy's command line, for dockerd's
+//! `userland-proxy-path`.
+use std::{
+    os::fd::{FromRawFd as _, OwnedFd},
+    process::ExitCode,
+};
+
+use berth::{
+    docker_proxy::{Args, LISTEN_FD, Parsed, StatusPipe, USAGE},
+    forward::{self, bind_tcp},
+    sys,
+};
+use socket2::Socket;
+use tokio::net::TcpListener;
+
+fn main() -> ExitCode {
+    // Take fd 3 before anything (the runtime, the logger) can open a descriptor.
+    let mut status = StatusPipe::take();
+    sys::init_logging("warn");
+    let args = match Args::parse(std::env::args().skip(1)) {
+        Ok(Parsed::Run(args)) => args,
+        Ok(Parsed::Help) => {
+            eprintln!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Parsed::Version) => {
+            println!("berth-docker-proxy (berth) version {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => return fail(&mut status, &e.to_string(), true),
+    };
+    sys::raise_nofile_limit();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&mut status, &format!("failed to start the runtime: {e}"), false),
+    };
+    rt.block_on(async {
+        let listener = if args.use_listen_fd { inherited_listener() } else { bind_tcp(args.listen.expect("set unless -use-listen-fd")).map_err(|e| e.to_string()) };
+        let listener = match listener {
+            Ok(l) => l,
+            Err(e) => return fail(&mut status, &e, false),
+        };
+        status.ok();
+        let mut config = forward::Config::new(args.target);
+        config.mode = args.mode;
+        // docker-proxy closes everything at once on SIGTERM; dockerd expects exactly that.
+        config.drain_timeout = std::time::Duration::ZERO;
+        match forward::run(listener, config, sys::stop_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "proxy stopped");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// The listening TCP socket dockerd passed as fd 4.
+fn inherited_listener() -> Result<TcpListener, String> {
+    // SAFETY: F_GETFD only checks that the fd is open.
+    if unsafe { libc::fcntl(LISTEN_FD, libc::F_GETFD) } == -1 {
+        return Err(format!("-use-listen-fd was given but fd {LISTEN_FD} is not open"));
+    }
+    // SAFETY: fd 4 is open and, by docker-proxy's contract, ours alone.
+    let sock = Socket::from(unsafe { OwnedFd::from_raw_fd(LISTEN_FD) });
+    let not_tcp = || format!("fd {LISTEN_FD} is not a TCP socket");
+    if sock.r#type().map_err(|_| not_tcp())? != socket2::Type::STREAM {
+        return Err(not_tcp());
+    }
+    // dockerd binds and listens; listen() again is harmless and covers a merely bound socket.
+    if !sock.is_listener().unwrap_or(false) {
+        sock.listen(4096).map_err(|e| format!("fd {LISTEN_FD}: listen failed: {e}"))?;
+    }
+    sock.set_nonblocking(true).map_err(|e| e.to_string())?;
+    sock.set_cloexec(true).map_err(|e| e.to_string())?;
+    TcpListener::from_std(sock.into()).map_err(|e| e.to_string())
+}
+
+/// Reports a start-up failure the way docker-proxy does: on fd 3 when a parent listens,
+/// otherwise on stderr; exit status 1 either way.
+fn fail(status: &mut StatusPipe, message: &str, usage: bool) -> ExitCode {
+    if status.is_attached() {
+        status.fail(message);
+    } else {
+        eprintln!("berth-docker-proxy: {message}");
+        if usage {
+            eprintln!("{USAGE}");
+        }
+    }
+    ExitCode::from(1)
+}

@@ -1,0 +1,101 @@
+//! `berth net`: the container network from the command line.
+use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+use berth::net::{self, ContainerSpec, IfName, NetNs, Topology, TopologyFile};
+use clap::{Args, Subcommand};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum NetCommand {
+    /// Create the bridge and the container namespaces.
+    Up(TopologyArgs),
+    /// Remove the containers and the bridge that `up` created.
+    Down(TopologyArgs),
+    /// Run a command inside a container's network namespace.
+    Exec {
+        /// The container (network namespace) name.
+        name: String,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TopologyArgs {
+    /// Topology file (TOML: bridge, subnet, gateway, [[container]] name/ip); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Bridge name [default: berth0].
+    #[arg(long)]
+    bridge: Option<String>,
+    /// Container subnet [default: 172.16.0.0/16].
+    #[arg(long)]
+    subnet: Option<String>,
+    /// Gateway address on the bridge [default: 172.16.1.254, or the subnet's last address].
+    #[arg(long)]
+    gateway: Option<Ipv4Addr>,
+    /// A container as NAME or NAME=IP; repeat for more.
+    #[arg(long = "container", value_name = "NAME[=IP]", value_parser = parse_container)]
+    containers: Vec<ContainerSpec>,
+}
+
+fn parse_container(s: &str) -> Result<ContainerSpec, String> {
+    s.parse().map_err(|e: net::NetError| e.to_string())
+}
+
+impl TopologyArgs {
+    fn resolve(self) -> anyhow::Result<Topology> {
+        let file = match &self.config {
+            Some(path) => TopologyFile::load(path)?,
+            None => TopologyFile::default(),
+        };
+        let mut containers = file.containers;
+        containers.extend(self.containers);
+        Ok(Topology::resolve(
+            self.bridge.as_deref().or(file.bridge.as_deref()),
+            self.subnet.as_deref().or(file.subnet.as_deref()),
+            self.gateway.or(file.gateway),
+            &containers,
+        )?)
+    }
+}
+
+pub(crate) async fn run(cmd: NetCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        NetCommand::Up(args) => {
+            let t = args.resolve()?;
+            net::up(&t).await?;
+            println!("bridge {} {}/{} up", t.bridge, t.gateway, t.subnet.prefix_len());
+            for c in &t.containers {
+                println!("container {} eth0 {}/{} via {} (host side {})", c.name, c.addr, t.subnet.prefix_len(), t.gateway, c.host_veth);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        NetCommand::Down(args) => {
+            let t = args.resolve()?;
+            let names: Vec<String> = t.containers.iter().map(|c| c.name.clone()).collect();
+            let report = net::down(&t.bridge, &names).await?;
+            for c in &report.containers {
+                println!("container {c} removed");
+            }
+            if report.bridge_removed {
+                println!("bridge {} removed", t.bridge);
+            } else if !report.foreign_ports.is_empty() {
+                println!("bridge {} kept: other ports are attached ({})", t.bridge, report.foreign_ports.join(", "));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        NetCommand::Exec { name, command } => {
+            let _valid: IfName = name.parse()?;
+            let (program, rest) = command.split_first().context("no command given")?;
+            let status = NetNs::named(&name)
+                .command(program)?
+                .args(rest)
+                .status()
+                .with_context(|| format!("failed to run {program:?} in {name}"))?;
+            // Pass the command's exit status through, like `ip netns exec`.
+            Ok(ExitCode::from(status.code().map_or(1, |c| u8::try_from(c).unwrap_or(1))))
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! Connecting to the target, with a timeout and an error that says which failure it was.
+use std::{io, time::Duration};
+
+use tokio::net::TcpStream;
+
+use crate::addr::TargetAddr;
+
+/// Why the target could not be reached. `reason()` is a stable label for metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connection refused by {0}")]
+    Refused(TargetAddr),
+    #[error("no answer from {0} within {1:?}")]
+    Timeout(TargetAddr, Duration),
+    #[error("{0} is unreachable: {1}")]
+    Unreachable(TargetAddr, #[source] io::Error),
+    #[error("failed to connect to {0}: {1}")]
+    Other(TargetAddr, #[source] io::Error),
+}
+
+impl ConnectError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Refused(_) => "refused",
+            Self::Timeout(..) => "timeout",
+            Self::Unreachable(..) => "unreachable",
+            Self::Other(..) => "other",
+        }
+    }
+}
+
+pub(crate) async fn connect(target: TargetAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(target.get())).await {
+        Err(_) => return Err(ConnectError::Timeout(target, timeout)),
+        Ok(Err(e)) => {
+            return Err(match e.raw_os_error() {
+                Some(libc::ECONNREFUSED) => ConnectError::Refused(target),
+                Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::ETIMEDOUT) => {
+                    ConnectError::Unreachable(target, e)
+                }
+                _ => ConnectError::Other(target, e),
+            });
+        }
+        Ok(Ok(s)) => s,
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}

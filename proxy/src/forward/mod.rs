@@ -1,0 +1,123 @@
+//! TCP port forwarding: accept clients on a listener, connect each to the target, relay.
+//!
+//! The entry point is [`run`]`(listener, config, shutdown)`: the caller binds (or inherits) the
+//! listener, which keeps this testable with `127.0.0.1:0` and usable with sockets passed in by
+//! docker or systemd.
+
+mod accept;
+mod connect;
+mod listen;
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
+use tracing::{Instrument as _, debug, debug_span, info, warn};
+
+pub use connect::ConnectError;
+pub use listen::{ListenError, bind_tcp};
+
+use crate::{
+    addr::{ClientAddr, TargetAddr},
+    relay::{self, Meter, Mode},
+};
+
+/// How one TCP mapping behaves.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub target: TargetAddr,
+    pub mode: Mode,
+    /// How long to wait for the target to accept before giving up on a client.
+    pub connect_timeout: Duration,
+    /// Connections relayed at once; clients beyond it are reset at once.
+    pub max_connections: usize,
+    /// After shutdown, how long established connections may run before they are closed.
+    pub drain_timeout: Duration,
+}
+
+impl Config {
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+    pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+    pub fn new(target: TargetAddr) -> Self {
+        Self {
+            target,
+            mode: Mode::default(),
+            connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
+            max_connections: Self::DEFAULT_MAX_CONNECTIONS,
+            drain_timeout: Self::DEFAULT_DRAIN_TIMEOUT,
+        }
+    }
+}
+
+/// Serves `listener` until `shutdown` completes, then drains.
+///
+/// After `shutdown`, no new client is accepted; established connections get
+/// [`Config::drain_timeout`] to finish, and whatever is left is closed.
+pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future) -> Result<(), accept::AcceptError> {
+    let config = Arc::new(config);
+    let limit = Arc::new(Semaphore::new(config.max_connections));
+    let mut conns = JoinSet::new();
+    let mut accept = accept::Acceptor::new(&listener);
+    let mut shutdown = std::pin::pin!(shutdown);
+    match listener.local_addr() {
+        Ok(local) => info!(listen = %local, target = %config.target, mode = %config.mode, "listening"),
+        Err(e) => warn!(error = %e, "listener has no local address"),
+    }
+
+    loop {
+        tokio::select! {
+            () = async { (&mut shutdown).await; } => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = accept.next() => {
+                let (stream, client) = accepted?;
+                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    warn!(client.addr = %client, limit = config.max_connections, "connection limit reached, refusing client");
+                    relay::abort_stream(stream);
+                    continue;
+                };
+                let config = config.clone();
+                let span = debug_span!("conn", client.addr = %client);
+                conns.spawn(
+                    async move {
+                        serve(stream, client, &config).await;
+                        drop(permit);
+                    }
+                    .instrument(span),
+                );
+            }
+        }
+    }
+
+    drop(listener);
+    if !conns.is_empty() {
+        info!(active = conns.len(), timeout = ?config.drain_timeout, "draining connections");
+        let drained = tokio::time::timeout(config.drain_timeout, async {
+            while conns.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!(left = conns.len(), "drain timeout reached, closing remaining connections");
+            conns.shutdown().await;
+        }
+    }
+    Ok(())
+}
+
+/// Handles one accepted client from connect to close.
+pub async fn serve(client: tokio::net::TcpStream, client_addr: ClientAddr, config: &Config) {
+    let _ = client.set_nodelay(true);
+    let target = match connect::connect(config.target, config.connect_timeout).await {
+        Ok(t) => t,
+        Err(e) => {
+            warn!(client.addr = %client_addr, target = %config.target, error = %e, "cannot reach target, closing client");
+            relay::abort_stream(client);
+            return;
+        }
+    };
+    let meter = Meter::default();
+    match relay::relay(&client, &target, config.mode, &meter).await {
+        Ok(t) => debug!(to_target = t.to_target, to_client = t.to_client, "connection closed"),
+        Err(e) => debug!(error = %e, "connection aborted"),
+    }
+}

@@ -1,0 +1,18 @@
+//! berth: a port-forwarding proxy for containers, a drop-in for Docker's `docker-proxy`.
+//!
+//! # Layout
+//! - [`net`]: the container network (bridge, namespaces, veth) built with rtnetlink.
+//! - [`addr`]: typed listen / target / client addresses.
+//! - [`relay`]: moving bytes between two TCP sockets, by copy or by splice(2).
+//! - [`forward`]: the TCP accept loop that connects clients to a target and relays.
+//! - [`docker_proxy`]: docker-proxy's command line and fd 3 status pipe.
+//! - [`ebpf`]: the embedded kernel programs and their loader.
+
+pub mod addr;
+pub mod caps;
+pub mod docker_proxy;
+pub mod ebpf;
+pub mod forward;
+pub mod net;
+pub mod relay;
+pub mod sys;

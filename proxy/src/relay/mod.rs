@@ -1,0 +1,122 @@
+//! Moving bytes between a client socket and a target socket until both directions are done.
+//!
+//! One state machine ([`bidi`]) drives two one-way pumps; the pump decides how bytes move:
+//! [`copy`] through a userspace buffer, [`splice`] through a kernel pipe without copying.
+//! Half-close is propagated (EOF on one side becomes `shutdown(SHUT_WR)` on the other) and a
+//! failure on either side aborts both with a reset.
+
+mod bidi;
+mod copy;
+mod splice;
+
+use std::{
+    fmt, io,
+    str::FromStr,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+pub use bidi::relay;
+
+/// Closes `s` with a reset rather than a FIN, to tell its peer at once that the connection failed.
+pub fn abort_stream(s: tokio::net::TcpStream) {
+    bidi::abort(&s);
+}
+
+/// How a relay moves bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Mode {
+    /// A userspace buffer per direction.
+    Copy,
+    /// splice(2) through a pipe per direction: no copy into userspace. Falls back to copy where
+    /// the kernel refuses it.
+    #[default]
+    Splice,
+}
+
+impl Mode {
+    pub const ALL: [Self; 2] = [Self::Copy, Self::Splice];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Copy => "copy",
+            Self::Splice => "splice",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| format!("unknown mode {s:?} (expected copy or splice)"))
+    }
+}
+
+/// Which way bytes flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Client to target (upload).
+    ToTarget,
+    /// Target to client (download).
+    ToClient,
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::ToTarget => "client to target",
+            Self::ToClient => "target to client",
+        })
+    }
+}
+
+/// Bytes moved so far in each direction. Updated as data moves, so that it can be read while
+/// a long transfer is still running.
+#[derive(Debug, Default)]
+pub struct Meter {
+    to_target: AtomicU64,
+    to_client: AtomicU64,
+}
+
+impl Meter {
+    pub(crate) fn add(&self, dir: Direction, n: usize) {
+        let counter = match dir {
+            Direction::ToTarget => &self.to_target,
+            Direction::ToClient => &self.to_client,
+        };
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn transfer(&self) -> Transfer {
+        Transfer {
+            to_target: self.to_target.load(Ordering::Relaxed),
+            to_client: self.to_client.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Byte counts of one relayed connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Transfer {
+    pub to_target: u64,
+    pub to_client: u64,
+}
+
+/// Why a relay ended abnormally. Both sockets have been set to reset on close.
+#[derive(Debug, thiserror::Error)]
+#[error("relay {direction} failed after {} B up / {} B down: {source}", .transfer.to_target, .transfer.to_client)]
+pub struct RelayError {
+    pub direction: Direction,
+    pub transfer: Transfer,
+    #[source]
+    pub source: io::Error,
+}

@@ -1,0 +1,43 @@
+//! Process-wide setup that every berth binary does once at start.
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit, as Go programs (docker-proxy among them)
+/// do at start: a relay holds 2 sockets and, with splice, 4 pipe fds per connection, and the
+/// usual soft limit of 1024 would cap berth at a few hundred connections.
+pub fn raise_nofile_limit() -> u64 {
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() { hard } else { soft }
+        }
+        Ok((soft, _)) => soft,
+        Err(_) => 0,
+    }
+}
+
+/// Completes on the first SIGINT or SIGTERM.
+pub async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        // Without signal handlers the default action (exit) still stops us.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Logs to stderr; `RUST_LOG` (or `BERTH_LOG`) overrides `default` (e.g. "info").
+pub fn init_logging(default: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("BERTH_LOG")
+        .ok()
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
