@@ -1,1 +1,36 @@
-fn main(){}
+//! `cargo xtask`: the project's own commands. Each installs what it needs first.
+mod demo;
+mod exec;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "berth's developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what a fresh machine lacks: rust-src for nightly, bpf-linker, apt packages.
+    Setup,
+    /// setup, then fmt check, clippy -D warnings, and every test (privileged ones included).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// setup, build, then show a port mapped into a container namespace, and tear it down.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Setup => setup::run(),
+        Command::Test { cargo_test_args } => test::run(&cargo_test_args),
+        Command::Demo => demo::run(),
+    }
+}

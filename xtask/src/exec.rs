@@ -1,0 +1,42 @@
+//! Running commands: print them, run them, and fail with the command line when they fail.
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use anyhow::{Context as _, bail};
+
+/// The workspace root (xtask lives one level below it).
+pub(crate) fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is inside the workspace").to_owned()
+}
+
+fn line(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Runs `cmd` with inherited stdio and fails unless it exits 0.
+pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let shown = line(cmd);
+    println!("xtask> {shown}");
+    let status = cmd.status().with_context(|| format!("failed to start `{shown}`"))?;
+    if !status.success() {
+        bail!("`{shown}` failed with {status}");
+    }
+    Ok(())
+}
+
+/// Runs `cmd` quietly and returns its output, whatever the exit status.
+pub(crate) fn output(cmd: &mut Command) -> anyhow::Result<Output> {
+    let shown = line(cmd);
+    cmd.output().with_context(|| format!("failed to start `{shown}`"))
+}
+
+/// True if `cmd` can be started and exits 0.
+pub(crate) fn succeeds(cmd: &mut Command) -> bool {
+    cmd.output().is_ok_and(|o| o.status.success())
+}

@@ -1,0 +1,80 @@
+//! `cargo xtask setup`: idempotent installation of the toolchain pieces and packages berth needs.
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+use crate::exec;
+
+/// The bpf-linker release that links against nightly's LLVM here; 0.11+ wants a system LLVM.
+const BPF_LINKER_VERSION: &str = "0.10.3";
+
+/// Debian packages the tests and the demo use: `ip` for inspecting what tests leave behind,
+/// python3 for the demo's file server, curl to fetch through the proxy.
+const APT_PACKAGES: &[&str] = &["iproute2", "python3", "curl"];
+
+pub(crate) fn run() -> anyhow::Result<()> {
+    rust_src()?;
+    bpf_linker()?;
+    apt(APT_PACKAGES)?;
+    println!("xtask: setup complete");
+    Ok(())
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let installed = exec::output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))?;
+    if !installed.status.success() {
+        bail!("the nightly toolchain is missing: install it with `rustup toolchain install nightly`");
+    }
+    if String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.starts_with("rust-src")) {
+        println!("xtask: rust-src for nightly is installed");
+        return Ok(());
+    }
+    println!("xtask: installing rust-src for nightly (needed for -Z build-std=core)");
+    exec::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let version = exec::output(Command::new("bpf-linker").arg("--version"))
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    if version.contains(BPF_LINKER_VERSION) {
+        println!("xtask: bpf-linker {BPF_LINKER_VERSION} is installed");
+        return Ok(());
+    }
+    println!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (links the eBPF programs; about a minute)");
+    exec::run(Command::new("cargo").args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--force"]))
+}
+
+/// Installs the Debian packages in `packages` that are not installed yet.
+pub(crate) fn apt(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            !exec::output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        println!("xtask: apt packages present: {}", packages.join(" "));
+        return Ok(());
+    }
+    println!("xtask: installing apt packages: {}", missing.join(" "));
+    if !is_root() {
+        bail!("installing {} needs root (run `sudo cargo xtask setup`)", missing.join(" "));
+    }
+    exec::run(Command::new("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    exec::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .context("apt-get install failed")
+}
+
+pub(crate) fn is_root() -> bool {
+    exec::output(Command::new("id").arg("-u")).is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
