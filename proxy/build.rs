@@ -12,7 +12,10 @@ fn main() -> anyhow::Result<()> {
         .join("ebpf");
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     let object = out_dir.join("berth-ebpf");
-    println!("cargo:rerun-if-changed={}", ebpf_dir.join("common").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        ebpf_dir.join("common").display()
+    );
 
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
@@ -32,5 +35,7 @@ fn main() -> anyhow::Result<()> {
         }],
         Toolchain::default(),
     )
-    .context("failed to build the eBPF programs (run `cargo xtask setup` for rust-src and bpf-linker)")
+    .context(
+        "failed to build the eBPF programs (run `cargo xtask setup` for rust-src and bpf-linker)",
+    )
 }

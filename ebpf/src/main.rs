@@ -27,7 +27,7 @@ fn berth_sk_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: the helper only reads the socket behind this program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     // SAFETY: the value is a plain `repr(C)` u64 that the map keeps alive during the program.
-    let Some(peer) = (unsafe { BERTH_PEERS.get(&cookie) }) else {
+    let Some(peer) = (unsafe { BERTH_PEERS.get(cookie) }) else {
         return sk_action::SK_PASS;
     };
     let mut key = peer.cookie;

@@ -61,7 +61,10 @@ mod tests {
 
     #[test]
     fn parses_v4_and_v6_and_rejects_garbage() {
-        assert_eq!("0.0.0.0:9090".parse::<ListenAddr>().unwrap().to_string(), "0.0.0.0:9090");
+        assert_eq!(
+            "0.0.0.0:9090".parse::<ListenAddr>().unwrap().to_string(),
+            "0.0.0.0:9090"
+        );
         assert_eq!("[::1]:80".parse::<TargetAddr>().unwrap().get().port(), 80);
         for bad in ["", "9090", "1.2.3.4", "::1:80", "host:80", "1.2.3.4:70000"] {
             let err = bad.parse::<ListenAddr>().unwrap_err().to_string();

@@ -11,7 +11,9 @@ pub enum Cap {
 /// True if the calling thread's effective set holds `cap`. Unknown (no /proc) counts as held,
 /// so that the kernel's own answer decides.
 pub fn has(cap: Cap) -> bool {
-    let Ok(status) = std::fs::read_to_string("/proc/thread-self/status") else { return true };
+    let Ok(status) = std::fs::read_to_string("/proc/thread-self/status") else {
+        return true;
+    };
     status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))

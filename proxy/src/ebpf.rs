@@ -54,32 +54,63 @@ impl SockmapRelay {
             .map_max_entries(sockmap::PEERS_MAP, max_entries)
             .load(OBJECT)?;
         let socks: SockHash<_, u64> = SockHash::try_from(
-            ebpf.map(sockmap::SOCKS_MAP).ok_or(LoaderError::Missing(sockmap::SOCKS_MAP))?,
+            ebpf.map(sockmap::SOCKS_MAP)
+                .ok_or(LoaderError::Missing(sockmap::SOCKS_MAP))?,
         )
-        .map_err(|source| LoaderError::Map { name: sockmap::SOCKS_MAP, source })?;
+        .map_err(|source| LoaderError::Map {
+            name: sockmap::SOCKS_MAP,
+            source,
+        })?;
         let socks_fd = socks.fd().try_clone().map_err(|e| LoaderError::Map {
             name: sockmap::SOCKS_MAP,
-            source: MapError::SyscallError(aya::sys::SyscallError { call: "dup", io_error: e }),
+            source: MapError::SyscallError(aya::sys::SyscallError {
+                call: "dup",
+                io_error: e,
+            }),
         })?;
         let prog: &mut SkSkb = ebpf
             .program_mut(sockmap::VERDICT_PROG)
             .ok_or(LoaderError::Missing(sockmap::VERDICT_PROG))?
             .try_into()
-            .map_err(|source| LoaderError::Program { name: sockmap::VERDICT_PROG, source })?;
-        prog.load().map_err(|source| LoaderError::Program { name: sockmap::VERDICT_PROG, source })?;
-        prog.attach(&socks_fd).map_err(|source| LoaderError::Program { name: sockmap::VERDICT_PROG, source })?;
+            .map_err(|source| LoaderError::Program {
+                name: sockmap::VERDICT_PROG,
+                source,
+            })?;
+        prog.load().map_err(|source| LoaderError::Program {
+            name: sockmap::VERDICT_PROG,
+            source,
+        })?;
+        prog.attach(&socks_fd)
+            .map_err(|source| LoaderError::Program {
+                name: sockmap::VERDICT_PROG,
+                source,
+            })?;
         Ok(Self { ebpf })
     }
 
     /// The SOCKHASH of relayed sockets.
     pub fn socks(&mut self) -> Result<SockHash<&mut aya::maps::MapData, u64>, LoaderError> {
-        let map = self.ebpf.map_mut(sockmap::SOCKS_MAP).ok_or(LoaderError::Missing(sockmap::SOCKS_MAP))?;
-        SockHash::try_from(map).map_err(|source| LoaderError::Map { name: sockmap::SOCKS_MAP, source })
+        let map = self
+            .ebpf
+            .map_mut(sockmap::SOCKS_MAP)
+            .ok_or(LoaderError::Missing(sockmap::SOCKS_MAP))?;
+        SockHash::try_from(map).map_err(|source| LoaderError::Map {
+            name: sockmap::SOCKS_MAP,
+            source,
+        })
     }
 
     /// The peer table.
-    pub fn peers(&mut self) -> Result<aya::maps::HashMap<&mut aya::maps::MapData, u64, sockmap::Peer>, LoaderError> {
-        let map = self.ebpf.map_mut(sockmap::PEERS_MAP).ok_or(LoaderError::Missing(sockmap::PEERS_MAP))?;
-        aya::maps::HashMap::try_from(map).map_err(|source| LoaderError::Map { name: sockmap::PEERS_MAP, source })
+    pub fn peers(
+        &mut self,
+    ) -> Result<aya::maps::HashMap<&mut aya::maps::MapData, u64, sockmap::Peer>, LoaderError> {
+        let map = self
+            .ebpf
+            .map_mut(sockmap::PEERS_MAP)
+            .ok_or(LoaderError::Missing(sockmap::PEERS_MAP))?;
+        aya::maps::HashMap::try_from(map).map_err(|source| LoaderError::Map {
+            name: sockmap::PEERS_MAP,
+            source,
+        })
     }
 }

@@ -7,7 +7,11 @@ use nix::sys::resource::{Resource, getrlimit, setrlimit};
 pub fn raise_nofile_limit() -> u64 {
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) if soft < hard => {
-            if setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() { hard } else { soft }
+            if setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+                hard
+            } else {
+                soft
+            }
         }
         Ok((soft, _)) => soft,
         Err(_) => 0,
@@ -17,7 +21,10 @@ pub fn raise_nofile_limit() -> u64 {
 /// Completes on the first SIGINT or SIGTERM.
 pub async fn stop_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
         // Without signal handlers the default action (exit) still stops us.
         return std::future::pending().await;
     };

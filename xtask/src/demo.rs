@@ -28,22 +28,43 @@ struct Teardown {
 
 impl Teardown {
     fn spawn(&self, cmd: &mut Command) -> anyhow::Result<()> {
-        let child = cmd.spawn().with_context(|| format!("failed to start {:?}", cmd.get_program()))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("failed to start {:?}", cmd.get_program()))?;
         self.children.lock().expect("not poisoned").push(child);
         Ok(())
     }
 
     fn last_stderr(&self) -> Option<std::process::ChildStderr> {
-        self.children.lock().expect("not poisoned").last_mut().and_then(|c| c.stderr.take())
+        self.children
+            .lock()
+            .expect("not poisoned")
+            .last_mut()
+            .and_then(|c| c.stderr.take())
     }
 }
 
 fn teardown(berth: &Path, children: &Mutex<Vec<Child>>) {
-    for mut child in children.lock().map(|mut c| std::mem::take(&mut *c)).unwrap_or_default() {
+    for mut child in children
+        .lock()
+        .map(|mut c| std::mem::take(&mut *c))
+        .unwrap_or_default()
+    {
         let _ = child.kill();
         let _ = child.wait();
     }
-    let _ = Command::new(berth).args(["net", "down", "--bridge", BRIDGE, "--container", SERVER, "--container", CLIENT]).status();
+    let _ = Command::new(berth)
+        .args([
+            "net",
+            "down",
+            "--bridge",
+            BRIDGE,
+            "--container",
+            SERVER,
+            "--container",
+            CLIENT,
+        ])
+        .status();
 }
 
 impl Drop for Teardown {
@@ -59,7 +80,13 @@ pub(crate) fn run() -> anyhow::Result<()> {
         bail!("the demo creates network namespaces and a bridge: run it as root");
     }
     let root = exec::root();
-    exec::run(Command::new("cargo").current_dir(&root).args(["build", "--locked", "--release", "-p", "berth"]))?;
+    exec::run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--locked",
+        "--release",
+        "-p",
+        "berth",
+    ]))?;
     let berth = root.join("target/release/berth");
 
     let children = Arc::new(Mutex::new(Vec::new()));
@@ -74,21 +101,48 @@ pub(crate) fn run() -> anyhow::Result<()> {
     }
     // A demo killed earlier may have left its topology: clear it first.
     teardown(&berth, &children);
-    let guard = Teardown { berth: berth.clone(), children };
+    let guard = Teardown {
+        berth: berth.clone(),
+        children,
+    };
 
     println!("\n== 1. The container network: bridge {BRIDGE}, namespaces {SERVER} and {CLIENT}");
-    exec::run(Command::new(&berth).args(["net", "up", "--bridge", BRIDGE, "--container", &format!("{SERVER}={SERVER_IP}"), "--container", CLIENT]))?;
+    exec::run(Command::new(&berth).args([
+        "net",
+        "up",
+        "--bridge",
+        BRIDGE,
+        "--container",
+        &format!("{SERVER}={SERVER_IP}"),
+        "--container",
+        CLIENT,
+    ]))?;
     exec::run(Command::new("ip").args(["netns", "list"]))?;
 
     println!("\n== 2. A file server inside {SERVER} on {SERVER_IP}:{SERVER_PORT}");
     let site = std::env::temp_dir().join(format!("berth-demo-{}", std::process::id()));
     std::fs::create_dir_all(&site)?;
-    for (name, body) in [("hello.txt", "hello from inside the container\n"), ("index-of-berth.md", "# berth demo\n")] {
+    for (name, body) in [
+        ("hello.txt", "hello from inside the container\n"),
+        ("index-of-berth.md", "# berth demo\n"),
+    ] {
         std::fs::write(site.join(name), body)?;
     }
     guard.spawn(
         Command::new(&berth)
-            .args(["net", "exec", SERVER, "--", "python3", "-m", "http.server", &SERVER_PORT.to_string(), "--bind", SERVER_IP, "--directory"])
+            .args([
+                "net",
+                "exec",
+                SERVER,
+                "--",
+                "python3",
+                "-m",
+                "http.server",
+                &SERVER_PORT.to_string(),
+                "--bind",
+                SERVER_IP,
+                "--directory",
+            ])
             .arg(&site)
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
@@ -99,18 +153,38 @@ pub(crate) fn run() -> anyhow::Result<()> {
     println!("\n== 3. Map a host port to it: berth forward --mode splice 127.0.0.1:0 {server}");
     guard.spawn(
         Command::new(&berth)
-            .args(["forward", "--mode", "splice", "127.0.0.1:0", &server.to_string()])
+            .args([
+                "forward",
+                "--mode",
+                "splice",
+                "127.0.0.1:0",
+                &server.to_string(),
+            ])
             .env("BERTH_LOG", "info")
             .stderr(Stdio::piped()),
     )?;
-    let host = listening_addr(guard.last_stderr().context("no stderr from berth forward")?)?;
+    let host = listening_addr(
+        guard
+            .last_stderr()
+            .context("no stderr from berth forward")?,
+    )?;
     println!("berth is listening on {host}");
 
     println!("\n== 4. Fetch the listing through the host port");
     exec::run(Command::new("curl").args(["-sS", "--max-time", "10", &format!("http://{host}/")]))?;
 
     println!("\n== 5. Container to container over the bridge: {CLIENT} -> {server}");
-    exec::run(Command::new(&berth).args(["net", "exec", CLIENT, "--", "curl", "-sS", "--max-time", "10", &format!("http://{server}/hello.txt")]))?;
+    exec::run(Command::new(&berth).args([
+        "net",
+        "exec",
+        CLIENT,
+        "--",
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        &format!("http://{server}/hello.txt"),
+    ]))?;
 
     drop(guard);
     let _ = std::fs::remove_dir_all(&site);
@@ -150,8 +224,14 @@ fn listening_addr(stderr: std::process::ChildStderr) -> anyhow::Result<SocketAdd
         if let Some(rest) = line.split("listen=").nth(1) {
             let addr = rest.split_whitespace().next().unwrap_or_default();
             // Keep draining the log so that berth never blocks on a full pipe.
-            std::thread::spawn(move || lines.for_each(|l| if let Ok(l) = l { eprintln!("{l}") }));
-            return addr.parse().with_context(|| format!("unexpected listen address {addr:?}"));
+            std::thread::spawn(move || {
+                for l in lines.map_while(Result::ok) {
+                    eprintln!("{l}");
+                }
+            });
+            return addr
+                .parse()
+                .with_context(|| format!("unexpected listen address {addr:?}"));
         }
     }
     bail!("berth forward exited before it was listening")

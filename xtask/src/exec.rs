@@ -8,7 +8,10 @@ use anyhow::{Context as _, bail};
 
 /// The workspace root (xtask lives one level below it).
 pub(crate) fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is inside the workspace").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_owned()
 }
 
 fn line(cmd: &Command) -> String {
@@ -23,7 +26,9 @@ fn line(cmd: &Command) -> String {
 pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let shown = line(cmd);
     println!("xtask> {shown}");
-    let status = cmd.status().with_context(|| format!("failed to start `{shown}`"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("failed to start `{shown}`"))?;
     if !status.success() {
         bail!("`{shown}` failed with {status}");
     }
@@ -33,10 +38,6 @@ pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
 /// Runs `cmd` quietly and returns its output, whatever the exit status.
 pub(crate) fn output(cmd: &mut Command) -> anyhow::Result<Output> {
     let shown = line(cmd);
-    cmd.output().with_context(|| format!("failed to start `{shown}`"))
-}
-
-/// True if `cmd` can be started and exits 0.
-pub(crate) fn succeeds(cmd: &mut Command) -> bool {
-    cmd.output().is_ok_and(|o| o.status.success())
+    cmd.output()
+        .with_context(|| format!("failed to start `{shown}`"))
 }

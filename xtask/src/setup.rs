@@ -21,16 +21,33 @@ pub(crate) fn run() -> anyhow::Result<()> {
 }
 
 fn rust_src() -> anyhow::Result<()> {
-    let installed = exec::output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))?;
+    let installed = exec::output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))?;
     if !installed.status.success() {
-        bail!("the nightly toolchain is missing: install it with `rustup toolchain install nightly`");
+        bail!(
+            "the nightly toolchain is missing: install it with `rustup toolchain install nightly`"
+        );
     }
-    if String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.starts_with("rust-src")) {
+    if String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
         println!("xtask: rust-src for nightly is installed");
         return Ok(());
     }
     println!("xtask: installing rust-src for nightly (needed for -Z build-std=core)");
-    exec::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+    exec::run(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))
 }
 
 fn bpf_linker() -> anyhow::Result<()> {
@@ -43,8 +60,15 @@ fn bpf_linker() -> anyhow::Result<()> {
         println!("xtask: bpf-linker {BPF_LINKER_VERSION} is installed");
         return Ok(());
     }
-    println!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (links the eBPF programs; about a minute)");
-    exec::run(Command::new("cargo").args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--force"]))
+    println!(
+        "xtask: installing bpf-linker {BPF_LINKER_VERSION} (links the eBPF programs; about a minute)"
+    );
+    exec::run(Command::new("cargo").args([
+        "install",
+        &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+        "--locked",
+        "--force",
+    ]))
 }
 
 /// Installs the Debian packages in `packages` that are not installed yet.
@@ -63,9 +87,16 @@ pub(crate) fn apt(packages: &[&str]) -> anyhow::Result<()> {
     }
     println!("xtask: installing apt packages: {}", missing.join(" "));
     if !is_root() {
-        bail!("installing {} needs root (run `sudo cargo xtask setup`)", missing.join(" "));
+        bail!(
+            "installing {} needs root (run `sudo cargo xtask setup`)",
+            missing.join(" ")
+        );
     }
-    exec::run(Command::new("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    exec::run(
+        Command::new("apt-get")
+            .args(["update", "-q"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
     exec::run(
         Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])

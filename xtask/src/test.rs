@@ -8,18 +8,46 @@ use crate::{exec, setup};
 pub(crate) fn run(cargo_test_args: &[String]) -> anyhow::Result<()> {
     setup::run()?;
     if !setup::is_root() {
-        bail!("the privileged tests need root (network namespaces, bridges, BPF): run `sudo -E cargo xtask test`");
+        bail!(
+            "the privileged tests need root (network namespaces, bridges, BPF): run `sudo -E cargo xtask test`"
+        );
     }
     let root = exec::root();
-    exec::run(Command::new("cargo").current_dir(&root).args(["fmt", "--all", "--", "--check"]))?;
-    exec::run(Command::new("cargo").current_dir(&root).args([
-        "clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings",
-    ]))?;
-    // The kernel programs only build for the BPF target, with nightly and build-std.
     exec::run(
         Command::new("cargo")
-            .current_dir(root.join("ebpf"))
-            .args(["+nightly", "clippy", "--locked", "-p", "berth-ebpf", "--target", "bpfel-unknown-none", "-Z", "build-std=core", "--", "-D", "warnings"]),
+            .current_dir(&root)
+            .args(["fmt", "--all", "--", "--check"]),
     )?;
-    exec::run(Command::new("cargo").current_dir(&root).args(["test", "--workspace", "--locked"]).arg("--").args(cargo_test_args))
+    // Without --workspace, cargo uses default-members: everything but the BPF-only crate.
+    exec::run(Command::new("cargo").current_dir(&root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The kernel programs only build for the BPF target, with nightly and build-std.
+    exec::run(Command::new("cargo").current_dir(root.join("ebpf")).args([
+        "+nightly",
+        "clippy",
+        "--locked",
+        "-p",
+        "berth-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    exec::run(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args(["test", "--locked"])
+            .arg("--")
+            .args(cargo_test_args),
+    )
 }

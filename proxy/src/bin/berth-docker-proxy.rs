@@ -24,18 +24,40 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Ok(Parsed::Version) => {
-            println!("berth-docker-proxy (berth) version {}", env!("CARGO_PKG_VERSION"));
+            println!(
+                "berth-docker-proxy (berth) version {}",
+                env!("CARGO_PKG_VERSION")
+            );
             return ExitCode::SUCCESS;
         }
         Err(e) => return fail(&mut status, &e.to_string(), true),
     };
+    // Claim fd 4 before the runtime opens its own descriptors, which could land on 4.
+    let inherited = if args.use_listen_fd {
+        match inherited_listener() {
+            Ok(sock) => Some(sock),
+            Err(e) => return fail(&mut status, &e, false),
+        }
+    } else {
+        None
+    };
     sys::raise_nofile_limit();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
-        Err(e) => return fail(&mut status, &format!("failed to start the runtime: {e}"), false),
+        Err(e) => {
+            return fail(
+                &mut status,
+                &format!("failed to start the runtime: {e}"),
+                false,
+            );
+        }
     };
     rt.block_on(async {
-        let listener = if args.use_listen_fd { inherited_listener() } else { bind_tcp(args.listen.expect("set unless -use-listen-fd")).map_err(|e| e.to_string()) };
+        let listener = match (inherited, args.listen) {
+            (Some(sock), _) => TcpListener::from_std(sock.into()).map_err(|e| e.to_string()),
+            (None, Some(addr)) => bind_tcp(addr).map_err(|e| e.to_string()),
+            (None, None) => Err("no listen address".to_owned()),
+        };
         let listener = match listener {
             Ok(l) => l,
             Err(e) => return fail(&mut status, &e, false),
@@ -55,11 +77,13 @@ fn main() -> ExitCode {
     })
 }
 
-/// The listening TCP socket dockerd passed as fd 4.
-fn inherited_listener() -> Result<TcpListener, String> {
+/// The listening TCP socket dockerd passed as fd 4, checked and made non-blocking.
+fn inherited_listener() -> Result<Socket, String> {
     // SAFETY: F_GETFD only checks that the fd is open.
     if unsafe { libc::fcntl(LISTEN_FD, libc::F_GETFD) } == -1 {
-        return Err(format!("-use-listen-fd was given but fd {LISTEN_FD} is not open"));
+        return Err(format!(
+            "-use-listen-fd was given but fd {LISTEN_FD} is not open"
+        ));
     }
     // SAFETY: fd 4 is open and, by docker-proxy's contract, ours alone.
     let sock = Socket::from(unsafe { OwnedFd::from_raw_fd(LISTEN_FD) });
@@ -69,11 +93,12 @@ fn inherited_listener() -> Result<TcpListener, String> {
     }
     // dockerd binds and listens; listen() again is harmless and covers a merely bound socket.
     if !sock.is_listener().unwrap_or(false) {
-        sock.listen(4096).map_err(|e| format!("fd {LISTEN_FD}: listen failed: {e}"))?;
+        sock.listen(4096)
+            .map_err(|e| format!("fd {LISTEN_FD}: listen failed: {e}"))?;
     }
     sock.set_nonblocking(true).map_err(|e| e.to_string())?;
     sock.set_cloexec(true).map_err(|e| e.to_string())?;
-    TcpListener::from_std(sock.into()).map_err(|e| e.to_string())
+    Ok(sock)
 }
 
 /// Reports a start-up failure the way docker-proxy does: on fd 3 when a parent listens,

@@ -54,10 +54,16 @@ pub enum ArgsError {
     #[error("flag needs an argument: -{0}")]
     MissingValue(String),
     #[error("invalid value {value:?} for flag -{flag}: {why}")]
-    Invalid { flag: &'static str, value: String, why: &'static str },
+    Invalid {
+        flag: &'static str,
+        value: String,
+        why: &'static str,
+    },
     #[error("-{0} is required")]
     Required(&'static str),
-    #[error("unsupported protocol {0} (berth-docker-proxy serves tcp; udp and sctp are not supported yet)")]
+    #[error(
+        "unsupported protocol {0} (berth-docker-proxy serves tcp; udp and sctp are not supported yet)"
+    )]
     Unsupported(&'static str),
 }
 
@@ -92,14 +98,20 @@ impl Args {
             let mut value = |flag: &'static str| -> Result<String, ArgsError> {
                 match inline.clone() {
                     Some(v) => Ok(v),
-                    None => args.next().ok_or_else(|| ArgsError::MissingValue(flag.to_owned())),
+                    None => args
+                        .next()
+                        .ok_or_else(|| ArgsError::MissingValue(flag.to_owned())),
                 }
             };
             let boolean = |flag: &'static str| -> Result<bool, ArgsError> {
                 match inline.as_deref() {
                     None | Some("1" | "t" | "T" | "true" | "TRUE" | "True") => Ok(true),
                     Some("0" | "f" | "F" | "false" | "FALSE" | "False") => Ok(false),
-                    Some(v) => Err(ArgsError::Invalid { flag, value: v.to_owned(), why: "expected true or false" }),
+                    Some(v) => Err(ArgsError::Invalid {
+                        flag,
+                        value: v.to_owned(),
+                        why: "expected true or false",
+                    }),
                 }
             };
             match name {
@@ -108,19 +120,31 @@ impl Args {
                         "tcp" => Proto::Tcp,
                         "udp" => Proto::Udp,
                         "sctp" => Proto::Sctp,
-                        v => return Err(ArgsError::Invalid { flag: "proto", value: v.to_owned(), why: "expected tcp, udp or sctp" }),
+                        v => {
+                            return Err(ArgsError::Invalid {
+                                flag: "proto",
+                                value: v.to_owned(),
+                                why: "expected tcp, udp or sctp",
+                            });
+                        }
                     }
                 }
                 "host-ip" => host_ip = ip(value("host-ip")?, "host-ip")?,
                 "container-ip" => container_ip = ip(value("container-ip")?, "container-ip")?,
                 "host-port" => host_port = Some(port(value("host-port")?, "host-port")?),
-                "container-port" => container_port = Some(port(value("container-port")?, "container-port")?),
+                "container-port" => {
+                    container_port = Some(port(value("container-port")?, "container-port")?);
+                }
                 "use-listen-fd" => use_listen_fd = boolean("use-listen-fd")?,
                 "v" => version = boolean("v")?,
                 "version" => version = boolean("version")?,
                 "mode" => {
                     let v = value("mode")?;
-                    mode = v.parse().map_err(|_| ArgsError::Invalid { flag: "mode", value: v, why: "expected copy or splice" })?;
+                    mode = v.parse().map_err(|_| ArgsError::Invalid {
+                        flag: "mode",
+                        value: v,
+                        why: "expected copy or splice",
+                    })?;
                 }
                 "h" | "help" => return Ok(Parsed::Help),
                 other => return Err(ArgsError::Unknown(other.to_owned())),
@@ -136,7 +160,11 @@ impl Args {
         }
         let container_port = container_port.ok_or(ArgsError::Required("container-port"))?;
         if container_port == 0 {
-            return Err(ArgsError::Invalid { flag: "container-port", value: "0".into(), why: "port 0 cannot be connected to" });
+            return Err(ArgsError::Invalid {
+                flag: "container-port",
+                value: "0".into(),
+                why: "port 0 cannot be connected to",
+            });
         }
         let listen = match (use_listen_fd, host_port) {
             (true, _) => None,
@@ -154,11 +182,19 @@ impl Args {
 }
 
 fn ip(v: String, flag: &'static str) -> Result<IpAddr, ArgsError> {
-    v.parse().map_err(|_| ArgsError::Invalid { flag, value: v, why: "not an IP address" })
+    v.parse().map_err(|_| ArgsError::Invalid {
+        flag,
+        value: v,
+        why: "not an IP address",
+    })
 }
 
 fn port(v: String, flag: &'static str) -> Result<u16, ArgsError> {
-    v.parse().map_err(|_| ArgsError::Invalid { flag, value: v, why: "expected a port from 0 to 65535" })
+    v.parse().map_err(|_| ArgsError::Invalid {
+        flag,
+        value: v,
+        why: "expected a port from 0 to 65535",
+    })
 }
 
 #[cfg(test)]
@@ -174,14 +210,41 @@ mod tests {
 
     #[test]
     fn parses_dockerd_command_line() {
-        let a = run(&["-proto", "tcp", "-host-ip", "0.0.0.0", "-host-port", "9091", "-container-ip", "172.17.0.2", "-container-port", "80", "-use-listen-fd"]);
+        let a = run(&[
+            "-proto",
+            "tcp",
+            "-host-ip",
+            "0.0.0.0",
+            "-host-port",
+            "9091",
+            "-container-ip",
+            "172.17.0.2",
+            "-container-port",
+            "80",
+            "-use-listen-fd",
+        ]);
         assert!(a.use_listen_fd);
         assert_eq!(a.listen, None);
         assert_eq!(a.target.to_string(), "172.17.0.2:80");
-        let b = run(&["--host-ip=::1", "-host-port=8080", "-container-ip=fd00::2", "-container-port=80", "-mode=copy"]);
+        let b = run(&[
+            "--host-ip=::1",
+            "-host-port=8080",
+            "-container-ip=fd00::2",
+            "-container-port=80",
+            "-mode=copy",
+        ]);
         assert_eq!(b.listen.unwrap().to_string(), "[::1]:8080");
         assert_eq!(b.mode, Mode::Copy);
-        assert!(!run(&["-host-port", "1", "-container-port", "2", "-use-listen-fd=false"]).use_listen_fd);
+        assert!(
+            !run(&[
+                "-host-port",
+                "1",
+                "-container-port",
+                "2",
+                "-use-listen-fd=false"
+            ])
+            .use_listen_fd
+        );
     }
 
     #[test]
@@ -196,11 +259,27 @@ mod tests {
         let err = |argv: &[&str]| Args::parse(argv.iter().copied()).unwrap_err().to_string();
         assert_eq!(err(&["-bogus"]), "flag provided but not defined: -bogus");
         assert_eq!(err(&["-host-port"]), "flag needs an argument: -host-port");
-        assert!(err(&["-host-port", "99999", "-container-port", "1"]).contains("invalid value \"99999\""));
-        assert!(err(&["-host-ip", "nope", "-host-port", "1", "-container-port", "1"]).contains("not an IP"));
+        assert!(
+            err(&["-host-port", "99999", "-container-port", "1"])
+                .contains("invalid value \"99999\"")
+        );
+        assert!(
+            err(&[
+                "-host-ip",
+                "nope",
+                "-host-port",
+                "1",
+                "-container-port",
+                "1"
+            ])
+            .contains("not an IP")
+        );
         assert!(err(&["-host-port", "1"]).contains("-container-port is required"));
         assert!(err(&["-container-port", "1"]).contains("-host-port is required"));
-        assert!(err(&["-proto", "udp", "-host-port", "1", "-container-port", "1"]).contains("unsupported protocol udp"));
+        assert!(
+            err(&["-proto", "udp", "-host-port", "1", "-container-port", "1"])
+                .contains("unsupported protocol udp")
+        );
         assert!(err(&["-proto", "sctp"]).contains("unsupported protocol sctp"));
         assert!(err(&["-use-listen-fd=maybe"]).contains("expected true or false"));
     }

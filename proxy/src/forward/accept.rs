@@ -23,7 +23,10 @@ pub(super) struct Acceptor<'a> {
 
 impl<'a> Acceptor<'a> {
     pub(super) fn new(listener: &'a TcpListener) -> Self {
-        Self { listener, backoff: Duration::ZERO }
+        Self {
+            listener,
+            backoff: Duration::ZERO,
+        }
     }
 
     /// The next client. On EMFILE/ENFILE/ENOBUFS/ENOMEM it sleeps with exponential backoff
@@ -101,7 +104,10 @@ mod tests {
             hog.push(f);
         }
         let pending = tokio::time::timeout(Duration::from_millis(50), acceptor.next()).await;
-        assert!(pending.is_err(), "accept should not succeed without descriptors");
+        assert!(
+            pending.is_err(),
+            "accept should not succeed without descriptors"
+        );
         assert!(acceptor.backoff >= BACKOFF_MIN, "backoff should have grown");
         drop(hog);
         let (_stream, client) = acceptor.next().await.unwrap();

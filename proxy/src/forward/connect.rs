@@ -29,7 +29,10 @@ impl ConnectError {
     }
 }
 
-pub(crate) async fn connect(target: TargetAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
+pub(crate) async fn connect(
+    target: TargetAddr,
+    timeout: Duration,
+) -> Result<TcpStream, ConnectError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(target.get())).await {
         Err(_) => return Err(ConnectError::Timeout(target, timeout)),
         Ok(Err(e)) => {

@@ -12,7 +12,9 @@ const BACKLOG: i32 = 4096;
 /// Binding the listen address failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
-    #[error("cannot listen on {0}: the address is already in use (is another proxy mapping this port?)")]
+    #[error(
+        "cannot listen on {0}: the address is already in use (is another proxy mapping this port?)"
+    )]
     InUse(ListenAddr),
     #[error("cannot listen on {0}: the address is not assigned to any interface of this host")]
     NotLocal(ListenAddr),
@@ -31,7 +33,12 @@ pub fn bind_tcp(addr: ListenAddr) -> Result<TcpListener, ListenError> {
         Some(libc::EACCES | libc::EPERM) => ListenError::Denied(addr),
         _ => ListenError::Other(addr, e),
     };
-    let sock = Socket::new(Domain::for_address(addr.get()), Type::STREAM.nonblocking().cloexec(), None).map_err(map)?;
+    let sock = Socket::new(
+        Domain::for_address(addr.get()),
+        Type::STREAM.nonblocking().cloexec(),
+        None,
+    )
+    .map_err(map)?;
     sock.set_reuse_address(true).map_err(map)?;
     if let SocketAddr::V6(_) = addr.get() {
         sock.set_only_v6(true).map_err(map)?;

@@ -54,14 +54,20 @@ impl Config {
 ///
 /// After `shutdown`, no new client is accepted; established connections get
 /// [`Config::drain_timeout`] to finish, and whatever is left is closed.
-pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future) -> Result<(), accept::AcceptError> {
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future,
+) -> Result<(), accept::AcceptError> {
     let config = Arc::new(config);
     let limit = Arc::new(Semaphore::new(config.max_connections));
     let mut conns = JoinSet::new();
     let mut accept = accept::Acceptor::new(&listener);
     let mut shutdown = std::pin::pin!(shutdown);
     match listener.local_addr() {
-        Ok(local) => info!(listen = %local, target = %config.target, mode = %config.mode, "listening"),
+        Ok(local) => {
+            info!(listen = %local, target = %config.target, mode = %config.mode, "listening");
+        }
         Err(e) => warn!(error = %e, "listener has no local address"),
     }
 
@@ -97,7 +103,10 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future) -
         })
         .await;
         if drained.is_err() {
-            warn!(left = conns.len(), "drain timeout reached, closing remaining connections");
+            warn!(
+                left = conns.len(),
+                "drain timeout reached, closing remaining connections"
+            );
             conns.shutdown().await;
         }
     }
@@ -117,7 +126,11 @@ pub async fn serve(client: tokio::net::TcpStream, client_addr: ClientAddr, confi
     };
     let meter = Meter::default();
     match relay::relay(&client, &target, config.mode, &meter).await {
-        Ok(t) => debug!(to_target = t.to_target, to_client = t.to_client, "connection closed"),
+        Ok(t) => debug!(
+            to_target = t.to_target,
+            to_client = t.to_client,
+            "connection closed"
+        ),
         Err(e) => debug!(error = %e, "connection aborted"),
     }
 }

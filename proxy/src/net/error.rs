@@ -13,7 +13,10 @@ pub enum NetError {
     #[error("invalid container {spec:?}: {why}")]
     InvalidContainer { spec: String, why: String },
     #[error("address {addr} is not inside subnet {subnet}")]
-    OutsideSubnet { addr: Ipv4Addr, subnet: ipnet::Ipv4Net },
+    OutsideSubnet {
+        addr: Ipv4Addr,
+        subnet: ipnet::Ipv4Net,
+    },
     #[error("address {0} is used twice in the topology")]
     DuplicateAddress(Ipv4Addr),
     #[error("container {0:?} is listed twice")]
@@ -54,14 +57,20 @@ impl NetError {
         if source.kind() == io::ErrorKind::PermissionDenied {
             return Self::NotPermitted;
         }
-        Self::Io { op: op.into(), source }
+        Self::Io {
+            op: op.into(),
+            source,
+        }
     }
 
     pub(crate) fn netlink(op: impl Into<String>, source: rtnetlink::Error) -> Self {
         if link::errno(&source) == Some(libc::EPERM) {
             return Self::NotPermitted;
         }
-        Self::Netlink { op: op.into(), source }
+        Self::Netlink {
+            op: op.into(),
+            source,
+        }
     }
 }
 

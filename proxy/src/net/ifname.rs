@@ -28,7 +28,10 @@ impl FromStr for IfName {
     type Err = NetError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = |why| NetError::InvalidIfName { name: s.to_owned(), why };
+        let bad = |why| NetError::InvalidIfName {
+            name: s.to_owned(),
+            why,
+        };
         if s.is_empty() {
             return Err(bad("empty"));
         }
@@ -38,7 +41,9 @@ impl FromStr for IfName {
         if s == "." || s == ".." {
             return Err(bad("reserved name"));
         }
-        if s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control()) {
+        if s.chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+        {
             return Err(bad("contains '/', ':' or whitespace"));
         }
         Ok(Self(s.to_owned()))

@@ -34,7 +34,12 @@ impl Netlink {
 
     /// The link called `name`, if any.
     pub async fn link(&self, name: &str) -> Result<Option<LinkMessage>, NetError> {
-        let mut links = self.handle.link().get().match_name(name.to_owned()).execute();
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
         match links.try_next().await {
             Ok(link) => Ok(link),
             Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
@@ -43,10 +48,13 @@ impl Netlink {
     }
 
     async fn index(&self, name: &str) -> Result<u32, NetError> {
-        self.link(name).await?.map(|l| l.header.index).ok_or_else(|| NetError::Io {
-            op: format!("find link {name}"),
-            source: std::io::Error::from_raw_os_error(libc::ENODEV),
-        })
+        self.link(name)
+            .await?
+            .map(|l| l.header.index)
+            .ok_or_else(|| NetError::Io {
+                op: format!("find link {name}"),
+                source: std::io::Error::from_raw_os_error(libc::ENODEV),
+            })
     }
 
     /// True when `link` is a bridge device.
@@ -69,7 +77,11 @@ impl Netlink {
             .map_err(|e| NetError::netlink("list links", e))?;
         Ok(links
             .iter()
-            .filter(|l| l.attributes.iter().any(|a| matches!(a, LinkAttribute::Controller(i) if *i == bridge)))
+            .filter(|l| {
+                l.attributes
+                    .iter()
+                    .any(|a| matches!(a, LinkAttribute::Controller(i) if *i == bridge))
+            })
             .filter_map(|l| {
                 l.attributes.iter().find_map(|a| match a {
                     LinkAttribute::IfName(n) => Some(n.clone()),
@@ -100,7 +112,11 @@ impl Netlink {
     /// Brings `name` up.
     pub async fn set_up(&self, name: &str) -> Result<(), NetError> {
         let index = self.index(name).await?;
-        self.set(LinkUnspec::new_with_index(index).up().build(), format!("bring {name} up")).await
+        self.set(
+            LinkUnspec::new_with_index(index).up().build(),
+            format!("bring {name} up"),
+        )
+        .await
     }
 
     /// Enslaves `name` to the bridge `bridge`.
@@ -114,11 +130,17 @@ impl Netlink {
     }
 
     /// Moves `name` into the namespace open as `ns_fd`.
-    pub async fn move_to_ns(&self, name: &str, ns_fd: &std::os::fd::OwnedFd) -> Result<(), NetError> {
+    pub async fn move_to_ns(
+        &self,
+        name: &str,
+        ns_fd: &std::os::fd::OwnedFd,
+    ) -> Result<(), NetError> {
         use std::os::fd::AsRawFd as _;
         let index = self.index(name).await?;
         self.set(
-            LinkUnspec::new_with_index(index).setns_by_fd(ns_fd.as_raw_fd()).build(),
+            LinkUnspec::new_with_index(index)
+                .setns_by_fd(ns_fd.as_raw_fd())
+                .build(),
             format!("move {name} into its namespace"),
         )
         .await
@@ -126,36 +148,62 @@ impl Netlink {
 
     pub async fn rename(&self, name: &str, to: &str) -> Result<(), NetError> {
         let index = self.index(name).await?;
-        self.set(LinkUnspec::new_with_index(index).name(to.to_owned()).build(), format!("rename {name} to {to}"))
-            .await
+        self.set(
+            LinkUnspec::new_with_index(index)
+                .name(to.to_owned())
+                .build(),
+            format!("rename {name} to {to}"),
+        )
+        .await
     }
 
     async fn set(&self, msg: LinkMessage, op: String) -> Result<(), NetError> {
-        self.handle.link().set(msg).execute().await.map_err(|e| NetError::netlink(op, e))
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(|e| NetError::netlink(op, e))
     }
 
     /// Adds `addr/prefix` to `name`; an address already there is fine.
     pub async fn add_addr(&self, name: &str, addr: IpAddr, prefix: u8) -> Result<(), NetError> {
         let index = self.index(name).await?;
-        match self.handle.address().add(index, addr, prefix).execute().await {
+        match self
+            .handle
+            .address()
+            .add(index, addr, prefix)
+            .execute()
+            .await
+        {
             Ok(()) => Ok(()),
             Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
-            Err(e) => Err(NetError::netlink(format!("add {addr}/{prefix} to {name}"), e)),
+            Err(e) => Err(NetError::netlink(
+                format!("add {addr}/{prefix} to {name}"),
+                e,
+            )),
         }
     }
 
     pub async fn add_default_route(&self, gateway: Ipv4Addr) -> Result<(), NetError> {
-        let route = RouteMessageBuilder::<Ipv4Addr>::new().gateway(gateway).build();
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .gateway(gateway)
+            .build();
         match self.handle.route().add(route).execute().await {
             Ok(()) => Ok(()),
             Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
-            Err(e) => Err(NetError::netlink(format!("add default route via {gateway}"), e)),
+            Err(e) => Err(NetError::netlink(
+                format!("add default route via {gateway}"),
+                e,
+            )),
         }
     }
 
     /// Deletes `name`; a link that is already gone is fine.
     pub async fn delete(&self, name: &str) -> Result<(), NetError> {
-        let Some(link) = self.link(name).await? else { return Ok(()) };
+        let Some(link) = self.link(name).await? else {
+            return Ok(());
+        };
         match self.handle.link().del(link.header.index).execute().await {
             Ok(()) => Ok(()),
             Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(()),
@@ -166,7 +214,10 @@ impl Netlink {
 
 fn exists_or(e: rtnetlink::Error, what: &'static str, name: &IfName, op: &str) -> NetError {
     if errno(&e) == Some(libc::EEXIST) {
-        NetError::AlreadyExists { what, name: name.to_string() }
+        NetError::AlreadyExists {
+            what,
+            name: name.to_string(),
+        }
     } else {
         NetError::netlink(format!("{op} {name}"), e)
     }

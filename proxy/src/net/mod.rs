@@ -24,5 +24,7 @@ pub use error::NetError;
 pub use ifname::IfName;
 pub use link::Netlink;
 pub use netns::NetNs;
-pub use spec::{ContainerSpec, DEFAULT_BRIDGE, DEFAULT_GATEWAY, DEFAULT_SUBNET, Topology, TopologyFile};
+pub use spec::{
+    ContainerSpec, DEFAULT_BRIDGE, DEFAULT_GATEWAY, DEFAULT_SUBNET, Topology, TopologyFile,
+};
 pub use topology::{DownReport, down, up};

@@ -1,8 +1,7 @@
 //! Named network namespaces, kept alive by a bind mount under /run/netns as iproute2 does, so
 //! that `ip netns list` and `ip netns exec` see them; and ways to run code inside one.
 use std::{
-    fs,
-    io,
+    fs, io,
     os::{
         fd::{AsFd, AsRawFd, OwnedFd},
         unix::{fs::OpenOptionsExt, process::CommandExt},
@@ -32,7 +31,10 @@ pub struct NetNs {
 impl NetNs {
     /// Refers to a namespace by name; it need not exist yet.
     pub fn named(name: &str) -> Self {
-        Self { name: name.to_owned(), path: Path::new(NETNS_RUN_DIR).join(name) }
+        Self {
+            name: name.to_owned(),
+            path: Path::new(NETNS_RUN_DIR).join(name),
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -52,10 +54,18 @@ impl NetNs {
     pub fn create(name: &str) -> Result<Self, NetError> {
         let ns = Self::named(name);
         ensure_run_dir()?;
-        match fs::OpenOptions::new().write(true).create_new(true).mode(0o444).open(&ns.path) {
+        match fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o444)
+            .open(&ns.path)
+        {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                return Err(NetError::AlreadyExists { what: "network namespace", name: name.to_owned() });
+                return Err(NetError::AlreadyExists {
+                    what: "network namespace",
+                    name: name.to_owned(),
+                });
             }
             Err(e) => return Err(NetError::io(format!("create {}", ns.path.display()), e)),
         }
@@ -63,9 +73,16 @@ impl NetNs {
         // new namespace with a bind mount before the thread (its last user) exits.
         let path = ns.path.clone();
         let bound = thread::spawn(move || -> Result<(), NetError> {
-            unshare(CloneFlags::CLONE_NEWNET).map_err(|e| NetError::io("unshare(CLONE_NEWNET)", e))?;
-            mount(Some("/proc/thread-self/ns/net"), &path, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-                .map_err(|e| NetError::io(format!("bind-mount namespace on {}", path.display()), e))
+            unshare(CloneFlags::CLONE_NEWNET)
+                .map_err(|e| NetError::io("unshare(CLONE_NEWNET)", e))?;
+            mount(
+                Some("/proc/thread-self/ns/net"),
+                &path,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(|e| NetError::io(format!("bind-mount namespace on {}", path.display()), e))
         })
         .join()
         .unwrap_or_else(|p| std::panic::resume_unwind(p));
@@ -113,7 +130,8 @@ impl NetNs {
         let fd = self.open()?;
         thread::scope(|s| {
             s.spawn(move || {
-                setns(fd.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| NetError::io("setns", e))?;
+                setns(fd.as_fd(), CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| NetError::io("setns", e))?;
                 Ok(f())
             })
             .join()
@@ -148,7 +166,11 @@ impl NetNs {
         unsafe {
             cmd.pre_exec(move || {
                 let rc = libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET);
-                if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+                if rc == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                }
             });
         }
         Ok(cmd)
@@ -158,18 +180,32 @@ impl NetNs {
 /// Makes /run/netns exist and be a shared mount, so that namespace bind mounts made here
 /// propagate to other mount namespaces (as `ip netns add` does).
 fn ensure_run_dir() -> Result<(), NetError> {
-    fs::create_dir_all(NETNS_RUN_DIR).map_err(|e| NetError::io(format!("create {NETNS_RUN_DIR}"), e))?;
+    fs::create_dir_all(NETNS_RUN_DIR)
+        .map_err(|e| NetError::io(format!("create {NETNS_RUN_DIR}"), e))?;
     let shared = || {
-        mount(None::<&str>, NETNS_RUN_DIR, Some("none"), MsFlags::MS_SHARED | MsFlags::MS_REC, None::<&str>)
+        mount(
+            None::<&str>,
+            NETNS_RUN_DIR,
+            Some("none"),
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
     };
     match shared() {
         Ok(()) => Ok(()),
         // Not a mount point yet: bind it onto itself first, then mark it shared.
-        Err(nix::errno::Errno::EINVAL) => {
-            mount(Some(NETNS_RUN_DIR), NETNS_RUN_DIR, Some("none"), MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-                .and_then(|()| shared())
-                .map_err(|e| NetError::io(format!("make {NETNS_RUN_DIR} a shared mount"), e))
-        }
-        Err(e) => Err(NetError::io(format!("make {NETNS_RUN_DIR} a shared mount"), e)),
+        Err(nix::errno::Errno::EINVAL) => mount(
+            Some(NETNS_RUN_DIR),
+            NETNS_RUN_DIR,
+            Some("none"),
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .and_then(|()| shared())
+        .map_err(|e| NetError::io(format!("make {NETNS_RUN_DIR} a shared mount"), e)),
+        Err(e) => Err(NetError::io(
+            format!("make {NETNS_RUN_DIR} a shared mount"),
+            e,
+        )),
     }
 }

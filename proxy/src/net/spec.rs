@@ -34,7 +34,10 @@ impl FromStr for ContainerSpec {
             }
             None => (s, None),
         };
-        Ok(Self { name: name.to_owned(), addr })
+        Ok(Self {
+            name: name.to_owned(),
+            addr,
+        })
     }
 }
 
@@ -51,10 +54,14 @@ pub struct TopologyFile {
 
 impl TopologyFile {
     pub fn load(path: &Path) -> Result<Self, NetError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| NetError::ReadFile { path: path.to_owned(), source })?;
-        toml::from_str(&text)
-            .map_err(|e| NetError::ParseFile { path: path.to_owned(), message: e.to_string() })
+        let text = std::fs::read_to_string(path).map_err(|source| NetError::ReadFile {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| NetError::ParseFile {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
     }
 }
 
@@ -151,7 +158,12 @@ impl Topology {
             };
             resolved.push(Container::named(&c.name, addr)?);
         }
-        Ok(Self { bridge, subnet, gateway, containers: resolved })
+        Ok(Self {
+            bridge,
+            subnet,
+            gateway,
+            containers: resolved,
+        })
     }
 
     pub fn container(&self, name: &str) -> Option<&Container> {
@@ -202,8 +214,13 @@ mod tests {
 
     #[test]
     fn fixed_addresses_are_skipped_by_allocation() {
-        let t = Topology::resolve(None, Some("10.9.0.0/24"), None, &specs(&["a=10.9.0.1", "b"]))
-            .unwrap();
+        let t = Topology::resolve(
+            None,
+            Some("10.9.0.0/24"),
+            None,
+            &specs(&["a=10.9.0.1", "b"]),
+        )
+        .unwrap();
         assert_eq!(t.gateway, Ipv4Addr::new(10, 9, 0, 254));
         assert_eq!(t.containers[1].addr, Ipv4Addr::new(10, 9, 0, 2));
     }
@@ -211,18 +228,28 @@ mod tests {
     #[test]
     fn rejects_bad_input() {
         let bad = |subnet: Option<&str>, gw: Option<Ipv4Addr>, c: &[&str]| {
-            Topology::resolve(None, subnet, gw, &specs(c)).unwrap_err().to_string()
+            Topology::resolve(None, subnet, gw, &specs(c))
+                .unwrap_err()
+                .to_string()
         };
         assert!(bad(Some("10.0.0.0/33"), None, &[]).contains("invalid subnet"));
         assert!(bad(Some("nonsense"), None, &[]).contains("invalid subnet"));
-        assert!(bad(Some("10.0.0.0/24"), Some(Ipv4Addr::new(10, 0, 1, 1)), &[]).contains("not inside"));
+        assert!(
+            bad(Some("10.0.0.0/24"), Some(Ipv4Addr::new(10, 0, 1, 1)), &[]).contains("not inside")
+        );
         assert!(bad(None, None, &["a", "a"]).contains("listed twice"));
         assert!(bad(None, None, &["a=172.16.1.9", "b=172.16.1.9"]).contains("used twice"));
         assert!(bad(None, None, &["a=172.16.1.254"]).contains("used twice"));
         assert!(bad(None, None, &["averyveryverylongname"]).contains("longer than 15"));
         assert!(bad(None, None, &["thirteenchars"]).contains("shorter container name"));
         assert!(bad(Some("10.0.0.0/30"), None, &["a", "b"]).contains("no free address"));
-        assert!("a=1.2.3".parse::<ContainerSpec>().unwrap_err().to_string().contains("IPv4"));
+        assert!(
+            "a=1.2.3"
+                .parse::<ContainerSpec>()
+                .unwrap_err()
+                .to_string()
+                .contains("IPv4")
+        );
     }
 
     #[test]

@@ -32,16 +32,19 @@ impl State {
 
     pub(crate) fn save(&self, bridge: &IfName) -> Result<(), NetError> {
         let path = Self::path(bridge);
-        fs::create_dir_all(STATE_DIR).map_err(|e| NetError::io(format!("create {STATE_DIR}"), e))?;
-        let text = toml::to_string(self).map_err(|e| NetError::io("encode state", io::Error::other(e)))?;
+        fs::create_dir_all(STATE_DIR)
+            .map_err(|e| NetError::io(format!("create {STATE_DIR}"), e))?;
+        let text =
+            toml::to_string(self).map_err(|e| NetError::io("encode state", io::Error::other(e)))?;
         fs::write(&path, text).map_err(|e| NetError::io(format!("write {}", path.display()), e))
     }
 
     pub(crate) fn remove(bridge: &IfName) -> Result<(), NetError> {
         match fs::remove_file(Self::path(bridge)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(NetError::io(format!("remove {}", Self::path(bridge).display()), e))
-            }
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(NetError::io(
+                format!("remove {}", Self::path(bridge).display()),
+                e,
+            )),
             _ => Ok(()),
         }
     }

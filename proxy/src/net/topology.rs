@@ -15,18 +15,28 @@ pub async fn up(t: &Topology) -> Result<(), NetError> {
     let nl = Netlink::connect()?;
     for c in &t.containers {
         if NetNs::named(&c.name).path().exists() {
-            return Err(NetError::AlreadyExists { what: "network namespace", name: c.name.clone() });
+            return Err(NetError::AlreadyExists {
+                what: "network namespace",
+                name: c.name.clone(),
+            });
         }
         for name in [&c.host_veth, &c.peer_tmp] {
             if nl.link(name.as_str()).await?.is_some() {
-                return Err(NetError::AlreadyExists { what: "interface", name: name.to_string() });
+                return Err(NetError::AlreadyExists {
+                    what: "interface",
+                    name: name.to_string(),
+                });
             }
         }
     }
 
     let bridge_created = match nl.link(t.bridge.as_str()).await? {
         Some(link) if Netlink::is_bridge(&link) => false,
-        Some(_) => return Err(NetError::NotABridge { name: t.bridge.to_string() }),
+        Some(_) => {
+            return Err(NetError::NotABridge {
+                name: t.bridge.to_string(),
+            });
+        }
         None => {
             nl.add_bridge(&t.bridge).await?;
             true
@@ -34,7 +44,8 @@ pub async fn up(t: &Topology) -> Result<(), NetError> {
     };
     let mut created: Vec<&Container> = Vec::new();
     let result = async {
-        nl.add_addr(t.bridge.as_str(), t.gateway.into(), t.subnet.prefix_len()).await?;
+        nl.add_addr(t.bridge.as_str(), t.gateway.into(), t.subnet.prefix_len())
+            .await?;
         nl.set_up(t.bridge.as_str()).await?;
         for c in &t.containers {
             created.push(c);
@@ -45,7 +56,10 @@ pub async fn up(t: &Topology) -> Result<(), NetError> {
         state.bridge_created |= bridge_created;
         state
             .containers
-            .extend(t.containers.iter().map(|c| ContainerSpec { name: c.name.clone(), addr: Some(c.addr) }));
+            .extend(t.containers.iter().map(|c| ContainerSpec {
+                name: c.name.clone(),
+                addr: Some(c.addr),
+            }));
         state.save(&t.bridge)
     }
     .await;
@@ -66,11 +80,13 @@ pub async fn up(t: &Topology) -> Result<(), NetError> {
 async fn add_container(nl: &Netlink, t: &Topology, c: &Container) -> Result<(), NetError> {
     let ns = NetNs::create(&c.name)?;
     nl.add_veth(&c.host_veth, &c.peer_tmp).await?;
-    nl.set_controller(c.host_veth.as_str(), t.bridge.as_str()).await?;
+    nl.set_controller(c.host_veth.as_str(), t.bridge.as_str())
+        .await?;
     nl.set_up(c.host_veth.as_str()).await?;
     nl.move_to_ns(c.peer_tmp.as_str(), &ns.open()?).await?;
 
-    let (peer, addr, prefix, gateway) = (c.peer_tmp.clone(), c.addr, t.subnet.prefix_len(), t.gateway);
+    let (peer, addr, prefix, gateway) =
+        (c.peer_tmp.clone(), c.addr, t.subnet.prefix_len(), t.gateway);
     // The namespace's side is configured from a thread inside it; keep the runtime free meanwhile.
     tokio::task::spawn_blocking(move || {
         ns.run_async(|| async move {
@@ -82,7 +98,12 @@ async fn add_container(nl: &Netlink, t: &Topology, c: &Container) -> Result<(), 
         })?
     })
     .await
-    .map_err(|e| NetError::io("configure the container namespace", std::io::Error::other(e)))?
+    .map_err(|e| {
+        NetError::io(
+            "configure the container namespace",
+            std::io::Error::other(e),
+        )
+    })?
 }
 
 /// Deletes a container's host veth (which takes its peer with it) and its namespace.
@@ -123,13 +144,13 @@ pub async fn down(bridge: &IfName, extra: &[String]) -> Result<DownReport, NetEr
         debug!(container = %name, "container removed");
         report.containers.push(name);
     }
-    if let Some(link) = nl.link(bridge.as_str()).await? {
-        if Netlink::is_bridge(&link) {
-            report.foreign_ports = nl.ports(link.header.index).await?;
-            if report.foreign_ports.is_empty() {
-                nl.delete(bridge.as_str()).await?;
-                report.bridge_removed = true;
-            }
+    if let Some(link) = nl.link(bridge.as_str()).await?
+        && Netlink::is_bridge(&link)
+    {
+        report.foreign_ports = nl.ports(link.header.index).await?;
+        if report.foreign_ports.is_empty() {
+            nl.delete(bridge.as_str()).await?;
+            report.bridge_removed = true;
         }
     }
     State::remove(bridge)?;
@@ -137,5 +158,9 @@ pub async fn down(bridge: &IfName, extra: &[String]) -> Result<DownReport, NetEr
 }
 
 fn require_caps() -> Result<(), NetError> {
-    if caps::has(Cap::NetAdmin) && caps::has(Cap::SysAdmin) { Ok(()) } else { Err(NetError::NotPermitted) }
+    if caps::has(Cap::NetAdmin) && caps::has(Cap::SysAdmin) {
+        Ok(())
+    } else {
+        Err(NetError::NotPermitted)
+    }
 }

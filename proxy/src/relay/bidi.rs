@@ -12,24 +12,32 @@ use super::{Direction, Meter, Mode, RelayError, Transfer, copy, splice};
 /// - EOF from one side becomes `shutdown(SHUT_WR)` on the other; the other direction goes on.
 /// - A read or write error on either side (a reset, a dead peer) sets `SO_LINGER 0` on both
 ///   sockets, so that dropping them sends a reset to whichever peer is still there.
-pub async fn relay(client: &TcpStream, target: &TcpStream, mode: Mode, meter: &Meter) -> Result<Transfer, RelayError> {
+pub async fn relay(
+    client: &TcpStream,
+    target: &TcpStream,
+    mode: Mode,
+    meter: &Meter,
+) -> Result<Transfer, RelayError> {
     let up = pin!(one_way(client, target, Direction::ToTarget, mode, meter));
     let down = pin!(one_way(target, client, Direction::ToClient, mode, meter));
     // Whichever direction fails first decides; the other is dropped mid-flight on purpose.
     let result = match futures::future::select(up, down).await {
-        futures::future::Either::Left((first, other)) | futures::future::Either::Right((first, other)) => {
-            match first {
-                Ok(()) => other.await,
-                Err(e) => Err(e),
-            }
-        }
+        futures::future::Either::Left((first, other))
+        | futures::future::Either::Right((first, other)) => match first {
+            Ok(()) => other.await,
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => Ok(meter.transfer()),
         Err((direction, source)) => {
             abort(client);
             abort(target);
-            Err(RelayError { direction, transfer: meter.transfer(), source })
+            Err(RelayError {
+                direction,
+                transfer: meter.transfer(),
+                source,
+            })
         }
     }
 }

@@ -9,7 +9,12 @@ use super::{Direction, Meter};
 const BUF_SIZE: usize = 64 * 1024;
 
 /// Moves bytes from `src` to `dst` until EOF on `src`. Does not shut `dst` down.
-pub(super) async fn pump(src: &TcpStream, dst: &TcpStream, dir: Direction, meter: &Meter) -> io::Result<()> {
+pub(super) async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    dir: Direction,
+    meter: &Meter,
+) -> io::Result<()> {
     let mut buf = vec![0u8; BUF_SIZE];
     loop {
         src.readable().await?;

@@ -31,7 +31,11 @@ impl Pipe {
         let (read, write) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
         let capacity = fcntl(&write, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE))
             .or_else(|_| fcntl(&write, FcntlArg::F_GETPIPE_SZ))?;
-        Ok(Self { read, write, capacity: usize::try_from(capacity).unwrap_or(64 * 1024) })
+        Ok(Self {
+            read,
+            write,
+            capacity: usize::try_from(capacity).unwrap_or(64 * 1024),
+        })
     }
 }
 
@@ -40,7 +44,12 @@ impl Pipe {
 /// The pipe is drained completely after every fill, so an EAGAIN while filling always means
 /// "socket empty", never "pipe full". If the kernel refuses to splice these sockets (EINVAL)
 /// before any byte moved, or no pipe can be had, the direction falls back to [`copy`].
-pub(super) async fn pump(src: &TcpStream, dst: &TcpStream, dir: Direction, meter: &Meter) -> io::Result<()> {
+pub(super) async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    dir: Direction,
+    meter: &Meter,
+) -> io::Result<()> {
     let pipe = match Pipe::new() {
         Ok(pipe) => pipe,
         Err(e) => {
@@ -54,7 +63,8 @@ pub(super) async fn pump(src: &TcpStream, dst: &TcpStream, dir: Direction, meter
         let filled = loop {
             src.readable().await?;
             match src.try_io(Interest::READABLE, || {
-                splice(src.as_fd(), None, &pipe.write, None, pipe.capacity, flags).map_err(io::Error::from)
+                splice(src.as_fd(), None, &pipe.write, None, pipe.capacity, flags)
+                    .map_err(io::Error::from)
             }) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

@@ -66,9 +66,21 @@ pub(crate) async fn run(cmd: NetCommand) -> anyhow::Result<ExitCode> {
         NetCommand::Up(args) => {
             let t = args.resolve()?;
             net::up(&t).await?;
-            println!("bridge {} {}/{} up", t.bridge, t.gateway, t.subnet.prefix_len());
+            println!(
+                "bridge {} {}/{} up",
+                t.bridge,
+                t.gateway,
+                t.subnet.prefix_len()
+            );
             for c in &t.containers {
-                println!("container {} eth0 {}/{} via {} (host side {})", c.name, c.addr, t.subnet.prefix_len(), t.gateway, c.host_veth);
+                println!(
+                    "container {} eth0 {}/{} via {} (host side {})",
+                    c.name,
+                    c.addr,
+                    t.subnet.prefix_len(),
+                    t.gateway,
+                    c.host_veth
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -82,7 +94,11 @@ pub(crate) async fn run(cmd: NetCommand) -> anyhow::Result<ExitCode> {
             if report.bridge_removed {
                 println!("bridge {} removed", t.bridge);
             } else if !report.foreign_ports.is_empty() {
-                println!("bridge {} kept: other ports are attached ({})", t.bridge, report.foreign_ports.join(", "));
+                println!(
+                    "bridge {} kept: other ports are attached ({})",
+                    t.bridge,
+                    report.foreign_ports.join(", ")
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -95,7 +111,9 @@ pub(crate) async fn run(cmd: NetCommand) -> anyhow::Result<ExitCode> {
                 .status()
                 .with_context(|| format!("failed to run {program:?} in {name}"))?;
             // Pass the command's exit status through, like `ip netns exec`.
-            Ok(ExitCode::from(status.code().map_or(1, |c| u8::try_from(c).unwrap_or(1))))
+            Ok(ExitCode::from(
+                status.code().map_or(1, |c| u8::try_from(c).unwrap_or(1)),
+            ))
         }
     }
 }

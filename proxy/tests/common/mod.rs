@@ -1,0 +1,264 @@
+//! Shared helpers for berth's privileged integration tests: a root check, unique names, a
+//! topology guard that always tears down, servers inside container namespaces, and a
+//! checksummed traffic generator.
+#![allow(
+    dead_code,
+    unreachable_pub,
+    reason = "each test binary uses a different subset"
+)]
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use berth::net::{self, ContainerSpec, NetNs, Topology};
+use rand::{Rng as _, RngCore as _, SeedableRng as _, rngs::SmallRng};
+use sha2::{Digest as _, Sha256};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+
+/// Hang guard for single network operations. A test that hits it has failed; it is never
+/// used to wait for something to happen.
+pub const HANG: Duration = Duration::from_secs(60);
+
+/// Panics with a clear message unless the test runs as root: these tests create namespaces,
+/// bridges and BPF programs, and must never pass silently without doing so.
+pub fn require_root() {
+    let euid = nix::unistd::geteuid();
+    assert!(
+        euid.is_root(),
+        "this test needs root (network namespaces, bridges, BPF); run the suite with `sudo -E cargo xtask test`"
+    );
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A short name unique to this process and call: `<prefix><pid>x<n>` (pid_max is 32768 here,
+/// so with a 2-byte prefix it stays within 12 bytes and leaves room for the `ve-` veth prefix).
+pub fn unique(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let name = format!("{prefix}{}x{n}", std::process::id());
+    assert!(name.len() <= 12, "test name {name} too long");
+    name
+}
+
+/// A topology in the root namespace with its own bridge and a /24 of 198.18.0.0/15 (the
+/// range RFC 2544 sets aside for benchmark tests), torn down on drop even when a test fails.
+pub struct TestNet {
+    pub topo: Topology,
+}
+
+impl TestNet {
+    pub async fn up(containers: usize) -> Self {
+        require_root();
+        let bridge = unique("tb");
+        let idx = (std::process::id() * 8 + COUNTER.fetch_add(1, Ordering::Relaxed)) % 512;
+        let subnet = format!("198.{}.{}.0/24", 18 + idx / 256, idx % 256);
+        let specs: Vec<ContainerSpec> = (0..containers)
+            .map(|_| ContainerSpec {
+                name: unique("tc"),
+                addr: None,
+            })
+            .collect();
+        let topo = Topology::resolve(Some(&bridge), Some(&subnet), None, &specs).unwrap();
+        net::up(&topo).await.unwrap();
+        Self { topo }
+    }
+
+    pub fn ns(&self, i: usize) -> NetNs {
+        NetNs::named(&self.topo.containers[i].name)
+    }
+
+    pub fn ip(&self, i: usize) -> Ipv4Addr {
+        self.topo.containers[i].addr
+    }
+
+    /// A listener on `container i`'s address, created inside its namespace.
+    pub fn listen(&self, i: usize) -> TcpListener {
+        let addr = SocketAddr::from((self.ip(i), 0));
+        let std = self
+            .ns(i)
+            .run(|| std::net::TcpListener::bind(addr))
+            .unwrap()
+            .unwrap();
+        std.set_nonblocking(true).unwrap();
+        TcpListener::from_std(std).unwrap()
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        let bridge = self.topo.bridge.clone();
+        let names: Vec<String> = self
+            .topo
+            .containers
+            .iter()
+            .map(|c| c.name.clone())
+            .collect();
+        // Drop may run inside a runtime; tear down from a thread with its own.
+        let torn = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(net::down(&bridge, &names))
+        })
+        .join();
+        match torn {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => eprintln!("warning: teardown of {} failed: {e}", self.topo.bridge),
+            Err(_) => eprintln!("warning: teardown of {} panicked", self.topo.bridge),
+        }
+    }
+}
+
+// === Checksummed traffic ===
+
+/// What one side of a connection sent and received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    pub sent: u64,
+    pub sent_sha: [u8; 32],
+    pub received: u64,
+    pub received_sha: [u8; 32],
+}
+
+/// Writes `len` pseudo-random bytes from `seed`, hashing them; then shuts down writing.
+async fn send_random(
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
+    len: u64,
+    seed: u64,
+) -> std::io::Result<[u8; 32]> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut sha = Sha256::new();
+    let mut left = len;
+    while left > 0 {
+        let n = usize::try_from(left.min(buf.len() as u64)).unwrap();
+        rng.fill_bytes(&mut buf[..n]);
+        sha.update(&buf[..n]);
+        w.write_all(&buf[..n]).await?;
+        left -= n as u64;
+    }
+    w.shutdown().await?;
+    Ok(sha.finalize().into())
+}
+
+/// Reads until EOF, hashing.
+async fn recv_all(r: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<(u64, [u8; 32])> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut sha = Sha256::new();
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok((total, sha.finalize().into()));
+        }
+        sha.update(&buf[..n]);
+        total += n as u64;
+    }
+}
+
+/// Client side: sends a 16-byte header (a connection id, and how much the server should send
+/// back), then `up` random bytes, half-closes, and reads the server's bytes until EOF. Both
+/// directions run at once, so neither side can deadlock on full buffers.
+pub async fn exchange(stream: TcpStream, id: u64, up: u64, down: u64) -> std::io::Result<Tally> {
+    let (mut r, mut w) = stream.into_split();
+    let mut header = [0u8; 16];
+    header[..8].copy_from_slice(&id.to_be_bytes());
+    header[8..].copy_from_slice(&down.to_be_bytes());
+    w.write_all(&header).await?;
+    let seed = id ^ 0x00c1_1e47;
+    let (sent_sha, (received, received_sha)) =
+        tokio::try_join!(send_random(&mut w, up, seed), recv_all(&mut r))?;
+    Ok(Tally {
+        sent: up,
+        sent_sha,
+        received,
+        received_sha,
+    })
+}
+
+/// Server side of [`exchange`]: reads the header, then sends that many random bytes and
+/// half-closes while reading the client's bytes until EOF. Returns the connection id too.
+pub async fn serve_exchange(stream: TcpStream) -> std::io::Result<(u64, Tally)> {
+    let (mut r, mut w) = stream.into_split();
+    let mut header = [0u8; 16];
+    r.read_exact(&mut header).await?;
+    let id = u64::from_be_bytes(header[..8].try_into().unwrap());
+    let down = u64::from_be_bytes(header[8..].try_into().unwrap());
+    let seed = id ^ 0x005e_77e7;
+    let (sent_sha, (received, received_sha)) =
+        tokio::try_join!(send_random(&mut w, down, seed), recv_all(&mut r))?;
+    Ok((
+        id,
+        Tally {
+            sent: down,
+            sent_sha,
+            received,
+            received_sha,
+        },
+    ))
+}
+
+/// Accepts connections until the listener fails, answering each with [`serve_exchange`] and
+/// reporting the server-side tallies.
+pub fn spawn_exchange_server(
+    listener: TcpListener,
+) -> tokio::sync::mpsc::UnboundedReceiver<std::io::Result<(u64, Tally)>> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(serve_exchange(stream).await);
+            });
+        }
+    });
+    rx
+}
+
+/// Checks that each side received exactly what the other sent, byte count and SHA-256.
+pub fn assert_mirrored(id: u64, client: &Tally, server: &Tally) {
+    assert_eq!(
+        client.sent, server.received,
+        "conn {id}: upload length differs"
+    );
+    assert_eq!(
+        client.sent_sha, server.received_sha,
+        "conn {id}: upload SHA-256 differs"
+    );
+    assert_eq!(
+        server.sent, client.received,
+        "conn {id}: download length differs"
+    );
+    assert_eq!(
+        server.sent_sha, client.received_sha,
+        "conn {id}: download SHA-256 differs"
+    );
+}
+
+/// Sizes for `n` connections: log-uniform from 0 to `max`, with 0, 1 and `max` always present,
+/// so that tiny, medium and large transfers all occur.
+pub fn random_sizes(n: usize, max: u64, rng: &mut impl rand::Rng) -> Vec<u64> {
+    let mut sizes: Vec<u64> = (0..n)
+        .map(|_| {
+            let bits = rng.random_range(0.0..(max as f64).log2());
+            2f64.powf(bits) as u64
+        })
+        .collect();
+    for (slot, fixed) in sizes.iter_mut().zip([0, 1, max]) {
+        *slot = fixed;
+    }
+    sizes
+}
+
+pub fn rng() -> SmallRng {
+    let seed: u64 = rand::rng().random();
+    eprintln!("rng seed {seed:#x}");
+    SmallRng::seed_from_u64(seed)
+}

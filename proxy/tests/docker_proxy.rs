@@ -1,0 +1,237 @@
+//! `berth-docker-proxy` spoken to the way dockerd speaks to docker-proxy: a pipe on fd 3 for
+//! status, and with `-use-listen-fd` the listening socket on fd 4.
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking, with the stack trace"
+)]
+mod common;
+
+use std::{
+    io::Read as _,
+    os::{
+        fd::{AsRawFd as _, OwnedFd, RawFd},
+        unix::process::CommandExt as _,
+    },
+    process::{Child, Command, Stdio},
+};
+
+use common::{HANG, TestNet, assert_mirrored, exchange, spawn_exchange_server};
+use nix::{
+    fcntl::OFlag,
+    sys::signal::{Signal, kill},
+    unistd::{Pid, pipe2},
+};
+use tokio::{net::TcpStream, time::timeout};
+
+/// Spawns berth-docker-proxy with `fds` placed at the given numbers (fd 3, fd 4, …).
+fn spawn(args: &[&str], fds: Vec<(OwnedFd, RawFd)>) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth-docker-proxy"));
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let raw: Vec<(RawFd, RawFd)> = fds.iter().map(|(fd, to)| (fd.as_raw_fd(), *to)).collect();
+    // SAFETY: dup2 and fcntl are async-signal-safe and only touch the child's fd table.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &(from, to) in &raw {
+                if from == to {
+                    // dup2 onto itself keeps O_CLOEXEC: clear it instead.
+                    libc::fcntl(to, libc::F_SETFD, 0);
+                } else if libc::dup2(from, to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    drop(fds); // the parent's copies: the status pipe must see EOF once the child closes it
+    child
+}
+
+/// Spawns with a status pipe on fd 3 (plus `extra` fds) and returns what the child reported.
+fn spawn_with_status(args: &[&str], mut extra: Vec<(OwnedFd, RawFd)>) -> (Child, String) {
+    let (r, w) = pipe2(OFlag::O_CLOEXEC).unwrap();
+    extra.push((w, 3));
+    let child = spawn(args, extra);
+    let mut status = String::new();
+    std::fs::File::from(r).read_to_string(&mut status).unwrap();
+    (child, status)
+}
+
+fn stop(mut child: Child) {
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "SIGTERM should exit 0, got {status}");
+}
+
+/// A port that was free a moment ago (docker-proxy has no way to report an ephemeral one).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_ready_on_fd3_and_forwards_into_a_container() {
+    let net = TestNet::up(1).await;
+    let listener = net.listen(0);
+    let target = listener.local_addr().unwrap();
+    let mut tallies = spawn_exchange_server(listener);
+    let port = free_port();
+    let (child, status) = spawn_with_status(
+        &[
+            "-proto",
+            "tcp",
+            "-host-ip",
+            "127.0.0.1",
+            "-host-port",
+            &port.to_string(),
+            "-container-ip",
+            &target.ip().to_string(),
+            "-container-port",
+            &target.port().to_string(),
+        ],
+        vec![],
+    );
+    assert_eq!(status, "0\n");
+    for id in 0..4u64 {
+        let c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let client = timeout(HANG, exchange(c, id, 3 << 20, 2 << 20))
+            .await
+            .unwrap()
+            .unwrap();
+        let (sid, server) = timeout(HANG, tallies.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(sid, id);
+        assert_mirrored(id, &client, &server);
+    }
+    stop(child);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn use_listen_fd_serves_the_socket_passed_as_fd4() {
+    common::require_root();
+    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target_port = target.local_addr().unwrap().port();
+    let mut tallies = spawn_exchange_server(target);
+    let passed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = passed.local_addr().unwrap();
+    // The host port on the command line is only informative with -use-listen-fd.
+    let (child, status) = spawn_with_status(
+        &[
+            "-proto",
+            "tcp",
+            "-host-ip",
+            "127.0.0.1",
+            "-host-port",
+            "1",
+            "-container-ip",
+            "127.0.0.1",
+            "-container-port",
+            &target_port.to_string(),
+            "-use-listen-fd",
+        ],
+        vec![(OwnedFd::from(passed), 4)],
+    );
+    assert_eq!(status, "0\n");
+    let c = TcpStream::connect(addr).await.unwrap();
+    let client = timeout(HANG, exchange(c, 9, 1 << 20, 1 << 20))
+        .await
+        .unwrap()
+        .unwrap();
+    let (_, server) = timeout(HANG, tallies.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_mirrored(9, &client, &server);
+    stop(child);
+}
+
+#[test]
+fn failures_are_reported_on_fd3_with_exit_1() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port().to_string();
+    let cases: &[(&[&str], &str)] = &[
+        (&["-bogus"], "flag provided but not defined: -bogus"),
+        (&["-host-port", "80"], "-container-port is required"),
+        (
+            &["-host-port", "x", "-container-port", "80"],
+            "invalid value \"x\" for flag -host-port",
+        ),
+        (
+            &["-proto", "udp", "-host-port", "1", "-container-port", "80"],
+            "unsupported protocol udp",
+        ),
+        (
+            &["-proto", "sctp", "-host-port", "1", "-container-port", "80"],
+            "unsupported protocol sctp",
+        ),
+        (
+            &[
+                "-host-ip",
+                "127.0.0.1",
+                "-host-port",
+                &taken_port,
+                "-container-ip",
+                "127.0.0.1",
+                "-container-port",
+                "9",
+            ],
+            "already in use",
+        ),
+        (
+            &["-use-listen-fd", "-container-port", "80"],
+            "fd 4 is not open",
+        ),
+    ];
+    for (args, expected) in cases {
+        let (mut child, status) = spawn_with_status(args, vec![]);
+        let code = child.wait().unwrap().code();
+        assert!(
+            status.starts_with("1\n") && status.contains(expected),
+            "{args:?}: status {status:?}"
+        );
+        assert_eq!(code, Some(1), "{args:?}");
+    }
+}
+
+#[test]
+fn without_fd3_errors_go_to_stderr_and_version_works() {
+    let out = Command::new(env!("CARGO_BIN_EXE_berth-docker-proxy"))
+        .arg("-bogus")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains("flag provided but not defined: -bogus") && err.contains("Usage"),
+        "{err}"
+    );
+    let v = Command::new(env!("CARGO_BIN_EXE_berth-docker-proxy"))
+        .arg("-v")
+        .output()
+        .unwrap();
+    assert!(v.status.success() && String::from_utf8_lossy(&v.stdout).contains("version"));
+}
+
+#[test]
+fn a_non_socket_on_fd4_is_refused() {
+    let file = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+    let (mut child, status) = spawn_with_status(
+        &["-use-listen-fd", "-container-port", "80"],
+        vec![(file, 4)],
+    );
+    assert!(
+        status.starts_with("1\n") && status.contains("not a TCP socket"),
+        "{status:?}"
+    );
+    assert_eq!(child.wait().unwrap().code(), Some(1));
+}
