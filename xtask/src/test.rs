@@ -21,7 +21,6 @@ pub(crate) fn run(cargo_test_args: &[String]) -> anyhow::Result<()> {
     // Without --workspace, cargo uses default-members: everything but the BPF-only crate.
     exec::run(Command::new("cargo").current_dir(&root).args([
         "clippy",
-        "--workspace",
         "--all-targets",
         "--locked",
         "--",
