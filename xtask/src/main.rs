@@ -1,4 +1,5 @@
 //! `cargo xtask`: the project's own commands. Each installs what it needs first.
+mod bench;
 mod demo;
 mod exec;
 mod setup;
@@ -25,6 +26,8 @@ enum Command {
     },
     /// setup, build, then show a port mapped into a container namespace, and tear it down.
     Demo,
+    /// Install the contenders, build in release mode, and run the forwarding benchmark.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,5 +35,6 @@ fn main() -> anyhow::Result<()> {
         Command::Setup => setup::run(),
         Command::Test { cargo_test_args } => test::run(&cargo_test_args),
         Command::Demo => demo::run(),
+        Command::Bench(args) => bench::run(&args),
     }
 }

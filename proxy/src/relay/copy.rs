@@ -3,10 +3,12 @@ use std::io;
 
 use tokio::net::TcpStream;
 
-use super::{Direction, Meter};
+use super::{Direction, Meter, pool::Pool};
 
-/// Per-direction buffer. 64 KiB matches the default pipe size that splice uses.
+/// Per-direction buffer while data flows; 64 KiB matches the default pipe size.
 const BUF_SIZE: usize = 64 * 1024;
+
+static BUFFERS: Pool<Box<[u8]>> = Pool::new(256);
 
 /// Moves bytes from `src` to `dst` until EOF on `src`. Does not shut `dst` down.
 pub(super) async fn pump(
@@ -15,17 +17,25 @@ pub(super) async fn pump(
     dir: Direction,
     meter: &Meter,
 ) -> io::Result<()> {
-    let mut buf = vec![0u8; BUF_SIZE];
     loop {
         src.readable().await?;
-        let n = match src.try_read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+        let mut buf = BUFFERS.take(|| Ok(vec![0u8; BUF_SIZE].into_boxed_slice()))?;
+        // Move data until the socket is drained; the buffer goes back to the pool in between.
+        let eof = loop {
+            match src.try_read(&mut buf) {
+                Ok(0) => break true,
+                Ok(n) => {
+                    write_all(dst, &buf[..n]).await?;
+                    meter.add(dir, n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
+                Err(e) => return Err(e),
+            }
         };
-        write_all(dst, &buf[..n]).await?;
-        meter.add(dir, n);
+        BUFFERS.give(buf);
+        if eof {
+            return Ok(());
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 
 mod bidi;
 mod copy;
+mod pool;
 mod splice;
 
 use std::{

@@ -1,0 +1,387 @@
+//! The contenders: every way of mapping a host port to the container server. Adding one is a
+//! variant, a name, and an arm in [`Contender::start`].
+use std::{
+    fs::File,
+    io::Read as _,
+    net::SocketAddr,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{procstat, topo::HOST_EXT_IP};
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum, serde::Serialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Contender {
+    /// No proxy: the client connects to the container address (the upper bound).
+    Direct,
+    BerthCopy,
+    BerthSplice,
+    DockerProxy,
+    Socat,
+    Haproxy,
+    IptablesDnat,
+}
+
+/// Paths of the external programs; `None` when not installed.
+#[derive(Debug, Clone)]
+pub(crate) struct Tools {
+    pub(crate) berth: PathBuf,
+    pub(crate) docker_proxy: Option<PathBuf>,
+    pub(crate) socat: Option<PathBuf>,
+    pub(crate) haproxy: Option<PathBuf>,
+    pub(crate) iptables: Option<PathBuf>,
+}
+
+/// Where a started contender can be reached, and what to measure.
+#[derive(Debug)]
+pub(crate) struct Running {
+    pub(crate) local: SocketAddr,
+    pub(crate) external: SocketAddr,
+    children: Vec<Child>,
+    iptables: Option<(PathBuf, Vec<Vec<String>>)>,
+}
+
+impl Running {
+    /// The proxy processes (empty for direct and kernel DNAT).
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = c.wait();
+        }
+        if let Some((iptables, rules)) = self.iptables.take() {
+            for undo in rules.iter().rev().flat_map(|r| undo_rule(r)) {
+                let _ = Command::new(&iptables)
+                    .args(&undo)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+}
+
+/// The commands that undo one of [`dnat_rules`]: `-A` becomes `-D`; `-N` becomes `-F` + `-X`.
+fn undo_rule(rule: &[String]) -> Vec<Vec<String>> {
+    let swap = |from: &str, to: &str| {
+        rule.iter()
+            .map(|a| if a == from { to.to_owned() } else { a.clone() })
+            .collect::<Vec<_>>()
+    };
+    if rule.iter().any(|a| a == "-N") {
+        vec![swap("-N", "-F"), swap("-N", "-X")]
+    } else {
+        vec![swap("-A", "-D")]
+    }
+}
+
+const CHAIN: &str = "BERTH-BENCH";
+
+impl Contender {
+    pub(crate) const ALL: [Self; 7] = [
+        Self::Direct,
+        Self::BerthCopy,
+        Self::BerthSplice,
+        Self::DockerProxy,
+        Self::Socat,
+        Self::Haproxy,
+        Self::IptablesDnat,
+    ];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::BerthCopy => "berth-copy",
+            Self::BerthSplice => "berth-splice",
+            Self::DockerProxy => "docker-proxy",
+            Self::Socat => "socat",
+            Self::Haproxy => "haproxy",
+            Self::IptablesDnat => "iptables-dnat",
+        }
+    }
+
+    /// True when a userspace process carries the bytes (so CPU and memory can be measured).
+    pub(crate) fn has_process(self) -> bool {
+        !matches!(self, Self::Direct | Self::IptablesDnat)
+    }
+
+    /// Why this contender cannot run here, if it cannot.
+    pub(crate) fn unavailable(self, tools: &Tools) -> Option<String> {
+        let missing = |tool: &Option<PathBuf>, what: &str| {
+            tool.is_none()
+                .then(|| format!("{what} not found (run `cargo xtask bench`, which installs it)"))
+        };
+        match self {
+            Self::Direct | Self::BerthCopy | Self::BerthSplice => None,
+            Self::DockerProxy => missing(&tools.docker_proxy, "docker-proxy"),
+            Self::Socat => missing(&tools.socat, "socat"),
+            Self::Haproxy => missing(&tools.haproxy, "haproxy"),
+            Self::IptablesDnat => missing(&tools.iptables, "iptables"),
+        }
+    }
+
+    /// Maps host port `port` to `server` and waits until the mapping accepts connections.
+    pub(crate) fn start(
+        self,
+        tools: &Tools,
+        port: u16,
+        server: SocketAddr,
+        logs: &Path,
+    ) -> anyhow::Result<Running> {
+        let local = SocketAddr::from(([127, 0, 0, 1], port));
+        let external = SocketAddr::from((HOST_EXT_IP, port));
+        let mut running = Running {
+            local,
+            external,
+            children: Vec::new(),
+            iptables: None,
+        };
+        let (ip, sport) = (server.ip().to_string(), server.port().to_string());
+        match self {
+            Self::Direct => {
+                running.local = server;
+                running.external = server;
+                return Ok(running);
+            }
+            Self::BerthCopy | Self::BerthSplice => {
+                let mode = if self == Self::BerthCopy {
+                    "copy"
+                } else {
+                    "splice"
+                };
+                let mut cmd = Command::new(&tools.berth);
+                cmd.args([
+                    "forward",
+                    "--mode",
+                    mode,
+                    "--max-connections",
+                    "1000000",
+                    "--drain-timeout",
+                    "0",
+                ])
+                .arg(format!("0.0.0.0:{port}"))
+                .arg(server.to_string())
+                .env("BERTH_LOG", "warn");
+                running.children.push(spawn(&mut cmd, logs, self)?);
+            }
+            Self::DockerProxy => {
+                let path = tools
+                    .docker_proxy
+                    .as_ref()
+                    .context("docker-proxy missing")?;
+                let mut cmd = Command::new(path);
+                cmd.args([
+                    "-proto",
+                    "tcp",
+                    "-host-ip",
+                    "0.0.0.0",
+                    "-host-port",
+                    &port.to_string(),
+                    "-container-ip",
+                    &ip,
+                    "-container-port",
+                    &sport,
+                ]);
+                running.children.push(spawn_docker_proxy(&mut cmd, logs)?);
+            }
+            Self::Socat => {
+                let path = tools.socat.as_ref().context("socat missing")?;
+                let mut cmd = Command::new(path);
+                cmd.arg(format!("TCP-LISTEN:{port},fork,reuseaddr,backlog=4096"))
+                    .arg(format!("TCP:{server}"));
+                running.children.push(spawn(&mut cmd, logs, self)?);
+            }
+            Self::Haproxy => {
+                let path = tools.haproxy.as_ref().context("haproxy missing")?;
+                let cfg = logs.join("haproxy.cfg");
+                std::fs::write(&cfg, haproxy_config(port, server))?;
+                let mut cmd = Command::new(path);
+                cmd.arg("-db").arg("-f").arg(&cfg);
+                running.children.push(spawn(&mut cmd, logs, self)?);
+            }
+            Self::IptablesDnat => {
+                let iptables = tools.iptables.clone().context("iptables missing")?;
+                let rules = dnat_rules(port, server);
+                for rule in &rules {
+                    let out = Command::new(&iptables).args(rule).output()?;
+                    if !out.status.success() {
+                        running.iptables = Some((iptables, rules.clone()));
+                        bail!(
+                            "iptables {} failed: {}",
+                            rule.join(" "),
+                            String::from_utf8_lossy(&out.stderr).trim()
+                        );
+                    }
+                }
+                running.iptables = Some((iptables, rules));
+                return Ok(running);
+            }
+        }
+        wait_listening(port, &mut running.children)?;
+        Ok(running)
+    }
+}
+
+/// Docker's rules for a published port with `userland-proxy=false`: DNAT for packets to any
+/// local address (PREROUTING for remote clients, OUTPUT for local ones, loopback included,
+/// which is why `route_localnet` is on), and MASQUERADE for locally sourced traffic into the
+/// bridge so that the container's replies come back through the host.
+fn dnat_rules(port: u16, server: SocketAddr) -> Vec<Vec<String>> {
+    let p = port.to_string();
+    let to = server.to_string();
+    let bridge = crate::topo::BRIDGE;
+    [
+        vec!["-t", "nat", "-N", CHAIN],
+        vec![
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-m",
+            "addrtype",
+            "--dst-type",
+            "LOCAL",
+            "-j",
+            CHAIN,
+        ],
+        vec![
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-m",
+            "addrtype",
+            "--dst-type",
+            "LOCAL",
+            "-j",
+            CHAIN,
+        ],
+        vec![
+            "-t",
+            "nat",
+            "-A",
+            CHAIN,
+            "!",
+            "-i",
+            bridge,
+            "-p",
+            "tcp",
+            "--dport",
+            &p,
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &to,
+        ],
+        vec![
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-o",
+            bridge,
+            "-m",
+            "addrtype",
+            "--src-type",
+            "LOCAL",
+            "-j",
+            "MASQUERADE",
+        ],
+    ]
+    .into_iter()
+    .map(|r| r.into_iter().map(str::to_owned).collect())
+    .collect()
+}
+
+/// HAProxy in TCP mode with splice, its maxconn sized to the fds it can have (2 per connection).
+fn haproxy_config(port: u16, server: SocketAddr) -> String {
+    // HAProxy needs 2 fds per connection plus 2 per spliced pipe (maxpipes = maxconn / 4).
+    let maxconn = crate::fd_limit().saturating_sub(500) * 2 / 5;
+    format!(
+        "global\n  maxconn {maxconn}\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 600s\n  timeout server 600s\n  option splice-auto\n\n\
+         frontend fe\n  bind 0.0.0.0:{port}\n  default_backend be\n\nbackend be\n  server s1 {server}\n"
+    )
+}
+
+/// Spawns with stderr to a log file, and with SIGKILL on our death so nothing outlives a crash.
+fn spawn(cmd: &mut Command, logs: &Path, who: Contender) -> anyhow::Result<Child> {
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(logs.join(format!("{}.log", who.name())))?;
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+    // SAFETY: prctl is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .with_context(|| format!("failed to start {:?}", cmd.get_program()))
+}
+
+/// Starts docker-proxy the way dockerd does: a pipe on fd 3 that says `0\n` once listening.
+fn spawn_docker_proxy(cmd: &mut Command, logs: &Path) -> anyhow::Result<Child> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let raw = w.as_raw_fd();
+    // SAFETY: dup2/fcntl are async-signal-safe and only touch the child's fd table.
+    unsafe {
+        cmd.pre_exec(move || {
+            if raw == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0);
+            } else if libc::dup2(raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = spawn(cmd, logs, Contender::DockerProxy)?;
+    drop(w);
+    let mut status = String::new();
+    File::from(r).read_to_string(&mut status)?;
+    if status != "0\n" {
+        bail!("docker-proxy failed to start: {status:?}");
+    }
+    Ok(child)
+}
+
+/// Waits (at most 30 s) until `port` is in LISTEN state in our namespace.
+pub(crate) fn wait_listening(port: u16, children: &mut [Child]) -> anyhow::Result<()> {
+    wait_all_listening(&[port], children)
+}
+
+pub(crate) fn wait_all_listening(ports: &[u16], children: &mut [Child]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut pending: Vec<u16> = ports.to_vec();
+    loop {
+        pending.retain(|p| !procstat::is_listening(*p));
+        if pending.is_empty() {
+            return Ok(());
+        }
+        for c in children.iter_mut() {
+            if let Some(status) = c.try_wait()? {
+                bail!("process {} exited with {status} before listening", c.id());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{} port(s) still not listening after 30 s", pending.len());
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}

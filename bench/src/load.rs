@@ -1,0 +1,171 @@
+//! Load generators. Each is bounded in time (and where it loops, in count), and returns raw
+//! measurements; turning them into metrics is the caller's job.
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use hdrhistogram::Histogram;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    task::JoinSet,
+};
+
+use crate::server::FRAME;
+
+const CHUNK: usize = 256 * 1024;
+/// Upper bound on any single operation; hitting it fails the sample instead of hanging.
+const OP_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn connect(addr: SocketAddr) -> anyhow::Result<TcpStream> {
+    let s = tokio::time::timeout(OP_TIMEOUT, TcpStream::connect(addr)).await??;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// Which way a bulk transfer goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Dir {
+    /// Client to container.
+    Up,
+    /// Container to client.
+    Down,
+}
+
+/// Bytes moved by `streams` parallel connections in about `dur`, and the wall time taken.
+pub(crate) async fn bulk(
+    addr: SocketAddr,
+    streams: usize,
+    dir: Dir,
+    dur: Duration,
+) -> anyhow::Result<(u64, Duration)> {
+    let start = Instant::now();
+    let mut set = JoinSet::new();
+    for _ in 0..streams {
+        set.spawn(async move {
+            match dir {
+                Dir::Up => upload(addr, dur).await,
+                Dir::Down => download(addr, dur).await,
+            }
+        });
+    }
+    let mut total = 0;
+    while let Some(r) = set.join_next().await {
+        total += r??;
+    }
+    Ok((total, start.elapsed()))
+}
+
+async fn upload(addr: SocketAddr, dur: Duration) -> anyhow::Result<u64> {
+    let mut s = connect(addr).await?;
+    s.write_all(b"U").await?;
+    let buf = vec![0xa5u8; CHUNK];
+    let deadline = Instant::now() + dur;
+    while Instant::now() < deadline {
+        tokio::time::timeout(OP_TIMEOUT, s.write_all(&buf)).await??;
+    }
+    s.shutdown().await?;
+    let mut count = [0u8; 8];
+    tokio::time::timeout(OP_TIMEOUT, s.read_exact(&mut count)).await??;
+    // What the container received, not what was written into the local buffer.
+    Ok(u64::from_be_bytes(count))
+}
+
+async fn download(addr: SocketAddr, dur: Duration) -> anyhow::Result<u64> {
+    let mut s = connect(addr).await?;
+    let mut req = [0u8; 9];
+    req[0] = b'D';
+    req[1..].copy_from_slice(&u64::try_from(dur.as_millis())?.to_be_bytes());
+    s.write_all(&req).await?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        let n = tokio::time::timeout(OP_TIMEOUT, s.read(&mut buf)).await??;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n as u64;
+    }
+}
+
+/// Round-trip latencies (ns) of 64-byte ping-pong over one connection, for `dur` or
+/// `max_rounds`, whichever ends first.
+pub(crate) async fn rr(
+    addr: SocketAddr,
+    dur: Duration,
+    max_rounds: u64,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut hist = Histogram::new_with_bounds(1, 60_000_000_000, 3)?;
+    let mut s = connect(addr).await?;
+    s.write_all(b"E").await?;
+    let mut frame = [0x42u8; FRAME];
+    let deadline = Instant::now() + dur;
+    let mut rounds = 0;
+    while Instant::now() < deadline && rounds < max_rounds {
+        let t = Instant::now();
+        s.write_all(&frame).await?;
+        tokio::time::timeout(OP_TIMEOUT, s.read_exact(&mut frame)).await??;
+        hist.record(u64::try_from(t.elapsed().as_nanos())?.max(1))?;
+        rounds += 1;
+    }
+    Ok(hist)
+}
+
+/// Connect / 64 B request / 64 B response / close, from `clients` concurrent loops for `dur`.
+/// Returns completed connections, elapsed time and the latency histogram (ns).
+pub(crate) async fn crr(
+    addr: SocketAddr,
+    clients: usize,
+    dur: Duration,
+) -> anyhow::Result<(u64, Duration, Histogram<u64>)> {
+    let start = Instant::now();
+    let deadline = start + dur;
+    let mut set = JoinSet::new();
+    for _ in 0..clients {
+        set.spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+            let mut req = [b'r'; FRAME];
+            req[0] = b'C';
+            let mut resp = [0u8; FRAME];
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let mut s = connect(addr).await?;
+                s.write_all(&req).await?;
+                tokio::time::timeout(OP_TIMEOUT, s.read_exact(&mut resp)).await??;
+                hist.record(u64::try_from(t.elapsed().as_nanos())?.max(1))?;
+                // The server closes first, so TIME_WAIT stays on its side, not on our ports.
+                let mut eof = [0u8; 1];
+                let _ = tokio::time::timeout(OP_TIMEOUT, s.read(&mut eof)).await;
+            }
+            anyhow::Ok(hist)
+        });
+    }
+    let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    while let Some(h) = set.join_next().await {
+        all.add(h??)?;
+    }
+    Ok((all.len(), start.elapsed(), all))
+}
+
+/// Opens `n` connections that each completed a round trip to the container, and keeps them.
+pub(crate) async fn open_idle(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<TcpStream>> {
+    let mut conns = Vec::with_capacity(n);
+    // Open in batches so the proxy's accept backlog is never the bottleneck.
+    for batch in (0..n).collect::<Vec<_>>().chunks(256) {
+        let mut set = JoinSet::new();
+        for _ in batch {
+            set.spawn(async move {
+                let mut s = connect(addr).await?;
+                s.write_all(b"I").await?;
+                let mut ack = [0u8; 1];
+                tokio::time::timeout(OP_TIMEOUT, s.read_exact(&mut ack)).await??;
+                anyhow::Ok(s)
+            });
+        }
+        while let Some(s) = set.join_next().await {
+            conns.push(s??);
+        }
+    }
+    Ok(conns)
+}

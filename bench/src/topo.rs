@@ -1,0 +1,119 @@
+//! The bench topology, inside a private "host" network namespace that this process unshared at
+//! start: the walk-through bridge with a server container, plus an external-client namespace
+//! on its own veth pair. iptables rules and sysctls live in the host namespace, so they vanish
+//! with the process and the machine's own namespace is never touched.
+//!
+//! ```text
+//!  ext ns (bx<pid>)            host ns (this process)                  container ns (bs<pid>)
+//!  eth0 198.19.0.2/24 ──veth── bxh 198.19.0.1/24   bbr0 198.18.0.254/24 ──veth── eth0 198.18.0.1
+//!  default via .1                proxies listen on 0.0.0.0:P                     load server :7000
+//! ```
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+};
+
+use anyhow::Context as _;
+use berth::net::{self, ContainerSpec, NetNs, Netlink, Topology};
+
+pub(crate) const SERVER_PORT: u16 = 7000;
+pub(crate) const HOST_EXT_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+const EXT_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
+pub(crate) const BRIDGE: &str = "bbr0";
+
+/// The built topology. [`Topo::teardown`] removes the named namespaces; everything else is in
+/// the host namespace and dies with this process.
+#[derive(Debug)]
+pub(crate) struct Topo {
+    pub(crate) server_ns: NetNs,
+    pub(crate) ext_ns: NetNs,
+    pub(crate) server: SocketAddr,
+}
+
+/// Moves this (still single-threaded) process into a fresh network namespace.
+pub(crate) fn enter_private_host_ns() -> anyhow::Result<()> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .context("unshare(CLONE_NEWNET): the bench must run as root")
+}
+
+pub(crate) fn names() -> (String, String) {
+    let pid = std::process::id();
+    (format!("bs{pid}"), format!("bx{pid}"))
+}
+
+/// Removes the named namespaces (safe to call twice, and from a signal handler thread).
+pub(crate) fn teardown() {
+    let (server, ext) = names();
+    for ns in [server, ext] {
+        let _ = NetNs::named(&ns).delete();
+    }
+}
+
+pub(crate) async fn build() -> anyhow::Result<Topo> {
+    let nl = Netlink::connect()?;
+    nl.set_up("lo").await?;
+    let (server_name, ext_name) = names();
+    let topo = Topology::resolve(
+        Some(BRIDGE),
+        Some("198.18.0.0/24"),
+        None,
+        &[ContainerSpec {
+            name: server_name.clone(),
+            addr: None,
+        }],
+    )?;
+    net::up(&topo).await?;
+    let server = SocketAddr::from((topo.containers[0].addr, SERVER_PORT));
+
+    // The external client: its own veth pair into the host, routed (not bridged).
+    let ext_ns = NetNs::create(&ext_name)?;
+    let (host_end, peer) = ("bxh".parse()?, "bxp".parse()?);
+    nl.add_veth(&host_end, &peer).await?;
+    nl.add_addr("bxh", HOST_EXT_IP.into(), 24).await?;
+    nl.set_up("bxh").await?;
+    nl.move_to_ns("bxp", &ext_ns.open()?).await?;
+    ext_ns.run_async(|| async {
+        let nl = Netlink::connect()?;
+        nl.rename("bxp", "eth0").await?;
+        nl.add_addr("eth0", EXT_IP.into(), 24).await?;
+        nl.set_up("eth0").await?;
+        nl.add_default_route(HOST_EXT_IP).await
+    })??;
+
+    // Host-namespace tuning, as a Docker host would have it: forwarding for routed clients
+    // and DNAT, loopback DNAT for iptables' local clients, and room for connection churn.
+    for (key, value) in [
+        ("net/ipv4/ip_forward", "1"),
+        ("net/ipv4/tcp_tw_reuse", "1"),
+        // Ephemeral ports above every port the bench listens on (10000–11999).
+        ("net/ipv4/ip_local_port_range", "16384 65000"),
+        ("net/core/somaxconn", "65535"),
+        (
+            &format!("net/ipv4/conf/{BRIDGE}/route_localnet") as &str,
+            "1",
+        ),
+    ] {
+        sysctl(key, value)?;
+    }
+    for ns in [&topo_ns(&server_name), &ext_ns] {
+        ns.run(|| {
+            sysctl("net/core/somaxconn", "65535")?;
+            sysctl("net/ipv4/ip_local_port_range", "16384 65000")
+        })??;
+    }
+    Ok(Topo {
+        server_ns: topo_ns(&server_name),
+        ext_ns,
+        server,
+    })
+}
+
+fn topo_ns(name: &str) -> NetNs {
+    NetNs::named(name)
+}
+
+/// Writes a sysctl of the calling thread's network namespace.
+fn sysctl(key: &str, value: &str) -> anyhow::Result<()> {
+    let path = Path::new("/proc/sys").join(key);
+    std::fs::write(&path, value).with_context(|| format!("failed to set {}", path.display()))
+}
