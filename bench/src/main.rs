@@ -87,8 +87,9 @@ struct Plan {
 impl Plan {
     fn new(quick: bool) -> Self {
         // One proxy process holds 2 sockets per idle connection, and so does this process
-        // (client + server thread): stay under the hard RLIMIT_NOFILE, which may be fixed.
-        let fd_cap = usize::try_from(fd_limit().saturating_sub(2000) / 2).unwrap_or(usize::MAX);
+        // (client + server thread): stay under the hard RLIMIT_NOFILE, which may be fixed,
+        // with headroom for each proxy's own pipes and runtime descriptors.
+        let fd_cap = usize::try_from(fd_limit().saturating_sub(4000) / 2).unwrap_or(usize::MAX);
         let plan = Self::unclamped(quick);
         Self {
             idle_conns: plan.idle_conns.min(fd_cap),
@@ -305,7 +306,11 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     let topology = rt
         .block_on(topo::build())
         .context("failed to build the bench topology")?;
-    server::spawn(&topology.server_ns, topology.server)?;
+    let ports: Vec<u16> = Contender::ALL
+        .iter()
+        .map(|c| topo::SERVER_PORT + *c as u16)
+        .collect();
+    server::spawn(&topology.server_ns, topology.server.ip(), &ports)?;
 
     let selected_scenarios = if cli.scenarios.is_empty() {
         ScenarioSet::all()
@@ -353,6 +358,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
 
     let mut samples = Vec::new();
     let mut failures = Vec::new();
+    let mut retried = Vec::new();
     for job in &jobs {
         for c in &available {
             if let Err(why) = job.eligible(*c) {
@@ -372,11 +378,31 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                         format!("rep {rep}/{}", plan.reps)
                     }
                 ));
-                let result = if let Job::Mappings = job {
-                    mappings(c, &tools, &topology, &plan, &logs)
-                } else {
-                    sample(*job, c, &tools, &topology, &plan, &logs, &rt)
+                let attempt = || {
+                    if let Job::Mappings = job {
+                        mappings(c, &tools, &topology, &plan, &logs)
+                    } else {
+                        sample(*job, c, &tools, &topology, &plan, &logs, &rt)
+                    }
                 };
+                // One retry, reported: a single transient failure should not void a long run.
+                let result = attempt().or_else(|first| {
+                    bar.println(format!(
+                        "{} {} failed, retrying once: {first:#}",
+                        job.scenario(),
+                        c.name()
+                    ));
+                    let second = attempt();
+                    if second.is_ok() {
+                        retried.push(format!(
+                            "{} / {} / {} (rep {rep}): {first:#}",
+                            job.scenario(),
+                            job.variant(&plan),
+                            c.name()
+                        ));
+                    }
+                    second
+                });
                 match result {
                     Ok(metrics) => samples.push(Sample {
                         scenario: job.scenario(),
@@ -419,7 +445,14 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             .collect();
         samples.extend(cpu);
     }
-    write_outputs(cli, &plan, &tools, &samples, &skipped, &failures)?;
+    let outcome = Outcome {
+        samples,
+        skipped,
+        retried,
+        failures,
+    };
+    write_outputs(cli, &plan, &tools, &outcome)?;
+    let failures = outcome.failures;
     if !failures.is_empty() {
         anyhow::bail!(
             "{} sample(s) failed; see above and {}",
@@ -520,7 +553,7 @@ fn sample(
     rt: &tokio::runtime::Runtime,
 ) -> anyhow::Result<BTreeMap<&'static str, f64>> {
     let port = 10_000 + c as u16 * 10;
-    let running = c.start(tools, port, topology.server, logs)?;
+    let running = c.start(tools, port, topology.server_for(c as u16), logs)?;
     let pids = running.pids();
     let mut m = BTreeMap::new();
     match job {
@@ -596,7 +629,7 @@ fn mappings(
     let mut running = Vec::with_capacity(plan.mappings);
     for i in 0..plan.mappings {
         let port = 11_000 + u16::try_from(i)?;
-        running.push(c.start(tools, port, topology.server, logs)?);
+        running.push(c.start(tools, port, topology.server_for(c as u16), logs)?);
     }
     let startup = start.elapsed().as_secs_f64();
     let pids: Vec<u32> = running.iter().flat_map(contender::Running::pids).collect();
@@ -610,14 +643,22 @@ fn mappings(
     ]))
 }
 
-fn write_outputs(
-    cli: &Cli,
-    plan: &Plan,
-    tools: &Tools,
-    samples: &[Sample],
-    skipped: &[(String, String)],
-    failures: &[String],
-) -> anyhow::Result<()> {
+/// Everything a run produced, for the report.
+#[derive(Debug, Default)]
+struct Outcome {
+    samples: Vec<Sample>,
+    skipped: Vec<(String, String)>,
+    retried: Vec<String>,
+    failures: Vec<String>,
+}
+
+fn write_outputs(cli: &Cli, plan: &Plan, tools: &Tools, outcome: &Outcome) -> anyhow::Result<()> {
+    let Outcome {
+        samples,
+        skipped,
+        retried,
+        failures,
+    } = outcome;
     let machine = machine();
     let versions = versions(tools);
     let mut md = format!(
@@ -647,6 +688,12 @@ fn write_outputs(
             md.push_str(&format!("- {who}: {why}\n"));
         }
     }
+    if !retried.is_empty() {
+        md.push_str("\nSamples that failed once and succeeded on retry:\n");
+        for r in retried {
+            md.push_str(&format!("- {r}\n"));
+        }
+    }
     if !failures.is_empty() {
         md.push_str("\nFailed samples:\n");
         for f in failures {
@@ -655,7 +702,7 @@ fn write_outputs(
     }
     println!("{md}");
     std::fs::write(cli.out.join("results.md"), &md)?;
-    let json = serde_json::json!({ "machine": machine, "versions": versions, "plan": plan, "samples": samples, "skipped": skipped, "failures": failures });
+    let json = serde_json::json!({ "machine": machine, "versions": versions, "plan": plan, "samples": samples, "skipped": skipped, "retried": retried, "failures": failures });
     std::fs::write(
         cli.out.join("results.json"),
         serde_json::to_string_pretty(&json)?,

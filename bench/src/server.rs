@@ -5,7 +5,10 @@
 //! - `E` echo: 64-byte frames back and forth until EOF (request/response latency);
 //! - `C` + 63 bytes, connect/request/response: answer 64 bytes and close;
 //! - `I` idle: answer one byte (so the client knows the path is complete), then wait for EOF.
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use berth::net::NetNs;
@@ -17,8 +20,10 @@ use tokio::{
 pub(crate) const FRAME: usize = 64;
 const CHUNK: usize = 256 * 1024;
 
-/// Starts the server on a thread that lives in `ns` for the rest of the process.
-pub(crate) fn spawn(ns: &NetNs, addr: SocketAddr) -> anyhow::Result<()> {
+/// Starts the server, listening on `ip` at each of `ports`, on a thread that lives in `ns` for
+/// the rest of the process.
+pub(crate) fn spawn(ns: &NetNs, ip: IpAddr, ports: &[u16]) -> anyhow::Result<()> {
+    let addrs: Vec<SocketAddr> = ports.iter().map(|p| SocketAddr::new(ip, *p)).collect();
     let fd = ns.open()?;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
@@ -32,20 +37,27 @@ pub(crate) fn spawn(ns: &NetNs, addr: SocketAddr) -> anyhow::Result<()> {
                     .enable_all()
                     .build()?;
                 rt.block_on(async {
-                    let sock =
-                        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-                    sock.set_reuse_address(true)?;
-                    sock.bind(&addr.into())?;
-                    sock.listen(65535)?;
-                    sock.set_nonblocking(true)?;
-                    let listener = TcpListener::from_std(sock.into())?;
-                    let _ = ready_tx.send(Ok(()));
-                    loop {
-                        let (stream, _) = listener.accept().await?;
+                    for addr in addrs {
+                        let sock = socket2::Socket::new(
+                            socket2::Domain::IPV4,
+                            socket2::Type::STREAM,
+                            None,
+                        )?;
+                        sock.set_reuse_address(true)?;
+                        sock.bind(&addr.into())?;
+                        sock.listen(65535)?;
+                        sock.set_nonblocking(true)?;
+                        let listener = TcpListener::from_std(sock.into())?;
                         tokio::spawn(async move {
-                            let _ = serve(stream).await;
+                            while let Ok((stream, _)) = listener.accept().await {
+                                tokio::spawn(async move {
+                                    let _ = serve(stream).await;
+                                });
+                            }
                         });
                     }
+                    let _ = ready_tx.send(Ok(()));
+                    std::future::pending::<anyhow::Result<()>>().await
                 })
             };
             if let Err(e) = run() {

@@ -16,6 +16,10 @@ use std::{
 use anyhow::Context as _;
 use berth::net::{self, ContainerSpec, NetNs, Netlink, Topology};
 
+/// The load server listens on one port per contender (7000 + index). Server-side TIME_WAIT
+/// entries are keyed by the server port too, so one contender's connection churn can never
+/// collide with another's: with a single shared port, kernel DNAT's masqueraded flows left
+/// TIME_WAIT tuples that cut `direct`'s connection rate by 3x later in the same run.
 pub(crate) const SERVER_PORT: u16 = 7000;
 pub(crate) const HOST_EXT_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 const EXT_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
@@ -28,6 +32,13 @@ pub(crate) struct Topo {
     pub(crate) server_ns: NetNs,
     pub(crate) ext_ns: NetNs,
     pub(crate) server: SocketAddr,
+}
+
+impl Topo {
+    /// The server address dedicated to contender number `index`.
+    pub(crate) fn server_for(&self, index: u16) -> SocketAddr {
+        SocketAddr::new(self.server.ip(), SERVER_PORT + index)
+    }
 }
 
 /// Moves this (still single-threaded) process into a fresh network namespace.

@@ -6,8 +6,9 @@ use anyhow::{Context as _, bail};
 
 use crate::{exec, setup};
 
-/// Debian packages the contenders come from (docker-proxy is extracted separately).
-const APT_PACKAGES: &[&str] = &["socat", "haproxy", "iptables"];
+/// Debian packages the contenders come from (docker-proxy is extracted separately); nft
+/// removes the nat table after each kernel-DNAT sample.
+const APT_PACKAGES: &[&str] = &["socat", "haproxy", "iptables", "nftables"];
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct BenchArgs {

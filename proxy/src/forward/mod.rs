@@ -64,6 +64,8 @@ pub async fn run(
     let mut conns = JoinSet::new();
     let mut accept = accept::Acceptor::new(&listener);
     let mut shutdown = std::pin::pin!(shutdown);
+    // Logged once per episode of being at the limit, not once per refused client.
+    let mut at_limit = false;
     match listener.local_addr() {
         Ok(local) => {
             info!(listen = %local, target = %config.target, mode = %config.mode, "listening");
@@ -78,10 +80,18 @@ pub async fn run(
             accepted = accept.next() => {
                 let (stream, client) = accepted?;
                 let Ok(permit) = limit.clone().try_acquire_owned() else {
-                    warn!(client.addr = %client, limit = config.max_connections, "connection limit reached, refusing client");
+                    if !at_limit {
+                        warn!(limit = config.max_connections, "connection limit reached, resetting new clients until a slot frees");
+                        at_limit = true;
+                    }
+                    debug!(client.addr = %client, "refused: connection limit");
                     relay::abort_stream(stream);
                     continue;
                 };
+                if at_limit {
+                    info!(limit = config.max_connections, "below the connection limit again");
+                    at_limit = false;
+                }
                 let config = config.clone();
                 let span = debug_span!("conn", client.addr = %client);
                 conns.spawn(

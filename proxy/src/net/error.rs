@@ -1,6 +1,8 @@
 //! Errors of the container-network module.
 use std::{io, net::Ipv4Addr, path::PathBuf};
 
+use super::link;
+
 /// A failure to build, inspect or tear down the container network.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -73,5 +75,3 @@ impl NetError {
         }
     }
 }
-
-use super::link;
