@@ -395,3 +395,40 @@ pub(crate) fn wait_all_listening(ports: &[u16], children: &mut [Child]) -> anyho
         std::thread::sleep(Duration::from_micros(500));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_dnat_rule_is_undone_in_reverse() {
+        let rules = dnat_rules(10_060, "198.18.0.1:7006".parse().unwrap());
+        let undo: Vec<Vec<String>> = rules.iter().rev().flat_map(|r| undo_rule(r)).collect();
+        // Each -A has its -D with the same arguments, and the chain is flushed then deleted last.
+        for rule in rules.iter().filter(|r| r.contains(&"-A".to_owned())) {
+            let del: Vec<String> = rule
+                .iter()
+                .map(|a| if a == "-A" { "-D".into() } else { a.clone() })
+                .collect();
+            assert!(undo.contains(&del), "no undo for {rule:?}");
+        }
+        let tail: Vec<&str> = undo[undo.len() - 2..]
+            .iter()
+            .map(|r| r[2].as_str())
+            .collect();
+        assert_eq!(tail, ["-F", "-X"]);
+    }
+
+    #[test]
+    fn haproxy_config_fits_the_fd_limit() {
+        let cfg = haproxy_config(10_050, "198.18.0.1:7005".parse().unwrap());
+        let maxconn: u64 = cfg
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("maxconn "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(maxconn * 2 + 2 * 512 < crate::fd_limit(), "{cfg}");
+        assert!(cfg.contains("bind 0.0.0.0:10050") && cfg.contains("server s1 198.18.0.1:7005"));
+    }
+}

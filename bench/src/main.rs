@@ -50,6 +50,10 @@ struct Cli {
     /// The docker-proxy binary (from Debian's docker.io package).
     #[arg(long)]
     docker_proxy: Option<PathBuf>,
+    /// Idle connections for the idle scenario [default: 10000, 500 with --quick; capped by
+    /// the fd limit].
+    #[arg(long)]
+    idle_conns: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -85,16 +89,20 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(quick: bool) -> Self {
-        // One proxy process holds 2 sockets per idle connection, and so does this process
-        // (client + server thread): stay under the hard RLIMIT_NOFILE, which may be fixed,
-        // with headroom for each proxy's own pipes and runtime descriptors.
-        let fd_cap = usize::try_from(fd_limit().saturating_sub(4000) / 2).unwrap_or(usize::MAX);
+    /// The plan for a run; `idle_conns` overrides the idle scenario's size.
+    fn new(quick: bool, idle_conns: Option<usize>) -> Self {
         let plan = Self::unclamped(quick);
         Self {
-            idle_conns: plan.idle_conns.min(fd_cap),
+            idle_conns: idle_conns.unwrap_or(plan.idle_conns).min(Self::fd_cap()),
             ..plan
         }
+    }
+
+    /// One proxy process holds 2 sockets per idle connection, and so does this process
+    /// (client + server thread): stay under the hard RLIMIT_NOFILE, which may be fixed, with
+    /// headroom for each proxy's own pipes and runtime descriptors.
+    fn fd_cap() -> usize {
+        usize::try_from(fd_limit().saturating_sub(4000) / 2).unwrap_or(usize::MAX)
     }
 
     fn unclamped(quick: bool) -> Self {
@@ -183,7 +191,7 @@ impl Job {
             }
             Self::Rr => "64 B ping-pong, 1 connection".into(),
             Self::Crr { .. } => format!("connect+64 B+64 B+close, {} clients", plan.crr_clients),
-            Self::Idle if plan.idle_conns < 10_000 && !plan.quick_run() => {
+            Self::Idle if plan.idle_conns == Plan::fd_cap() && !plan.quick_run() => {
                 format!(
                     "{} idle connections (capped by the hard RLIMIT_NOFILE of {})",
                     plan.idle_conns,
@@ -275,8 +283,12 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
     raise_nofile();
-    let plan = Plan::new(cli.quick);
-    if plan.idle_conns < Plan::unclamped(cli.quick).idle_conns {
+    let plan = Plan::new(cli.quick, cli.idle_conns);
+    if plan.idle_conns
+        < cli
+            .idle_conns
+            .unwrap_or(Plan::unclamped(cli.quick).idle_conns)
+    {
         eprintln!(
             "note: idle connections capped at {} by the hard RLIMIT_NOFILE ({})",
             plan.idle_conns,

@@ -165,3 +165,50 @@ pub(crate) fn markdown(samples: &[Sample], metric_order: &[&'static str]) -> Str
     }
     md
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(c: Contender, v: f64, warmup: bool) -> Sample {
+        Sample {
+            scenario: "bulk",
+            variant: "1 stream".into(),
+            contender: c,
+            rep: 1,
+            warmup,
+            metrics: BTreeMap::from([("gbit_s", v)]),
+        }
+    }
+
+    #[test]
+    fn stat_is_median_with_spread() {
+        let s = stat(&[3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max, s.n), (2.0, 1.0, 3.0, 3));
+        assert_eq!(stat(&[1.0, 4.0]).unwrap().median, 2.5);
+        assert!(stat(&[]).is_none());
+    }
+
+    #[test]
+    fn markdown_gives_ratios_to_direct_and_ignores_warmups() {
+        let samples = [
+            sample(Contender::Direct, 20.0, false),
+            sample(Contender::BerthSplice, 10.0, false),
+            sample(Contender::BerthSplice, 15.0, false),
+            sample(Contender::BerthSplice, 999.0, true),
+        ];
+        let md = markdown(&samples, &["gbit_s"]);
+        assert!(md.contains("| direct | 20.00 | 1.00 |"), "{md}");
+        assert!(
+            md.contains("| berth-splice | 12.50 (10.00–15.00) | 0.62 |"),
+            "{md}"
+        );
+        assert!(!md.contains("999"), "warm-up leaked: {md}");
+    }
+
+    #[test]
+    fn markdown_omits_the_ratio_without_direct() {
+        let md = markdown(&[sample(Contender::Socat, 1.0, false)], &["gbit_s"]);
+        assert!(!md.contains("× direct"), "{md}");
+    }
+}

@@ -24,6 +24,9 @@ pub(crate) struct BenchArgs {
     /// Output directory [default: target/bench].
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+    /// Idle connections for the idle scenario (capped by the fd limit).
+    #[arg(long)]
+    idle_conns: Option<usize>,
 }
 
 pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<()> {
@@ -64,6 +67,9 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     for c in &args.contenders {
         cmd.args(["--contender", c]);
+    }
+    if let Some(n) = args.idle_conns {
+        cmd.arg("--idle-conns").arg(n.to_string());
     }
     exec::run(&mut cmd)
 }

@@ -14,7 +14,9 @@ use anyhow::{Context as _, bail};
 
 use crate::{exec, setup};
 
-const BRIDGE: &str = "berth0";
+/// Its own bridge, so that the demo's clean-up can never touch a user's `berth0` topology.
+const BRIDGE: &str = "berthdemo0";
+const SUBNET: &str = "172.16.0.0/16";
 const SERVER: &str = "demo-web";
 const CLIENT: &str = "demo-cli";
 const SERVER_IP: &str = "172.16.1.1";
@@ -99,8 +101,9 @@ pub(crate) fn run() -> anyhow::Result<()> {
         })
         .context("failed to install the Ctrl-C handler")?;
     }
-    // A demo killed earlier may have left its topology: clear it first.
+    // A demo killed earlier may have left its topology: clear it first (only the demo's own).
     teardown(&berth, &children);
+    subnet_is_free()?;
     let guard = Teardown {
         berth: berth.clone(),
         children,
@@ -200,6 +203,23 @@ pub(crate) fn run() -> anyhow::Result<()> {
         bail!("teardown left these behind: {leftovers:?}");
     }
     println!("\nDemo done; no namespace or link is left behind.");
+    Ok(())
+}
+
+/// Refuses to run when another interface already has an address in the demo's subnet (for
+/// example a `berth net up` topology on `berth0`): two bridges with one subnet break routing.
+fn subnet_is_free() -> anyhow::Result<()> {
+    let out = exec::output(Command::new("ip").args(["-o", "-4", "addr", "show"]))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if let Some(line) = text
+        .lines()
+        .find(|l| l.contains(" inet 172.16.") && !l.contains(BRIDGE))
+    {
+        let dev = line.split_whitespace().nth(1).unwrap_or("?");
+        bail!(
+            "{SUBNET} is already in use on {dev}; remove it first (e.g. `berth net down --bridge {dev}`)"
+        );
+    }
     Ok(())
 }
 
