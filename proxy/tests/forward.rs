@@ -198,6 +198,15 @@ async fn read_until_end(c: &mut TcpStream) -> std::io::Result<usize> {
         .expect("client connection hung")
 }
 
+/// The connection must have ended with a reset, not a clean EOF or a hang.
+fn assert_reset(err: &std::io::Error, mode: Mode) {
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionReset,
+        "{mode}: {err}"
+    );
+}
+
 /// Connects and reads until the end. The proxy can reset the client before tokio's
 /// `connect()` returns (it then reports SO_ERROR), so a reset may surface at either step.
 async fn connect_and_read_until_end(addr: SocketAddr) -> std::io::Result<usize> {
@@ -217,11 +226,7 @@ async fn refused_target_closes_client_at_once() {
         let err = connect_and_read_until_end(proxy.addr)
             .await
             .expect_err("client should see the refusal as a reset");
-        assert_eq!(
-            err.kind(),
-            std::io::ErrorKind::ConnectionReset,
-            "{mode}: {err}"
-        );
+        assert_reset(&err, mode);
         proxy.stop().await;
     }
 }
@@ -244,11 +249,7 @@ async fn backend_dying_mid_stream_resets_client() {
             .await
             .unwrap()
             .expect_err("a dead backend must not look like a clean EOF");
-        assert_eq!(
-            err.kind(),
-            std::io::ErrorKind::ConnectionReset,
-            "{mode}: {err}"
-        );
+        assert_reset(&err, mode);
         proxy.stop().await;
     }
 }
@@ -266,11 +267,7 @@ async fn client_reset_aborts_backend() {
         let err = read_until_end(&mut s)
             .await
             .expect_err("backend should see the client's reset");
-        assert_eq!(
-            err.kind(),
-            std::io::ErrorKind::ConnectionReset,
-            "{mode}: {err}"
-        );
+        assert_reset(&err, mode);
         proxy.stop().await;
     }
 }
