@@ -60,10 +60,14 @@ fn spawn_with_status(args: &[&str], mut extra: Vec<(OwnedFd, RawFd)>) -> (Child,
     (child, status)
 }
 
-fn stop(mut child: Child) {
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+fn stop(child: Child) {
+    stop_with(child, Signal::SIGTERM);
+}
+
+fn stop_with(mut child: Child, signal: Signal) {
+    kill(Pid::from_raw(child.id() as i32), signal).unwrap();
     let status = child.wait().unwrap();
-    assert!(status.success(), "SIGTERM should exit 0, got {status}");
+    assert!(status.success(), "{signal} should exit 0, got {status}");
 }
 
 /// A port that was free a moment ago (docker-proxy has no way to report an ephemeral one).
@@ -152,7 +156,7 @@ async fn use_listen_fd_serves_the_socket_passed_as_fd4() {
         .unwrap()
         .unwrap();
     assert_mirrored(9, &client, &server);
-    stop(child);
+    stop_with(child, Signal::SIGINT);
 }
 
 #[test]

@@ -1,0 +1,156 @@
+//! The `berth forward` binary end to end: it reports where it listens, forwards with
+//! integrity, lets an established connection finish on SIGTERM (drain), and exits 0.
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking, with the stack trace"
+)]
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::SocketAddr,
+    process::{Command, Stdio},
+};
+
+use common::{HANG, TestNet};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use sha2::{Digest as _, Sha256};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    time::timeout,
+};
+
+/// Starts `berth forward`; returns it, the address from its `listening` log line, and the
+/// rest of its log, line by line.
+fn start(
+    mode: &str,
+    target: SocketAddr,
+) -> (
+    std::process::Child,
+    SocketAddr,
+    std::sync::mpsc::Receiver<String>,
+) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args([
+            "forward",
+            "--mode",
+            mode,
+            "--drain-timeout",
+            "30",
+            "127.0.0.1:0",
+            &target.to_string(),
+        ])
+        .env("BERTH_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.split("listen=")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .map(str::to_owned)
+        })
+        .expect("berth forward exited without a listening line");
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Keep reading so that berth never blocks on a full stderr pipe.
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    (child, addr.parse().unwrap(), rx)
+}
+
+/// Waits for a log line containing `needle`.
+async fn wait_for_log(
+    log: std::sync::mpsc::Receiver<String>,
+    needle: &'static str,
+) -> std::sync::mpsc::Receiver<String> {
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + HANG;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match log.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return log,
+                Ok(_) => {}
+                Err(e) => panic!("no {needle:?} in berth's log: {e}"),
+            }
+        }
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_and_drains_on_sigterm() {
+    const FIRST: usize = 1 << 20;
+    const REST: usize = 16 << 20;
+    let net = TestNet::up(1).await;
+    for mode in ["copy", "splice"] {
+        let listener = net.listen(0);
+        let (mut child, addr, log) = start(mode, listener.local_addr().unwrap());
+        // The backend says when the first MiB has arrived, then counts and hashes the rest
+        // until EOF and answers with what it got.
+        let (got_first, got_first_rx) = tokio::sync::oneshot::channel();
+        let backend = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut first = vec![0u8; FIRST];
+            s.read_exact(&mut first).await.unwrap();
+            got_first.send(()).unwrap();
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).await.unwrap();
+            s.write_all(&(rest.len() as u64).to_be_bytes())
+                .await
+                .unwrap();
+            s.write_all(&Sha256::digest(&rest)).await.unwrap();
+            s.shutdown().await.unwrap();
+        });
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(&vec![1u8; FIRST]).await.unwrap();
+        timeout(HANG, got_first_rx).await.unwrap().unwrap();
+        // SIGTERM while the connection is open and most of its data is still to come; send
+        // the rest only once berth says it is draining (it has stopped accepting by then).
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+        let _log = wait_for_log(log, "draining connections").await;
+        let rest: Vec<u8> = (0..REST).map(|i| (i % 253) as u8).collect();
+        c.write_all(&rest).await.unwrap();
+        c.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        timeout(HANG, c.read_to_end(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            answer.len(),
+            40,
+            "{mode}: the drain cut the connection short"
+        );
+        assert_eq!(
+            u64::from_be_bytes(answer[..8].try_into().unwrap()),
+            REST as u64,
+            "{mode}"
+        );
+        assert_eq!(
+            &answer[8..],
+            Sha256::digest(&rest).as_slice(),
+            "{mode}: data corrupted"
+        );
+        timeout(HANG, backend).await.unwrap().unwrap();
+        let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+            .await
+            .unwrap();
+        assert!(status.success(), "{mode}: exit {status}");
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "{mode}: still accepting after SIGTERM"
+        );
+    }
+}
