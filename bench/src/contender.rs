@@ -252,7 +252,7 @@ impl Contender {
 fn dnat_rules(port: u16, server: SocketAddr) -> Vec<Vec<String>> {
     let p = port.to_string();
     let to = server.to_string();
-    let bridge = crate::topo::BRIDGE;
+    let bridge = &crate::topo::bridge();
     [
         vec!["-t", "nat", "-N", CHAIN],
         vec![

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //!  ext ns (bx<pid>)            host ns (this process)                  container ns (bs<pid>)
-//!  eth0 198.19.0.2/24 ──veth── bxh 198.19.0.1/24   bbr0 198.18.0.254/24 ──veth── eth0 198.18.0.1
+//!  eth0 198.19.0.2/24 ──veth── bxh 198.19.0.1/24   bb<pid> 198.18.0.254/24 ──veth── eth0 198.18.0.1
 //!  default via .1                proxies listen on 0.0.0.0:P                     load server :7000
 //! ```
 use std::{
@@ -23,7 +23,10 @@ use berth::net::{self, ContainerSpec, NetNs, Netlink, Topology};
 pub(crate) const SERVER_PORT: u16 = 7000;
 pub(crate) const HOST_EXT_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 const EXT_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
-pub(crate) const BRIDGE: &str = "bbr0";
+/// The bench's bridge, unique per run: its `berth net` record under /run is shared by all.
+pub(crate) fn bridge() -> String {
+    format!("bb{}", std::process::id())
+}
 
 /// The built topology. [`Topo::teardown`] removes the named namespaces; everything else is in
 /// the host namespace and dies with this process.
@@ -52,9 +55,19 @@ pub(crate) fn names() -> (String, String) {
     (format!("bs{pid}"), format!("bx{pid}"))
 }
 
-/// Removes the named namespaces (safe to call twice, and from a signal handler thread).
+/// Removes what outlives the process: the named namespaces and `berth net`'s record of the
+/// topology (the bridge itself dies with the private host namespace). Safe to call twice,
+/// and from the Ctrl-C handler's thread.
 pub(crate) fn teardown() {
     let (server, ext) = names();
+    if let (Ok(rt), Ok(bridge)) = (
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        bridge().parse(),
+    ) {
+        let _ = rt.block_on(net::down(&bridge, std::slice::from_ref(&server)));
+    }
     for ns in [server, ext] {
         let _ = NetNs::named(&ns).delete();
     }
@@ -65,7 +78,7 @@ pub(crate) async fn build() -> anyhow::Result<Topo> {
     nl.set_up("lo").await?;
     let (server_name, ext_name) = names();
     let topo = Topology::resolve(
-        Some(BRIDGE),
+        Some(&bridge()),
         Some("198.18.0.0/24"),
         None,
         &[ContainerSpec {
@@ -100,7 +113,7 @@ pub(crate) async fn build() -> anyhow::Result<Topo> {
         ("net/ipv4/ip_local_port_range", "16384 65000"),
         ("net/core/somaxconn", "65535"),
         (
-            &format!("net/ipv4/conf/{BRIDGE}/route_localnet") as &str,
+            &format!("net/ipv4/conf/{}/route_localnet", bridge()) as &str,
             "1",
         ),
     ] {

@@ -188,6 +188,7 @@ async fn down_is_idempotent_and_keeps_foreign_ports() {
     nl.add_veth(&foreign.parse().unwrap(), &unique("tp").parse().unwrap())
         .await
         .unwrap();
+    let _guard = LinkGuard(foreign.clone());
     nl.set_controller(&foreign, bridge.as_str()).await.unwrap();
     let report = net::down(&bridge, &[]).await.unwrap();
     assert_eq!(report.foreign_ports, vec![foreign.clone()]);
@@ -196,6 +197,24 @@ async fn down_is_idempotent_and_keeps_foreign_ports() {
     let again = net::down(&bridge, &[]).await.unwrap();
     assert!(again.bridge_removed && !link_exists(bridge.as_str()).await);
     drop(net); // runs down a third time: must still succeed quietly
+}
+
+/// Deletes a link the test created, even when the test fails.
+struct LinkGuard(String);
+
+impl Drop for LinkGuard {
+    fn drop(&mut self) {
+        let name = self.0.clone();
+        // Drop may run inside the test's runtime: use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async { Netlink::connect().unwrap().delete(&name).await })
+        })
+        .join();
+    }
 }
 
 // === The CLI ===
