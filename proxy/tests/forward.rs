@@ -390,3 +390,28 @@ async fn relay_returns_exact_byte_counts() {
         assert_eq!((t.to_target, t.to_client), (1_234_567, 765_432), "{mode}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_target_times_out_and_the_client_is_reset() {
+    let net = TestNet::up(1).await;
+    // An address on the bridge's subnet that nobody answers ARP for: the kernel holds the
+    // SYN for seconds of ARP retries, so a 300 ms connect timeout must fire first.
+    let silent = SocketAddr::from((
+        std::net::Ipv4Addr::from(u32::from(net.topo.gateway) - 4),
+        80,
+    ));
+    let err = forward::connect(TargetAddr(silent), Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "timeout", "{err}");
+    assert!(err.to_string().contains("no answer from"), "{err}");
+
+    let mut config = Config::new(TargetAddr(silent));
+    config.connect_timeout = Duration::from_millis(300);
+    let proxy = Proxy::start("127.0.0.1:0", config);
+    let err = connect_and_read_until_end(proxy.addr)
+        .await
+        .expect_err("client must not be left hanging");
+    assert_reset(&err, Mode::Splice);
+    proxy.stop().await;
+}

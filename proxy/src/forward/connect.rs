@@ -29,10 +29,8 @@ impl ConnectError {
     }
 }
 
-pub(crate) async fn connect(
-    target: TargetAddr,
-    timeout: Duration,
-) -> Result<TcpStream, ConnectError> {
+/// Connects to `target` within `timeout` (TCP_NODELAY set), classifying any failure.
+pub async fn connect(target: TargetAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(target.get())).await {
         Err(_) => return Err(ConnectError::Timeout(target, timeout)),
         Ok(Err(e)) => {

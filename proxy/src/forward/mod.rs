@@ -13,7 +13,7 @@ use std::{future::Future, sync::Arc, time::Duration};
 use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
 use tracing::{Instrument as _, debug, debug_span, info, warn};
 
-pub use connect::ConnectError;
+pub use connect::{ConnectError, connect};
 pub use listen::{ListenError, bind_tcp};
 
 use crate::{
