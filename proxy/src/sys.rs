@@ -34,14 +34,12 @@ pub async fn stop_signal() {
     }
 }
 
-/// Logs to stderr; `RUST_LOG` (or `BERTH_LOG`) overrides `default` (e.g. "info").
-pub fn init_logging(default: &str) {
+/// Logs to stderr with the tracing filter `filter` (e.g. "info"); `RUST_LOG` overrides it.
+pub fn init_logging(filter: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = std::env::var("BERTH_LOG")
-        .ok()
-        .and_then(|v| EnvFilter::try_new(v).ok())
-        .or_else(|| EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| EnvFilter::new(default));
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(filter))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

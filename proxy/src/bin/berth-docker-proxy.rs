@@ -16,7 +16,8 @@ use tokio::net::TcpListener;
 fn main() -> ExitCode {
     // Take fd 3 before anything (the runtime, the logger) can open a descriptor.
     let mut status = StatusPipe::take();
-    sys::init_logging("warn");
+    // dockerd passes no log flag; BERTH_LOG (or RUST_LOG) is the way in.
+    sys::init_logging(&std::env::var("BERTH_LOG").unwrap_or_else(|_| "warn".into()));
     let args = match Args::parse(std::env::args().skip(1)) {
         Ok(Parsed::Run(args)) => args,
         Ok(Parsed::Help) => {
