@@ -11,7 +11,7 @@ pub struct AddrParseError {
 macro_rules! socket_addr_newtype {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub struct $name(pub SocketAddr);
 
         impl $name {

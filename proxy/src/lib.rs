@@ -7,6 +7,7 @@
 //! - [`forward`]: the TCP accept loop that connects clients to a target and relays.
 //! - [`docker_proxy`]: docker-proxy's command line and fd 3 status pipe.
 //! - [`ebpf`]: the embedded kernel programs and their loader.
+//! - [`udp`]: UDP forwarding; for now the I/O-free flow table.
 
 pub mod addr;
 pub mod caps;
@@ -16,3 +17,4 @@ pub mod forward;
 pub mod net;
 pub mod relay;
 pub mod sys;
+pub mod udp;
