@@ -415,3 +415,31 @@ async fn silent_target_times_out_and_the_client_is_reset() {
     assert_reset(&err, Mode::Splice);
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_cut_by_the_drain_timeout_are_reset_not_closed() {
+    // A connection cut short must not look like a complete one: a clean EOF would let a
+    // client take a truncated response for the whole thing.
+    let net = TestNet::up(1).await;
+    for mode in Mode::ALL {
+        let listener = net.listen(0);
+        let mut config = Config::new(TargetAddr(listener.local_addr().unwrap()));
+        config.mode = mode;
+        config.drain_timeout = Duration::ZERO;
+        let proxy = Proxy::start("127.0.0.1:0", config);
+        let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+        c.write_all(b"x").await.unwrap();
+        let (mut backend, _) = listener.accept().await.unwrap();
+        let mut one = [0u8; 1];
+        backend.read_exact(&mut one).await.unwrap(); // relayed end to end
+        proxy.stop().await;
+        let err = read_until_end(&mut c)
+            .await
+            .expect_err("a cut connection must be reset");
+        assert_reset(&err, mode);
+        let err = read_until_end(&mut backend)
+            .await
+            .expect_err("the backend must see the reset too");
+        assert_reset(&err, mode);
+    }
+}

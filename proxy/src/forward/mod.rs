@@ -10,7 +10,11 @@ mod listen;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{Semaphore, watch},
+    task::JoinSet,
+};
 use tracing::{Instrument as _, debug, debug_span, info, warn};
 
 pub use connect::{ConnectError, connect};
@@ -64,6 +68,8 @@ pub async fn run(
     let mut conns = JoinSet::new();
     let mut accept = accept::Acceptor::new(&listener);
     let mut shutdown = std::pin::pin!(shutdown);
+    // Tells the relays to reset their sockets when the drain time is over.
+    let (cut, cut_rx) = watch::channel(false);
     // Logged once per episode of being at the limit, not once per refused client.
     let mut at_limit = false;
     match listener.local_addr() {
@@ -93,10 +99,11 @@ pub async fn run(
                     at_limit = false;
                 }
                 let config = config.clone();
+                let cut = cut_rx.clone();
                 let span = debug_span!("conn", client.addr = %client);
                 conns.spawn(
                     async move {
-                        serve(stream, client, &config).await;
+                        serve(stream, client, &config, cut).await;
                         drop(permit);
                     }
                     .instrument(span),
@@ -117,16 +124,30 @@ pub async fn run(
                 left = conns.len(),
                 "drain timeout reached, closing remaining connections"
             );
-            conns.shutdown().await;
+            // Reset rather than drop: a FIN would pass a cut transfer off as a complete one.
+            let _ = cut.send(true);
+            while conns.join_next().await.is_some() {}
         }
     }
     Ok(())
 }
 
-/// Handles one accepted client from connect to close.
-pub async fn serve(client: tokio::net::TcpStream, client_addr: ClientAddr, config: &Config) {
+/// Handles one accepted client from connect to close, or until `cut` says to reset it.
+async fn serve(
+    client: TcpStream,
+    client_addr: ClientAddr,
+    config: &Config,
+    mut cut: watch::Receiver<bool>,
+) {
     let _ = client.set_nodelay(true);
-    let target = match connect::connect(config.target, config.connect_timeout).await {
+    let connected = tokio::select! {
+        c = connect::connect(config.target, config.connect_timeout) => c,
+        _ = cut.wait_for(|cut| *cut) => {
+            relay::abort_stream(client);
+            return;
+        }
+    };
+    let target = match connected {
         Ok(t) => t,
         Err(e) => {
             warn!(client.addr = %client_addr, target = %config.target, error = %e, "cannot reach target, closing client");
@@ -135,12 +156,16 @@ pub async fn serve(client: tokio::net::TcpStream, client_addr: ClientAddr, confi
         }
     };
     let meter = Meter::default();
-    match relay::relay(&client, &target, config.mode, &meter).await {
-        Ok(t) => debug!(
-            to_target = t.to_target,
-            to_client = t.to_client,
-            "connection closed"
-        ),
-        Err(e) => debug!(error = %e, "connection aborted"),
+    tokio::select! {
+        r = relay::relay(&client, &target, config.mode, &meter) => match r {
+            Ok(t) => debug!(to_target = t.to_target, to_client = t.to_client, "connection closed"),
+            Err(e) => debug!(error = %e, "connection aborted"),
+        },
+        _ = cut.wait_for(|cut| *cut) => {
+            let t = meter.transfer();
+            debug!(to_target = t.to_target, to_client = t.to_client, "drain time over, resetting connection");
+            relay::abort_stream(client);
+            relay::abort_stream(target);
+        }
     }
 }
