@@ -99,6 +99,11 @@ pub(crate) async fn run(cmd: NetCommand) -> anyhow::Result<ExitCode> {
                     t.bridge,
                     report.foreign_ports.join(", ")
                 );
+            } else if report.containers.is_empty() {
+                println!(
+                    "nothing to remove: no bridge {} and no containers recorded for it",
+                    t.bridge
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
