@@ -285,6 +285,13 @@ fn cli_up_and_down_from_a_topology_file() {
         String::from_utf8_lossy(&down.stderr)
     );
     assert!(!netns_listed(&c));
+    // Running it again is harmless, and says there was nothing left.
+    let again = berth()
+        .args(["net", "down", "--bridge", &bridge])
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to remove"));
 }
 
 #[test]
