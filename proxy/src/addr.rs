@@ -1,5 +1,41 @@
-//! Typed socket addresses, so that a listen address, a target and a client are never mixed up.
+//! Typed socket addresses, so that a listen address, a target and a client are never mixed up;
+//! and the transport protocol a port is published for.
 use std::{fmt, net::SocketAddr, str::FromStr};
+
+/// The transport protocol of a mapping.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Proto {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tcp" => Ok(Self::Tcp),
+            "udp" => Ok(Self::Udp),
+            _ => Err(format!("unknown protocol {s:?}: expected tcp or udp")),
+        }
+    }
+}
 
 /// Parse failure for any of the address types.
 #[derive(Debug, thiserror::Error)]

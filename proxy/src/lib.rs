@@ -4,17 +4,20 @@
 //! - [`net`]: the container network (bridge, namespaces, veth) built with rtnetlink.
 //! - [`addr`]: typed listen / target / client addresses.
 //! - [`relay`]: moving bytes between two TCP sockets, by copy or by splice(2).
+//! - [`listen`]: binding TCP and UDP listeners, with plain errors.
 //! - [`forward`]: the TCP accept loop that connects clients to a target and relays.
 //! - [`docker_proxy`]: docker-proxy's command line and fd 3 status pipe.
 //! - [`ebpf`]: the embedded kernel programs and their loader.
-//! - [`udp`]: UDP forwarding; for now the I/O-free flow table.
+//! - [`udp`]: UDP forwarding with one flow (and socket) per client.
 
 pub mod addr;
 pub mod caps;
 pub mod docker_proxy;
 pub mod ebpf;
 pub mod forward;
+pub mod listen;
 pub mod net;
+mod pool;
 pub mod relay;
 pub mod sys;
 pub mod udp;

@@ -1,5 +1,6 @@
 //! The `berth forward` binary end to end: it reports where it listens, forwards with
-//! integrity, lets an established connection finish on SIGTERM (drain), and exits 0.
+//! integrity, lets an established connection finish on SIGTERM (drain), and exits 0; the same
+//! for UDP; and it refuses options that do not fit the protocol.
 #![allow(
     clippy::unwrap_used,
     reason = "a test fails by panicking, with the stack trace"
@@ -27,7 +28,7 @@ use tokio::{
 /// Starts `berth forward`; returns it, the address from its `listening` log line, and the
 /// rest of its log, line by line.
 fn start(
-    mode: &str,
+    options: &[&str],
     target: SocketAddr,
 ) -> (
     std::process::Child,
@@ -35,15 +36,9 @@ fn start(
     std::sync::mpsc::Receiver<String>,
 ) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args([
-            "forward",
-            "--mode",
-            mode,
-            "--drain-timeout",
-            "30",
-            "127.0.0.1:0",
-            &target.to_string(),
-        ])
+        .arg("forward")
+        .args(options)
+        .args(["127.0.0.1:0", &target.to_string()])
         .env("BERTH_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
@@ -96,7 +91,10 @@ async fn forwards_and_drains_on_sigterm() {
     let net = TestNet::up(1).await;
     for mode in ["copy", "splice"] {
         let listener = net.listen(0);
-        let (mut child, addr, log) = start(mode, listener.local_addr().unwrap());
+        let (mut child, addr, log) = start(
+            &["--mode", mode, "--drain-timeout", "30"],
+            listener.local_addr().unwrap(),
+        );
         // The backend says when the first MiB has arrived, then counts and hashes the rest
         // until EOF and answers with what it got.
         let (got_first, got_first_rx) = tokio::sync::oneshot::channel();
@@ -152,5 +150,55 @@ async fn forwards_and_drains_on_sigterm() {
             TcpStream::connect(addr).await.is_err(),
             "{mode}: still accepting after SIGTERM"
         );
+    }
+}
+
+#[tokio::test]
+async fn forwards_udp_and_exits_0_on_sigterm() {
+    let (echo, _server) = common::spawn_udp_echo("127.0.0.1:0".parse().unwrap());
+    let (mut child, addr, _log) = start(&["--proto", "udp", "--udp-idle-timeout", "5"], echo);
+    let c = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for len in [1usize, 1472, 65_507] {
+        let payload: Vec<u8> = (0..len).map(|i| (i % 239) as u8).collect();
+        c.send_to(&payload, addr).await.unwrap();
+        let mut buf = vec![0u8; 65_536];
+        let (n, from) = timeout(HANG, c.recv_from(&mut buf)).await.unwrap().unwrap();
+        assert_eq!(from, addr);
+        assert!(buf[..n] == payload[..], "{len}-byte datagram differs");
+    }
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit {status}");
+}
+
+#[test]
+fn options_that_do_not_fit_the_protocol_are_refused() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--proto", "udp", "--mode", "splice"],
+            "--mode splice applies to TCP",
+        ),
+        (&["--proto", "sctp"], "unknown protocol \"sctp\""),
+        (
+            &["--proto", "udp", "--udp-batch", "0"],
+            "batch size from 1 to 32",
+        ),
+        (
+            &["--proto", "udp", "--max-flows", "0"],
+            "not a positive number",
+        ),
+    ];
+    for (options, expected) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+            .arg("forward")
+            .args(*options)
+            .args(["127.0.0.1:0", "127.0.0.1:9"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{options:?} was accepted");
+        assert!(err.contains(expected), "{options:?}: {err}");
     }
 }

@@ -8,6 +8,7 @@ mod common;
 
 use std::{
     io::Read as _,
+    net::SocketAddr,
     os::{
         fd::{AsRawFd as _, OwnedFd, RawFd},
         unix::process::CommandExt as _,
@@ -163,6 +164,8 @@ async fn use_listen_fd_serves_the_socket_passed_as_fd4() {
 fn failures_are_reported_on_fd3_with_exit_1() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_port = taken.local_addr().unwrap().port().to_string();
+    let taken_udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let taken_udp_port = taken_udp.local_addr().unwrap().port().to_string();
     let cases: &[(&[&str], &str)] = &[
         (&["-bogus"], "flag provided but not defined: -bogus"),
         (&["-host-port", "80"], "-container-port is required"),
@@ -171,8 +174,19 @@ fn failures_are_reported_on_fd3_with_exit_1() {
             "invalid value \"x\" for flag -host-port",
         ),
         (
-            &["-proto", "udp", "-host-port", "1", "-container-port", "80"],
-            "unsupported protocol udp",
+            &[
+                "-proto",
+                "udp",
+                "-host-ip",
+                "127.0.0.1",
+                "-host-port",
+                &taken_udp_port,
+                "-container-ip",
+                "127.0.0.1",
+                "-container-port",
+                "9",
+            ],
+            "already in use",
         ),
         (
             &["-proto", "sctp", "-host-port", "1", "-container-port", "80"],
@@ -238,4 +252,69 @@ fn a_non_socket_on_fd4_is_refused() {
         "{status:?}"
     );
     assert_eq!(child.wait().unwrap().code(), Some(1));
+}
+
+#[test]
+fn a_socket_of_the_wrong_protocol_on_fd4_is_refused() {
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (mut child, status) = spawn_with_status(
+        &["-proto", "udp", "-use-listen-fd", "-container-port", "80"],
+        vec![(OwnedFd::from(tcp), 4)],
+    );
+    assert!(
+        status.starts_with("1\n") && status.contains("not a UDP socket"),
+        "{status:?}"
+    );
+    assert_eq!(child.wait().unwrap().code(), Some(1));
+}
+
+/// `-proto udp`, both as dockerd runs it (a bound socket on fd 4) and with an address to bind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_over_fd4_and_by_address() {
+    let (echo, _server) = common::spawn_udp_echo("127.0.0.1:0".parse().unwrap());
+    let passed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let fd4_addr = passed.local_addr().unwrap();
+    let free = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let free_port = free.port().to_string();
+    let echo_port = echo.port().to_string();
+    let common_args = [
+        "-proto",
+        "udp",
+        "-host-ip",
+        "127.0.0.1",
+        "-container-ip",
+        "127.0.0.1",
+        "-container-port",
+        &echo_port,
+    ];
+    type Case<'a> = (SocketAddr, Vec<&'a str>, Vec<(OwnedFd, RawFd)>);
+    let cases: [Case<'_>; 2] = [
+        (
+            fd4_addr,
+            vec!["-host-port", "1", "-use-listen-fd"],
+            vec![(OwnedFd::from(passed), 4)],
+        ),
+        (free, vec!["-host-port", &free_port], vec![]),
+    ];
+    for (addr, extra, fds) in cases {
+        let args: Vec<&str> = common_args.iter().copied().chain(extra).collect();
+        let (child, status) = spawn_with_status(&args, fds);
+        assert_eq!(status, "0\n", "{args:?}");
+        let c = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        for len in [1usize, 1472, 65_507] {
+            let payload: Vec<u8> = (0..len).map(|i| (i % 241) as u8).collect();
+            c.send_to(&payload, addr).await.unwrap();
+            let mut buf = vec![0u8; 65_536];
+            let (n, from) = timeout(HANG, c.recv_from(&mut buf)).await.unwrap().unwrap();
+            assert_eq!(from, addr, "{args:?}");
+            assert!(
+                buf[..n] == payload[..],
+                "{args:?}: {len}-byte datagram differs"
+            );
+        }
+        stop(child);
+    }
 }

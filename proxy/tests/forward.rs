@@ -11,7 +11,8 @@ use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
 use berth::{
     addr::{ListenAddr, TargetAddr},
-    forward::{self, Config, ListenError},
+    forward::{self, Config},
+    listen::{self, ListenError},
     relay::Mode,
 };
 use common::{HANG, TestNet, assert_mirrored, exchange, random_sizes, rng, spawn_exchange_server};
@@ -32,7 +33,7 @@ struct Proxy {
 
 impl Proxy {
     fn start(listen: &str, config: Config) -> Self {
-        let listener = forward::bind_tcp(listen.parse().unwrap()).unwrap();
+        let listener = listen::bind_tcp(listen.parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -346,7 +347,7 @@ async fn ipv6_loopback_forwarding() {
 async fn occupied_port_is_a_clear_error() {
     let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = ListenAddr(taken.local_addr().unwrap());
-    let err = forward::bind_tcp(addr).unwrap_err();
+    let err = listen::bind_tcp(addr).unwrap_err();
     assert!(matches!(err, ListenError::InUse(_)), "{err:?}");
     assert!(err.to_string().contains("already in use"), "{err}");
 }

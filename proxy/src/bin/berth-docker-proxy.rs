@@ -5,13 +5,15 @@ use std::{
     process::ExitCode,
 };
 
+use std::sync::Arc;
+
 use berth::{
+    addr::Proto,
     docker_proxy::{Args, LISTEN_FD, Parsed, StatusPipe, USAGE},
-    forward::{self, bind_tcp},
-    sys,
+    forward, listen, sys, udp,
 };
 use socket2::Socket;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 
 fn main() -> ExitCode {
     // Take fd 3 before anything (the runtime, the logger) can open a descriptor.
@@ -35,7 +37,7 @@ fn main() -> ExitCode {
     };
     // Claim fd 4 before the runtime opens its own descriptors, which could land on 4.
     let inherited = if args.use_listen_fd {
-        match inherited_listener() {
+        match inherited_socket(args.proto) {
             Ok(sock) => Some(sock),
             Err(e) => return fail(&mut status, &e, false),
         }
@@ -54,32 +56,60 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async {
-        let listener = match (inherited, args.listen) {
-            (Some(sock), _) => TcpListener::from_std(sock.into()).map_err(|e| e.to_string()),
-            (None, Some(addr)) => bind_tcp(addr).map_err(|e| e.to_string()),
-            (None, None) => Err("no listen address".to_owned()),
-        };
-        let listener = match listener {
-            Ok(l) => l,
-            Err(e) => return fail(&mut status, &e, false),
-        };
-        status.ok();
-        let mut config = forward::Config::new(args.target);
-        config.mode = args.mode;
-        // docker-proxy closes everything at once on SIGTERM; dockerd expects exactly that.
-        config.drain_timeout = std::time::Duration::ZERO;
-        match forward::run(listener, config, sys::stop_signal()).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!(error = %e, "proxy stopped");
-                ExitCode::FAILURE
-            }
+        match args.proto {
+            Proto::Tcp => serve_tcp(&args, inherited, &mut status).await,
+            Proto::Udp => serve_udp(&args, inherited, &mut status).await,
         }
     })
 }
 
-/// The listening TCP socket dockerd passed as fd 4, checked and made non-blocking.
-fn inherited_listener() -> Result<Socket, String> {
+async fn serve_tcp(args: &Args, inherited: Option<Socket>, status: &mut StatusPipe) -> ExitCode {
+    let listener = match (inherited, args.listen) {
+        (Some(sock), _) => TcpListener::from_std(sock.into()).map_err(|e| e.to_string()),
+        (None, Some(addr)) => listen::bind_tcp(addr).map_err(|e| e.to_string()),
+        (None, None) => Err("no listen address".to_owned()),
+    };
+    let listener = match listener {
+        Ok(l) => l,
+        Err(e) => return fail(status, &e, false),
+    };
+    status.ok();
+    let mut config = forward::Config::new(args.target);
+    config.mode = args.mode;
+    // docker-proxy closes everything at once on SIGTERM; dockerd expects exactly that.
+    config.drain_timeout = std::time::Duration::ZERO;
+    exit(forward::run(listener, config, sys::stop_signal()).await)
+}
+
+async fn serve_udp(args: &Args, inherited: Option<Socket>, status: &mut StatusPipe) -> ExitCode {
+    let socket = match (inherited, args.listen) {
+        (Some(sock), _) => UdpSocket::from_std(sock.into()).map_err(|e| e.to_string()),
+        (None, Some(addr)) => listen::bind_udp(addr).map_err(|e| e.to_string()),
+        (None, None) => Err("no listen address".to_owned()),
+    };
+    let socket = match socket {
+        Ok(s) => s,
+        Err(e) => return fail(status, &e, false),
+    };
+    status.ok();
+    let stats = Arc::new(udp::Stats::default());
+    let config = udp::Config::new(args.target);
+    exit(udp::run(socket, config, stats, sys::stop_signal()).await)
+}
+
+fn exit<E: std::fmt::Display>(r: Result<(), E>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "proxy stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The socket dockerd passed as fd 4 (a listening TCP socket or a bound UDP socket), checked
+/// against `-proto` and made non-blocking.
+fn inherited_socket(proto: Proto) -> Result<Socket, String> {
     // SAFETY: F_GETFD only checks that the fd is open.
     if unsafe { libc::fcntl(LISTEN_FD, libc::F_GETFD) } == -1 {
         return Err(format!(
@@ -88,12 +118,16 @@ fn inherited_listener() -> Result<Socket, String> {
     }
     // SAFETY: fd 4 is open and, by docker-proxy's contract, ours alone.
     let sock = Socket::from(unsafe { OwnedFd::from_raw_fd(LISTEN_FD) });
-    let not_tcp = || format!("fd {LISTEN_FD} is not a TCP socket");
-    if sock.r#type().map_err(|_| not_tcp())? != socket2::Type::STREAM {
-        return Err(not_tcp());
+    let (want, what) = match proto {
+        Proto::Tcp => (socket2::Type::STREAM, "TCP"),
+        Proto::Udp => (socket2::Type::DGRAM, "UDP"),
+    };
+    let wrong = || format!("fd {LISTEN_FD} is not a {what} socket (-proto {proto})");
+    if sock.r#type().map_err(|_| wrong())? != want {
+        return Err(wrong());
     }
     // dockerd binds and listens; listen() again is harmless and covers a merely bound socket.
-    if !sock.is_listener().unwrap_or(false) {
+    if proto == Proto::Tcp && !sock.is_listener().unwrap_or(false) {
         sock.listen(4096)
             .map_err(|e| format!("fd {LISTEN_FD}: listen failed: {e}"))?;
     }

@@ -4,28 +4,21 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use crate::{
-    addr::{ListenAddr, TargetAddr},
+    addr::{ListenAddr, Proto, TargetAddr},
     relay::Mode,
 };
 
 pub const USAGE: &str = "\
 Usage of berth-docker-proxy (a drop-in for docker-proxy):
-  -proto string            proxy protocol: tcp (udp and sctp are not supported yet) (default \"tcp\")
+  -proto string            proxy protocol: tcp or udp (sctp is not supported) (default \"tcp\")
   -host-ip value           host ip (default 0.0.0.0)
   -host-port int           host port (default -1)
   -container-ip value      container ip (default 0.0.0.0)
   -container-port int      container port (default -1)
   -use-listen-fd           use the listening socket passed as fd 4
-  -mode string             berth extension: copy or splice (default \"splice\")
+  -mode string             berth extension, tcp: copy or splice (default \"splice\")
   -v, -version             print version information and quit
 Status is reported on fd 3: \"0\\n\" once listening, \"1\\n<error>\" on failure.";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Proto {
-    Tcp,
-    Udp,
-    Sctp,
-}
 
 /// A valid docker-proxy invocation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,9 +54,7 @@ pub enum ArgsError {
     },
     #[error("-{0} is required")]
     Required(&'static str),
-    #[error(
-        "unsupported protocol {0} (berth-docker-proxy serves tcp; udp and sctp are not supported yet)"
-    )]
+    #[error("unsupported protocol {0} (berth-docker-proxy serves tcp and udp)")]
     Unsupported(&'static str),
 }
 
@@ -119,7 +110,7 @@ impl Args {
                     proto = match value("proto")?.as_str() {
                         "tcp" => Proto::Tcp,
                         "udp" => Proto::Udp,
-                        "sctp" => Proto::Sctp,
+                        "sctp" => return Err(ArgsError::Unsupported("sctp")),
                         v => {
                             return Err(ArgsError::Invalid {
                                 flag: "proto",
@@ -152,11 +143,6 @@ impl Args {
         }
         if version {
             return Ok(Parsed::Version);
-        }
-        match proto {
-            Proto::Tcp => {}
-            Proto::Udp => return Err(ArgsError::Unsupported("udp")),
-            Proto::Sctp => return Err(ArgsError::Unsupported("sctp")),
         }
         let container_port = container_port.ok_or(ArgsError::Required("container-port"))?;
         if container_port == 0 {
@@ -224,6 +210,7 @@ mod tests {
             "-use-listen-fd",
         ]);
         assert!(a.use_listen_fd);
+        assert_eq!(a.proto, Proto::Tcp);
         assert_eq!(a.listen, None);
         assert_eq!(a.target.to_string(), "172.17.0.2:80");
         let b = run(&[
@@ -235,6 +222,18 @@ mod tests {
         ]);
         assert_eq!(b.listen.unwrap().to_string(), "[::1]:8080");
         assert_eq!(b.mode, Mode::Copy);
+        let u = run(&[
+            "-proto",
+            "udp",
+            "-host-port",
+            "53",
+            "-container-port",
+            "5353",
+        ]);
+        assert_eq!(
+            (u.proto, u.listen.unwrap().to_string()),
+            (Proto::Udp, "0.0.0.0:53".into())
+        );
         assert!(
             !run(&[
                 "-host-port",
@@ -276,10 +275,6 @@ mod tests {
         );
         assert!(err(&["-host-port", "1"]).contains("-container-port is required"));
         assert!(err(&["-container-port", "1"]).contains("-host-port is required"));
-        assert!(
-            err(&["-proto", "udp", "-host-port", "1", "-container-port", "1"])
-                .contains("unsupported protocol udp")
-        );
         assert!(err(&["-proto", "sctp"]).contains("unsupported protocol sctp"));
         assert!(err(&["-use-listen-fd=maybe"]).contains("expected true or false"));
     }

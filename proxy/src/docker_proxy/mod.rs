@@ -7,7 +7,7 @@
 mod args;
 mod status;
 
-pub use args::{Args, ArgsError, Parsed, Proto, USAGE};
+pub use args::{Args, ArgsError, Parsed, USAGE};
 pub use status::{STATUS_FD, StatusPipe};
 
 /// The fd on which dockerd passes the listening socket with `-use-listen-fd`.

@@ -6,7 +6,6 @@
 
 mod accept;
 mod connect;
-mod listen;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -18,7 +17,6 @@ use tokio::{
 use tracing::{Instrument as _, debug, debug_span, info, warn};
 
 pub use connect::{ConnectError, connect};
-pub use listen::{ListenError, bind_tcp};
 
 use crate::{
     addr::{ClientAddr, TargetAddr},

@@ -3,7 +3,8 @@ use std::io;
 
 use tokio::net::TcpStream;
 
-use super::{Direction, Meter, pool::Pool};
+use super::{Direction, Meter};
+use crate::pool::Pool;
 
 /// Per-direction buffer while data flows; 64 KiB matches the default pipe size.
 const BUF_SIZE: usize = 64 * 1024;

@@ -7,7 +7,6 @@
 
 mod bidi;
 mod copy;
-mod pool;
 mod splice;
 
 use std::{

@@ -12,7 +12,8 @@ use nix::{
 use tokio::{io::Interest, net::TcpStream};
 use tracing::debug;
 
-use super::{Direction, Meter, copy, pool::Pool};
+use super::{Direction, Meter, copy};
+use crate::pool::Pool;
 
 /// Requested pipe capacity. Bigger than the 64 KiB default to move more per wake-up; the
 /// kernel caps it at /proc/sys/fs/pipe-max-size (1 MiB by default) and we keep what we get.

@@ -262,3 +262,77 @@ pub fn rng() -> SmallRng {
     eprintln!("rng seed {seed:#x}");
     SmallRng::seed_from_u64(seed)
 }
+
+// === Bare namespaces ===
+
+/// A network namespace of its own with only `lo` (up), deleted on drop even when a test fails.
+pub struct TestNs {
+    pub ns: NetNs,
+}
+
+impl TestNs {
+    pub fn create() -> Self {
+        require_root();
+        let ns = NetNs::create(&unique("tn")).unwrap();
+        let guard = Self { ns };
+        guard
+            .ns
+            .run_async(|| async {
+                let nl = net::Netlink::connect().unwrap();
+                nl.set_up("lo").await.unwrap();
+            })
+            .unwrap();
+        guard
+    }
+
+    /// Adds `addr` (a host address, /32 or /128) to this namespace's `lo`.
+    pub fn add_lo_addr(&self, addr: std::net::IpAddr) {
+        let prefix = if addr.is_ipv4() { 32 } else { 128 };
+        self.ns
+            .run_async(|| async move {
+                let nl = net::Netlink::connect().unwrap();
+                nl.add_addr("lo", addr, prefix).await.unwrap();
+            })
+            .unwrap();
+    }
+}
+
+impl Drop for TestNs {
+    fn drop(&mut self) {
+        if let Err(e) = self.ns.delete() {
+            eprintln!("warning: cannot delete namespace {}: {e}", self.ns.name());
+        }
+    }
+}
+
+// === UDP ===
+
+/// A UDP echo server on `addr`: every datagram goes back to its sender unchanged.
+pub fn spawn_udp_echo(addr: SocketAddr) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let std = std::net::UdpSocket::bind(addr).unwrap();
+    std.set_nonblocking(true).unwrap();
+    let sock = tokio::net::UdpSocket::from_std(std).unwrap();
+    let local = sock.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            if sock.send_to(&buf[..n], from).await.is_err() {
+                break;
+            }
+        }
+    });
+    (local, task)
+}
+
+/// Polls `cond` until it holds; panics after [`HANG`]. For state another task updates with no
+/// event to await (a counter), never as a fixed delay.
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + HANG;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}

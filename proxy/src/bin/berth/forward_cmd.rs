@@ -1,31 +1,50 @@
-//! `berth forward`: one TCP mapping in the foreground.
-use std::{process::ExitCode, time::Duration};
+//! `berth forward`: one TCP or UDP mapping in the foreground.
+use std::{process::ExitCode, sync::Arc, time::Duration};
 
+use anyhow::bail;
 use berth::{
-    addr::{ListenAddr, TargetAddr},
-    forward::{self, Config},
+    addr::{ListenAddr, Proto, TargetAddr},
+    forward, listen,
     relay::Mode,
-    sys,
+    sys, udp,
 };
 use clap::Args;
 
 #[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+  berth forward 0.0.0.0:9091 172.16.1.1:80
+  berth forward --proto udp --udp-idle-timeout 30 0.0.0.0:5353 172.16.1.1:53")]
 pub(crate) struct ForwardArgs {
-    /// How bytes are carried: copy (userspace buffer) or splice (zero-copy through pipes).
-    #[arg(long, default_value = "splice", value_parser = parse_mode)]
-    mode: Mode,
-    /// Seconds to wait for the target to accept a connection.
-    #[arg(long, default_value_t = Config::DEFAULT_CONNECT_TIMEOUT.as_secs_f64(), value_parser = parse_secs)]
+    /// Transport protocol: tcp or udp.
+    #[arg(long, default_value = "tcp")]
+    proto: Proto,
+    /// TCP: how bytes are carried, copy (userspace buffer) or splice (zero-copy through pipes)
+    /// [default: splice].
+    #[arg(long, value_parser = parse_mode)]
+    mode: Option<Mode>,
+    /// TCP: seconds to wait for the target to accept a connection.
+    #[arg(long, default_value_t = forward::Config::DEFAULT_CONNECT_TIMEOUT.as_secs_f64(), value_parser = parse_secs)]
     connect_timeout: f64,
-    /// Connections relayed at once; further clients are reset at once.
-    #[arg(long, default_value_t = Config::DEFAULT_MAX_CONNECTIONS, value_parser = parse_limit)]
+    /// TCP: connections relayed at once; further clients are reset at once.
+    #[arg(long, default_value_t = forward::Config::DEFAULT_MAX_CONNECTIONS, value_parser = parse_limit)]
     max_connections: usize,
-    /// Seconds that open connections may still run after SIGINT/SIGTERM.
-    #[arg(long, default_value_t = Config::DEFAULT_DRAIN_TIMEOUT.as_secs_f64(), value_parser = parse_secs)]
+    /// TCP: seconds that open connections may still run after SIGINT/SIGTERM.
+    #[arg(long, default_value_t = forward::Config::DEFAULT_DRAIN_TIMEOUT.as_secs_f64(), value_parser = parse_secs)]
     drain_timeout: f64,
+    /// UDP: seconds without a datagram in either direction after which a client's flow closes.
+    #[arg(long, default_value_t = udp::DEFAULT_IDLE_TIMEOUT.as_secs_f64(), value_parser = parse_secs)]
+    udp_idle_timeout: f64,
+    /// UDP: flows (clients) open at once; a new client beyond it evicts the least recently
+    /// used flow.
+    #[arg(long, default_value_t = udp::Config::DEFAULT_MAX_FLOWS, value_parser = parse_limit)]
+    max_flows: usize,
+    /// UDP: datagrams per system call (recvmmsg/sendmmsg); 1 turns batching off.
+    #[arg(long, default_value_t = udp::Config::DEFAULT_BATCH, value_parser = parse_batch)]
+    udp_batch: usize,
     /// Address to accept on, e.g. 0.0.0.0:9090 or [::]:9090 (port 0 picks a free port).
     listen: ListenAddr,
-    /// Address to connect to, e.g. 172.16.1.1:8080.
+    /// Address to forward to, e.g. 172.16.1.1:8080.
     target: TargetAddr,
 }
 
@@ -40,6 +59,16 @@ fn parse_limit(s: &str) -> Result<usize, String> {
     }
 }
 
+fn parse_batch(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=udp::Config::MAX_BATCH).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{s:?} is not a batch size from 1 to {}",
+            udp::Config::MAX_BATCH
+        )),
+    }
+}
+
 fn parse_secs(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if (0.0..1e9).contains(&v) => Ok(v),
@@ -49,14 +78,32 @@ fn parse_secs(s: &str) -> Result<f64, String> {
 
 pub(crate) async fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
     sys::raise_nofile_limit();
-    let listener = forward::bind_tcp(args.listen)?;
-    let config = Config {
-        target: args.target,
-        mode: args.mode,
-        connect_timeout: Duration::from_secs_f64(args.connect_timeout),
-        max_connections: args.max_connections,
-        drain_timeout: Duration::from_secs_f64(args.drain_timeout),
-    };
-    forward::run(listener, config, sys::stop_signal()).await?;
+    match args.proto {
+        Proto::Tcp => {
+            let listener = listen::bind_tcp(args.listen)?;
+            let config = forward::Config {
+                target: args.target,
+                mode: args.mode.unwrap_or_default(),
+                connect_timeout: Duration::from_secs_f64(args.connect_timeout),
+                max_connections: args.max_connections,
+                drain_timeout: Duration::from_secs_f64(args.drain_timeout),
+            };
+            forward::run(listener, config, sys::stop_signal()).await?;
+        }
+        Proto::Udp => {
+            if let Some(mode) = args.mode {
+                bail!("--mode {mode} applies to TCP; UDP datagrams are always copied");
+            }
+            let socket = listen::bind_udp(args.listen)?;
+            let config = udp::Config {
+                target: args.target,
+                idle_timeout: Duration::from_secs_f64(args.udp_idle_timeout),
+                max_flows: args.max_flows,
+                batch: args.udp_batch,
+            };
+            let stats = Arc::new(udp::Stats::default());
+            udp::run(socket, config, stats, sys::stop_signal()).await?;
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -19,7 +19,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Forward a TCP port: accept on LISTEN, connect each client to TARGET.
+    /// Forward a TCP or UDP port: accept on LISTEN, forward each client to TARGET.
     Forward(forward_cmd::ForwardArgs),
     /// Build, remove or enter the container network (bridge, namespaces, veth pairs).
     #[command(subcommand)]

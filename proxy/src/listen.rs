@@ -1,8 +1,9 @@
-//! Binding listeners with the options a port mapping needs.
+//! Binding listeners (TCP and UDP) with the options a port mapping needs, and naming the
+//! common failures plainly.
 use std::{io, net::SocketAddr};
 
 use socket2::{Domain, Socket, Type};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 
 use crate::addr::ListenAddr;
 
@@ -27,12 +28,7 @@ pub enum ListenError {
 /// Binds a TCP listener like docker-proxy does: SO_REUSEADDR (so a restart does not wait for
 /// TIME_WAIT), and IPV6_V6ONLY on IPv6 so that `0.0.0.0:P` and `[::]:P` can be mapped separately.
 pub fn bind_tcp(addr: ListenAddr) -> Result<TcpListener, ListenError> {
-    let map = |e: io::Error| match e.raw_os_error() {
-        Some(libc::EADDRINUSE) => ListenError::InUse(addr),
-        Some(libc::EADDRNOTAVAIL) => ListenError::NotLocal(addr),
-        Some(libc::EACCES | libc::EPERM) => ListenError::Denied(addr),
-        _ => ListenError::Other(addr, e),
-    };
+    let map = |e| ListenError::from_io(addr, e);
     let sock = Socket::new(
         Domain::for_address(addr.get()),
         Type::STREAM.nonblocking().cloexec(),
@@ -46,4 +42,32 @@ pub fn bind_tcp(addr: ListenAddr) -> Result<TcpListener, ListenError> {
     sock.bind(&addr.get().into()).map_err(map)?;
     sock.listen(BACKLOG).map_err(map)?;
     TcpListener::from_std(sock.into()).map_err(map)
+}
+
+/// Binds a UDP socket for a mapping. Unlike TCP, no SO_REUSEADDR: on UDP it would let a second
+/// process bind the same port and silently steal datagrams, instead of reporting "in use".
+pub fn bind_udp(addr: ListenAddr) -> Result<UdpSocket, ListenError> {
+    let map = |e| ListenError::from_io(addr, e);
+    let sock = Socket::new(
+        Domain::for_address(addr.get()),
+        Type::DGRAM.nonblocking().cloexec(),
+        None,
+    )
+    .map_err(map)?;
+    if let SocketAddr::V6(_) = addr.get() {
+        sock.set_only_v6(true).map_err(map)?;
+    }
+    sock.bind(&addr.get().into()).map_err(map)?;
+    UdpSocket::from_std(sock.into()).map_err(map)
+}
+
+impl ListenError {
+    fn from_io(addr: ListenAddr, e: io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::EADDRINUSE) => Self::InUse(addr),
+            Some(libc::EADDRNOTAVAIL) => Self::NotLocal(addr),
+            Some(libc::EACCES | libc::EPERM) => Self::Denied(addr),
+            _ => Self::Other(addr, e),
+        }
+    }
 }

@@ -1,4 +1,4 @@
-//! A process-wide pool of relay buffers (pipes for splice, byte buffers for copy).
+//! A process-wide pool of reusable buffers (relay pipes and byte buffers, UDP batches).
 //!
 //! A direction borrows a buffer only while bytes are moving and gives it back, empty, once its
 //! source has nothing more to read. Idle connections therefore hold no pipe and no buffer:
@@ -6,14 +6,14 @@
 use std::{io, sync::Mutex};
 
 #[derive(Debug)]
-pub(super) struct Pool<T> {
+pub(crate) struct Pool<T> {
     idle: Mutex<Vec<T>>,
     /// Idle buffers kept for reuse; beyond this, returned buffers are freed.
     keep: usize,
 }
 
 impl<T> Pool<T> {
-    pub(super) const fn new(keep: usize) -> Self {
+    pub(crate) const fn new(keep: usize) -> Self {
         Self {
             idle: Mutex::new(Vec::new()),
             keep,
@@ -21,7 +21,7 @@ impl<T> Pool<T> {
     }
 
     /// An idle buffer, or a new one from `make`.
-    pub(super) fn take(&self, make: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    pub(crate) fn take(&self, make: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
         let reused = self
             .idle
             .lock()
@@ -34,7 +34,7 @@ impl<T> Pool<T> {
     }
 
     /// Returns an *empty* buffer for reuse.
-    pub(super) fn give(&self, t: T) {
+    pub(crate) fn give(&self, t: T) {
         let mut idle = self
             .idle
             .lock()

@@ -1,0 +1,333 @@
+//! UDP forwarding through real sockets: replies reach the right client from the right
+//! address, datagrams keep their boundaries and sizes, flows expire and are evicted (on
+//! tokio's paused clock), ICMP errors are survived, and IPv6 works in a namespace.
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking, with the stack trace"
+)]
+mod common;
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use berth::{
+    listen,
+    udp::{self, Snapshot, Stats},
+};
+use common::{HANG, TestNs, spawn_udp_echo, wait_until};
+use tokio::{net::UdpSocket, sync::oneshot, time::timeout};
+
+/// A running UDP mapping; stopped on drop.
+struct Mapping {
+    addr: SocketAddr,
+    stats: Arc<Stats>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Mapping {
+    fn start(listen: &str, config: udp::Config) -> Self {
+        let socket = listen::bind_udp(listen.parse().unwrap()).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let stats = Arc::new(Stats::default());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let run = udp::run(socket, config, stats.clone(), stopped);
+        let task = tokio::spawn(async move { run.await.unwrap() });
+        Self {
+            addr,
+            stats,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    fn to(target: SocketAddr) -> udp::Config {
+        udp::Config::new(target.into())
+    }
+
+    fn stats(&self) -> Snapshot {
+        self.stats.snapshot()
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        timeout(HANG, &mut self.task).await.unwrap().unwrap();
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn client(bind: &str) -> UdpSocket {
+    UdpSocket::bind(bind).await.unwrap()
+}
+
+/// Sends `payload` to `to` and returns the reply and where it came from.
+async fn round_trip(c: &UdpSocket, to: SocketAddr, payload: &[u8]) -> (Vec<u8>, SocketAddr) {
+    c.send_to(payload, to).await.unwrap();
+    recv(c).await
+}
+
+async fn recv(c: &UdpSocket) -> (Vec<u8>, SocketAddr) {
+    let mut buf = vec![0u8; 65_536];
+    let (n, from) = timeout(HANG, c.recv_from(&mut buf))
+        .await
+        .expect("no reply")
+        .unwrap();
+    buf.truncate(n);
+    (buf, from)
+}
+
+#[tokio::test]
+async fn several_clients_each_get_only_their_own_replies() {
+    const CLIENTS: u32 = 16;
+    const ROUNDS: u32 = 50;
+    let (echo, _server) = spawn_udp_echo("127.0.0.1:0".parse().unwrap());
+    let m = Mapping::start("127.0.0.1:0", Mapping::to(echo));
+    let to = m.addr;
+    let mut tasks = tokio::task::JoinSet::new();
+    for id in 0..CLIENTS {
+        tasks.spawn(async move {
+            let c = client("127.0.0.1:0").await;
+            for round in 0..ROUNDS {
+                let payload = format!("client {id} round {round}").into_bytes();
+                let (reply, from) = round_trip(&c, to, &payload).await;
+                assert_eq!(from, to, "reply from the wrong address");
+                assert_eq!(
+                    String::from_utf8_lossy(&reply),
+                    String::from_utf8_lossy(&payload),
+                    "client {id} got someone else's reply"
+                );
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let s = m.stats();
+    assert_eq!(s.flows_created, u64::from(CLIENTS), "one flow per client");
+    assert_eq!(s.flows_active, u64::from(CLIENTS));
+    assert_eq!(s.datagrams_to_target, u64::from(CLIENTS * ROUNDS));
+    assert_eq!(s.datagrams_to_client, u64::from(CLIENTS * ROUNDS));
+    assert_eq!((s.dropped, s.flows_evicted, s.flows_expired), (0, 0, 0));
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn datagrams_arrive_whole_at_every_size() {
+    let (echo, _server) = spawn_udp_echo("127.0.0.1:0".parse().unwrap());
+    let m = Mapping::start("127.0.0.1:0", Mapping::to(echo));
+    let c = client("127.0.0.1:0").await;
+    let mut bytes = 0;
+    for (k, len) in [1usize, 1472, 65_507, 0].into_iter().enumerate() {
+        let payload: Vec<u8> = (0..len).map(|i| (i * 31 + k) as u8).collect();
+        let (reply, _) = round_trip(&c, m.addr, &payload).await;
+        assert_eq!(reply.len(), len, "{len}-byte datagram changed size");
+        assert!(reply == payload, "{len}-byte datagram corrupted");
+        bytes += len as u64;
+    }
+    let s = m.stats();
+    assert_eq!((s.bytes_to_target, s.bytes_to_client), (bytes, bytes));
+    m.stop().await;
+}
+
+/// A burst that arrives faster than it is read is moved in batches (recvmmsg, then one
+/// sendmmsg per client); each datagram must still keep its own boundary, size and order.
+#[tokio::test]
+async fn a_burst_keeps_boundaries_and_order() {
+    const N: usize = 64;
+    let (echo, _server) = spawn_udp_echo("127.0.0.1:0".parse().unwrap());
+    for batch in [1, 7, udp::Config::MAX_BATCH] {
+        let mut config = Mapping::to(echo);
+        config.batch = batch;
+        let m = Mapping::start("127.0.0.1:0", config);
+        let c = client("127.0.0.1:0").await;
+        // 64 datagrams of 1..=1,024 bytes fit the default socket buffers, so none is lost.
+        let sent: Vec<Vec<u8>> = (0..N)
+            .map(|k| vec![k as u8; 1 + k * 1023 / (N - 1)])
+            .collect();
+        for d in &sent {
+            c.send_to(d, m.addr).await.unwrap();
+        }
+        for (k, want) in sent.iter().enumerate() {
+            let (got, _) = recv(&c).await;
+            assert!(got == *want, "batch {batch}: datagram {k} differs");
+        }
+        m.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn replies_leave_from_the_address_the_client_used() {
+    // 127.0.0.0/8 is all local: a 0.0.0.0 listener answers on 127.0.0.2 and 127.0.0.3 too, and
+    // without IP_PKTINFO the kernel would pick 127.0.0.1 as the source of every reply.
+    let (echo, _server) = spawn_udp_echo("127.0.0.1:0".parse().unwrap());
+    let m = Mapping::start("0.0.0.0:0", Mapping::to(echo));
+    let c = client("127.0.0.1:0").await;
+    for host in ["127.0.0.2", "127.0.0.3", "127.0.0.2"] {
+        let to = SocketAddr::new(host.parse().unwrap(), m.addr.port());
+        let (reply, from) = round_trip(&c, to, host.as_bytes()).await;
+        assert_eq!(reply, host.as_bytes());
+        assert_eq!(
+            from, to,
+            "reply must come from the address the client sent to"
+        );
+    }
+    assert_eq!(m.stats().flows_created, 1, "one client address, one flow");
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_target_is_counted_and_survived() {
+    // A port nothing listens on (a moment ago something did): datagrams draw ICMP port
+    // unreachable, which the flow socket reports as ECONNREFUSED.
+    let target = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let m = Mapping::start("127.0.0.1:0", Mapping::to(target));
+    let c = client("127.0.0.1:0").await;
+    c.send_to(b"anyone?", m.addr).await.unwrap();
+    wait_until("the ICMP error to be counted", || {
+        m.stats().unreachable >= 1
+    })
+    .await;
+    c.send_to(b"still nobody?", m.addr).await.unwrap();
+    wait_until("the second ICMP error", || m.stats().unreachable >= 2).await;
+    // The target comes up: the same flow (and the listener) carry on.
+    let (_, _server) = spawn_udp_echo(target);
+    let (reply, _) = round_trip(&c, m.addr, b"now?").await;
+    assert_eq!(reply, b"now?");
+    let s = m.stats();
+    assert_eq!(
+        (s.flows_created, s.flows_active),
+        (1, 1),
+        "the flow survived"
+    );
+    m.stop().await;
+}
+
+/// Expiry on tokio's paused clock: the runtime jumps to the next timer whenever every task
+/// waits, and loopback delivery is immediate, so 90 s pass at once and exactly.
+#[tokio::test(start_paused = true)]
+async fn idle_flows_expire_and_traffic_either_way_keeps_them() {
+    const IDLE: Duration = Duration::from_secs(90);
+    // The target is the test: it answers by hand, when it wants.
+    let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let m = Mapping::start("127.0.0.1:0", Mapping::to(server.local_addr().unwrap()));
+    let c = client("127.0.0.1:0").await;
+    c.send_to(b"hello", m.addr).await.unwrap();
+    let (_, flow) = recv(&server).await;
+    tokio::time::sleep(IDLE - Duration::from_secs(1)).await;
+    assert_eq!(m.stats().flows_active, 1, "not idle long enough yet");
+    // Only the target speaks now, every 60 s: each reply refreshes the flow.
+    for round in 0..3u8 {
+        server.send_to(&[round], flow).await.unwrap();
+        assert_eq!(recv(&c).await.0, [round]);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+    let s = m.stats();
+    assert_eq!(
+        (s.flows_active, s.flows_expired),
+        (1, 0),
+        "replies keep a flow alive"
+    );
+    tokio::time::sleep(IDLE).await;
+    let s = m.stats();
+    assert_eq!(
+        (s.flows_active, s.flows_expired),
+        (0, 1),
+        "silent for 90 s: expired"
+    );
+    // A new datagram opens a new flow, from a new source port.
+    c.send_to(b"again", m.addr).await.unwrap();
+    let (_, flow2) = recv(&server).await;
+    assert_ne!(flow, flow2);
+    assert_eq!(m.stats().flows_created, 2);
+    m.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_table_evicts_the_least_recently_used_flow() {
+    let (echo, _server) = spawn_udp_echo("127.0.0.1:0".parse().unwrap());
+    let mut config = Mapping::to(echo);
+    config.max_flows = 2;
+    let m = Mapping::start("127.0.0.1:0", config);
+    let [a, b, c] = [
+        client("127.0.0.1:0").await,
+        client("127.0.0.1:0").await,
+        client("127.0.0.1:0").await,
+    ];
+    for (name, s) in [("a", &a), ("b", &b), ("c", &c)] {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            round_trip(s, m.addr, name.as_bytes()).await.0,
+            name.as_bytes()
+        );
+    }
+    let s = m.stats();
+    assert_eq!(
+        (s.flows_active, s.flows_evicted),
+        (2, 1),
+        "c evicted a, the oldest"
+    );
+    // b is now older than c; a comes back and evicts b. Everyone is still served.
+    for (name, s) in [("a", &a), ("c", &c)] {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            round_trip(s, m.addr, name.as_bytes()).await.0,
+            name.as_bytes()
+        );
+    }
+    let s = m.stats();
+    assert_eq!(
+        (s.flows_created, s.flows_evicted),
+        (4, 2),
+        "a reopened, b evicted, c kept"
+    );
+    m.stop().await;
+}
+
+#[test]
+fn ipv6_in_a_namespace_with_two_addresses() {
+    let ns = TestNs::create();
+    let a1: IpAddr = "fd00:be7::1".parse().unwrap();
+    let a2: IpAddr = "fd00:be7::2".parse().unwrap();
+    ns.add_lo_addr(a1);
+    ns.add_lo_addr(a2);
+    ns.ns
+        .run_async(|| async move {
+            let (echo, _server) = spawn_udp_echo("[::1]:0".parse().unwrap());
+            let m = Mapping::start("[::]:0", Mapping::to(echo));
+            let c = client("[::1]:0").await;
+            for host in [a1, a2, a1] {
+                let to = SocketAddr::new(host, m.addr.port());
+                let (reply, from) = round_trip(&c, to, host.to_string().as_bytes()).await;
+                assert_eq!(reply, host.to_string().as_bytes());
+                assert_eq!(
+                    from, to,
+                    "reply must come from the address the client sent to"
+                );
+            }
+            // The largest IPv6 datagram without jumbograms.
+            let big: Vec<u8> = (0..65_527).map(|i| (i % 251) as u8).collect();
+            let (reply, _) = round_trip(&c, SocketAddr::new(a2, m.addr.port()), &big).await;
+            assert!(reply == big, "65,527-byte IPv6 datagram corrupted");
+            m.stop().await;
+        })
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_occupied_port_is_reported_plainly() {
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let err = listen::bind_udp(taken.local_addr().unwrap().into()).unwrap_err();
+    assert!(matches!(err, listen::ListenError::InUse(_)), "{err:?}");
+    assert!(err.to_string().contains("already in use"), "{err}");
+}
