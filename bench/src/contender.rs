@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use berth::addr::Proto;
 
 use crate::{procstat, topo::HOST_EXT_IP};
 
@@ -27,6 +28,10 @@ pub(crate) enum Contender {
     Socat,
     Haproxy,
     IptablesDnat,
+    /// `berth forward --proto udp` (recvmmsg/sendmmsg batches of up to 32).
+    BerthUdp,
+    /// The same with `--udp-batch 1`: what batching is worth.
+    BerthUdpB1,
 }
 
 /// Paths of the external programs; `None` when not installed.
@@ -101,7 +106,7 @@ fn undo_rule(rule: &[String]) -> Vec<Vec<String>> {
 const CHAIN: &str = "BERTH-BENCH";
 
 impl Contender {
-    pub(crate) const ALL: [Self; 7] = [
+    pub(crate) const ALL: [Self; 9] = [
         Self::Direct,
         Self::BerthCopy,
         Self::BerthSplice,
@@ -109,6 +114,8 @@ impl Contender {
         Self::Socat,
         Self::Haproxy,
         Self::IptablesDnat,
+        Self::BerthUdp,
+        Self::BerthUdpB1,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -120,6 +127,25 @@ impl Contender {
             Self::Socat => "socat",
             Self::Haproxy => "haproxy",
             Self::IptablesDnat => "iptables-dnat",
+            Self::BerthUdp => "berth-udp",
+            Self::BerthUdpB1 => "berth-udp-batch1",
+        }
+    }
+
+    /// berth itself, or the baseline: their failure fails the run.
+    pub(crate) fn is_own(self) -> bool {
+        matches!(
+            self,
+            Self::Direct | Self::BerthCopy | Self::BerthSplice | Self::BerthUdp | Self::BerthUdpB1
+        )
+    }
+
+    /// The protocols this contender can map.
+    pub(crate) fn serves(self, proto: Proto) -> bool {
+        match self {
+            Self::BerthCopy | Self::BerthSplice | Self::Haproxy => proto == Proto::Tcp,
+            Self::BerthUdp | Self::BerthUdpB1 => proto == Proto::Udp,
+            Self::Direct | Self::DockerProxy | Self::Socat | Self::IptablesDnat => true,
         }
     }
 
@@ -135,7 +161,11 @@ impl Contender {
                 .then(|| format!("{what} not found (run `cargo xtask bench`, which installs it)"))
         };
         match self {
-            Self::Direct | Self::BerthCopy | Self::BerthSplice => None,
+            Self::Direct
+            | Self::BerthCopy
+            | Self::BerthSplice
+            | Self::BerthUdp
+            | Self::BerthUdpB1 => None,
             Self::DockerProxy => missing(&tools.docker_proxy, "docker-proxy"),
             Self::Socat => missing(&tools.socat, "socat"),
             Self::Haproxy => missing(&tools.haproxy, "haproxy"),
@@ -143,14 +173,19 @@ impl Contender {
         }
     }
 
-    /// Maps host port `port` to `server` and waits until the mapping accepts connections.
+    /// Maps host port `port` to `server` and waits until the mapping accepts connections (or,
+    /// for UDP, until the port is bound).
     pub(crate) fn start(
         self,
         tools: &Tools,
+        proto: Proto,
         port: u16,
         server: SocketAddr,
         logs: &Path,
     ) -> anyhow::Result<Running> {
+        if !self.serves(proto) {
+            bail!("{} does not map {proto}", self.name());
+        }
         let local = SocketAddr::from(([127, 0, 0, 1], port));
         let external = SocketAddr::from((HOST_EXT_IP, port));
         let mut running = Running {
@@ -187,6 +222,15 @@ impl Contender {
                 .env("BERTH_LOG", "warn");
                 running.children.push(spawn(&mut cmd, logs, self)?);
             }
+            Self::BerthUdp | Self::BerthUdpB1 => {
+                let batch = if self == Self::BerthUdp { "32" } else { "1" };
+                let mut cmd = Command::new(&tools.berth);
+                cmd.args(["forward", "--proto", "udp", "--udp-batch", batch])
+                    .arg(format!("0.0.0.0:{port}"))
+                    .arg(server.to_string())
+                    .env("BERTH_LOG", "warn");
+                running.children.push(spawn(&mut cmd, logs, self)?);
+            }
             Self::DockerProxy => {
                 let path = tools
                     .docker_proxy
@@ -195,7 +239,7 @@ impl Contender {
                 let mut cmd = Command::new(path);
                 cmd.args([
                     "-proto",
-                    "tcp",
+                    proto.as_str(),
                     "-host-ip",
                     "0.0.0.0",
                     "-host-port",
@@ -210,8 +254,15 @@ impl Contender {
             Self::Socat => {
                 let path = tools.socat.as_ref().context("socat missing")?;
                 let mut cmd = Command::new(path);
-                cmd.arg(format!("TCP-LISTEN:{port},fork,reuseaddr,backlog=4096"))
-                    .arg(format!("TCP:{server}"));
+                match proto {
+                    Proto::Tcp => cmd
+                        .arg(format!("TCP-LISTEN:{port},fork,reuseaddr,backlog=4096"))
+                        .arg(format!("TCP:{server}")),
+                    // One child per client, each connected to that client and to the server.
+                    Proto::Udp => cmd
+                        .arg(format!("UDP4-LISTEN:{port},fork,reuseaddr"))
+                        .arg(format!("UDP4:{server}")),
+                };
                 running.children.push(spawn(&mut cmd, logs, self)?);
             }
             Self::Haproxy => {
@@ -224,7 +275,7 @@ impl Contender {
             }
             Self::IptablesDnat => {
                 let iptables = tools.iptables.clone().context("iptables missing")?;
-                let rules = dnat_rules(port, server);
+                let rules = dnat_rules(proto, port, server);
                 for rule in &rules {
                     let out = Command::new(&iptables).args(rule).output()?;
                     if !out.status.success() {
@@ -240,7 +291,10 @@ impl Contender {
                 return Ok(running);
             }
         }
-        wait_listening(port, &mut running.children)?;
+        match proto {
+            Proto::Tcp => wait_listening(port, &mut running.children)?,
+            Proto::Udp => wait_udp_bound(port, &mut running.children)?,
+        }
         Ok(running)
     }
 }
@@ -249,7 +303,7 @@ impl Contender {
 /// local address (PREROUTING for remote clients, OUTPUT for local ones, loopback included,
 /// which is why `route_localnet` is on), and MASQUERADE for locally sourced traffic into the
 /// bridge so that the container's replies come back through the host.
-fn dnat_rules(port: u16, server: SocketAddr) -> Vec<Vec<String>> {
+fn dnat_rules(proto: Proto, port: u16, server: SocketAddr) -> Vec<Vec<String>> {
     let p = port.to_string();
     let to = server.to_string();
     let bridge = &crate::topo::bridge();
@@ -288,7 +342,7 @@ fn dnat_rules(port: u16, server: SocketAddr) -> Vec<Vec<String>> {
             "-i",
             bridge,
             "-p",
-            "tcp",
+            proto.as_str(),
             "--dport",
             &p,
             "-j",
@@ -377,10 +431,19 @@ pub(crate) fn wait_listening(port: u16, children: &mut [Child]) -> anyhow::Resul
 }
 
 pub(crate) fn wait_all_listening(ports: &[u16], children: &mut [Child]) -> anyhow::Result<()> {
+    wait_ports(ports, children, procstat::is_listening)
+}
+
+/// Waits (at most 30 s) until UDP `port` is bound in our namespace.
+fn wait_udp_bound(port: u16, children: &mut [Child]) -> anyhow::Result<()> {
+    wait_ports(&[port], children, procstat::is_udp_bound)
+}
+
+fn wait_ports(ports: &[u16], children: &mut [Child], ready: fn(u16) -> bool) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut pending: Vec<u16> = ports.to_vec();
     loop {
-        pending.retain(|p| !procstat::is_listening(*p));
+        pending.retain(|p| !ready(*p));
         if pending.is_empty() {
             return Ok(());
         }
@@ -402,7 +465,7 @@ mod tests {
 
     #[test]
     fn every_dnat_rule_is_undone_in_reverse() {
-        let rules = dnat_rules(10_060, "198.18.0.1:7006".parse().unwrap());
+        let rules = dnat_rules(Proto::Tcp, 10_060, "198.18.0.1:7006".parse().unwrap());
         let undo: Vec<Vec<String>> = rules.iter().rev().flat_map(|r| undo_rule(r)).collect();
         // Each -A has its -D with the same arguments, and the chain is flushed then deleted last.
         for rule in rules.iter().filter(|r| r.contains(&"-A".to_owned())) {

@@ -169,3 +169,80 @@ pub(crate) async fn open_idle(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<
     }
     Ok(conns)
 }
+
+/// What a UDP echo run measured.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct UdpRun {
+    /// Datagrams that came back (each crossed the proxy twice).
+    pub(crate) replies: u64,
+    /// Datagrams presumed lost: sent, and not back within the loss timeout.
+    pub(crate) lost: u64,
+    pub(crate) elapsed: Duration,
+}
+
+/// How long a window may stay silent before its datagrams count as lost and it is refilled.
+const UDP_LOSS_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// `flows` client sockets, each keeping `window` datagrams of `size` bytes in flight through
+/// the echo server for `dur`: a reply sends the next datagram. Bounded in time; loss only
+/// costs a timeout and is counted.
+pub(crate) async fn udp_echo(
+    addr: SocketAddr,
+    flows: usize,
+    window: usize,
+    size: usize,
+    dur: Duration,
+) -> anyhow::Result<UdpRun> {
+    anyhow::ensure!(size >= 8, "datagrams carry an 8-byte epoch");
+    let start = Instant::now();
+    let deadline = start + dur;
+    let mut set = JoinSet::new();
+    for _ in 0..flows {
+        set.spawn(async move {
+            let sock = tokio::net::UdpSocket::bind(("0.0.0.0", 0)).await?;
+            sock.connect(addr).await?;
+            let mut out = vec![0x5au8; size];
+            let mut buf = vec![0u8; 65_536];
+            // Each refill starts an epoch; a late reply from an older one is not answered, so
+            // the window never grows past `window`.
+            let (mut epoch, mut replies, mut lost) = (0u64, 0u64, 0u64);
+            'refill: while Instant::now() < deadline {
+                epoch += 1;
+                out[..8].copy_from_slice(&epoch.to_be_bytes());
+                let mut in_flight = 0;
+                for _ in 0..window {
+                    sock.send(&out).await?;
+                    in_flight += 1;
+                }
+                while Instant::now() < deadline {
+                    match tokio::time::timeout(UDP_LOSS_TIMEOUT, sock.recv(&mut buf)).await {
+                        Ok(Ok(n)) => {
+                            if n < 8 || buf[..8] != epoch.to_be_bytes() {
+                                continue;
+                            }
+                            replies += 1;
+                            sock.send(&out).await?;
+                        }
+                        Ok(Err(e)) => return Err(anyhow::Error::from(e)),
+                        Err(_) => {
+                            lost += in_flight;
+                            continue 'refill;
+                        }
+                    }
+                }
+            }
+            anyhow::Ok((replies, lost))
+        });
+    }
+    let (mut replies, mut lost) = (0, 0);
+    while let Some(r) = set.join_next().await {
+        let (r, l) = r??;
+        replies += r;
+        lost += l;
+    }
+    Ok(UdpRun {
+        replies,
+        lost,
+        elapsed: start.elapsed(),
+    })
+}

@@ -20,6 +20,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use berth::addr::Proto;
 use clap::{Parser, ValueEnum};
 use contender::{Contender, Tools};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -72,6 +73,8 @@ enum Scenario {
     Cpu,
     /// Bulk and connection rate from the external-client namespace.
     External,
+    /// UDP datagrams per second and throughput at 64 B and 1,400 B (echo, 4 clients).
+    Udp,
 }
 
 /// Durations and sizes for a run.
@@ -86,6 +89,9 @@ struct Plan {
     crr_clients: usize,
     idle_conns: usize,
     mappings: usize,
+    udp_secs: f64,
+    udp_flows: usize,
+    udp_window: usize,
 }
 
 impl Plan {
@@ -117,6 +123,9 @@ impl Plan {
                 crr_clients: 8,
                 idle_conns: 500,
                 mappings: 100,
+                udp_secs: 1.0,
+                udp_flows: 4,
+                udp_window: 32,
             }
         } else {
             Self {
@@ -129,6 +138,9 @@ impl Plan {
                 crr_clients: 8,
                 idle_conns: 10_000,
                 mappings: 1_000,
+                udp_secs: 5.0,
+                udp_flows: 4,
+                udp_window: 32,
             }
         }
     }
@@ -160,6 +172,9 @@ enum Job {
     },
     Idle,
     Mappings,
+    Udp {
+        size: usize,
+    },
 }
 
 impl Job {
@@ -173,6 +188,7 @@ impl Job {
             Self::Crr { external: false } => "crr",
             Self::Idle => "idle",
             Self::Mappings => "mappings",
+            Self::Udp { .. } => "udp",
         }
     }
 
@@ -203,12 +219,28 @@ impl Job {
                 "{} mapped ports (berth: one `berth forward` process per port until the daemon lands)",
                 plan.mappings
             ),
+            Self::Udp { size } => format!(
+                "{size} B datagrams, echo, {} clients x {} in flight",
+                plan.udp_flows, plan.udp_window
+            ),
         }
     }
 
     /// Which contenders take part, given the selection.
     fn eligible(self, c: Contender) -> Result<(), &'static str> {
         use Contender as C;
+        let proto = if matches!(self, Self::Udp { .. }) {
+            Proto::Udp
+        } else {
+            Proto::Tcp
+        };
+        if !c.serves(proto) {
+            return Err(if proto == Proto::Udp {
+                "TCP only"
+            } else {
+                "UDP only"
+            });
+        }
         match self {
             Self::Bulk { external: true, .. } | Self::Crr { external: true } => {
                 if matches!(
@@ -245,17 +277,21 @@ impl Job {
             Self::Crr { .. } => plan.crr_secs + 0.3,
             Self::Idle => plan.idle_conns as f64 / 2000.0 + 1.0,
             Self::Mappings => plan.mappings as f64 * 0.01 + 1.0,
+            Self::Udp { .. } => plan.udp_secs + 0.3,
         }
     }
 }
 
 const METRIC_ORDER: &[&str] = &[
+    "kdgram_s",
     "gbit_s",
     "conn_s",
     "p50_us",
     "pss_mib",
     "startup_s",
     "cpu_s_per_gb",
+    "cpu_us_per_dgram",
+    "loss_pct",
     "p99_us",
     "p999_us",
     "p99_ms",
@@ -374,7 +410,10 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     let mut own_failures = 0;
     for job in &jobs {
         for c in &available {
-            if let Err(why) = job.eligible(*c) {
+            // A TCP-only or UDP-only contender sitting out the other protocol is no news.
+            if let Err(why) = job.eligible(*c)
+                && !why.ends_with(" only")
+            {
                 skipped.push((format!("{} in {}", c.name(), job.scenario()), why.into()));
             }
         }
@@ -429,10 +468,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                         bar.println(format!("{} {} failed: {e:#}", job.scenario(), c.name()));
                         // berth's own or the baseline's failure is a bug here or in berth;
                         // another contender failing (docker-proxy out of fds) is a result.
-                        if matches!(
-                            c,
-                            Contender::Direct | Contender::BerthCopy | Contender::BerthSplice
-                        ) {
+                        if c.is_own() {
                             own_failures += 1;
                         }
                         failures.push(format!(
@@ -544,6 +580,9 @@ impl ScenarioSet {
         if self.has(Scenario::Mappings) {
             jobs.push(Job::Mappings);
         }
+        if self.has(Scenario::Udp) {
+            jobs.extend([Job::Udp { size: 64 }, Job::Udp { size: 1400 }]);
+        }
         jobs
     }
 }
@@ -578,7 +617,12 @@ fn sample(
     rt: &tokio::runtime::Runtime,
 ) -> anyhow::Result<BTreeMap<&'static str, f64>> {
     let port = 10_000 + c as u16 * 10;
-    let running = c.start(tools, port, topology.server_for(c as u16), logs)?;
+    let proto = if matches!(job, Job::Udp { .. }) {
+        Proto::Udp
+    } else {
+        Proto::Tcp
+    };
+    let running = c.start(tools, proto, port, topology.server_for(c as u16), logs)?;
     let pids = running.pids();
     let mut m = BTreeMap::new();
     match job {
@@ -636,6 +680,32 @@ fn sample(
             m.insert("processes", procstat::tree(&pids).len() as f64);
             drop(conns);
         }
+        Job::Udp { size } => {
+            let cpu0 = procstat::cpu_seconds(&pids);
+            let run = rt.block_on(load::udp_echo(
+                running.local,
+                plan.udp_flows,
+                plan.udp_window,
+                size,
+                Duration::from_secs_f64(plan.udp_secs),
+            ))?;
+            let cpu = procstat::cpu_seconds(&pids) - cpu0;
+            anyhow::ensure!(run.replies > 0, "no datagram came back");
+            let secs = run.elapsed.as_secs_f64();
+            m.insert("kdgram_s", run.replies as f64 / secs / 1e3);
+            m.insert(
+                "gbit_s",
+                (run.replies * size as u64) as f64 * 8.0 / secs / 1e9,
+            );
+            m.insert(
+                "loss_pct",
+                100.0 * run.lost as f64 / (run.replies + run.lost) as f64,
+            );
+            if c.has_process() {
+                // Each echoed datagram crossed the proxy twice.
+                m.insert("cpu_us_per_dgram", cpu / (2.0 * run.replies as f64) * 1e6);
+            }
+        }
         Job::Mappings => unreachable!("handled by mappings()"),
     }
     Ok(m)
@@ -654,7 +724,7 @@ fn mappings(
     let mut running = Vec::with_capacity(plan.mappings);
     for i in 0..plan.mappings {
         let port = 11_000 + u16::try_from(i)?;
-        running.push(c.start(tools, port, topology.server_for(c as u16), logs)?);
+        running.push(c.start(tools, Proto::Tcp, port, topology.server_for(c as u16), logs)?);
     }
     let startup = start.elapsed().as_secs_f64();
     let pids: Vec<u32> = running.iter().flat_map(contender::Running::pids).collect();

@@ -96,3 +96,12 @@ pub(crate) fn is_listening(port: u16) -> bool {
     }
     matches!(probe.bind(&std::net::SocketAddr::from(([0, 0, 0, 0], port)).into()), Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE))
 }
+
+/// True when UDP `port` is bound on the wildcard or any address: a bind without SO_REUSEADDR
+/// collides with any socket on the port.
+pub(crate) fn is_udp_bound(port: u16) -> bool {
+    match std::net::UdpSocket::bind(std::net::SocketAddr::from(([0, 0, 0, 0], port))) {
+        Ok(_) => false,
+        Err(e) => e.raw_os_error() == Some(libc::EADDRINUSE),
+    }
+}

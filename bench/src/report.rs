@@ -21,8 +21,11 @@ pub(crate) struct Sample {
 /// ratio to `direct`.
 pub(crate) fn metric_label(m: &str) -> &'static str {
     match m {
+        "kdgram_s" => "k datagrams/s",
         "gbit_s" => "Gbit/s",
         "cpu_s_per_gb" => "CPU s/GB",
+        "cpu_us_per_dgram" => "CPU µs/datagram",
+        "loss_pct" => "loss %",
         "p50_us" => "p50 µs",
         "p99_us" => "p99 µs",
         "p999_us" => "p99.9 µs",

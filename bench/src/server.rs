@@ -5,6 +5,8 @@
 //! - `E` echo: 64-byte frames back and forth until EOF (request/response latency);
 //! - `C` + 63 bytes, connect/request/response: answer 64 bytes and close;
 //! - `I` idle: answer one byte (so the client knows the path is complete), then wait for EOF.
+//!
+//! On the same port numbers, UDP echo: every datagram goes back to its sender.
 use std::{
     net::{IpAddr, SocketAddr},
     time::Duration,
@@ -37,6 +39,9 @@ pub(crate) fn spawn(ns: &NetNs, ip: IpAddr, ports: &[u16]) -> anyhow::Result<()>
                     .enable_all()
                     .build()?;
                 rt.block_on(async {
+                    for &addr in &addrs {
+                        spawn_udp_echo(addr)?;
+                    }
                     for addr in addrs {
                         let sock = socket2::Socket::new(
                             socket2::Domain::IPV4,
@@ -65,6 +70,23 @@ pub(crate) fn spawn(ns: &NetNs, ip: IpAddr, ports: &[u16]) -> anyhow::Result<()>
             }
         })?;
     ready_rx.recv().context("server thread died")?
+}
+
+/// A UDP echo on a thread of its own (spawned from the server thread, so in its namespace):
+/// blocking recv/send is the cheapest echo there is, and it is the same for every contender.
+fn spawn_udp_echo(addr: SocketAddr) -> anyhow::Result<()> {
+    let sock = std::net::UdpSocket::bind(addr)?;
+    // Room for bursts of 4 clients x 64 datagrams in flight.
+    socket2::SockRef::from(&sock).set_recv_buffer_size(4 << 20)?;
+    std::thread::Builder::new()
+        .name(format!("udp-echo-{}", addr.port()))
+        .spawn(move || {
+            let mut buf = vec![0u8; 65_536];
+            while let Ok((n, from)) = sock.recv_from(&mut buf) {
+                let _ = sock.send_to(&buf[..n], from);
+            }
+        })?;
+    Ok(())
 }
 
 async fn serve(mut s: TcpStream) -> std::io::Result<()> {
