@@ -63,7 +63,9 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         for c in &mut self.children {
-            let _ = nix::sys::signal::kill(
+            // The whole process group: socat's per-client UDP children would otherwise keep
+            // the port bound into the next sample.
+            let _ = nix::sys::signal::killpg(
                 nix::unistd::Pid::from_raw(c.id() as i32),
                 nix::sys::signal::Signal::SIGKILL,
             );
@@ -259,7 +261,10 @@ impl Contender {
                         .arg(format!("TCP-LISTEN:{port},fork,reuseaddr,backlog=4096"))
                         .arg(format!("TCP:{server}")),
                     // One child per client, each connected to that client and to the server.
+                    // -T: a child whose client went quiet exits, should a kill miss it.
                     Proto::Udp => cmd
+                        .arg("-T")
+                        .arg("30")
                         .arg(format!("UDP4-LISTEN:{port},fork,reuseaddr"))
                         .arg(format!("UDP4:{server}")),
                 };
@@ -393,6 +398,8 @@ fn spawn(cmd: &mut Command, logs: &Path, who: Contender) -> anyhow::Result<Child
     unsafe {
         cmd.pre_exec(|| {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            // A group of its own, so that Drop can kill its forked children too.
+            libc::setpgid(0, 0);
             Ok(())
         });
     }

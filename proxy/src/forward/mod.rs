@@ -6,6 +6,7 @@
 
 mod accept;
 mod connect;
+mod stats;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -17,6 +18,7 @@ use tokio::{
 use tracing::{Instrument as _, debug, debug_span, info, warn};
 
 pub use connect::{ConnectError, connect};
+pub use stats::{DURATION_BUCKETS, Snapshot, Stats};
 
 use crate::{
     addr::{ClientAddr, TargetAddr},
@@ -52,24 +54,60 @@ impl Config {
     }
 }
 
+/// What a running mapping is told to do, through a `watch` channel (see [`serve`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Accept and relay.
+    Serve,
+    /// Stop accepting (the listener closes); established connections run on.
+    Drain,
+    /// Reset whatever is still open, and return.
+    Cut,
+}
+
 /// Serves `listener` until `shutdown` completes, then drains.
 ///
 /// After `shutdown`, no new client is accepted; established connections get
-/// [`Config::drain_timeout`] to finish, and whatever is left is closed.
+/// [`Config::drain_timeout`] to finish, and whatever is left is reset.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future,
 ) -> Result<(), accept::AcceptError> {
+    let (phase, rx) = watch::channel(Phase::Serve);
+    let drain = config.drain_timeout;
+    let mut serving = std::pin::pin!(serve(listener, config, Arc::default(), rx));
+    tokio::select! {
+        r = &mut serving => return r,
+        _ = shutdown => {}
+    }
+    phase.send_replace(Phase::Drain);
+    tokio::select! {
+        r = &mut serving => return r,
+        () = tokio::time::sleep(drain) => {}
+    }
+    phase.send_replace(Phase::Cut);
+    serving.await
+}
+
+/// Serves `listener`, counting into `stats`, until `phase` says to drain; then lets the
+/// established connections finish until they are done or `phase` says to cut them.
+///
+/// A dropped `phase` sender counts as [`Phase::Cut`].
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    stats: Arc<Stats>,
+    mut phase: watch::Receiver<Phase>,
+) -> Result<(), accept::AcceptError> {
     let config = Arc::new(config);
     let limit = Arc::new(Semaphore::new(config.max_connections));
     let mut conns = JoinSet::new();
     let mut accept = accept::Acceptor::new(&listener);
-    let mut shutdown = std::pin::pin!(shutdown);
-    // Tells the relays to reset their sockets when the drain time is over.
-    let (cut, cut_rx) = watch::channel(false);
     // Logged once per episode of being at the limit, not once per refused client.
     let mut at_limit = false;
+    // For the connections; `phase` itself is borrowed by the loop's select.
+    let conn_phase = phase.clone();
     match listener.local_addr() {
         Ok(local) => {
             info!(listen = %local, target = %config.target, mode = %config.mode, "listening");
@@ -79,16 +117,18 @@ pub async fn run(
 
     loop {
         tokio::select! {
-            () = async { (&mut shutdown).await; } => break,
+            () = until(&mut phase, |p| p != Phase::Serve) => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = accept.next() => {
                 let (stream, client) = accepted?;
+                stats.accepted();
                 let Ok(permit) = limit.clone().try_acquire_owned() else {
                     if !at_limit {
                         warn!(limit = config.max_connections, "connection limit reached, resetting new clients until a slot frees");
                         at_limit = true;
                     }
                     debug!(client.addr = %client, "refused: connection limit");
+                    stats.limit_reached();
                     relay::abort_stream(stream);
                     continue;
                 };
@@ -97,11 +137,15 @@ pub async fn run(
                     at_limit = false;
                 }
                 let config = config.clone();
-                let cut = cut_rx.clone();
+                let stats = stats.clone();
+                let phase = conn_phase.clone();
                 let span = debug_span!("conn", client.addr = %client);
                 conns.spawn(
                     async move {
-                        serve(stream, client, &config, cut).await;
+                        let opened = tokio::time::Instant::now();
+                        stats.opened();
+                        handle(stream, client, &config, &stats, phase).await;
+                        stats.closed(opened.elapsed());
                         drop(permit);
                     }
                     .instrument(span),
@@ -110,37 +154,35 @@ pub async fn run(
         }
     }
 
+    drop(accept);
     drop(listener);
     if !conns.is_empty() {
-        info!(active = conns.len(), timeout = ?config.drain_timeout, "draining connections");
-        let drained = tokio::time::timeout(config.drain_timeout, async {
-            while conns.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            warn!(
-                left = conns.len(),
-                "drain timeout reached, closing remaining connections"
-            );
-            // Reset rather than drop: a FIN would pass a cut transfer off as a complete one.
-            let _ = cut.send(true);
-            while conns.join_next().await.is_some() {}
+        info!(active = conns.len(), "draining connections");
+        tokio::select! {
+            () = async { while conns.join_next().await.is_some() {} } => {}
+            () = until(&mut phase, |p| p == Phase::Cut) => {
+                // The connections see the same phase and reset themselves: a FIN would pass
+                // a cut transfer off as a complete one.
+                warn!(left = conns.len(), "drain time over, resetting the remaining connections");
+                while conns.join_next().await.is_some() {}
+            }
         }
     }
     Ok(())
 }
 
-/// Handles one accepted client from connect to close, or until `cut` says to reset it.
-async fn serve(
+/// Handles one accepted client from connect to close, or until `phase` says to cut.
+async fn handle(
     client: TcpStream,
     client_addr: ClientAddr,
     config: &Config,
-    mut cut: watch::Receiver<bool>,
+    stats: &Stats,
+    mut phase: watch::Receiver<Phase>,
 ) {
     let _ = client.set_nodelay(true);
     let connected = tokio::select! {
         c = connect::connect(config.target, config.connect_timeout) => c,
-        _ = cut.wait_for(|cut| *cut) => {
+        () = until(&mut phase, |p| p == Phase::Cut) => {
             relay::abort_stream(client);
             return;
         }
@@ -149,21 +191,27 @@ async fn serve(
         Ok(t) => t,
         Err(e) => {
             warn!(client.addr = %client_addr, target = %config.target, error = %e, "cannot reach target, closing client");
+            stats.connect_failed(e.reason());
             relay::abort_stream(client);
             return;
         }
     };
-    let meter = Meter::default();
+    let meter = Meter::with_totals(stats.totals());
     tokio::select! {
         r = relay::relay(&client, &target, config.mode, &meter) => match r {
             Ok(t) => debug!(to_target = t.to_target, to_client = t.to_client, "connection closed"),
             Err(e) => debug!(error = %e, "connection aborted"),
         },
-        _ = cut.wait_for(|cut| *cut) => {
+        () = until(&mut phase, |p| p == Phase::Cut) => {
             let t = meter.transfer();
             debug!(to_target = t.to_target, to_client = t.to_client, "drain time over, resetting connection");
             relay::abort_stream(client);
             relay::abort_stream(target);
         }
     }
+}
+
+/// Waits until `phase` satisfies `cond` (or its sender is gone), holding no borrow after.
+async fn until(phase: &mut watch::Receiver<Phase>, cond: impl Fn(Phase) -> bool) {
+    let _ = phase.wait_for(|p| cond(*p)).await;
 }

@@ -12,7 +12,10 @@ mod splice;
 use std::{
     fmt, io,
     str::FromStr,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 pub use bidi::relay;
@@ -79,21 +82,34 @@ impl fmt::Display for Direction {
     }
 }
 
-/// Bytes moved so far in each direction. Updated as data moves, so that it can be read while
-/// a long transfer is still running.
+/// Bytes moved so far in each direction by one connection, and optionally added to a
+/// mapping's [`Totals`] as well. Updated as data moves, so that a long transfer shows progress
+/// while it runs.
 #[derive(Debug, Default)]
 pub struct Meter {
     to_target: AtomicU64,
     to_client: AtomicU64,
+    totals: Option<Arc<Totals>>,
 }
 
 impl Meter {
+    /// A meter that also adds everything to `totals`.
+    pub fn with_totals(totals: Arc<Totals>) -> Self {
+        Self {
+            totals: Some(totals),
+            ..Self::default()
+        }
+    }
+
     pub(crate) fn add(&self, dir: Direction, n: usize) {
-        let counter = match dir {
-            Direction::ToTarget => &self.to_target,
-            Direction::ToClient => &self.to_client,
+        let n = n as u64;
+        match dir {
+            Direction::ToTarget => self.to_target.fetch_add(n, Ordering::Relaxed),
+            Direction::ToClient => self.to_client.fetch_add(n, Ordering::Relaxed),
         };
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+        if let Some(t) = &self.totals {
+            t.add(dir, n);
+        }
     }
 
     pub fn transfer(&self) -> Transfer {
@@ -101,6 +117,30 @@ impl Meter {
             to_target: self.to_target.load(Ordering::Relaxed),
             to_client: self.to_client.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// Bytes moved by all connections of a mapping, each direction.
+#[derive(Debug, Default)]
+pub struct Totals {
+    to_target: AtomicU64,
+    to_client: AtomicU64,
+}
+
+impl Totals {
+    fn add(&self, dir: Direction, n: u64) {
+        match dir {
+            Direction::ToTarget => self.to_target.fetch_add(n, Ordering::Relaxed),
+            Direction::ToClient => self.to_client.fetch_add(n, Ordering::Relaxed),
+        };
+    }
+
+    pub fn to_target(&self) -> u64 {
+        self.to_target.load(Ordering::Relaxed)
+    }
+
+    pub fn to_client(&self) -> u64 {
+        self.to_client.load(Ordering::Relaxed)
     }
 }
 
