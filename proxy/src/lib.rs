@@ -8,6 +8,7 @@
 //! - [`forward`]: the TCP accept loop that connects clients to a target and relays.
 //! - [`docker_proxy`]: docker-proxy's command line and fd 3 status pipe.
 //! - [`ebpf`]: the embedded kernel programs and their loader.
+//! - [`service`]: `berth run`, the daemon: config, reload, admin socket, metrics, systemd.
 //! - [`udp`]: UDP forwarding with one flow (and socket) per client.
 
 pub mod addr;
@@ -19,5 +20,6 @@ pub mod listen;
 pub mod net;
 mod pool;
 pub mod relay;
+pub mod service;
 pub mod sys;
 pub mod udp;

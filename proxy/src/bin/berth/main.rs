@@ -1,6 +1,7 @@
 //! `berth`: the command-line front end. It parses flags, binds, and hands over to the library.
 mod forward_cmd;
 mod net_cmd;
+mod service_cmd;
 
 use std::process::ExitCode;
 
@@ -21,6 +22,14 @@ struct Cli {
 enum Command {
     /// Forward a TCP or UDP port: accept on LISTEN, forward each client to TARGET.
     Forward(forward_cmd::ForwardArgs),
+    /// Serve every mapping of a configuration file (the daemon).
+    Run(service_cmd::RunArgs),
+    /// Validate a configuration file without binding anything.
+    Check(service_cmd::CheckArgs),
+    /// Show the mappings of a running berth: addresses, mode, open connections, bytes, errors.
+    Status(service_cmd::StatusArgs),
+    /// Make a running berth re-read its configuration file (as SIGHUP does).
+    Reload(service_cmd::ReloadArgs),
     /// Build, remove or enter the container network (bridge, namespaces, veth pairs).
     #[command(subcommand)]
     Net(net_cmd::NetCommand),
@@ -40,6 +49,10 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Forward(args) => forward_cmd::run(args).await,
             Command::Net(cmd) => net_cmd::run(cmd).await,
+            Command::Run(args) => service_cmd::run(args).await,
+            Command::Check(args) => service_cmd::check(&args),
+            Command::Status(args) => service_cmd::status(&args).await,
+            Command::Reload(args) => service_cmd::reload(&args).await,
         }
     });
     match result {

@@ -1,0 +1,432 @@
+//! The service's configuration file (`/etc/berth/berth.toml`): parsed, then validated as a
+//! whole before anything is bound. Every error names the file, the mapping and the field.
+//!
+//! ```toml
+//! [metrics]
+//! listen = "127.0.0.1:9475"
+//!
+//! [[mapping]]
+//! name = "web"
+//! proto = "tcp"            # tcp | udp
+//! listen = "0.0.0.0:9091"
+//! target = "172.16.1.1:8080"
+//! mode = "auto"            # auto | copy | splice
+//! ```
+use std::{
+    collections::HashMap,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::{
+    addr::{ListenAddr, Proto, TargetAddr},
+    forward,
+    relay::Mode,
+    udp,
+};
+
+/// Where the Prometheus endpoint listens unless the file says otherwise.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9475";
+/// The admin socket unless the file says otherwise.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/berth/admin.sock";
+
+/// A validated configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// `None` when `[metrics] enabled = false`.
+    pub metrics_listen: Option<SocketAddr>,
+    pub admin_socket: PathBuf,
+    /// On SIGTERM, how long established connections may still run.
+    pub drain_timeout: Duration,
+    pub mappings: Vec<MappingSpec>,
+}
+
+/// What a mapping asks for; `mode = "auto"` picks the best mode available.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ModeChoice {
+    #[default]
+    Auto,
+    Copy,
+    Splice,
+}
+
+impl ModeChoice {
+    /// The relay mode for TCP: until the eBPF modes land, `auto` means splice.
+    pub fn tcp_mode(self) -> Mode {
+        match self {
+            Self::Copy => Mode::Copy,
+            Self::Auto | Self::Splice => Mode::Splice,
+        }
+    }
+}
+
+impl fmt::Display for ModeChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Copy => "copy",
+            Self::Splice => "splice",
+        })
+    }
+}
+
+/// One validated `[[mapping]]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MappingSpec {
+    pub name: String,
+    pub proto: Proto,
+    pub listen: ListenAddr,
+    pub target: TargetAddr,
+    pub mode: ModeChoice,
+    pub max_connections: usize,
+    pub connect_timeout: Duration,
+    pub udp_idle_timeout: Duration,
+    pub max_flows: usize,
+    pub udp_batch: usize,
+}
+
+impl MappingSpec {
+    /// The mode in use, for status and metrics.
+    pub fn mode_in_use(&self) -> &'static str {
+        match self.proto {
+            Proto::Tcp => self.mode.tcp_mode().as_str(),
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+/// The configuration is unusable; nothing was started.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {}: {source}", file.display())]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", file.display())]
+    Syntax { file: PathBuf, message: String },
+    #[error("{}: mapping {mapping}: {field}: {why}", file.display())]
+    Mapping {
+        file: PathBuf,
+        /// `"web"` (or `#3` when it has no usable name).
+        mapping: String,
+        field: &'static str,
+        why: String,
+    },
+    #[error("{}: [{section}] {field}: {why}", file.display())]
+    Section {
+        file: PathBuf,
+        section: &'static str,
+        field: &'static str,
+        why: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    metrics: Option<RawMetrics>,
+    admin: Option<RawAdmin>,
+    service: Option<RawService>,
+    #[serde(default)]
+    mapping: Vec<RawMapping>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    enabled: Option<bool>,
+    listen: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    drain_timeout: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMapping {
+    name: Option<String>,
+    proto: Option<String>,
+    listen: Option<String>,
+    target: Option<String>,
+    mode: Option<String>,
+    max_connections: Option<i64>,
+    connect_timeout: Option<f64>,
+    udp_idle_timeout: Option<f64>,
+    max_flows: Option<i64>,
+    udp_batch: Option<i64>,
+}
+
+impl Config {
+    /// Reads and validates `file`.
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_owned(),
+            source,
+        })?;
+        Self::parse(file, &text)
+    }
+
+    /// Validates `text` as if read from `file` (which only names it in errors).
+    pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            file: file.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let section = |section, field, why: String| ConfigError::Section {
+            file: file.to_owned(),
+            section,
+            field,
+            why,
+        };
+        let metrics_listen = match raw.metrics {
+            Some(RawMetrics {
+                enabled: Some(false),
+                ..
+            }) => None,
+            Some(RawMetrics {
+                listen: Some(l), ..
+            }) => Some(
+                l.parse::<SocketAddr>()
+                    .map_err(|_| section("metrics", "listen", bad_addr(&l)))?,
+            ),
+            _ => DEFAULT_METRICS_LISTEN.parse().ok(),
+        };
+        let admin_socket = raw
+            .admin
+            .and_then(|a| a.socket)
+            .unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into());
+        if !admin_socket.is_absolute() {
+            return Err(section(
+                "admin",
+                "socket",
+                format!("{} is not an absolute path", admin_socket.display()),
+            ));
+        }
+        let drain_timeout = match raw.service.and_then(|s| s.drain_timeout) {
+            Some(v) => secs(v).map_err(|why| section("service", "drain_timeout", why))?,
+            None => forward::Config::DEFAULT_DRAIN_TIMEOUT,
+        };
+        let mut mappings: Vec<MappingSpec> = Vec::with_capacity(raw.mapping.len());
+        for (i, m) in raw.mapping.into_iter().enumerate() {
+            let spec = mapping(m, i + 1).map_err(|(mapping, field, why)| ConfigError::Mapping {
+                file: file.to_owned(),
+                mapping,
+                field,
+                why,
+            })?;
+            mappings.push(spec);
+        }
+        let config = Self {
+            metrics_listen,
+            admin_socket,
+            drain_timeout,
+            mappings,
+        };
+        config.check_conflicts(file)?;
+        Ok(config)
+    }
+
+    /// Names are unique, and no two mappings (nor the metrics endpoint) want the same port.
+    fn check_conflicts(&self, file: &Path) -> Result<(), ConfigError> {
+        let mut names: HashMap<&str, ()> = HashMap::new();
+        for (i, m) in self.mappings.iter().enumerate() {
+            let err = |field, why| ConfigError::Mapping {
+                file: file.to_owned(),
+                mapping: format!("{:?}", m.name),
+                field,
+                why,
+            };
+            if names.insert(&m.name, ()).is_some() {
+                return Err(err("name", "another mapping has the same name".into()));
+            }
+            if let Some(other) = self.mappings[..i]
+                .iter()
+                .find(|o| o.proto == m.proto && overlaps(o.listen.get(), m.listen.get()))
+            {
+                return Err(err(
+                    "listen",
+                    format!(
+                        "{} {} overlaps mapping {:?} ({} {})",
+                        m.proto, m.listen, other.name, other.proto, other.listen
+                    ),
+                ));
+            }
+            if let Some(metrics) = self.metrics_listen
+                && m.proto == Proto::Tcp
+                && overlaps(metrics, m.listen.get())
+            {
+                return Err(err(
+                    "listen",
+                    format!("{} overlaps the metrics endpoint {metrics}", m.listen),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Two listen addresses clash when the ports match and the addresses are equal, or one is the
+/// wildcard of the same family (binding both fails with "address in use").
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+type FieldError = (String, &'static str, String);
+
+fn mapping(m: RawMapping, index: usize) -> Result<MappingSpec, FieldError> {
+    let label = match &m.name {
+        Some(n) if !n.is_empty() => format!("{n:?}"),
+        _ => format!("#{index}"),
+    };
+    let err = |field: &'static str, why: String| (label.clone(), field, why);
+    let name = m.name.clone().ok_or_else(|| err("name", "missing".into()))?;
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(err(
+            "name",
+            "must be 1 to 64 characters of A-Z a-z 0-9 - _ . (it names the mapping in metrics, status and LISTEN_FDNAMES)".into(),
+        ));
+    }
+    let proto: Proto = match &m.proto {
+        Some(p) => p.parse().map_err(|e| err("proto", e))?,
+        None => Proto::Tcp,
+    };
+    let listen_text = m.listen.ok_or_else(|| err("listen", "missing".into()))?;
+    let listen: ListenAddr = listen_text
+        .parse()
+        .map_err(|_| err("listen", bad_addr(&listen_text)))?;
+    let target_text = m.target.ok_or_else(|| err("target", "missing".into()))?;
+    let target: TargetAddr = target_text
+        .parse()
+        .map_err(|_| err("target", bad_addr(&target_text)))?;
+    if target.get().port() == 0 || target.get().ip().is_unspecified() {
+        return Err(err(
+            "target",
+            format!("{target} cannot be connected to (port 0 or an unspecified address)"),
+        ));
+    }
+    let mode = match m.mode.as_deref() {
+        None | Some("auto") => ModeChoice::Auto,
+        Some("copy") if proto == Proto::Tcp => ModeChoice::Copy,
+        Some("splice") if proto == Proto::Tcp => ModeChoice::Splice,
+        Some(v @ ("copy" | "splice")) => {
+            return Err(err(
+                "mode",
+                format!("{v:?} applies to tcp; a udp mapping takes \"auto\""),
+            ));
+        }
+        Some(v @ ("sockmap" | "dnat")) => {
+            return Err(err(
+                "mode",
+                format!("{v:?} is not available in this version of berth"),
+            ));
+        }
+        Some(v) => {
+            return Err(err(
+                "mode",
+                format!("unknown mode {v:?}: expected auto, copy or splice"),
+            ));
+        }
+    };
+    let tcp_only = |field: &'static str, set: bool| {
+        if set && proto != Proto::Tcp {
+            Err(err(field, "applies to tcp mappings only".into()))
+        } else {
+            Ok(())
+        }
+    };
+    let udp_only = |field: &'static str, set: bool| {
+        if set && proto != Proto::Udp {
+            Err(err(field, "applies to udp mappings only".into()))
+        } else {
+            Ok(())
+        }
+    };
+    tcp_only("max_connections", m.max_connections.is_some())?;
+    tcp_only("connect_timeout", m.connect_timeout.is_some())?;
+    udp_only("udp_idle_timeout", m.udp_idle_timeout.is_some())?;
+    udp_only("max_flows", m.max_flows.is_some())?;
+    udp_only("udp_batch", m.udp_batch.is_some())?;
+    let positive = |field: &'static str, v: Option<i64>, default: usize, max: usize| match v {
+        None => Ok(default),
+        Some(n) => usize::try_from(n)
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| err(field, format!("{n} is not a number from 1 to {max}"))),
+    };
+    let seconds = |field: &'static str, v: Option<f64>, default: Duration| match v {
+        None => Ok(default),
+        Some(v) => secs(v).map_err(|why| err(field, why)),
+    };
+    Ok(MappingSpec {
+        max_connections: positive(
+            "max_connections",
+            m.max_connections,
+            forward::Config::DEFAULT_MAX_CONNECTIONS,
+            10_000_000,
+        )?,
+        connect_timeout: seconds(
+            "connect_timeout",
+            m.connect_timeout,
+            forward::Config::DEFAULT_CONNECT_TIMEOUT,
+        )?,
+        udp_idle_timeout: seconds(
+            "udp_idle_timeout",
+            m.udp_idle_timeout,
+            udp::DEFAULT_IDLE_TIMEOUT,
+        )?,
+        max_flows: positive(
+            "max_flows",
+            m.max_flows,
+            udp::Config::DEFAULT_MAX_FLOWS,
+            10_000_000,
+        )?,
+        udp_batch: positive(
+            "udp_batch",
+            m.udp_batch,
+            udp::Config::DEFAULT_BATCH,
+            udp::Config::MAX_BATCH,
+        )?,
+        name,
+        proto,
+        listen,
+        target,
+        mode,
+    })
+}
+
+fn bad_addr(s: &str) -> String {
+    format!("invalid address {s:?}: expected IP:PORT, such as 0.0.0.0:9090 or [::1]:9090")
+}
+
+fn secs(v: f64) -> Result<Duration, String> {
+    if v.is_finite() && (0.0..1e9).contains(&v) {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(format!("{v} is not a number of seconds"))
+    }
+}
+
+#[cfg(test)]
+#[path = "config_tests.rs"]
+mod tests;

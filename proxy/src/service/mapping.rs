@@ -1,0 +1,213 @@
+//! One running mapping of the service: its socket, its task and its counters.
+use std::{
+    io,
+    os::fd::{AsFd as _, OwnedFd},
+    sync::Arc,
+};
+
+use socket2::Socket;
+use tokio::{
+    net::{TcpListener, UdpSocket},
+    sync::watch,
+    task::JoinHandle,
+};
+use tracing::{Instrument as _, error, info_span};
+
+use super::config::MappingSpec;
+use crate::{
+    addr::Proto,
+    forward::{self, Phase},
+    listen::{self, ListenError},
+    udp,
+};
+
+/// A mapping's socket, bound (or inherited) but not yet served.
+#[derive(Debug)]
+pub(crate) enum Bound {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
+}
+
+impl Bound {
+    pub(crate) fn bind(spec: &MappingSpec) -> Result<Self, ListenError> {
+        Ok(match spec.proto {
+            Proto::Tcp => Self::Tcp(listen::bind_tcp(spec.listen)?),
+            Proto::Udp => Self::Udp(listen::bind_udp(spec.listen)?),
+        })
+    }
+
+    /// Adopts a socket handed over by a running mapping or by systemd, after checking that it
+    /// is the right kind and bound where `spec` says.
+    pub(crate) fn adopt(fd: OwnedFd, spec: &MappingSpec) -> Result<Self, String> {
+        let sock = Socket::from(fd);
+        let (want, what) = match spec.proto {
+            Proto::Tcp => (socket2::Type::STREAM, "a TCP"),
+            Proto::Udp => (socket2::Type::DGRAM, "a UDP"),
+        };
+        if sock.r#type().ok() != Some(want) {
+            return Err(format!("the inherited socket is not {what} socket"));
+        }
+        let local = sock.local_addr().ok().and_then(|a| a.as_socket());
+        if local != Some(spec.listen.get()) && spec.listen.get().port() != 0 {
+            return Err(format!(
+                "the inherited socket is bound to {}, the mapping says {}",
+                local.map_or_else(|| "nothing".into(), |a| a.to_string()),
+                spec.listen
+            ));
+        }
+        let err = |e: io::Error| e.to_string();
+        if spec.proto == Proto::Tcp && !sock.is_listener().unwrap_or(false) {
+            sock.listen(4096).map_err(err)?;
+        }
+        sock.set_nonblocking(true).map_err(err)?;
+        sock.set_cloexec(true).map_err(err)?;
+        Ok(match spec.proto {
+            Proto::Tcp => Self::Tcp(TcpListener::from_std(sock.into()).map_err(err)?),
+            Proto::Udp => Self::Udp(UdpSocket::from_std(sock.into()).map_err(err)?),
+        })
+    }
+
+    fn dup(&self) -> io::Result<OwnedFd> {
+        match self {
+            Self::Tcp(l) => l.as_fd().try_clone_to_owned(),
+            Self::Udp(s) => s.as_fd().try_clone_to_owned(),
+        }
+    }
+}
+
+/// A mapping's live counters.
+#[derive(Clone, Debug)]
+pub(crate) enum Counters {
+    Tcp(Arc<forward::Stats>),
+    Udp(Arc<udp::Stats>),
+}
+
+/// A mapping being served (or, once retired by a reload, draining).
+#[derive(Debug)]
+pub(crate) struct Running {
+    pub(crate) spec: MappingSpec,
+    pub(crate) counters: Counters,
+    /// A duplicate of the socket, so that a reload can hand it to a replacement without ever
+    /// closing the port (no connection is refused in between). Dropped on drain, so that a
+    /// removed mapping's port really closes.
+    socket: Option<OwnedFd>,
+    phase: watch::Sender<Phase>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Starts serving `bound`. `reuse` carries the counters of the mapping this one replaces,
+    /// so that a reload does not reset the mapping's metrics.
+    pub(crate) fn start(
+        spec: MappingSpec,
+        bound: Bound,
+        reuse: Option<Counters>,
+    ) -> io::Result<Self> {
+        let socket = bound.dup()?;
+        let (phase, rx) = watch::channel(Phase::Serve);
+        let span = info_span!("mapping", name = %spec.name);
+        let (counters, task) = match bound {
+            Bound::Tcp(listener) => {
+                let stats = match reuse {
+                    Some(Counters::Tcp(s)) => s,
+                    _ => Arc::default(),
+                };
+                let config = forward::Config {
+                    target: spec.target,
+                    mode: spec.mode.tcp_mode(),
+                    connect_timeout: spec.connect_timeout,
+                    max_connections: spec.max_connections,
+                    drain_timeout: std::time::Duration::ZERO,
+                };
+                let serve = forward::serve(listener, config, stats.clone(), rx);
+                let task = tokio::spawn(
+                    async move {
+                        if let Err(e) = serve.await {
+                            error!(error = %e, "mapping stopped");
+                        }
+                    }
+                    .instrument(span),
+                );
+                (Counters::Tcp(stats), task)
+            }
+            Bound::Udp(socket) => {
+                let stats = match reuse {
+                    Some(Counters::Udp(s)) => s,
+                    _ => Arc::default(),
+                };
+                let config = udp::Config {
+                    target: spec.target,
+                    idle_timeout: spec.udp_idle_timeout,
+                    max_flows: spec.max_flows,
+                    batch: spec.udp_batch,
+                };
+                let mut rx = rx;
+                let stop = async move {
+                    let _ = rx.wait_for(|p| *p != Phase::Serve).await;
+                };
+                let run = udp::run(socket, config, stats.clone(), stop);
+                let task = tokio::spawn(
+                    async move {
+                        if let Err(e) = run.await {
+                            error!(error = %e, "mapping stopped");
+                        }
+                    }
+                    .instrument(span),
+                );
+                (Counters::Udp(stats), task)
+            }
+        };
+        Ok(Self {
+            spec,
+            counters,
+            socket: Some(socket),
+            phase,
+            task,
+        })
+    }
+
+    /// A duplicate of the mapping's socket, for its replacement.
+    pub(crate) fn handover(&self) -> io::Result<OwnedFd> {
+        match &self.socket {
+            Some(s) => s.try_clone(),
+            None => Err(io::Error::other("the mapping is draining; its socket is closed")),
+        }
+    }
+
+    /// Stop accepting (the socket closes); established connections run on.
+    pub(crate) fn drain(&mut self) {
+        self.socket = None;
+        self.phase.send_replace(Phase::Drain);
+    }
+
+    /// Reset whatever is still open.
+    pub(crate) fn cut(&self) {
+        self.phase.send_replace(Phase::Cut);
+    }
+
+    pub(crate) fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        *self.phase.borrow() != Phase::Serve
+    }
+
+    /// Open connections (TCP) or flows (UDP).
+    pub(crate) fn active(&self) -> u64 {
+        match &self.counters {
+            Counters::Tcp(s) => s.snapshot().active,
+            Counters::Udp(s) => s.snapshot().flows_active,
+        }
+    }
+
+    pub(crate) async fn finished(&mut self) {
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
