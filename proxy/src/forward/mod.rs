@@ -154,7 +154,6 @@ pub async fn serve(
         }
     }
 
-    drop(accept);
     drop(listener);
     if !conns.is_empty() {
         info!(active = conns.len(), "draining connections");

@@ -75,9 +75,9 @@ pub(crate) fn bind(path: &Path) -> Result<UnixListener, AdminError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
     sock.listen(16).map_err(err)?;
     sock.set_nonblocking(true).map_err(err)?;
-    UnixListener::from_std(std::os::unix::net::UnixListener::from(std::os::fd::OwnedFd::from(
-        sock,
-    )))
+    UnixListener::from_std(std::os::unix::net::UnixListener::from(
+        std::os::fd::OwnedFd::from(sock),
+    ))
     .map_err(err)
 }
 
@@ -123,7 +123,10 @@ async fn answer(stream: UnixStream, requests: mpsc::Sender<Request>) -> io::Resu
         },
         None => Reply {
             ok: false,
-            message: format!("unknown command {:?}: expected status or reload", line.trim()),
+            message: format!(
+                "unknown command {:?}: expected status or reload",
+                line.trim()
+            ),
             mappings: Vec::new(),
         },
     };

@@ -295,7 +295,10 @@ fn mapping(m: RawMapping, index: usize) -> Result<MappingSpec, FieldError> {
         _ => format!("#{index}"),
     };
     let err = |field: &'static str, why: String| (label.clone(), field, why);
-    let name = m.name.clone().ok_or_else(|| err("name", "missing".into()))?;
+    let name = m
+        .name
+        .clone()
+        .ok_or_else(|| err("name", "missing".into()))?;
     if name.is_empty()
         || name.len() > 64
         || !name

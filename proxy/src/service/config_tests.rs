@@ -42,9 +42,15 @@ max_flows = 100
     let [web, dns] = &c.mappings[..] else {
         panic!("two mappings expected")
     };
-    assert_eq!((web.name.as_str(), web.proto, web.mode), ("web", Proto::Tcp, ModeChoice::Auto));
+    assert_eq!(
+        (web.name.as_str(), web.proto, web.mode),
+        ("web", Proto::Tcp, ModeChoice::Auto)
+    );
     assert_eq!(web.mode_in_use(), "splice");
-    assert_eq!(web.max_connections, forward::Config::DEFAULT_MAX_CONNECTIONS);
+    assert_eq!(
+        web.max_connections,
+        forward::Config::DEFAULT_MAX_CONNECTIONS
+    );
     assert_eq!(dns.udp_idle_timeout, Duration::from_secs(30));
     assert_eq!(dns.max_flows, 100);
 }
@@ -64,25 +70,88 @@ fn each_mistake_names_file_mapping_and_field() {
     let cases: Vec<(String, &str)> = vec![
         ("[[mapping]\n".into(), "/etc/berth/berth.toml: "),
         ("bogus = 1\n".into(), "unknown field `bogus`"),
-        (m("name = \"w\"\nlisten = \"0.0.0.0:1\"\ntarget = \"10.0.0.1:1\"\nport = 3"), "unknown field `port`"),
-        (m("listen = \"0.0.0.0:1\"\ntarget = \"10.0.0.1:1\""), "mapping #1: name: missing"),
-        (m("name = \"a b\"\nlisten = \"0.0.0.0:1\"\ntarget = \"10.0.0.1:1\""), "mapping \"a b\": name: must be"),
-        (m("name = \"w\"\ntarget = \"10.0.0.1:1\""), "mapping \"w\": listen: missing"),
-        (m("name = \"w\"\nlisten = \"0.0.0.0\"\ntarget = \"10.0.0.1:1\""), "mapping \"w\": listen: invalid address \"0.0.0.0\""),
-        (m("name = \"w\"\nlisten = \"0.0.0.0:1\"\ntarget = \"nope:1\""), "mapping \"w\": target: invalid address"),
-        (m("name = \"w\"\nlisten = \"0.0.0.0:1\"\ntarget = \"10.0.0.1:0\""), "mapping \"w\": target: 10.0.0.1:0 cannot be connected to"),
-        (m("name = \"w\"\nproto = \"sctp\"\nlisten = \"0.0.0.0:1\"\ntarget = \"10.0.0.1:1\""), "mapping \"w\": proto: unknown protocol \"sctp\""),
-        (m("name = \"w\"\nmode = \"warp\"\nlisten = \"0.0.0.0:1\"\ntarget = \"10.0.0.1:1\""), "mapping \"w\": mode: unknown mode \"warp\""),
-        (m("name = \"w\"\nmode = \"sockmap\"\nlisten = \"0.0.0.0:1\"\ntarget = \"10.0.0.1:1\""), "mode: \"sockmap\" is not available"),
-        (m("name = \"w\"\nproto = \"udp\"\nmode = \"splice\"\nlisten = \"0.0.0.0:1\"\ntarget = \"10.0.0.1:1\""), "mode: \"splice\" applies to tcp"),
-        (m("name = \"w\"\nproto = \"udp\"\nmax_connections = 5\nlisten = \"0.0.0.0:1\"\ntarget = \"10.0.0.1:1\""), "max_connections: applies to tcp mappings only"),
-        (m("name = \"w\"\nmax_flows = 5\nlisten = \"0.0.0.0:1\"\ntarget = \"10.0.0.1:1\""), "max_flows: applies to udp mappings only"),
-        (m("name = \"w\"\nmax_connections = 0\nlisten = \"0.0.0.0:1\"\ntarget = \"10.0.0.1:1\""), "max_connections: 0 is not a number from 1"),
-        (m("name = \"w\"\nconnect_timeout = -1\nlisten = \"0.0.0.0:1\"\ntarget = \"10.0.0.1:1\""), "connect_timeout: -1 is not a number of seconds"),
-        (m("name = \"w\"\nlisten = 80\ntarget = \"10.0.0.1:1\""), "invalid type"),
-        ("[metrics]\nlisten = \"localhost\"\n".into(), "[metrics] listen: invalid address"),
-        ("[admin]\nsocket = \"admin.sock\"\n".into(), "[admin] socket: admin.sock is not an absolute path"),
-        ("[service]\ndrain_timeout = -3\n".into(), "[service] drain_timeout: -3 is not a number of seconds"),
+        (
+            m("name = \"w\"\nlisten = \"0.0.0.0:1\"\ntarget = \"10.0.0.1:1\"\nport = 3"),
+            "unknown field `port`",
+        ),
+        (
+            m("listen = \"0.0.0.0:1\"\ntarget = \"10.0.0.1:1\""),
+            "mapping #1: name: missing",
+        ),
+        (
+            m("name = \"a b\"\nlisten = \"0.0.0.0:1\"\ntarget = \"10.0.0.1:1\""),
+            "mapping \"a b\": name: must be",
+        ),
+        (
+            m("name = \"w\"\ntarget = \"10.0.0.1:1\""),
+            "mapping \"w\": listen: missing",
+        ),
+        (
+            m("name = \"w\"\nlisten = \"0.0.0.0\"\ntarget = \"10.0.0.1:1\""),
+            "mapping \"w\": listen: invalid address \"0.0.0.0\"",
+        ),
+        (
+            m("name = \"w\"\nlisten = \"0.0.0.0:1\"\ntarget = \"nope:1\""),
+            "mapping \"w\": target: invalid address",
+        ),
+        (
+            m("name = \"w\"\nlisten = \"0.0.0.0:1\"\ntarget = \"10.0.0.1:0\""),
+            "mapping \"w\": target: 10.0.0.1:0 cannot be connected to",
+        ),
+        (
+            m("name = \"w\"\nproto = \"sctp\"\nlisten = \"0.0.0.0:1\"\ntarget = \"10.0.0.1:1\""),
+            "mapping \"w\": proto: unknown protocol \"sctp\"",
+        ),
+        (
+            m("name = \"w\"\nmode = \"warp\"\nlisten = \"0.0.0.0:1\"\ntarget = \"10.0.0.1:1\""),
+            "mapping \"w\": mode: unknown mode \"warp\"",
+        ),
+        (
+            m("name = \"w\"\nmode = \"sockmap\"\nlisten = \"0.0.0.0:1\"\ntarget = \"10.0.0.1:1\""),
+            "mode: \"sockmap\" is not available",
+        ),
+        (
+            m(
+                "name = \"w\"\nproto = \"udp\"\nmode = \"splice\"\nlisten = \"0.0.0.0:1\"\ntarget = \"10.0.0.1:1\"",
+            ),
+            "mode: \"splice\" applies to tcp",
+        ),
+        (
+            m(
+                "name = \"w\"\nproto = \"udp\"\nmax_connections = 5\nlisten = \"0.0.0.0:1\"\ntarget = \"10.0.0.1:1\"",
+            ),
+            "max_connections: applies to tcp mappings only",
+        ),
+        (
+            m("name = \"w\"\nmax_flows = 5\nlisten = \"0.0.0.0:1\"\ntarget = \"10.0.0.1:1\""),
+            "max_flows: applies to udp mappings only",
+        ),
+        (
+            m("name = \"w\"\nmax_connections = 0\nlisten = \"0.0.0.0:1\"\ntarget = \"10.0.0.1:1\""),
+            "max_connections: 0 is not a number from 1",
+        ),
+        (
+            m(
+                "name = \"w\"\nconnect_timeout = -1\nlisten = \"0.0.0.0:1\"\ntarget = \"10.0.0.1:1\"",
+            ),
+            "connect_timeout: -1 is not a number of seconds",
+        ),
+        (
+            m("name = \"w\"\nlisten = 80\ntarget = \"10.0.0.1:1\""),
+            "invalid type",
+        ),
+        (
+            "[metrics]\nlisten = \"localhost\"\n".into(),
+            "[metrics] listen: invalid address",
+        ),
+        (
+            "[admin]\nsocket = \"admin.sock\"\n".into(),
+            "[admin] socket: admin.sock is not an absolute path",
+        ),
+        (
+            "[service]\ndrain_timeout = -3\n".into(),
+            "[service] drain_timeout: -3 is not a number of seconds",
+        ),
     ];
     for (text, want) in cases {
         let got = error(&text);
@@ -94,23 +163,37 @@ fn each_mistake_names_file_mapping_and_field() {
 #[test]
 fn clashing_names_and_addresses_are_refused() {
     let two = |a: &str, b: &str| {
-        format!("[[mapping]]\n{a}\ntarget = \"10.0.0.1:1\"\n[[mapping]]\n{b}\ntarget = \"10.0.0.1:1\"\n")
+        format!(
+            "[[mapping]]\n{a}\ntarget = \"10.0.0.1:1\"\n[[mapping]]\n{b}\ntarget = \"10.0.0.1:1\"\n"
+        )
     };
     let cases = [
         (
-            two("name = \"a\"\nlisten = \"0.0.0.0:80\"", "name = \"a\"\nlisten = \"0.0.0.0:81\""),
+            two(
+                "name = \"a\"\nlisten = \"0.0.0.0:80\"",
+                "name = \"a\"\nlisten = \"0.0.0.0:81\"",
+            ),
             "mapping \"a\": name: another mapping has the same name",
         ),
         (
-            two("name = \"a\"\nlisten = \"0.0.0.0:80\"", "name = \"b\"\nlisten = \"0.0.0.0:80\""),
+            two(
+                "name = \"a\"\nlisten = \"0.0.0.0:80\"",
+                "name = \"b\"\nlisten = \"0.0.0.0:80\"",
+            ),
             "mapping \"b\": listen: tcp 0.0.0.0:80 overlaps mapping \"a\"",
         ),
         (
-            two("name = \"a\"\nlisten = \"0.0.0.0:80\"", "name = \"b\"\nlisten = \"127.0.0.1:80\""),
+            two(
+                "name = \"a\"\nlisten = \"0.0.0.0:80\"",
+                "name = \"b\"\nlisten = \"127.0.0.1:80\"",
+            ),
             "overlaps mapping \"a\"",
         ),
         (
-            two("name = \"a\"\nlisten = \"0.0.0.0:9475\"", "name = \"b\"\nlisten = \"0.0.0.0:81\""),
+            two(
+                "name = \"a\"\nlisten = \"0.0.0.0:9475\"",
+                "name = \"b\"\nlisten = \"0.0.0.0:81\"",
+            ),
             "overlaps the metrics endpoint",
         ),
     ];
@@ -124,5 +207,9 @@ fn clashing_names_and_addresses_are_refused() {
         "name = \"b\"\nproto = \"udp\"\nlisten = \"0.0.0.0:80\"",
     ))
     .unwrap();
-    parse(&two("name = \"a\"\nlisten = \"0.0.0.0:80\"", "name = \"b\"\nlisten = \"[::]:80\"")).unwrap();
+    parse(&two(
+        "name = \"a\"\nlisten = \"0.0.0.0:80\"",
+        "name = \"b\"\nlisten = \"[::]:80\"",
+    ))
+    .unwrap();
 }

@@ -170,7 +170,9 @@ impl Running {
     pub(crate) fn handover(&self) -> io::Result<OwnedFd> {
         match &self.socket {
             Some(s) => s.try_clone(),
-            None => Err(io::Error::other("the mapping is draining; its socket is closed")),
+            None => Err(io::Error::other(
+                "the mapping is draining; its socket is closed",
+            )),
         }
     }
 

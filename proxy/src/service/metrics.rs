@@ -64,16 +64,8 @@ impl Families {
                 "A configured mapping (1), with its addresses and the mode in use.",
                 &["listen", "target", "mode", "state"],
             ),
-            connections: counter(
-                "berth_connections_total",
-                "TCP clients accepted.",
-                &[],
-            ),
-            active: gauge(
-                "berth_connections_active",
-                "TCP connections open now.",
-                &[],
-            ),
+            connections: counter("berth_connections_total", "TCP clients accepted.", &[]),
+            active: gauge("berth_connections_active", "TCP connections open now.", &[]),
             bytes: counter(
                 "berth_bytes_total",
                 "Payload bytes forwarded, counted while connections are live.",
@@ -140,7 +132,11 @@ impl Families {
         fn labels(v: &[String]) -> Vec<&str> {
             v.iter().map(String::as_str).collect()
         }
-        let state = if m.is_draining() { "draining" } else { "active" };
+        let state = if m.is_draining() {
+            "draining"
+        } else {
+            "active"
+        };
         let (listen, target) = (spec.listen.to_string(), spec.target.to_string());
         let info = with(&[&listen, &target, spec.mode_in_use(), state]);
         self.info.with_label_values(&labels(&info)).set(1);
@@ -295,7 +291,11 @@ pub(crate) async fn serve(listener: TcpListener, registry: Registry) {
                 if let Err(e) = encoder.encode(&registry.gather(), &mut body) {
                     warn!(error = %e, "cannot encode metrics");
                 }
-                ([(header::CONTENT_TYPE, encoder.format_type().to_owned())], body).into_response()
+                (
+                    [(header::CONTENT_TYPE, encoder.format_type().to_owned())],
+                    body,
+                )
+                    .into_response()
             }
         }),
     );

@@ -95,7 +95,10 @@ impl State {
             .count();
         let udp = self.active.len() - tcp;
         let open: u64 = self.all().map(Running::active).sum();
-        let mut s = format!("{} mappings ({tcp} tcp, {udp} udp), {open} open", self.active.len());
+        let mut s = format!(
+            "{} mappings ({tcp} tcp, {udp} udp), {open} open",
+            self.active.len()
+        );
         if !self.retired.is_empty() {
             s.push_str(&format!(", {} draining", self.retired.len()));
         }
@@ -120,13 +123,14 @@ pub async fn run(opts: Options) -> Result<(), ServiceError> {
     let specs: Vec<&MappingSpec> = config.mappings.iter().collect();
     let bound = bind_all(&specs, &mut inherited, &State::default())?;
     let metrics_listener = match config.metrics_listen {
-        Some(addr) => Some(
-            crate::listen::bind_tcp(addr.into())
-                .map_err(|e| ServiceError::Metrics {
+        Some(addr) => {
+            Some(
+                crate::listen::bind_tcp(addr.into()).map_err(|e| ServiceError::Metrics {
                     addr,
                     source: io::Error::other(e.to_string()),
                 })?,
-        ),
+            )
+        }
         None => None,
     };
     let admin_listener = admin::bind(&admin_path)?;
@@ -204,7 +208,10 @@ fn log_reload(reply: &Reply) {
     if reply.ok {
         info!("reloaded: {}", reply.message);
     } else {
-        error!("reload refused, the running configuration stays: {}", reply.message);
+        error!(
+            "reload refused, the running configuration stays: {}",
+            reply.message
+        );
     }
 }
 
@@ -312,8 +319,10 @@ fn apply(
         let reuse = st.active.get(&spec.name).map(|r| r.counters.clone());
         let name = spec.name.clone();
         started.push(
-            Running::start(spec, b, reuse)
-                .map_err(|e| ServiceError::Socket { name, why: e.to_string() })?,
+            Running::start(spec, b, reuse).map_err(|e| ServiceError::Socket {
+                name,
+                why: e.to_string(),
+            })?,
         );
     }
     for name in retire {
@@ -360,7 +369,10 @@ async fn stop(state: &Mutex<State>, drain: Duration, notifier: &Notifier) {
     .await;
     if drained.is_err() {
         let left: u64 = all.iter().map(Running::active).sum();
-        warn!(left, "drain timeout reached, resetting the remaining connections");
+        warn!(
+            left,
+            "drain timeout reached, resetting the remaining connections"
+        );
         for m in &all {
             m.cut();
         }

@@ -50,7 +50,12 @@ impl Row {
             listen: m.spec.listen.to_string(),
             target: m.spec.target.to_string(),
             mode: m.spec.mode_in_use().into(),
-            state: if m.is_draining() { "draining" } else { "active" }.into(),
+            state: if m.is_draining() {
+                "draining"
+            } else {
+                "active"
+            }
+            .into(),
             active,
             bytes_to_target: up,
             bytes_to_client: down,
@@ -62,7 +67,15 @@ impl Row {
 /// The rows as an aligned text table.
 pub fn table(rows: &[Row]) -> String {
     let header = [
-        "NAME", "PROTO", "LISTEN", "TARGET", "MODE", "STATE", "ACTIVE", "TO TARGET", "TO CLIENT",
+        "NAME",
+        "PROTO",
+        "LISTEN",
+        "TARGET",
+        "MODE",
+        "STATE",
+        "ACTIVE",
+        "TO TARGET",
+        "TO CLIENT",
         "ERRORS",
     ];
     let cells: Vec<[String; 10]> = rows
@@ -145,7 +158,10 @@ mod tests {
         let t = table(&[row]);
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("NAME  PROTO  LISTEN"), "{t}");
-        assert!(lines[1].contains("1.5 KiB") && lines[1].contains("10 B"), "{t}");
+        assert!(
+            lines[1].contains("1.5 KiB") && lines[1].contains("10 B"),
+            "{t}"
+        );
         assert_eq!(lines[0].find("LISTEN"), lines[1].find("0.0.0.0"), "{t}");
         assert!(table(&[]).contains("(no mappings)"));
     }

@@ -80,7 +80,8 @@ fn monotonic_usec() -> u64 {
     if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) } != 0 {
         return 0;
     }
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0) / 1000
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000
+        + u64::try_from(ts.tv_nsec).unwrap_or(0) / 1000
 }
 
 /// The watchdog interval from `$WATCHDOG_USEC` (for this process, per `$WATCHDOG_PID`).
@@ -131,7 +132,10 @@ pub(crate) fn listen_fds() -> HashMap<String, OwnedFd> {
             .cloned()
             .unwrap_or_else(|| "unknown".into());
         if out.insert(name.clone(), owned).is_some() {
-            warn!(name, "two sockets passed with the same name; using the last");
+            warn!(
+                name,
+                "two sockets passed with the same name; using the last"
+            );
         }
     }
     out

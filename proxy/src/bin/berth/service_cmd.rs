@@ -86,7 +86,10 @@ pub(crate) async fn reload(args: &ReloadArgs) -> anyhow::Result<ExitCode> {
         println!("reloaded: {}", reply.message);
         Ok(ExitCode::SUCCESS)
     } else {
-        eprintln!("berth: reload refused, the running configuration stays: {}", reply.message);
+        eprintln!(
+            "berth: reload refused, the running configuration stays: {}",
+            reply.message
+        );
         Ok(ExitCode::FAILURE)
     }
 }

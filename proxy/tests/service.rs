@@ -1,0 +1,451 @@
+//! `berth run` as a process: systemd's notify protocol on a real unixgram socket, reload with a
+//! transfer in flight, metrics scraped over HTTP, a graceful SIGTERM under load, socket
+//! activation with real inherited descriptors, and config errors that start nothing.
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking, with the stack trace"
+)]
+mod common;
+
+use std::{
+    net::SocketAddr,
+    os::{
+        fd::{AsRawFd as _, OwnedFd},
+        unix::process::CommandExt as _,
+    },
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use berth::service::admin;
+use common::{HANG, Tally, assert_mirrored, exchange, spawn_exchange_server};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    time::timeout,
+};
+
+/// A scratch directory for config, admin socket and notify socket; removed on drop.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new() -> Self {
+        let p = std::env::temp_dir().join(common::unique("bs"));
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A TCP port that was free a moment ago (config files need numbers).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn mapping(name: &str, port: u16, target: SocketAddr, extra: &str) -> String {
+    format!(
+        "[[mapping]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\ntarget = \"{target}\"\n{extra}\n"
+    )
+}
+
+/// `berth run` with its log piped, optionally with a notify socket and systemd's fds.
+struct Berth {
+    child: Child,
+    admin: PathBuf,
+}
+
+impl Berth {
+    fn spawn(dir: &Dir, config: &str, notify: Option<&Path>, fds: Vec<OwnedFd>) -> Self {
+        let file = dir.path("berth.toml");
+        std::fs::write(&file, config).unwrap();
+        let admin = dir.path("admin.sock");
+        // LISTEN_PID must be berth's own pid: let a shell set it to $$ and exec berth.
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(if fds.is_empty() {
+                "exec \"$0\" \"$@\""
+            } else {
+                "LISTEN_PID=$$ exec \"$0\" \"$@\""
+            })
+            .arg(env!("CARGO_BIN_EXE_berth"))
+            .args(["run", "--config"])
+            .arg(&file)
+            .arg("--admin-socket")
+            .arg(&admin)
+            .env("BERTH_LOG", "info")
+            .env_remove("LISTEN_PID")
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit());
+        if let Some(n) = notify {
+            cmd.env("NOTIFY_SOCKET", n);
+        }
+        if !fds.is_empty() {
+            let names: Vec<String> = (0..fds.len()).map(|i| format!("m{i}")).collect();
+            cmd.env("LISTEN_FDS", fds.len().to_string())
+                .env("LISTEN_FDNAMES", names.join(":"));
+            let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+            // SAFETY: dup2 and fcntl are async-signal-safe and only touch the child's fds.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for (i, &from) in raw.iter().enumerate() {
+                        let to = 3 + i as i32;
+                        if from == to {
+                            libc::fcntl(to, libc::F_SETFD, 0);
+                        } else if libc::dup2(from, to) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().unwrap();
+        drop(fds);
+        Self { child, admin }
+    }
+
+    async fn request(&self, command: &str) -> admin::Reply {
+        timeout(HANG, admin::request(&self.admin, command))
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    /// Waits until the admin socket answers (berth is up, everything bound).
+    async fn up(&self) {
+        common::wait_until("berth to answer on its admin socket", || {
+            std::os::unix::net::UnixStream::connect(&self.admin).is_ok()
+        })
+        .await;
+    }
+
+    /// Polls `berth status` until a mapping row satisfies `pred` (state another process
+    /// updates; there is no event to await).
+    async fn wait_status(&self, pred: impl Fn(&berth::service::status::Row) -> bool) {
+        let deadline = tokio::time::Instant::now() + HANG;
+        loop {
+            if let Ok(r) = admin::request(&self.admin, "status").await
+                && r.mappings.iter().any(&pred)
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "status never matched"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    fn signal(&self, s: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), s).unwrap();
+    }
+
+    async fn exit_code(mut self) -> Option<i32> {
+        tokio::task::spawn_blocking(move || self.child.wait().unwrap().code())
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Berth {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The next message on the notify socket.
+async fn notified(sock: &tokio::net::UnixDatagram) -> String {
+    let mut buf = vec![0u8; 4096];
+    let n = timeout(HANG, sock.recv(&mut buf)).await.unwrap().unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// Scrapes `/metrics` with a plain HTTP/1.1 request.
+async fn scrape(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: berth\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    timeout(HANG, s.read_to_string(&mut body))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    body
+}
+
+/// The value of the sample `name{labels}` (labels in the encoder's sorted order).
+fn sample(metrics: &str, name_and_labels: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name_and_labels} in:\n{metrics}"))
+}
+
+async fn transfer(addr: SocketAddr, id: u64, up: u64, down: u64) -> Tally {
+    let c = TcpStream::connect(addr).await.unwrap();
+    timeout(HANG, exchange(c, id, up, down))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_keeps_live_transfers_and_metrics_count_every_byte() {
+    const BIG: u64 = 256 << 20;
+    let dir = Dir::new();
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = backend.local_addr().unwrap();
+    let mut tallies = spawn_exchange_server(backend);
+    let notify_path = dir.path("notify");
+    let notify = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
+    let (web, old, new, metrics) = (free_port(), free_port(), free_port(), free_port());
+    let head =
+        format!("[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n[service]\ndrain_timeout = 60\n");
+    let first = format!(
+        "{head}{}{}",
+        mapping("web", web, target, ""),
+        mapping("old", old, target, "")
+    );
+    let berth = Berth::spawn(&dir, &first, Some(&notify_path), vec![]);
+    let ready = notified(&notify).await;
+    assert!(ready.starts_with("READY=1\nSTATUS=2 mappings"), "{ready:?}");
+    let web_addr: SocketAddr = ([127, 0, 0, 1], web).into();
+
+    // A transfer that is still running when the reload happens.
+    let live = tokio::spawn(transfer(web_addr, 1, BIG, BIG));
+    berth
+        .wait_status(|m| m.name == "web" && m.bytes_to_target > 0)
+        .await;
+
+    // web changes (its socket is handed over), old goes, new comes.
+    let second = format!(
+        "{head}{}{}",
+        mapping("web", web, target, "connect_timeout = 3"),
+        mapping("new", new, target, "")
+    );
+    std::fs::write(dir.path("berth.toml"), &second).unwrap();
+    let reply = berth.request("reload").await;
+    assert!(reply.ok, "{}", reply.message);
+    assert_eq!(reply.message, "0 unchanged, 1 added, 1 changed, 1 removed");
+    let reloading = notified(&notify).await;
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading:?}"
+    );
+    let usec: u64 = reloading.rsplit('=').next().unwrap().parse().unwrap();
+    assert!(usec > 0);
+    assert!(notified(&notify).await.starts_with("READY=1"));
+
+    // The live transfer finishes intact across the reload.
+    let client = timeout(HANG, live).await.unwrap().unwrap();
+    let (_, server) = timeout(HANG, tallies.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_mirrored(1, &client, &server);
+    // The added mapping works, the changed one still does, the removed one is closed.
+    for (id, port) in [(2u64, new), (3, web)] {
+        let c = transfer(([127, 0, 0, 1], port).into(), id, 1 << 20, 1 << 20).await;
+        let (_, s) = timeout(HANG, tallies.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_mirrored(id, &c, &s);
+    }
+    assert!(
+        TcpStream::connect(("127.0.0.1", old)).await.is_err(),
+        "the removed mapping still accepts"
+    );
+
+    // An invalid file is refused, and the running mappings stay.
+    std::fs::write(dir.path("berth.toml"), "[[mapping]]\nname = 5\n").unwrap();
+    let refused = berth.request("reload").await;
+    assert!(
+        !refused.ok && refused.message.contains("berth.toml"),
+        "{}",
+        refused.message
+    );
+    assert_eq!(
+        refused
+            .mappings
+            .iter()
+            .filter(|m| m.state == "active")
+            .count(),
+        2
+    );
+    assert!(notified(&notify).await.starts_with("RELOADING=1"));
+    assert!(notified(&notify).await.starts_with("READY=1"));
+
+    // The metrics count exactly what moved through web: 16-byte headers plus payloads.
+    let m = scrape(([127, 0, 0, 1], metrics).into()).await;
+    let up = BIG + 16 + (1 << 20) + 16;
+    let down = BIG + (1 << 20);
+    assert_eq!(
+        sample(
+            &m,
+            r#"berth_bytes_total{direction="to_target",mapping="web",proto="tcp"}"#
+        ),
+        up as f64
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"berth_bytes_total{direction="to_client",mapping="web",proto="tcp"}"#
+        ),
+        down as f64
+    );
+    assert_eq!(
+        sample(&m, r#"berth_connections_total{mapping="web",proto="tcp"}"#),
+        2.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"berth_connection_duration_seconds_count{mapping="web",proto="tcp"}"#
+        ),
+        2.0
+    );
+    assert!(m.contains("berth_build_info{version=\""), "{m}");
+    assert!(m.contains("process_resident_memory_bytes"), "{m}");
+    assert!(!m.contains("127.0.0.1:0"), "no client address as a label");
+
+    // SIGTERM under load: the open transfer finishes intact, then berth exits 0.
+    let live = tokio::spawn(transfer(web_addr, 4, 64 << 20, 64 << 20));
+    berth.wait_status(|m| m.name == "web" && m.active > 0).await;
+    berth.signal(Signal::SIGTERM);
+    assert!(notified(&notify).await.starts_with("STOPPING=1"));
+    let c = timeout(HANG, live).await.unwrap().unwrap();
+    let (id, server) = timeout(HANG, tallies.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(id, 4);
+    assert_mirrored(4, &c, &server);
+    assert_eq!(berth.exit_code().await, Some(0));
+    assert!(
+        TcpStream::connect(web_addr).await.is_err(),
+        "still accepting after stop"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_activation_serves_the_passed_socket_across_a_restart() {
+    let dir = Dir::new();
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = backend.local_addr().unwrap();
+    let mut tallies = spawn_exchange_server(backend);
+    // systemd's part: it owns the listening socket and passes it on every start.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap();
+    let config = format!(
+        "[metrics]\nenabled = false\n{}",
+        mapping("m0", addr.port(), target, "")
+    );
+    let pass = || OwnedFd::from(held.try_clone().unwrap());
+    let berth = Berth::spawn(&dir, &config, None, vec![pass()]);
+    berth.up().await;
+    let c = transfer(addr, 1, 1 << 20, 1 << 20).await;
+    let (_, s) = timeout(HANG, tallies.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_mirrored(1, &c, &s);
+    berth.signal(Signal::SIGTERM);
+    assert_eq!(berth.exit_code().await, Some(0));
+    // No berth is running, yet the port accepts: the kernel queues the client on the socket
+    // that "systemd" still holds, and the next berth serves it.
+    let waiting = tokio::spawn(transfer(addr, 2, 1 << 20, 1 << 20));
+    let berth = Berth::spawn(&dir, &config, None, vec![pass()]);
+    let c = timeout(HANG, waiting).await.unwrap().unwrap();
+    let (_, s) = timeout(HANG, tallies.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_mirrored(2, &c, &s);
+    drop(berth);
+}
+
+#[tokio::test]
+async fn config_errors_start_nothing() {
+    let dir = Dir::new();
+    let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (a, b) = (free_port(), free_port());
+    let cases = [
+        (
+            format!(
+                "{}{}",
+                mapping("a", a, target, ""),
+                mapping("b", a, target, "")
+            ),
+            "mapping \"b\": listen: tcp 127.0.0.1",
+        ),
+        (
+            format!(
+                "[metrics]\nenabled = false\n{}{}",
+                mapping("a", a, target, ""),
+                mapping("b", taken.local_addr().unwrap().port(), target, "")
+            ),
+            "mapping \"b\": cannot listen on",
+        ),
+        (
+            mapping("a", b, target, "mode = \"fast\""),
+            "mode: unknown mode \"fast\"",
+        ),
+    ];
+    for (config, want) in cases {
+        let file = dir.path("bad.toml");
+        std::fs::write(&file, &config).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+            .args(["run", "--admin-socket"])
+            .arg(dir.path("admin.sock"))
+            .arg("--config")
+            .arg(&file)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{config}\n{err}");
+        assert!(err.contains(want), "{err}");
+        // Nothing was left bound: the first mapping's port is free again.
+        std::net::TcpListener::bind(("127.0.0.1", a)).unwrap();
+        let check = Command::new(env!("CARGO_BIN_EXE_berth"))
+            .arg("check")
+            .arg("--config")
+            .arg(&file)
+            .output()
+            .unwrap();
+        if want.contains("cannot listen") {
+            assert!(check.status.success(), "check binds nothing, so it passes");
+        } else {
+            assert_eq!(check.status.code(), Some(1));
+            assert!(String::from_utf8_lossy(&check.stderr).contains(want));
+        }
+    }
+}
