@@ -19,18 +19,25 @@ pub fn raise_nofile_limit() -> u64 {
 }
 
 /// Completes on the first SIGINT or SIGTERM.
-pub async fn stop_signal() {
+///
+/// The handlers are installed when this is called, not when the future is first polled:
+/// a caller that reports "ready" after calling it can no longer be killed by a SIGTERM sent
+/// the moment it is ready (dockerd does exactly that). Needs a tokio runtime.
+pub fn stop_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (
+    let handlers = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
-    ) else {
-        // Without signal handlers the default action (exit) still stops us.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
+    );
+    async move {
+        let (Ok(mut int), Ok(mut term)) = handlers else {
+            // Without signal handlers the default action (exit) still stops us.
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
     }
 }
 

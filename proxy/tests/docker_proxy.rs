@@ -318,3 +318,40 @@ async fn udp_over_fd4_and_by_address() {
         stop(child);
     }
 }
+
+/// systemd's socket-activation variables in the environment must not make berth-docker-proxy
+/// take fd 3 for a listening socket: for it, fd 3 is always dockerd's status pipe.
+#[test]
+fn listen_fds_in_the_environment_do_not_touch_the_status_pipe() {
+    let port = free_port().to_string();
+    let (r, w) = pipe2(OFlag::O_CLOEXEC).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth-docker-proxy"));
+    cmd.args([
+        "-host-ip",
+        "127.0.0.1",
+        "-host-port",
+        &port,
+        "-container-port",
+        "9",
+    ])
+    .env("LISTEN_FDS", "1")
+    .env("LISTEN_FDNAMES", "web")
+    .env("LISTEN_PID", "1")
+    .stdin(Stdio::null());
+    let raw = w.as_raw_fd();
+    // SAFETY: dup2 is async-signal-safe and only touches the child's fd table.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    drop(w);
+    let mut status = String::new();
+    std::fs::File::from(r).read_to_string(&mut status).unwrap();
+    assert_eq!(status, "0\n");
+    stop(child);
+}

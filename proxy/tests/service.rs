@@ -90,7 +90,7 @@ impl Berth {
             .arg(&file)
             .arg("--admin-socket")
             .arg(&admin)
-            .env("BERTH_LOG", "info")
+            .env("BERTH_LOG", "warn")
             .env_remove("LISTEN_PID")
             .stdin(Stdio::null())
             .stderr(Stdio::inherit());
@@ -447,5 +447,149 @@ async fn config_errors_start_nothing() {
             assert_eq!(check.status.code(), Some(1));
             assert!(String::from_utf8_lossy(&check.stderr).contains(want));
         }
+    }
+}
+
+#[test]
+fn the_shipped_units_pass_systemd_analyze_verify() {
+    let dir = Dir::new();
+    let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("dist");
+    let bindir = Path::new(env!("CARGO_BIN_EXE_berth")).parent().unwrap();
+    let service = std::fs::read_to_string(dist.join("berth.service"))
+        .unwrap()
+        .replace("@BINDIR@", &bindir.to_string_lossy());
+    for key in [
+        "Type=notify",
+        "WatchdogSec=",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE\n",
+        "AmbientCapabilities=CAP_NET_BIND_SERVICE\n",
+        "RestrictAddressFamilies=",
+        "LimitNOFILE=",
+    ] {
+        assert!(service.contains(key), "berth.service lacks {key:?}");
+    }
+    std::fs::write(dir.path("berth.service"), service).unwrap();
+    std::fs::copy(dist.join("berth.socket"), dir.path("berth.socket")).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(dir.path("berth.service"))
+        .arg(dir.path("berth.socket"))
+        .output()
+        .expect(
+            "systemd-analyze is missing: run the tests with `cargo xtask test`, which installs it",
+        );
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The example config is valid as shipped.
+    berth::service::check(&dist.join("berth.toml")).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchdog_and_status_of_tcp_and_udp_mappings() {
+    let dir = Dir::new();
+    let (echo, _server) = common::spawn_udp_echo("127.0.0.1:0".parse().unwrap());
+    let notify_path = dir.path("notify");
+    let notify = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
+    let (tcp, udp) = (free_port(), free_port());
+    let config = format!(
+        "[metrics]\nenabled = false\n{}{}",
+        mapping("web", tcp, "127.0.0.1:9".parse().unwrap(), ""),
+        mapping("dns", udp, echo, "proto = \"udp\"")
+    );
+    let file = dir.path("berth.toml");
+    std::fs::write(&file, &config).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["run", "--config"])
+        .arg(&file)
+        .arg("--admin-socket")
+        .arg(dir.path("admin.sock"))
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "200000")
+        .env_remove("WATCHDOG_PID")
+        .spawn()
+        .unwrap();
+    let berth = Berth {
+        child,
+        admin: dir.path("admin.sock"),
+    };
+    let mut seen = Vec::new();
+    while !seen.iter().any(|m: &String| m == "WATCHDOG=1") {
+        seen.push(notified(&notify).await);
+    }
+    assert!(seen[0].starts_with("READY=1"), "{seen:?}");
+    // One UDP exchange, so that the udp row has a flow and bytes.
+    let c = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    c.send_to(b"ping", ("127.0.0.1", udp)).await.unwrap();
+    let mut buf = [0u8; 16];
+    timeout(HANG, c.recv_from(&mut buf)).await.unwrap().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["status", "--json", "--admin-socket"])
+        .arg(&berth.admin)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let rows: Vec<berth::service::status::Row> = serde_json::from_slice(&out.stdout).unwrap();
+    let dns = rows.iter().find(|r| r.name == "dns").unwrap();
+    assert_eq!((dns.proto.as_str(), dns.active), ("udp", 1));
+    assert_eq!((dns.bytes_to_target, dns.bytes_to_client), (4, 4));
+    let table = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["status", "--admin-socket"])
+        .arg(&berth.admin)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.starts_with("NAME") && table.contains("dns") && table.contains("web"),
+        "{table}"
+    );
+    berth.signal(Signal::SIGTERM);
+    assert_eq!(berth.exit_code().await, Some(0));
+    let gone = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["status", "--admin-socket"])
+        .arg(dir.path("admin.sock"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("is `berth run` running"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_mappings_in_one_process() {
+    const N: usize = 1000;
+    let dir = Dir::new();
+    let notify_path = dir.path("notify");
+    let notify = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
+    let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let mut config = String::from("[metrics]\nenabled = false\n");
+    for i in 0..N {
+        config.push_str(&format!(
+            "[[mapping]]\nname = \"m{i}\"\nlisten = \"127.0.0.1:0\"\ntarget = \"{target}\"\n"
+        ));
+    }
+    let started = std::time::Instant::now();
+    let berth = Berth::spawn(&dir, &config, Some(&notify_path), vec![]);
+    let ready = notified(&notify).await;
+    let took = started.elapsed();
+    assert!(ready.contains(&format!("{N} mappings")), "{ready}");
+    let reply = berth.request("status").await;
+    assert_eq!(reply.mappings.len(), N);
+    let rss = std::fs::read_to_string(format!("/proc/{}/status", berth.child.id()))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmRSS"))
+        .unwrap()
+        .to_owned();
+    eprintln!("{N} mappings ready in {took:?}; {rss}");
+    // Every one of them really listens, on the port the kernel gave it.
+    for row in reply.mappings.iter().step_by(97) {
+        let addr: SocketAddr = row.listen.parse().unwrap();
+        assert_ne!(addr.port(), 0);
+        TcpStream::connect(addr).await.unwrap();
     }
 }

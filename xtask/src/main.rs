@@ -2,6 +2,7 @@
 mod bench;
 mod demo;
 mod exec;
+mod install;
 mod setup;
 mod test;
 
@@ -28,6 +29,9 @@ enum Command {
     Demo,
     /// Install the contenders, build in release mode, and run the forwarding benchmark.
     Bench(bench::BenchArgs),
+    /// Build in release mode and install the binaries, the systemd units and an example
+    /// config (an existing /etc/berth/berth.toml is kept).
+    Install(install::InstallArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,5 +40,6 @@ fn main() -> anyhow::Result<()> {
         Command::Test { cargo_test_args } => test::run(&cargo_test_args),
         Command::Demo => demo::run(),
         Command::Bench(args) => bench::run(&args),
+        Command::Install(args) => install::run(&args),
     }
 }

@@ -9,8 +9,9 @@ use crate::exec;
 const BPF_LINKER_VERSION: &str = "0.10.3";
 
 /// Debian packages the tests and the demo use: `ip` for inspecting what tests leave behind,
-/// python3 for the demo's file server, curl to fetch through the proxy.
-const APT_PACKAGES: &[&str] = &["iproute2", "python3", "curl"];
+/// python3 for the demo's file server, curl to fetch through the proxy, and systemd for
+/// `systemd-analyze verify` of the shipped units.
+const APT_PACKAGES: &[&str] = &["iproute2", "python3", "curl", "systemd"];
 
 pub(crate) fn run() -> anyhow::Result<()> {
     rust_src()?;

@@ -73,12 +73,13 @@ async fn serve_tcp(args: &Args, inherited: Option<Socket>, status: &mut StatusPi
         Ok(l) => l,
         Err(e) => return fail(status, &e, false),
     };
+    let stop = sys::stop_signal();
     status.ok();
     let mut config = forward::Config::new(args.target);
     config.mode = args.mode;
     // docker-proxy closes everything at once on SIGTERM; dockerd expects exactly that.
     config.drain_timeout = std::time::Duration::ZERO;
-    exit(forward::run(listener, config, sys::stop_signal()).await)
+    exit(forward::run(listener, config, stop).await)
 }
 
 async fn serve_udp(args: &Args, inherited: Option<Socket>, status: &mut StatusPipe) -> ExitCode {
@@ -91,10 +92,11 @@ async fn serve_udp(args: &Args, inherited: Option<Socket>, status: &mut StatusPi
         Ok(s) => s,
         Err(e) => return fail(status, &e, false),
     };
+    let stop = sys::stop_signal();
     status.ok();
     let stats = Arc::new(udp::Stats::default());
     let config = udp::Config::new(args.target);
-    exit(udp::run(socket, config, stats, sys::stop_signal()).await)
+    exit(udp::run(socket, config, stats, stop).await)
 }
 
 fn exit<E: std::fmt::Display>(r: Result<(), E>) -> ExitCode {

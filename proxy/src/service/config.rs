@@ -282,7 +282,9 @@ impl Config {
 /// Two listen addresses clash when the ports match and the addresses are equal, or one is the
 /// wildcard of the same family (binding both fails with "address in use").
 fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port()
+    // Port 0 asks the kernel for a free port: never a clash.
+    a.port() != 0
+        && a.port() == b.port()
         && a.is_ipv4() == b.is_ipv4()
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }

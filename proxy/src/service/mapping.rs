@@ -67,6 +67,13 @@ impl Bound {
         })
     }
 
+    fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Self::Tcp(l) => l.local_addr().ok(),
+            Self::Udp(s) => s.local_addr().ok(),
+        }
+    }
+
     fn dup(&self) -> io::Result<OwnedFd> {
         match self {
             Self::Tcp(l) => l.as_fd().try_clone_to_owned(),
@@ -86,6 +93,8 @@ pub(crate) enum Counters {
 #[derive(Debug)]
 pub(crate) struct Running {
     pub(crate) spec: MappingSpec,
+    /// Where the socket is bound (the port the kernel picked, for port 0).
+    pub(crate) local: Option<std::net::SocketAddr>,
     pub(crate) counters: Counters,
     /// A duplicate of the socket, so that a reload can hand it to a replacement without ever
     /// closing the port (no connection is refused in between). Dropped on drain, so that a
@@ -104,6 +113,7 @@ impl Running {
         reuse: Option<Counters>,
     ) -> io::Result<Self> {
         let socket = bound.dup()?;
+        let local = bound.local_addr();
         let (phase, rx) = watch::channel(Phase::Serve);
         let span = info_span!("mapping", name = %spec.name);
         let (counters, task) = match bound {
@@ -159,6 +169,7 @@ impl Running {
         };
         Ok(Self {
             spec,
+            local,
             counters,
             socket: Some(socket),
             phase,

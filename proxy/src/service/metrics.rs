@@ -137,7 +137,10 @@ impl Families {
         } else {
             "active"
         };
-        let (listen, target) = (spec.listen.to_string(), spec.target.to_string());
+        let listen = m
+            .local
+            .map_or_else(|| spec.listen.to_string(), |a| a.to_string());
+        let target = spec.target.to_string();
         let info = with(&[&listen, &target, spec.mode_in_use(), state]);
         self.info.with_label_values(&labels(&info)).set(1);
         let count = |v: &IntCounterVec, extra: &[&str], n: u64| {

@@ -231,11 +231,12 @@ fn bind_all(
         };
         let bound = if let Some(fd) = inherited.remove(&spec.name) {
             Bound::adopt(fd, spec).map_err(socket_err)?
-        } else if let Some(r) = running
-            .active
-            .values()
-            .find(|r| r.spec.proto == spec.proto && r.spec.listen == spec.listen)
-        {
+        } else if let Some(r) = running.active.values().find(|r| {
+            // Port 0 means "any free port": only the same mapping's own socket fits.
+            r.spec.proto == spec.proto
+                && r.spec.listen == spec.listen
+                && (spec.listen.get().port() != 0 || r.spec.name == spec.name)
+        }) {
             let fd = r.handover().map_err(|e| socket_err(e.to_string()))?;
             Bound::adopt(fd, spec).map_err(socket_err)?
         } else {

@@ -47,7 +47,9 @@ impl Row {
         Self {
             name: m.spec.name.clone(),
             proto: m.spec.proto.to_string(),
-            listen: m.spec.listen.to_string(),
+            listen: m
+                .local
+                .map_or_else(|| m.spec.listen.to_string(), |a| a.to_string()),
             target: m.spec.target.to_string(),
             mode: m.spec.mode_in_use().into(),
             state: if m.is_draining() {
