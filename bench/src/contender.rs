@@ -304,6 +304,38 @@ impl Contender {
     }
 }
 
+/// One `berth run` daemon serving a TCP mapping from each of `ports` to `server`, as a
+/// host with many published ports would run it; waits until every port listens.
+pub(crate) fn start_berth_daemon(
+    tools: &Tools,
+    ports: &[u16],
+    server: SocketAddr,
+    logs: &Path,
+) -> anyhow::Result<Running> {
+    let mut config = String::from("[metrics]\nenabled = false\n");
+    for p in ports {
+        config.push_str(&format!(
+            "[[mapping]]\nname = \"p{p}\"\nlisten = \"0.0.0.0:{p}\"\ntarget = \"{server}\"\n"
+        ));
+    }
+    let file = logs.join("berth-mappings.toml");
+    std::fs::write(&file, config)?;
+    let mut cmd = Command::new(&tools.berth);
+    cmd.args(["run", "--config"])
+        .arg(&file)
+        .arg("--admin-socket")
+        .arg(logs.join("berth-admin.sock"))
+        .env("BERTH_LOG", "warn");
+    let mut running = Running {
+        local: SocketAddr::from(([127, 0, 0, 1], ports.first().copied().unwrap_or(0))),
+        external: SocketAddr::from((HOST_EXT_IP, ports.first().copied().unwrap_or(0))),
+        children: vec![spawn(&mut cmd, logs, Contender::BerthSplice)?],
+        iptables: None,
+    };
+    wait_all_listening(ports, &mut running.children)?;
+    Ok(running)
+}
+
 /// Docker's rules for a published port with `userland-proxy=false`: DNAT for packets to any
 /// local address (PREROUTING for remote clients, OUTPUT for local ones, loopback included,
 /// which is why `route_localnet` is on), and MASQUERADE for locally sourced traffic into the

@@ -216,7 +216,7 @@ impl Job {
             }
             Self::Idle => format!("{} idle connections", plan.idle_conns),
             Self::Mappings => format!(
-                "{} mapped ports (berth: one `berth forward` process per port until the daemon lands)",
+                "{} mapped ports (berth: one `berth run` daemon; docker-proxy: a process per port)",
                 plan.mappings
             ),
             Self::Udp { size } => format!(
@@ -722,9 +722,17 @@ fn mappings(
 ) -> anyhow::Result<BTreeMap<&'static str, f64>> {
     let start = Instant::now();
     let mut running = Vec::with_capacity(plan.mappings);
-    for i in 0..plan.mappings {
-        let port = 11_000 + u16::try_from(i)?;
-        running.push(c.start(tools, Proto::Tcp, port, topology.server_for(c as u16), logs)?);
+    let ports: Vec<u16> = (0..plan.mappings)
+        .map(|i| u16::try_from(i).map(|i| 11_000 + i))
+        .collect::<Result<_, _>>()?;
+    let server = topology.server_for(c as u16);
+    if c == Contender::BerthSplice {
+        // One daemon for every port: what berth is for.
+        running.push(contender::start_berth_daemon(tools, &ports, server, logs)?);
+    } else {
+        for &port in &ports {
+            running.push(c.start(tools, Proto::Tcp, port, server, logs)?);
+        }
     }
     let startup = start.elapsed().as_secs_f64();
     let pids: Vec<u32> = running.iter().flat_map(contender::Running::pids).collect();
