@@ -523,6 +523,12 @@ async fn watchdog_and_status_of_tcp_and_udp_mappings() {
     while !seen.iter().any(|m: &String| m == "WATCHDOG=1") {
         seen.push(notified(&notify).await);
     }
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&berth.admin)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the admin socket is for root only");
     assert!(seen[0].starts_with("READY=1"), "{seen:?}");
     // One UDP exchange, so that the udp row has a flow and bytes.
     let c = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -565,7 +571,9 @@ async fn a_thousand_mappings_in_one_process() {
     let dir = Dir::new();
     let notify_path = dir.path("notify");
     let notify = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
-    let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    // A target that completes connections (in its backlog), so that berth never resets.
+    let sink = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = sink.local_addr().unwrap();
     let mut config = String::from("[metrics]\nenabled = false\n");
     for i in 0..N {
         config.push_str(&format!(
