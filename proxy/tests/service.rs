@@ -51,18 +51,22 @@ impl Drop for Dir {
     }
 }
 
-/// A TCP port that was free a moment ago (config files need numbers).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+/// An address that was free a moment ago, on a loopback address of this test's own
+/// (127.N.M.1): config files need fixed ports, and other tests binding 127.0.0.1:0 at the same
+/// time can then never take the port from under it.
+fn free_addr() -> SocketAddr {
+    static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let ip = std::net::Ipv4Addr::new(127, 1 + (std::process::id() % 250) as u8, n, 1);
+    std::net::TcpListener::bind((ip, 0))
         .unwrap()
         .local_addr()
         .unwrap()
-        .port()
 }
 
-fn mapping(name: &str, port: u16, target: SocketAddr, extra: &str) -> String {
+fn mapping(name: &str, listen: SocketAddr, target: SocketAddr, extra: &str) -> String {
     format!(
-        "[[mapping]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\ntarget = \"{target}\"\n{extra}\n"
+        "[[mapping]]\nname = \"{name}\"\nlisten = \"{listen}\"\ntarget = \"{target}\"\n{extra}\n"
     )
 }
 
@@ -220,9 +224,8 @@ async fn reload_keeps_live_transfers_and_metrics_count_every_byte() {
     let mut tallies = spawn_exchange_server(backend);
     let notify_path = dir.path("notify");
     let notify = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
-    let (web, old, new, metrics) = (free_port(), free_port(), free_port(), free_port());
-    let head =
-        format!("[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n[service]\ndrain_timeout = 60\n");
+    let (web, old, new, metrics) = (free_addr(), free_addr(), free_addr(), free_addr());
+    let head = format!("[metrics]\nlisten = \"{metrics}\"\n[service]\ndrain_timeout = 60\n");
     let first = format!(
         "{head}{}{}",
         mapping("web", web, target, ""),
@@ -231,7 +234,7 @@ async fn reload_keeps_live_transfers_and_metrics_count_every_byte() {
     let berth = Berth::spawn(&dir, &first, Some(&notify_path), vec![]);
     let ready = notified(&notify).await;
     assert!(ready.starts_with("READY=1\nSTATUS=2 mappings"), "{ready:?}");
-    let web_addr: SocketAddr = ([127, 0, 0, 1], web).into();
+    let web_addr = web;
 
     // A transfer that is still running when the reload happens.
     let live = tokio::spawn(transfer(web_addr, 1, BIG, BIG));
@@ -267,8 +270,8 @@ async fn reload_keeps_live_transfers_and_metrics_count_every_byte() {
         .unwrap();
     assert_mirrored(1, &client, &server);
     // The added mapping works, the changed one still does, the removed one is closed.
-    for (id, port) in [(2u64, new), (3, web)] {
-        let c = transfer(([127, 0, 0, 1], port).into(), id, 1 << 20, 1 << 20).await;
+    for (id, addr) in [(2u64, new), (3, web)] {
+        let c = transfer(addr, id, 1 << 20, 1 << 20).await;
         let (_, s) = timeout(HANG, tallies.recv())
             .await
             .unwrap()
@@ -277,7 +280,7 @@ async fn reload_keeps_live_transfers_and_metrics_count_every_byte() {
         assert_mirrored(id, &c, &s);
     }
     assert!(
-        TcpStream::connect(("127.0.0.1", old)).await.is_err(),
+        TcpStream::connect(old).await.is_err(),
         "the removed mapping still accepts"
     );
 
@@ -301,7 +304,7 @@ async fn reload_keeps_live_transfers_and_metrics_count_every_byte() {
     assert!(notified(&notify).await.starts_with("READY=1"));
 
     // The metrics count exactly what moved through web: 16-byte headers plus payloads.
-    let m = scrape(([127, 0, 0, 1], metrics).into()).await;
+    let m = scrape(metrics).await;
     let up = BIG + 16 + (1 << 20) + 16;
     let down = BIG + (1 << 20);
     assert_eq!(
@@ -364,7 +367,7 @@ async fn socket_activation_serves_the_passed_socket_across_a_restart() {
     let addr = held.local_addr().unwrap();
     let config = format!(
         "[metrics]\nenabled = false\n{}",
-        mapping("m0", addr.port(), target, "")
+        mapping("m0", addr, target, "")
     );
     let pass = || OwnedFd::from(held.try_clone().unwrap());
     let berth = Berth::spawn(&dir, &config, None, vec![pass()]);
@@ -397,7 +400,7 @@ async fn config_errors_start_nothing() {
     let dir = Dir::new();
     let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let (a, b) = (free_port(), free_port());
+    let (a, b) = (free_addr(), free_addr());
     let cases = [
         (
             format!(
@@ -405,13 +408,13 @@ async fn config_errors_start_nothing() {
                 mapping("a", a, target, ""),
                 mapping("b", a, target, "")
             ),
-            "mapping \"b\": listen: tcp 127.0.0.1",
+            "mapping \"b\": listen: tcp 127.",
         ),
         (
             format!(
                 "[metrics]\nenabled = false\n{}{}",
                 mapping("a", a, target, ""),
-                mapping("b", taken.local_addr().unwrap().port(), target, "")
+                mapping("b", taken.local_addr().unwrap(), target, "")
             ),
             "mapping \"b\": cannot listen on",
         ),
@@ -434,7 +437,7 @@ async fn config_errors_start_nothing() {
         assert_eq!(out.status.code(), Some(1), "{config}\n{err}");
         assert!(err.contains(want), "{err}");
         // Nothing was left bound: the first mapping's port is free again.
-        std::net::TcpListener::bind(("127.0.0.1", a)).unwrap();
+        std::net::TcpListener::bind(a).unwrap();
         let check = Command::new(env!("CARGO_BIN_EXE_berth"))
             .arg("check")
             .arg("--config")
@@ -497,7 +500,7 @@ async fn watchdog_and_status_of_tcp_and_udp_mappings() {
     let (echo, _server) = common::spawn_udp_echo("127.0.0.1:0".parse().unwrap());
     let notify_path = dir.path("notify");
     let notify = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
-    let (tcp, udp) = (free_port(), free_port());
+    let (tcp, udp) = (free_addr(), free_addr());
     let config = format!(
         "[metrics]\nenabled = false\n{}{}",
         mapping("web", tcp, "127.0.0.1:9".parse().unwrap(), ""),
@@ -532,7 +535,7 @@ async fn watchdog_and_status_of_tcp_and_udp_mappings() {
     assert!(seen[0].starts_with("READY=1"), "{seen:?}");
     // One UDP exchange, so that the udp row has a flow and bytes.
     let c = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    c.send_to(b"ping", ("127.0.0.1", udp)).await.unwrap();
+    c.send_to(b"ping", udp).await.unwrap();
     let mut buf = [0u8; 16];
     timeout(HANG, c.recv_from(&mut buf)).await.unwrap().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_berth"))
