@@ -1,5 +1,5 @@
-//! berth's kernel programs: for now the sockmap stream verdict that relays bytes between a client
-//! socket and its container socket without leaving the kernel.
+//! berth's kernel programs: for now the sockmap stream verdict that relays bytes between a
+//! client socket and its container socket without leaving the kernel.
 #![no_std]
 #![no_main]
 
@@ -10,7 +10,7 @@ use aya_ebpf::{
     maps::{HashMap, SockHash},
     programs::SkBuffContext,
 };
-use berth_common::sockmap::{DEFAULT_MAX_ENTRIES, Peer};
+use berth_common::sockmap::{Counters, DEFAULT_MAX_ENTRIES, Peer};
 
 #[map(name = "BERTH_SOCKS")]
 static BERTH_SOCKS: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
@@ -18,21 +18,44 @@ static BERTH_SOCKS: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAX_ENTRI
 #[map(name = "BERTH_PEERS")]
 static BERTH_PEERS: HashMap<u64, Peer> = HashMap::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
 
-/// Redirects each received segment to the peer socket's send path.
+#[map(name = "BERTH_COUNTERS")]
+static BERTH_COUNTERS: HashMap<u64, Counters> = HashMap::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
+
+/// Redirects each received segment to the peer socket's send path, once user space has
+/// forwarded everything it was passed (see `berth_common::sockmap`).
 ///
-/// A socket without a peer entry keeps its data (SK_PASS): user space then reads it normally,
-/// which is also how bytes that raced the map insertion are recovered.
+/// A socket without entries keeps its data (SK_PASS): user space reads it normally.
 #[stream_verdict]
 fn berth_sk_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: the helper only reads the socket behind this program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-    // SAFETY: the value is a plain `repr(C)` u64 that the map keeps alive during the program.
+    // SAFETY: a plain `repr(C)` value that the map keeps alive while the program runs.
     let Some(peer) = (unsafe { BERTH_PEERS.get(cookie) }) else {
         return sk_action::SK_PASS;
     };
+    let Some(counters) = BERTH_COUNTERS.get_ptr_mut(cookie) else {
+        return sk_action::SK_PASS;
+    };
+    let len = u64::from(ctx.len());
+    if len == 0 {
+        // A bare FIN: redirected, the kernel would send zero bytes to the peer and report
+        // that as EPIPE on it. Passed, it is the EOF user space watches for.
+        return sk_action::SK_PASS;
+    }
+    // SAFETY: the pointer is to this socket's entry; its segments are processed one at a time,
+    // so no other program instance writes it concurrently.
+    let counters = unsafe { &mut *counters };
+    if peer.ready == 0 || counters.passed != peer.acked {
+        counters.passed += len;
+        return sk_action::SK_PASS;
+    }
     let mut key = peer.cookie;
     // The helper returns SK_PASS when it queued the redirect and SK_DROP otherwise.
-    BERTH_SOCKS.redirect_skb(&ctx, &mut key, 0) as u32
+    let verdict = BERTH_SOCKS.redirect_skb(&ctx, &mut key, 0) as u32;
+    if verdict == sk_action::SK_PASS {
+        counters.redirected += len;
+    }
+    verdict
 }
 
 #[cfg(not(test))]

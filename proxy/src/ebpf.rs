@@ -24,6 +24,8 @@ pub enum LoaderError {
         #[source]
         source: ProgramError,
     },
+    #[error("cannot start the sockmap watcher: {0}")]
+    Watcher(#[source] std::io::Error),
     #[error("failed to open map {name}: {source}")]
     Map {
         name: &'static str,
@@ -52,6 +54,7 @@ impl SockmapRelay {
         let mut ebpf = aya::EbpfLoader::new()
             .map_max_entries(sockmap::SOCKS_MAP, max_entries)
             .map_max_entries(sockmap::PEERS_MAP, max_entries)
+            .map_max_entries(sockmap::COUNTERS_MAP, max_entries)
             .load(OBJECT)?;
         let socks: SockHash<_, u64> = SockHash::try_from(
             ebpf.map(sockmap::SOCKS_MAP)
@@ -110,6 +113,23 @@ impl SockmapRelay {
             .ok_or(LoaderError::Missing(sockmap::PEERS_MAP))?;
         aya::maps::HashMap::try_from(map).map_err(|source| LoaderError::Map {
             name: sockmap::PEERS_MAP,
+            source,
+        })
+    }
+}
+
+impl SockmapRelay {
+    /// The per-socket counters the program keeps.
+    pub fn counters(
+        &mut self,
+    ) -> Result<aya::maps::HashMap<&mut aya::maps::MapData, u64, sockmap::Counters>, LoaderError>
+    {
+        let map = self
+            .ebpf
+            .map_mut(sockmap::COUNTERS_MAP)
+            .ok_or(LoaderError::Missing(sockmap::COUNTERS_MAP))?;
+        aya::maps::HashMap::try_from(map).map_err(|source| LoaderError::Map {
+            name: sockmap::COUNTERS_MAP,
             source,
         })
     }

@@ -8,6 +8,7 @@
 //! - [`forward`]: the TCP accept loop that connects clients to a target and relays.
 //! - [`docker_proxy`]: docker-proxy's command line and fd 3 status pipe.
 //! - [`ebpf`]: the embedded kernel programs and their loader.
+//! - [`sockmap`]: the sockmap relay mode (bytes moved by the kernel).
 //! - [`service`]: `berth run`, the daemon: config, reload, admin socket, metrics, systemd.
 //! - [`udp`]: UDP forwarding with one flow (and socket) per client.
 
@@ -21,5 +22,6 @@ pub mod net;
 mod pool;
 pub mod relay;
 pub mod service;
+pub mod sockmap;
 pub mod sys;
 pub mod udp;

@@ -14,7 +14,7 @@ use std::{
 };
 
 use berth::ebpf::SockmapRelay;
-use berth_common::sockmap::Peer;
+use berth_common::sockmap::{Counters, Peer};
 
 fn cookie(s: &TcpStream) -> u64 {
     let mut cookie = 0u64;
@@ -50,9 +50,18 @@ fn sockmap_program_loads_attaches_and_redirects() {
     let (mut server, b_in) = pair();
     let (ca, cb) = (cookie(&a_in), cookie(&b_in));
     {
+        let mut counters = relay.counters().unwrap();
+        counters.insert(ca, Counters::default(), 0).unwrap();
+        counters.insert(cb, Counters::default(), 0).unwrap();
+        let ready = |cookie| Peer {
+            cookie,
+            acked: 0,
+            ready: 1,
+            _pad: 0,
+        };
         let mut peers = relay.peers().unwrap();
-        peers.insert(ca, Peer { cookie: cb }, 0).unwrap();
-        peers.insert(cb, Peer { cookie: ca }, 0).unwrap();
+        peers.insert(ca, ready(cb), 0).unwrap();
+        peers.insert(cb, ready(ca), 0).unwrap();
     }
     {
         let mut socks = relay.socks().unwrap();
@@ -70,11 +79,31 @@ fn sockmap_program_loads_attaches_and_redirects() {
     client.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"to-client!!");
 
+    // The program counted what it redirected, per socket.
+    let mut counted = |c| relay.counters().unwrap().get(&c, 0).unwrap();
+    assert_eq!(
+        counted(ca),
+        Counters {
+            passed: 0,
+            redirected: 11
+        }
+    );
+    assert_eq!(
+        counted(cb),
+        Counters {
+            passed: 0,
+            redirected: 11
+        }
+    );
+
     // Entries leave with the sockets' removal; nothing stays behind in the maps.
     relay.socks().unwrap().remove(&ca).unwrap();
     relay.socks().unwrap().remove(&cb).unwrap();
     relay.peers().unwrap().remove(&ca).unwrap();
     relay.peers().unwrap().remove(&cb).unwrap();
+    relay.counters().unwrap().remove(&ca).unwrap();
+    relay.counters().unwrap().remove(&cb).unwrap();
     assert_eq!(relay.peers().unwrap().keys().count(), 0);
+    assert_eq!(relay.counters().unwrap().keys().count(), 0);
     assert_eq!(relay.socks().unwrap().keys().count(), 0);
 }

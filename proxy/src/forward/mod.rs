@@ -23,6 +23,7 @@ pub use stats::{DURATION_BUCKETS, Snapshot, Stats};
 use crate::{
     addr::{ClientAddr, TargetAddr},
     relay::{self, Meter, Mode},
+    sockmap::Sockmap,
 };
 
 /// How one TCP mapping behaves.
@@ -36,6 +37,8 @@ pub struct Config {
     pub max_connections: usize,
     /// After shutdown, how long established connections may run before they are closed.
     pub drain_timeout: Duration,
+    /// The loaded sockmap programs, for [`Mode::Sockmap`] (without them that mode splices).
+    pub sockmap: Option<Arc<Sockmap>>,
 }
 
 impl Config {
@@ -50,6 +53,7 @@ impl Config {
             connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
             max_connections: Self::DEFAULT_MAX_CONNECTIONS,
             drain_timeout: Self::DEFAULT_DRAIN_TIMEOUT,
+            sockmap: None,
         }
     }
 }
@@ -196,6 +200,18 @@ async fn handle(
         }
     };
     let meter = Meter::with_totals(stats.totals());
+    if let (Mode::Sockmap, Some(sm)) = (config.mode, &config.sockmap) {
+        let cut = until(&mut phase, |p| p == Phase::Cut);
+        match crate::sockmap::relay(client, target, sm, &meter, cut).await {
+            Ok(t) => debug!(
+                to_target = t.to_target,
+                to_client = t.to_client,
+                "connection closed"
+            ),
+            Err(e) => debug!(error = %e, "connection aborted"),
+        }
+        return;
+    }
     tokio::select! {
         r = relay::relay(&client, &target, config.mode, &meter) => match r {
             Ok(t) => debug!(to_target = t.to_target, to_client = t.to_client, "connection closed"),

@@ -34,15 +34,20 @@ pub enum Mode {
     /// the kernel refuses it.
     #[default]
     Splice,
+    /// The kernel moves the bytes (a SOCKHASH and a stream-verdict program); see
+    /// [`crate::sockmap`]. Needs a loaded [`crate::sockmap::Sockmap`]; [`relay`] itself
+    /// relays such a connection by splice.
+    Sockmap,
 }
 
 impl Mode {
-    pub const ALL: [Self; 2] = [Self::Copy, Self::Splice];
+    pub const ALL: [Self; 3] = [Self::Copy, Self::Splice, Self::Sockmap];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Copy => "copy",
             Self::Splice => "splice",
+            Self::Sockmap => "sockmap",
         }
     }
 }
@@ -60,7 +65,7 @@ impl FromStr for Mode {
         Self::ALL
             .into_iter()
             .find(|m| m.as_str() == s)
-            .ok_or_else(|| format!("unknown mode {s:?} (expected copy or splice)"))
+            .ok_or_else(|| format!("unknown mode {s:?} (expected copy, splice or sockmap)"))
     }
 }
 

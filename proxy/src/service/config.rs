@@ -42,6 +42,8 @@ pub struct Config {
     pub admin_socket: PathBuf,
     /// On SIGTERM, how long established connections may still run.
     pub drain_timeout: Duration,
+    /// Sockets the sockmap maps hold (two per connection in sockmap mode).
+    pub sockmap_max_entries: u32,
     pub mappings: Vec<MappingSpec>,
 }
 
@@ -52,14 +54,39 @@ pub enum ModeChoice {
     Auto,
     Copy,
     Splice,
+    Sockmap,
 }
 
 impl ModeChoice {
-    /// The relay mode for TCP: until the eBPF modes land, `auto` means splice.
+    /// The relay mode for TCP. `auto` is splice for now: the sockmap mode is experimental
+    /// (concurrent short connections can still fail with EPIPE, see the README) and is used
+    /// only when asked for by name.
     pub fn tcp_mode(self) -> Mode {
         match self {
             Self::Copy => Mode::Copy,
             Self::Auto | Self::Splice => Mode::Splice,
+            Self::Sockmap => Mode::Sockmap,
+        }
+    }
+
+    /// Whether this mapping needs the sockmap programs.
+    pub fn wants_sockmap(self) -> bool {
+        self == Self::Sockmap
+    }
+}
+
+impl std::str::FromStr for ModeChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "copy" => Ok(Self::Copy),
+            "splice" => Ok(Self::Splice),
+            "sockmap" => Ok(Self::Sockmap),
+            _ => Err(format!(
+                "unknown mode {s:?}: expected auto, copy, splice or sockmap"
+            )),
         }
     }
 }
@@ -70,6 +97,7 @@ impl fmt::Display for ModeChoice {
             Self::Auto => "auto",
             Self::Copy => "copy",
             Self::Splice => "splice",
+            Self::Sockmap => "sockmap",
         })
     }
 }
@@ -87,16 +115,6 @@ pub struct MappingSpec {
     pub udp_idle_timeout: Duration,
     pub max_flows: usize,
     pub udp_batch: usize,
-}
-
-impl MappingSpec {
-    /// The mode in use, for status and metrics.
-    pub fn mode_in_use(&self) -> &'static str {
-        match self.proto {
-            Proto::Tcp => self.mode.tcp_mode().as_str(),
-            Proto::Udp => "udp",
-        }
-    }
 }
 
 /// The configuration is unusable; nothing was started.
@@ -153,6 +171,7 @@ struct RawAdmin {
 #[serde(deny_unknown_fields)]
 struct RawService {
     drain_timeout: Option<f64>,
+    sockmap_max_entries: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -216,9 +235,25 @@ impl Config {
                 format!("{} is not an absolute path", admin_socket.display()),
             ));
         }
-        let drain_timeout = match raw.service.and_then(|s| s.drain_timeout) {
+        let (drain, entries) = raw
+            .service
+            .map_or((None, None), |s| (s.drain_timeout, s.sockmap_max_entries));
+        let drain_timeout = match drain {
             Some(v) => secs(v).map_err(|why| section("service", "drain_timeout", why))?,
             None => forward::Config::DEFAULT_DRAIN_TIMEOUT,
+        };
+        let sockmap_max_entries = match entries {
+            None => crate::sockmap::DEFAULT_MAX_ENTRIES,
+            Some(n) => u32::try_from(n)
+                .ok()
+                .filter(|n| (2..=16_777_216).contains(n))
+                .ok_or_else(|| {
+                    section(
+                        "service",
+                        "sockmap_max_entries",
+                        format!("{n} is not a number from 2 to 16777216"),
+                    )
+                })?,
         };
         let mut mappings: Vec<MappingSpec> = Vec::with_capacity(raw.mapping.len());
         for (i, m) in raw.mapping.into_iter().enumerate() {
@@ -234,6 +269,7 @@ impl Config {
             metrics_listen,
             admin_socket,
             drain_timeout,
+            sockmap_max_entries,
             mappings,
         };
         config.check_conflicts(file)?;
@@ -331,28 +367,21 @@ fn mapping(m: RawMapping, index: usize) -> Result<MappingSpec, FieldError> {
         ));
     }
     let mode = match m.mode.as_deref() {
-        None | Some("auto") => ModeChoice::Auto,
-        Some("copy") if proto == Proto::Tcp => ModeChoice::Copy,
-        Some("splice") if proto == Proto::Tcp => ModeChoice::Splice,
-        Some(v @ ("copy" | "splice")) => {
+        None => ModeChoice::Auto,
+        Some("dnat") => {
             return Err(err(
                 "mode",
-                format!("{v:?} applies to tcp; a udp mapping takes \"auto\""),
+                "\"dnat\" is not available in this version of berth".into(),
             ));
         }
-        Some(v @ ("sockmap" | "dnat")) => {
-            return Err(err(
-                "mode",
-                format!("{v:?} is not available in this version of berth"),
-            ));
-        }
-        Some(v) => {
-            return Err(err(
-                "mode",
-                format!("unknown mode {v:?}: expected auto, copy or splice"),
-            ));
-        }
+        Some(v) => v.parse().map_err(|e| err("mode", e))?,
     };
+    if proto == Proto::Udp && mode != ModeChoice::Auto {
+        return Err(err(
+            "mode",
+            format!("\"{mode}\" applies to tcp; a udp mapping takes \"auto\""),
+        ));
+    }
     let tcp_only = |field: &'static str, set: bool| {
         if set && proto != Proto::Tcp {
             Err(err(field, "applies to tcp mappings only".into()))

@@ -46,7 +46,7 @@ max_flows = 100
         (web.name.as_str(), web.proto, web.mode),
         ("web", Proto::Tcp, ModeChoice::Auto)
     );
-    assert_eq!(web.mode_in_use(), "splice");
+    assert_eq!(web.mode.tcp_mode(), crate::relay::Mode::Splice);
     assert_eq!(
         web.max_connections,
         forward::Config::DEFAULT_MAX_CONNECTIONS
@@ -107,8 +107,8 @@ fn each_mistake_names_file_mapping_and_field() {
             "mapping \"w\": mode: unknown mode \"warp\"",
         ),
         (
-            m("name = \"w\"\nmode = \"sockmap\"\nlisten = \"0.0.0.0:1\"\ntarget = \"10.0.0.1:1\""),
-            "mode: \"sockmap\" is not available",
+            m("name = \"w\"\nmode = \"dnat\"\nlisten = \"0.0.0.0:1\"\ntarget = \"10.0.0.1:1\""),
+            "mode: \"dnat\" is not available",
         ),
         (
             m(

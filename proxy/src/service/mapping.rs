@@ -18,6 +18,7 @@ use crate::{
     addr::Proto,
     forward::{self, Phase},
     listen::{self, ListenError},
+    sockmap::Sockmap,
     udp,
 };
 
@@ -93,6 +94,8 @@ pub(crate) enum Counters {
 #[derive(Debug)]
 pub(crate) struct Running {
     pub(crate) spec: MappingSpec,
+    /// The mode in use (`auto` resolved): copy, splice, sockmap, or udp.
+    pub(crate) mode: &'static str,
     /// Where the socket is bound (the port the kernel picked, for port 0).
     pub(crate) local: Option<std::net::SocketAddr>,
     pub(crate) counters: Counters,
@@ -111,7 +114,21 @@ impl Running {
         spec: MappingSpec,
         bound: Bound,
         reuse: Option<Counters>,
+        sockmap: Option<&Arc<Sockmap>>,
     ) -> io::Result<Self> {
+        let mode = match spec.proto {
+            Proto::Tcp => spec.mode.tcp_mode(),
+            Proto::Udp => crate::relay::Mode::Splice,
+        };
+        if mode == crate::relay::Mode::Sockmap && sockmap.is_none() {
+            return Err(io::Error::other(
+                "mode sockmap, but the sockmap programs are not loaded",
+            ));
+        }
+        let mode_name = match spec.proto {
+            Proto::Tcp => mode.as_str(),
+            Proto::Udp => "udp",
+        };
         let socket = bound.dup()?;
         let local = bound.local_addr();
         let (phase, rx) = watch::channel(Phase::Serve);
@@ -124,10 +141,11 @@ impl Running {
                 };
                 let config = forward::Config {
                     target: spec.target,
-                    mode: spec.mode.tcp_mode(),
+                    mode,
                     connect_timeout: spec.connect_timeout,
                     max_connections: spec.max_connections,
                     drain_timeout: std::time::Duration::ZERO,
+                    sockmap: sockmap.cloned(),
                 };
                 let serve = forward::serve(listener, config, stats.clone(), rx);
                 let task = tokio::spawn(
@@ -169,6 +187,7 @@ impl Running {
         };
         Ok(Self {
             spec,
+            mode: mode_name,
             local,
             counters,
             socket: Some(socket),

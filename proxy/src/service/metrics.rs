@@ -141,7 +141,7 @@ impl Families {
             .local
             .map_or_else(|| spec.listen.to_string(), |a| a.to_string());
         let target = spec.target.to_string();
-        let info = with(&[&listen, &target, spec.mode_in_use(), state]);
+        let info = with(&[&listen, &target, m.mode, state]);
         self.info.with_label_values(&labels(&info)).set(1);
         let count = |v: &IntCounterVec, extra: &[&str], n: u64| {
             v.with_label_values(&labels(&with(extra))).inc_by(n);

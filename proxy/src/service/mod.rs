@@ -38,7 +38,7 @@ use self::{
     status::Row,
     systemd::Notifier,
 };
-use crate::listen::ListenError;
+use crate::{listen::ListenError, sockmap::Sockmap};
 
 /// `berth run` could not start; nothing is left running.
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +134,8 @@ pub async fn run(opts: Options) -> Result<(), ServiceError> {
         None => None,
     };
     let admin_listener = admin::bind(&admin_path)?;
+    let mut kernel = Kernel::default();
+    kernel.ensure(&config)?;
     let mut hup = signal(SignalKind::hangup()).map_err(ServiceError::Signals)?;
     let mut term = signal(SignalKind::terminate()).map_err(ServiceError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(ServiceError::Signals)?;
@@ -143,9 +145,11 @@ pub async fn run(opts: Options) -> Result<(), ServiceError> {
         let mut st = lock(&state);
         for (spec, b) in bound {
             let name = spec.name.clone();
-            let running = Running::start(spec, b, None).map_err(|e| ServiceError::Socket {
-                name: name.clone(),
-                why: e.to_string(),
+            let running = Running::start(spec, b, None, kernel.sockmap.as_ref()).map_err(|e| {
+                ServiceError::Socket {
+                    name: name.clone(),
+                    why: e.to_string(),
+                }
             })?;
             st.active.insert(name, running);
         }
@@ -174,7 +178,7 @@ pub async fn run(opts: Options) -> Result<(), ServiceError> {
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                let reply = reload(&opts.config, &mut current, &state, &mut inherited, &notifier);
+                let reply = reload(&opts.config, &mut current, &state, &mut inherited, &notifier, &mut kernel);
                 log_reload(&reply);
             }
             Some(req) = admin_rx.recv() => match req {
@@ -183,7 +187,7 @@ pub async fn run(opts: Options) -> Result<(), ServiceError> {
                     let _ = tx.send(Reply { ok: true, message: String::new(), mappings: rows });
                 }
                 Request::Reload(tx) => {
-                    let reply = reload(&opts.config, &mut current, &state, &mut inherited, &notifier);
+                    let reply = reload(&opts.config, &mut current, &state, &mut inherited, &notifier, &mut kernel);
                     log_reload(&reply);
                     let _ = tx.send(reply);
                 }
@@ -259,9 +263,10 @@ fn reload(
     state: &Mutex<State>,
     inherited: &mut HashMap<String, OwnedFd>,
     notifier: &Notifier,
+    kernel: &mut Kernel,
 ) -> Reply {
     notifier.reloading();
-    let result = apply(path, current, state, inherited);
+    let result = apply(path, current, state, inherited, kernel);
     let mut st = lock(state);
     let rows = st.rows();
     let summary = st.summary();
@@ -286,8 +291,10 @@ fn apply(
     current: &mut Config,
     state: &Mutex<State>,
     inherited: &mut HashMap<String, OwnedFd>,
+    kernel: &mut Kernel,
 ) -> Result<String, ServiceError> {
     let new = Config::load(path)?;
+    kernel.ensure(&new)?;
     let mut st = lock(state);
     st.reap();
     let keep: HashSet<String> = new
@@ -320,9 +327,11 @@ fn apply(
         let reuse = st.active.get(&spec.name).map(|r| r.counters.clone());
         let name = spec.name.clone();
         started.push(
-            Running::start(spec, b, reuse).map_err(|e| ServiceError::Socket {
-                name,
-                why: e.to_string(),
+            Running::start(spec, b, reuse, kernel.sockmap.as_ref()).map_err(|e| {
+                ServiceError::Socket {
+                    name,
+                    why: e.to_string(),
+                }
             })?,
         );
     }
@@ -343,6 +352,55 @@ fn apply(
         "{} unchanged, {added} added, {changed} changed, {removed} removed",
         keep.len()
     ))
+}
+
+/// The kernel programs the mappings share, loaded on first need.
+#[derive(Debug, Default)]
+struct Kernel {
+    sockmap: Option<Arc<Sockmap>>,
+    /// Why loading failed, once tried: `auto` mappings then splice (logged once).
+    sockmap_error: Option<String>,
+}
+
+impl Kernel {
+    /// Loads the sockmap programs if a TCP mapping of `config` asks for them; if they cannot
+    /// load, that mapping is an error (with the reason) and nothing changes.
+    fn ensure(&mut self, config: &Config) -> Result<(), ServiceError> {
+        let tcp = || {
+            config
+                .mappings
+                .iter()
+                .filter(|m| m.proto == crate::addr::Proto::Tcp)
+        };
+        if self.sockmap.is_none()
+            && self.sockmap_error.is_none()
+            && tcp().any(|m| m.mode.wants_sockmap())
+        {
+            match Sockmap::load(config.sockmap_max_entries) {
+                Ok(sm) => {
+                    info!(
+                        max_entries = config.sockmap_max_entries,
+                        "sockmap programs loaded"
+                    );
+                    self.sockmap = Some(sm);
+                }
+                Err(e) => {
+                    warn!(reason = %e, "sockmap mode unavailable");
+                    self.sockmap_error = Some(e.to_string());
+                }
+            }
+        }
+        if let (Some(why), Some(m)) = (
+            &self.sockmap_error,
+            tcp().find(|m| m.mode == config::ModeChoice::Sockmap),
+        ) {
+            return Err(ServiceError::Socket {
+                name: m.name.clone(),
+                why: format!("mode sockmap: {why}"),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// The graceful stop: every mapping stops accepting, open connections get `drain` to finish,

@@ -51,7 +51,7 @@ impl Row {
                 .local
                 .map_or_else(|| m.spec.listen.to_string(), |a| a.to_string()),
             target: m.spec.target.to_string(),
-            mode: m.spec.mode_in_use().into(),
+            mode: m.mode.into(),
             state: if m.is_draining() {
                 "draining"
             } else {

@@ -5,7 +5,8 @@ use anyhow::bail;
 use berth::{
     addr::{ListenAddr, Proto, TargetAddr},
     forward, listen,
-    relay::Mode,
+    service::config::ModeChoice,
+    sockmap::{self, Sockmap},
     sys, udp,
 };
 use clap::Args;
@@ -19,10 +20,15 @@ pub(crate) struct ForwardArgs {
     /// Transport protocol: tcp or udp.
     #[arg(long, default_value = "tcp")]
     proto: Proto,
-    /// TCP: how bytes are carried, copy (userspace buffer) or splice (zero-copy through pipes)
-    /// [default: splice].
-    #[arg(long, value_parser = parse_mode)]
-    mode: Option<Mode>,
+    /// TCP: how bytes are carried. auto: the best reliable mode (splice for now). copy: a
+    /// userspace buffer. splice: zero-copy through pipes. sockmap (experimental): the kernel
+    /// moves the bytes; needs CAP_BPF and CAP_NET_ADMIN [default: auto].
+    #[arg(long)]
+    mode: Option<ModeChoice>,
+    /// TCP: sockets the sockmap maps hold (two per connection); connections beyond fall back
+    /// to splice.
+    #[arg(long, default_value_t = sockmap::DEFAULT_MAX_ENTRIES, value_parser = parse_entries)]
+    sockmap_entries: u32,
     /// TCP: seconds to wait for the target to accept a connection.
     #[arg(long, default_value_t = forward::Config::DEFAULT_CONNECT_TIMEOUT.as_secs_f64(), value_parser = parse_secs)]
     connect_timeout: f64,
@@ -48,8 +54,11 @@ pub(crate) struct ForwardArgs {
     target: TargetAddr,
 }
 
-fn parse_mode(s: &str) -> Result<Mode, String> {
-    s.parse()
+fn parse_entries(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if n >= 2 => Ok(n),
+        _ => Err(format!("{s:?} is not a number of sockets (at least 2)")),
+    }
 }
 
 fn parse_limit(s: &str) -> Result<usize, String> {
@@ -81,9 +90,19 @@ pub(crate) async fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
     match args.proto {
         Proto::Tcp => {
             let listener = listen::bind_tcp(args.listen)?;
+            let choice = args.mode.unwrap_or_default();
+            let sockmap = if choice.wants_sockmap() {
+                match Sockmap::load(args.sockmap_entries) {
+                    Ok(sm) => Some(sm),
+                    Err(e) => bail!("--mode sockmap: {e}"),
+                }
+            } else {
+                None
+            };
             let config = forward::Config {
                 target: args.target,
-                mode: args.mode.unwrap_or_default(),
+                mode: choice.tcp_mode(),
+                sockmap,
                 connect_timeout: Duration::from_secs_f64(args.connect_timeout),
                 max_connections: args.max_connections,
                 drain_timeout: Duration::from_secs_f64(args.drain_timeout),
