@@ -32,6 +32,8 @@ pub(crate) enum Contender {
     BerthUdp,
     /// The same with `--udp-batch 1`: what batching is worth.
     BerthUdpB1,
+    /// `berth forward --mode sockmap`: the kernel moves the bytes (experimental).
+    BerthSockmap,
 }
 
 /// Paths of the external programs; `None` when not installed.
@@ -108,7 +110,7 @@ fn undo_rule(rule: &[String]) -> Vec<Vec<String>> {
 const CHAIN: &str = "BERTH-BENCH";
 
 impl Contender {
-    pub(crate) const ALL: [Self; 9] = [
+    pub(crate) const ALL: [Self; 10] = [
         Self::Direct,
         Self::BerthCopy,
         Self::BerthSplice,
@@ -118,6 +120,7 @@ impl Contender {
         Self::IptablesDnat,
         Self::BerthUdp,
         Self::BerthUdpB1,
+        Self::BerthSockmap,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -131,10 +134,12 @@ impl Contender {
             Self::IptablesDnat => "iptables-dnat",
             Self::BerthUdp => "berth-udp",
             Self::BerthUdpB1 => "berth-udp-batch1",
+            Self::BerthSockmap => "berth-sockmap",
         }
     }
 
-    /// berth itself, or the baseline: their failure fails the run.
+    /// berth itself, or the baseline: their failure fails the run. The experimental sockmap
+    /// mode is not: its failures are results, listed in the report.
     pub(crate) fn is_own(self) -> bool {
         matches!(
             self,
@@ -145,7 +150,9 @@ impl Contender {
     /// The protocols this contender can map.
     pub(crate) fn serves(self, proto: Proto) -> bool {
         match self {
-            Self::BerthCopy | Self::BerthSplice | Self::Haproxy => proto == Proto::Tcp,
+            Self::BerthCopy | Self::BerthSplice | Self::BerthSockmap | Self::Haproxy => {
+                proto == Proto::Tcp
+            }
             Self::BerthUdp | Self::BerthUdpB1 => proto == Proto::Udp,
             Self::Direct | Self::DockerProxy | Self::Socat | Self::IptablesDnat => true,
         }
@@ -167,7 +174,8 @@ impl Contender {
             | Self::BerthCopy
             | Self::BerthSplice
             | Self::BerthUdp
-            | Self::BerthUdpB1 => None,
+            | Self::BerthUdpB1
+            | Self::BerthSockmap => None,
             Self::DockerProxy => missing(&tools.docker_proxy, "docker-proxy"),
             Self::Socat => missing(&tools.socat, "socat"),
             Self::Haproxy => missing(&tools.haproxy, "haproxy"),
@@ -203,11 +211,11 @@ impl Contender {
                 running.external = server;
                 return Ok(running);
             }
-            Self::BerthCopy | Self::BerthSplice => {
-                let mode = if self == Self::BerthCopy {
-                    "copy"
-                } else {
-                    "splice"
+            Self::BerthCopy | Self::BerthSplice | Self::BerthSockmap => {
+                let mode = match self {
+                    Self::BerthCopy => "copy",
+                    Self::BerthSockmap => "sockmap",
+                    _ => "splice",
                 };
                 let mut cmd = Command::new(&tools.berth);
                 cmd.args([

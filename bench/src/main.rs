@@ -245,7 +245,12 @@ impl Job {
             Self::Bulk { external: true, .. } | Self::Crr { external: true } => {
                 if matches!(
                     c,
-                    C::Direct | C::DockerProxy | C::IptablesDnat | C::BerthCopy | C::BerthSplice
+                    C::Direct
+                        | C::DockerProxy
+                        | C::IptablesDnat
+                        | C::BerthCopy
+                        | C::BerthSplice
+                        | C::BerthSockmap
                 ) {
                     Ok(())
                 } else {
