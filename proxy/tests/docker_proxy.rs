@@ -31,21 +31,10 @@ fn spawn(args: &[&str], fds: Vec<(OwnedFd, RawFd)>) -> Child {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let raw: Vec<(RawFd, RawFd)> = fds.iter().map(|(fd, to)| (fd.as_raw_fd(), *to)).collect();
-    // SAFETY: dup2 and fcntl are async-signal-safe and only touch the child's fd table.
-    unsafe {
-        cmd.pre_exec(move || {
-            for &(from, to) in &raw {
-                if from == to {
-                    // dup2 onto itself keeps O_CLOEXEC: clear it instead.
-                    libc::fcntl(to, libc::F_SETFD, 0);
-                } else if libc::dup2(from, to) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
+    common::place_fds(
+        &mut cmd,
+        fds.iter().map(|(fd, to)| (fd.as_raw_fd(), *to)).collect(),
+    );
     let child = cmd.spawn().unwrap();
     drop(fds); // the parent's copies: the status pipe must see EOF once the child closes it
     child

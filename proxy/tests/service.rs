@@ -9,10 +9,7 @@ mod common;
 
 use std::{
     net::SocketAddr,
-    os::{
-        fd::{AsRawFd as _, OwnedFd},
-        unix::process::CommandExt as _,
-    },
+    os::fd::{AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
@@ -105,21 +102,10 @@ impl Berth {
             let names: Vec<String> = (0..fds.len()).map(|i| format!("m{i}")).collect();
             cmd.env("LISTEN_FDS", fds.len().to_string())
                 .env("LISTEN_FDNAMES", names.join(":"));
-            let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
-            // SAFETY: dup2 and fcntl are async-signal-safe and only touch the child's fds.
-            unsafe {
-                cmd.pre_exec(move || {
-                    for (i, &from) in raw.iter().enumerate() {
-                        let to = 3 + i as i32;
-                        if from == to {
-                            libc::fcntl(to, libc::F_SETFD, 0);
-                        } else if libc::dup2(from, to) < 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    }
-                    Ok(())
-                });
-            }
+            common::place_fds(
+                &mut cmd,
+                (3..).zip(&fds).map(|(to, f)| (f.as_raw_fd(), to)).collect(),
+            );
         }
         let child = cmd.spawn().unwrap();
         drop(fds);

@@ -336,3 +336,29 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
+
+// === Passing descriptors to a child ===
+
+/// Makes the child of `cmd` start with each `(from, to)` descriptor of ours at number `to`
+/// (fd 3 for a status pipe, fd 3.. for systemd's sockets, fd 4 for docker's listener).
+/// The caller keeps `from` open until spawn and closes its copies after.
+pub fn place_fds(
+    cmd: &mut std::process::Command,
+    fds: Vec<(std::os::fd::RawFd, std::os::fd::RawFd)>,
+) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: dup2 and fcntl are async-signal-safe and only touch the child's fd table.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &(from, to) in &fds {
+                if from == to {
+                    // dup2 onto itself keeps O_CLOEXEC: clear it instead.
+                    libc::fcntl(to, libc::F_SETFD, 0);
+                } else if libc::dup2(from, to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
