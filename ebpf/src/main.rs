@@ -38,9 +38,12 @@ fn berth_sk_verdict(ctx: SkBuffContext) -> u32 {
     };
     let len = u64::from(ctx.len());
     if len == 0 {
-        // A bare FIN: redirected, the kernel would send zero bytes to the peer and report
-        // that as EPIPE on it. Passed, it is the EOF user space watches for.
-        return sk_action::SK_PASS;
+        // A bare FIN. TCP has already applied it (RCV_SHUTDOWN, which user space sees as
+        // EPOLLRDHUP and as read() returning 0); the empty segment only marks the spot.
+        // Redirected, the peer's backlog would send 0 bytes and report EPIPE on the peer;
+        // passed while this socket's backlog is busy, its own backlog would do the same to
+        // it. Dropped, it is simply consumed.
+        return sk_action::SK_DROP;
     }
     // SAFETY: the pointer is to this socket's entry; its segments are processed one at a time,
     // so no other program instance writes it concurrently.

@@ -174,8 +174,6 @@ async fn four_gib_each_way_with_half_close_in_both_orders() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug: a few of 128 concurrent short connections fail with EPIPE on the \
-            target (see the README's sockmap section); run with --ignored"]
 async fn integrity_128_connections() {
     const N: usize = 128;
     let net = TestNet::up(1).await;
@@ -209,10 +207,14 @@ async fn integrity_128_connections() {
         assert_mirrored(id, &client_side[&id], &server);
     }
     proxy.assert_no_entries_left().await;
-    assert_eq!(
-        proxy.sm.fallbacks(),
-        0,
-        "1,024 entries hold 128 connections"
+    // A connection with a side that had sent everything and its FIN before berth inserted
+    // it (the tiny transfers) cannot join a SOCKHASH (only established sockets can) and is
+    // relayed by splice; the others go through the kernel.
+    let fell_back = proxy.sm.fallbacks();
+    eprintln!("{fell_back} of {N} connections were already half-closed and went by splice");
+    assert!(
+        fell_back < N as u64,
+        "no connection went through the kernel"
     );
     proxy.stop().await;
 }

@@ -58,9 +58,9 @@ pub enum ModeChoice {
 }
 
 impl ModeChoice {
-    /// The relay mode for TCP. `auto` is splice for now: the sockmap mode is experimental
-    /// (concurrent short connections can still fail with EPIPE, see the README) and is used
-    /// only when asked for by name.
+    /// The relay mode for TCP. `auto` is splice for now: the experimental sockmap mode is
+    /// slower than splice here for bulk and short connections (see the README's benchmark),
+    /// so it is used only when asked for by name.
     pub fn tcp_mode(self) -> Mode {
         match self {
             Self::Copy => Mode::Copy,

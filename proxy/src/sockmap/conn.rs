@@ -43,6 +43,14 @@ pub async fn relay(
         sm.fell_back();
         return userspace(client, target, Mode::Splice, meter, cut).await;
     };
+    // Only established sockets can join a SOCKHASH. A side that has already sent its FIN
+    // (a tiny request, a server that answered and closed) would fail the insert after the
+    // other side is in, and a half-inserted connection can only be relayed by copy.
+    if !established(&client) || !established(&target) {
+        debug!("a side already half-closed, relaying this connection by splice");
+        sm.fell_back();
+        return userspace(client, target, Mode::Splice, meter, cut).await;
+    }
     let entries = Entries {
         sm,
         cookies: [cc, tc],
@@ -401,8 +409,9 @@ impl Conn<'_> {
     }
 }
 
-fn tcp_info(s: &StdStream) -> io::Result<libc::tcp_info> {
+fn tcp_info(s: impl std::os::fd::AsFd) -> io::Result<libc::tcp_info> {
     use std::os::fd::AsRawFd as _;
+    let s = s.as_fd();
     // SAFETY: all-zero is a valid tcp_info; getsockopt writes at most `len` bytes into it.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -427,7 +436,7 @@ fn tcp_info(s: &StdStream) -> io::Result<libc::tcp_info> {
 /// TCP_INFO is read before SIOCOUTQ, so an ACK in between can only make this an undercount.
 fn written(s: &StdStream) -> io::Result<u64> {
     use std::os::fd::AsRawFd as _;
-    let acked = tcp_info(s)?.tcpi_bytes_acked;
+    let acked = tcp_info(s.as_fd())?.tcpi_bytes_acked;
     let mut outq: libc::c_int = 0;
     // SAFETY: SIOCOUTQ writes one int.
     let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &raw mut outq) };
@@ -435,4 +444,11 @@ fn written(s: &StdStream) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(acked + u64::try_from(outq).unwrap_or(0))
+}
+
+/// Linux's TCP_ESTABLISHED state number (`tcpi_state`).
+const TCP_ESTABLISHED: u8 = 1;
+
+fn established(s: &TcpStream) -> bool {
+    tcp_info(s.as_fd()).is_ok_and(|i| i.tcpi_state == TCP_ESTABLISHED)
 }
