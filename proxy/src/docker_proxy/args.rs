@@ -131,11 +131,17 @@ impl Args {
                 "version" => version = boolean("version")?,
                 "mode" => {
                     let v = value("mode")?;
-                    mode = v.parse().map_err(|_| ArgsError::Invalid {
-                        flag: "mode",
-                        value: v,
-                        why: "expected copy or splice",
-                    })?;
+                    // One process per port, as dockerd runs it, has no use for loading BPF.
+                    mode = match v.parse() {
+                        Ok(m @ (Mode::Copy | Mode::Splice)) => m,
+                        _ => {
+                            return Err(ArgsError::Invalid {
+                                flag: "mode",
+                                value: v,
+                                why: "expected copy or splice",
+                            });
+                        }
+                    };
                 }
                 "h" | "help" => return Ok(Parsed::Help),
                 other => return Err(ArgsError::Unknown(other.to_owned())),
@@ -277,5 +283,6 @@ mod tests {
         assert!(err(&["-container-port", "1"]).contains("-host-port is required"));
         assert!(err(&["-proto", "sctp"]).contains("unsupported protocol sctp"));
         assert!(err(&["-use-listen-fd=maybe"]).contains("expected true or false"));
+        assert!(err(&["-mode", "sockmap"]).contains("expected copy or splice"));
     }
 }
