@@ -38,15 +38,7 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let root = exec::root();
     let tools = root.join("target/bench/tools");
     let docker_proxy = docker_proxy(&tools)?;
-    exec::run(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "berth",
-        "-p",
-        "berth-bench",
-    ]))?;
+    exec::build_release(&["berth", "berth-bench"])?;
 
     let out = args
         .out

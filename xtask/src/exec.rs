@@ -41,3 +41,14 @@ pub(crate) fn output(cmd: &mut Command) -> anyhow::Result<Output> {
     cmd.output()
         .with_context(|| format!("failed to start `{shown}`"))
 }
+
+/// `cargo build --release --locked` of `packages`, in the workspace root.
+pub(crate) fn build_release(packages: &[&str]) -> anyhow::Result<()> {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root())
+        .args(["build", "--release", "--locked"]);
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    run(&mut cmd)
+}

@@ -3,7 +3,6 @@ use std::{
     fs,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    process::Command,
 };
 
 use anyhow::Context as _;
@@ -26,13 +25,7 @@ pub(crate) fn run(args: &InstallArgs) -> anyhow::Result<()> {
         "--prefix must be an absolute path"
     );
     let root = exec::root();
-    exec::run(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "berth",
-    ]))?;
+    exec::build_release(&["berth"])?;
     let stage = |p: &Path| match &args.destdir {
         Some(d) => d.join(p.strip_prefix("/").unwrap_or(p)),
         None => p.to_owned(),

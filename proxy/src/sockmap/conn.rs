@@ -16,7 +16,7 @@ use socket2::SockRef;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{Sockmap, cookie, watch::Watch};
+use super::{Sockmap, cookie, sockopt, watch::Watch};
 use crate::relay::{self, Direction, Meter, Mode, RelayError, Transfer};
 
 /// How often an open connection's byte counters are published to its meter (and a stalled
@@ -410,26 +410,8 @@ impl Conn<'_> {
 }
 
 fn tcp_info(s: impl std::os::fd::AsFd) -> io::Result<libc::tcp_info> {
-    use std::os::fd::AsRawFd as _;
-    let s = s.as_fd();
-    // SAFETY: all-zero is a valid tcp_info; getsockopt writes at most `len` bytes into it.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: as above; the fd is a live TCP socket.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &raw mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(info)
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    // SAFETY: TCP_INFO fills a tcp_info, plain integers for which all-zero is valid.
+    unsafe { sockopt(s.as_fd(), libc::IPPROTO_TCP, libc::TCP_INFO) }
 }
 
 /// Bytes ever written into `s`: acknowledged by its peer, plus still in its send queue.

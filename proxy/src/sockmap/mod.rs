@@ -86,24 +86,18 @@ impl Sockmap {
 
     /// The counters entry (zeroed) and a not-yet-ready peer entry for `cookie`.
     fn add_entries(&self, cookie: u64, peer: u64) -> io::Result<()> {
-        let mut relay = self.lock();
-        relay
+        self.lock()
             .counters()
             .map_err(io::Error::other)?
             .insert(cookie, Counters::default(), 0)
             .map_err(io::Error::other)?;
-        relay
-            .peers()
-            .map_err(io::Error::other)?
-            .insert(
-                cookie,
-                Peer {
-                    cookie: peer,
-                    ..Peer::default()
-                },
-                0,
-            )
-            .map_err(io::Error::other)
+        self.put_peer(
+            cookie,
+            Peer {
+                cookie: peer,
+                ..Peer::default()
+            },
+        )
     }
 
     fn add_socket(&self, cookie: u64, fd: BorrowedFd<'_>) -> io::Result<()> {
@@ -116,19 +110,22 @@ impl Sockmap {
 
     /// Lets the program redirect `cookie`'s bytes once it has passed exactly `acked` bytes.
     fn set_ready(&self, cookie: u64, peer: u64, acked: u64) -> io::Result<()> {
+        self.put_peer(
+            cookie,
+            Peer {
+                cookie: peer,
+                acked,
+                ready: 1,
+                _pad: 0,
+            },
+        )
+    }
+
+    fn put_peer(&self, cookie: u64, peer: Peer) -> io::Result<()> {
         self.lock()
             .peers()
             .map_err(io::Error::other)?
-            .insert(
-                cookie,
-                Peer {
-                    cookie: peer,
-                    acked,
-                    ready: 1,
-                    _pad: 0,
-                },
-                0,
-            )
+            .insert(cookie, peer, 0)
             .map_err(io::Error::other)
     }
 
@@ -157,20 +154,30 @@ impl Sockmap {
 
 /// A socket's cookie (SO_COOKIE): unique per boot, the maps' key.
 fn cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut cookie = 0u64;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: SO_COOKIE writes one u64 into the buffer whose size we pass.
+    // SAFETY: SO_COOKIE fills a u64, for which all-zero bytes are valid.
+    unsafe { sockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE) }
+}
+
+/// Reads the socket option `level`/`name` into a `T`.
+///
+/// # Safety
+/// `T` must be the plain C type the option fills, and all-zero bytes must be a valid `T`.
+unsafe fn sockopt<T>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<T> {
+    // SAFETY: the caller guarantees that all-zero is a valid T.
+    let mut value: T = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `value`.
     let rc = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&raw mut cookie).cast(),
+            level,
+            name,
+            (&raw mut value).cast(),
             &raw mut len,
         )
     };
     if rc == 0 {
-        Ok(cookie)
+        Ok(value)
     } else {
         Err(io::Error::last_os_error())
     }
