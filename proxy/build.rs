@@ -20,8 +20,10 @@ fn main() -> anyhow::Result<()> {
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
         // clippy/doc-only builds: an empty object makes the loader report "built without eBPF".
-        if !object.exists() {
-            fs::write(&object, []).context("failed to write placeholder eBPF object")?;
+        for object in [&object, &out_dir.join("berth-dnat")] {
+            if !object.exists() {
+                fs::write(object, []).context("failed to write placeholder eBPF object")?;
+            }
         }
         println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
         return Ok(());

@@ -1,4 +1,4 @@
-//! The kernel programs built from `ebpf/`, embedded in the binary, and their loader.
+//! The kernel programs built from `ebpf/`, embedded in the binary, and their loaders.
 use aya::{
     Ebpf, EbpfError,
     maps::{MapError, SockHash},
@@ -8,6 +8,9 @@ use berth_common::sockmap;
 
 /// The object file built by `build.rs`; empty when built with `AYA_BUILD_SKIP=1`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/berth-ebpf"));
+
+/// The kernel-mode port mapping object (`ebpf/src/dnat.rs`); empty like [`OBJECT`].
+static DNAT_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/berth-dnat"));
 
 /// Loading or attaching a kernel program failed.
 #[derive(Debug, thiserror::Error)]
@@ -133,4 +136,28 @@ impl SockmapRelay {
             source,
         })
     }
+}
+
+/// Capacities of the kernel-mode mapping tables, in entries.
+#[derive(Clone, Copy, Debug)]
+pub struct DnatSizes {
+    pub services: u32,
+    pub conntrack: u32,
+    pub local_addrs: u32,
+}
+
+/// Creates the kernel-mode mapping maps (sized by `sizes`) and reads its programs, without
+/// loading or attaching any program: `crate::dnat` does that, each where it belongs.
+pub fn load_dnat(sizes: DnatSizes) -> Result<Ebpf, LoaderError> {
+    use berth_common::dnat;
+    if DNAT_OBJECT.is_empty() {
+        return Err(LoaderError::NotBuilt);
+    }
+    Ok(aya::EbpfLoader::new()
+        .map_max_entries(dnat::SERVICES_MAP, sizes.services)
+        .map_max_entries(dnat::STATS_MAP, sizes.services)
+        .map_max_entries(dnat::CONNTRACK_MAP, sizes.conntrack)
+        .map_max_entries(dnat::REVNAT_MAP, sizes.conntrack)
+        .map_max_entries(dnat::LOCAL_MAP, sizes.local_addrs)
+        .load(DNAT_OBJECT)?)
 }

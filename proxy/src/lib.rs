@@ -9,11 +9,13 @@
 //! - [`docker_proxy`]: docker-proxy's command line and fd 3 status pipe.
 //! - [`ebpf`]: the embedded kernel programs and their loader.
 //! - [`sockmap`]: the sockmap relay mode (bytes moved by the kernel).
+//! - [`dnat`]: kernel mode: mappings served by TC and cgroup programs, no relay at all.
 //! - [`service`]: `berth run`, the daemon: config, reload, admin socket, metrics, systemd.
 //! - [`udp`]: UDP forwarding with one flow (and socket) per client.
 
 pub mod addr;
 pub mod caps;
+pub mod dnat;
 pub mod docker_proxy;
 pub mod ebpf;
 pub mod forward;

@@ -61,6 +61,28 @@ pub fn bind_udp(addr: ListenAddr) -> Result<UdpSocket, ListenError> {
     UdpSocket::from_std(sock.into()).map_err(map)
 }
 
+/// Holds `proto` port `addr` without serving it, for kernel mode (whose programs rewrite the
+/// traffic before any socket sees it): no other process can take the port, and an occupied
+/// port is reported like for the relays. A TCP socket is bound but does not listen, so a
+/// stray connection that the programs do not map is refused rather than left waiting.
+pub fn reserve(proto: crate::addr::Proto, addr: ListenAddr) -> Result<Socket, ListenError> {
+    let map = |e| ListenError::from_io(addr, e);
+    let ty = match proto {
+        crate::addr::Proto::Tcp => Type::STREAM,
+        crate::addr::Proto::Udp => Type::DGRAM,
+    };
+    let sock = Socket::new(Domain::for_address(addr.get()), ty.cloexec(), None).map_err(map)?;
+    if let SocketAddr::V6(_) = addr.get() {
+        sock.set_only_v6(true).map_err(map)?;
+    }
+    if proto == crate::addr::Proto::Udp {
+        // Nobody reads it: keep what strays into it small.
+        let _ = sock.set_recv_buffer_size(1);
+    }
+    sock.bind(&addr.get().into()).map_err(map)?;
+    Ok(sock)
+}
+
 impl ListenError {
     fn from_io(addr: ListenAddr, e: io::Error) -> Self {
         match e.raw_os_error() {

@@ -53,3 +53,28 @@ pub fn init_logging(filter: &str) {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+/// Reads the socket option `level`/`name` into a `T`.
+///
+/// # Safety
+/// `T` must be the plain C type the option fills, and all-zero bytes must be a valid `T`.
+pub(crate) unsafe fn sockopt<T>(fd: std::os::fd::BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> std::io::Result<T> {
+    // SAFETY: the caller guarantees that all-zero is a valid T.
+    let mut value: T = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `value`.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            level,
+            name,
+            (&raw mut value).cast(),
+            &raw mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

@@ -5,4 +5,5 @@
 //! feature, which the user-space crate turns on; the kernel side stays `no_std` and dependency-free.
 #![no_std]
 
+pub mod dnat;
 pub mod sockmap;

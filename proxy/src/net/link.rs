@@ -32,6 +32,11 @@ impl Netlink {
         Ok(Self { handle })
     }
 
+    /// The underlying rtnetlink handle, for queries this type does not wrap.
+    pub(crate) fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
     /// The link called `name`, if any.
     pub async fn link(&self, name: &str) -> Result<Option<LinkMessage>, NetError> {
         let mut links = self

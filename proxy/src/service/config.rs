@@ -10,7 +10,10 @@
 //! proto = "tcp"            # tcp | udp
 //! listen = "0.0.0.0:9091"
 //! target = "172.16.1.1:8080"
-//! mode = "auto"            # auto | copy | splice
+//! mode = "auto"            # auto | copy | splice | sockmap | dnat
+//!
+//! [dnat]                     # kernel mode, for mappings with mode = "dnat"
+//! interfaces = ["eth0"]      # default: every non-loopback interface that is not a port
 //! ```
 use std::{
     collections::HashMap,
@@ -44,6 +47,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Sockets the sockmap maps hold (two per connection in sockmap mode).
     pub sockmap_max_entries: u32,
+    /// `[dnat]`: where and how big kernel mode is, for mappings with `mode = "dnat"`.
+    pub dnat: crate::dnat::Settings,
     pub mappings: Vec<MappingSpec>,
 }
 
@@ -55,6 +60,8 @@ pub enum ModeChoice {
     Copy,
     Splice,
     Sockmap,
+    /// Kernel mode: TC and cgroup programs map the port; no relay ([`crate::dnat`]).
+    Dnat,
 }
 
 impl ModeChoice {
@@ -64,9 +71,15 @@ impl ModeChoice {
     pub fn tcp_mode(self) -> Mode {
         match self {
             Self::Copy => Mode::Copy,
-            Self::Auto | Self::Splice => Mode::Splice,
+            // Dnat has no relay; callers check `is_kernel` first.
+            Self::Auto | Self::Splice | Self::Dnat => Mode::Splice,
             Self::Sockmap => Mode::Sockmap,
         }
+    }
+
+    /// Whether the mapping is served by the kernel-mode programs instead of a relay.
+    pub fn is_kernel(self) -> bool {
+        self == Self::Dnat
     }
 
     /// Whether this mapping needs the sockmap programs.
@@ -84,8 +97,9 @@ impl std::str::FromStr for ModeChoice {
             "copy" => Ok(Self::Copy),
             "splice" => Ok(Self::Splice),
             "sockmap" => Ok(Self::Sockmap),
+            "dnat" => Ok(Self::Dnat),
             _ => Err(format!(
-                "unknown mode {s:?}: expected auto, copy, splice or sockmap"
+                "unknown mode {s:?}: expected auto, copy, splice, sockmap or dnat"
             )),
         }
     }
@@ -98,6 +112,7 @@ impl fmt::Display for ModeChoice {
             Self::Copy => "copy",
             Self::Splice => "splice",
             Self::Sockmap => "sockmap",
+            Self::Dnat => "dnat",
         })
     }
 }
@@ -150,6 +165,7 @@ struct RawFile {
     metrics: Option<RawMetrics>,
     admin: Option<RawAdmin>,
     service: Option<RawService>,
+    dnat: Option<RawDnat>,
     #[serde(default)]
     mapping: Vec<RawMapping>,
 }
@@ -172,6 +188,17 @@ struct RawAdmin {
 struct RawService {
     drain_timeout: Option<f64>,
     sockmap_max_entries: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDnat {
+    interfaces: Option<Vec<String>>,
+    cgroup: Option<PathBuf>,
+    conntrack_entries: Option<i64>,
+    tcp_timeout: Option<f64>,
+    closing_timeout: Option<f64>,
+    udp_timeout: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -255,6 +282,10 @@ impl Config {
                     )
                 })?,
         };
+        let dnat = match raw.dnat {
+            None => crate::dnat::Settings::default(),
+            Some(d) => dnat_settings(d).map_err(|(field, why)| section("dnat", field, why))?,
+        };
         let mut mappings: Vec<MappingSpec> = Vec::with_capacity(raw.mapping.len());
         for (i, m) in raw.mapping.into_iter().enumerate() {
             let spec = mapping(m, i + 1).map_err(|(mapping, field, why)| ConfigError::Mapping {
@@ -270,6 +301,7 @@ impl Config {
             admin_socket,
             drain_timeout,
             sockmap_max_entries,
+            dnat,
             mappings,
         };
         config.check_conflicts(file)?;
@@ -368,19 +400,28 @@ fn mapping(m: RawMapping, index: usize) -> Result<MappingSpec, FieldError> {
     }
     let mode = match m.mode.as_deref() {
         None => ModeChoice::Auto,
-        Some("dnat") => {
-            return Err(err(
-                "mode",
-                "\"dnat\" is not available in this version of berth".into(),
-            ));
-        }
         Some(v) => v.parse().map_err(|e| err("mode", e))?,
     };
-    if proto == Proto::Udp && mode != ModeChoice::Auto {
+    if proto == Proto::Udp && !matches!(mode, ModeChoice::Auto | ModeChoice::Dnat) {
         return Err(err(
             "mode",
-            format!("\"{mode}\" applies to tcp; a udp mapping takes \"auto\""),
+            format!("\"{mode}\" applies to tcp; a udp mapping takes \"auto\" or \"dnat\""),
         ));
+    }
+    if mode.is_kernel() {
+        if !target.get().is_ipv4() {
+            return Err(err(
+                "target",
+                "mode \"dnat\" maps to IPv4 containers (use a relay mode for IPv6 targets)"
+                    .into(),
+            ));
+        }
+        if listen.get().port() == 0 {
+            return Err(err(
+                "listen",
+                "mode \"dnat\" needs an explicit port".into(),
+            ));
+        }
     }
     let tcp_only = |field: &'static str, set: bool| {
         if set && proto != Proto::Tcp {
@@ -447,6 +488,43 @@ fn mapping(m: RawMapping, index: usize) -> Result<MappingSpec, FieldError> {
         target,
         mode,
     })
+}
+
+fn dnat_settings(d: RawDnat) -> Result<crate::dnat::Settings, (&'static str, String)> {
+    let mut out = crate::dnat::Settings::default();
+    if let Some(names) = d.interfaces {
+        if let Some(bad) = names.iter().find(|n| n.parse::<crate::net::IfName>().is_err()) {
+            return Err(("interfaces", format!("{bad:?} is not an interface name")));
+        }
+        out.interfaces = Some(names);
+    }
+    if let Some(p) = d.cgroup {
+        if !p.is_absolute() {
+            return Err(("cgroup", format!("{} is not an absolute path", p.display())));
+        }
+        out.cgroup = Some(p);
+    }
+    if let Some(n) = d.conntrack_entries {
+        out.conntrack_entries = u32::try_from(n)
+            .ok()
+            .filter(|n| (1..=16_777_216).contains(n))
+            .ok_or_else(|| {
+                (
+                    "conntrack_entries",
+                    format!("{n} is not a number from 1 to 16777216"),
+                )
+            })?;
+    }
+    for (field, v, slot) in [
+        ("tcp_timeout", d.tcp_timeout, &mut out.timeouts.tcp),
+        ("closing_timeout", d.closing_timeout, &mut out.timeouts.closing),
+        ("udp_timeout", d.udp_timeout, &mut out.timeouts.udp),
+    ] {
+        if let Some(v) = v {
+            *slot = secs(v).map_err(|why| (field, why))?;
+        }
+    }
+    Ok(out)
 }
 
 fn bad_addr(s: &str) -> String {

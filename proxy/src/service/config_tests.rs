@@ -107,8 +107,28 @@ fn each_mistake_names_file_mapping_and_field() {
             "mapping \"w\": mode: unknown mode \"warp\"",
         ),
         (
-            m("name = \"w\"\nmode = \"dnat\"\nlisten = \"0.0.0.0:1\"\ntarget = \"10.0.0.1:1\""),
-            "mode: \"dnat\" is not available",
+            m("name = \"w\"\nmode = \"dnat\"\nlisten = \"0.0.0.0:1\"\ntarget = \"[fd00::1]:1\""),
+            "target: mode \"dnat\" maps to IPv4 containers",
+        ),
+        (
+            m("name = \"w\"\nmode = \"dnat\"\nlisten = \"0.0.0.0:0\"\ntarget = \"10.0.0.1:1\""),
+            "listen: mode \"dnat\" needs an explicit port",
+        ),
+        (
+            "[dnat]\ninterfaces = [\"this-name-is-far-too-long\"]\n".to_owned(),
+            "[dnat] interfaces: \"this-name-is-far-too-long\" is not an interface name",
+        ),
+        (
+            "[dnat]\ncgroup = \"relative/path\"\n".to_owned(),
+            "[dnat] cgroup: relative/path is not an absolute path",
+        ),
+        (
+            "[dnat]\nconntrack_entries = 0\n".to_owned(),
+            "[dnat] conntrack_entries: 0 is not a number from 1",
+        ),
+        (
+            "[dnat]\nudp_timeout = -1\n".to_owned(),
+            "[dnat] udp_timeout: -1 is not a number of seconds",
         ),
         (
             m(

@@ -16,7 +16,8 @@ use socket2::SockRef;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{Sockmap, cookie, sockopt, watch::Watch};
+use super::{Sockmap, cookie, watch::Watch};
+use crate::sys::sockopt;
 use crate::relay::{self, Direction, Meter, Mode, RelayError, Transfer};
 
 /// How often an open connection's byte counters are published to its meter (and a stalled

@@ -24,7 +24,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use conn::relay;
 
-use crate::ebpf::{LoaderError, SockmapRelay};
+use crate::{
+    ebpf::{LoaderError, SockmapRelay},
+    sys::sockopt,
+};
 
 /// Sockets the maps hold unless configured otherwise (two per connection).
 pub const DEFAULT_MAX_ENTRIES: u32 = berth_common::sockmap::DEFAULT_MAX_ENTRIES;
@@ -156,29 +159,4 @@ impl Sockmap {
 fn cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     // SAFETY: SO_COOKIE fills a u64, for which all-zero bytes are valid.
     unsafe { sockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE) }
-}
-
-/// Reads the socket option `level`/`name` into a `T`.
-///
-/// # Safety
-/// `T` must be the plain C type the option fills, and all-zero bytes must be a valid `T`.
-unsafe fn sockopt<T>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<T> {
-    // SAFETY: the caller guarantees that all-zero is a valid T.
-    let mut value: T = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `value`.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&raw mut value).cast(),
-            &raw mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(value)
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }

@@ -4,6 +4,7 @@ use std::{process::ExitCode, sync::Arc, time::Duration};
 use anyhow::bail;
 use berth::{
     addr::{ListenAddr, Proto, TargetAddr},
+    dnat::{self, Dnat},
     forward, listen,
     service::config::ModeChoice,
     sockmap::{self, Sockmap},
@@ -15,16 +16,39 @@ use clap::Args;
 #[command(after_help = "\
 Examples:
   berth forward 0.0.0.0:9091 172.16.1.1:80
-  berth forward --proto udp --udp-idle-timeout 30 0.0.0.0:5353 172.16.1.1:53")]
+  berth forward --proto udp --udp-idle-timeout 30 0.0.0.0:5353 172.16.1.1:53
+  berth forward --mode dnat --interface eth0 0.0.0.0:9091 172.16.1.1:80")]
 pub(crate) struct ForwardArgs {
     /// Transport protocol: tcp or udp.
     #[arg(long, default_value = "tcp")]
     proto: Proto,
-    /// TCP: how bytes are carried. auto: the best reliable mode (splice for now). copy: a
+    /// How the mapping is served. auto: the best reliable relay (splice for now). copy: a
     /// userspace buffer. splice: zero-copy through pipes. sockmap (experimental): the kernel
-    /// moves the bytes; needs CAP_BPF and CAP_NET_ADMIN [default: auto].
+    /// moves the bytes of each relayed connection. dnat (TCP and UDP): no relay at all; TC
+    /// and cgroup programs rewrite the traffic (IPv4 containers). sockmap and dnat need
+    /// CAP_BPF and CAP_NET_ADMIN [default: auto].
     #[arg(long)]
     mode: Option<ModeChoice>,
+    /// dnat: a client-facing interface for the TC program (repeat for several). Default:
+    /// every non-loopback interface that is not a bridge or bond port.
+    #[arg(long = "interface", value_name = "NAME")]
+    interfaces: Vec<String>,
+    /// dnat: the cgroup (v2 directory) whose processes get local mapping (connect rewrite).
+    /// Default: the root of the cgroup v2 mount.
+    #[arg(long, value_name = "PATH")]
+    cgroup: Option<std::path::PathBuf>,
+    /// dnat: remote flows the conntrack table holds (the least recently used go first).
+    #[arg(long, default_value_t = dnat::Settings::default().conntrack_entries, value_parser = parse_conntrack)]
+    conntrack_entries: u32,
+    /// dnat: seconds an idle open TCP flow keeps its conntrack entry.
+    #[arg(long, default_value_t = dnat::Timeouts::default().tcp.as_secs_f64(), value_parser = parse_secs)]
+    dnat_tcp_timeout: f64,
+    /// dnat: seconds a TCP flow keeps its entry after FIN from both sides or a RST.
+    #[arg(long, default_value_t = dnat::Timeouts::default().closing.as_secs_f64(), value_parser = parse_secs)]
+    dnat_closing_timeout: f64,
+    /// dnat: seconds an idle UDP flow keeps its conntrack entry.
+    #[arg(long, default_value_t = dnat::Timeouts::default().udp.as_secs_f64(), value_parser = parse_secs)]
+    dnat_udp_timeout: f64,
     /// TCP: sockets the sockmap maps hold (two per connection); connections beyond fall back
     /// to splice.
     #[arg(long, default_value_t = sockmap::DEFAULT_MAX_ENTRIES, value_parser = parse_entries)]
@@ -61,6 +85,13 @@ fn parse_entries(s: &str) -> Result<u32, String> {
     }
 }
 
+fn parse_conntrack(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if (1..=16_777_216).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?} is not a number of entries from 1 to 16777216")),
+    }
+}
+
 fn parse_limit(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if n > 0 => Ok(n),
@@ -87,6 +118,9 @@ fn parse_secs(s: &str) -> Result<f64, String> {
 
 pub(crate) async fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
     sys::raise_nofile_limit();
+    if args.mode == Some(ModeChoice::Dnat) {
+        return run_dnat(args).await;
+    }
     match args.proto {
         Proto::Tcp => {
             let listener = listen::bind_tcp(args.listen)?;
@@ -124,5 +158,47 @@ pub(crate) async fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
             udp::run(socket, config, stats, sys::stop_signal()).await?;
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--mode dnat`: loads kernel mode, maps the port, and holds it until SIGINT/SIGTERM; then
+/// everything is detached and freed.
+async fn run_dnat(args: ForwardArgs) -> anyhow::Result<ExitCode> {
+    let (listen, target) = (args.listen.get(), args.target.get());
+    if !target.is_ipv4() || target.port() == 0 || listen.port() == 0 {
+        bail!("--mode dnat maps an explicit port to an IPv4 container address and port");
+    }
+    // The port is held first: an occupied port is an error before anything is loaded.
+    let _reserved = listen::reserve(args.proto, args.listen)?;
+    let settings = dnat::Settings {
+        interfaces: (!args.interfaces.is_empty()).then_some(args.interfaces),
+        cgroup: args.cgroup,
+        conntrack_entries: args.conntrack_entries,
+        timeouts: dnat::Timeouts {
+            tcp: Duration::from_secs_f64(args.dnat_tcp_timeout),
+            closing: Duration::from_secs_f64(args.dnat_closing_timeout),
+            udp: Duration::from_secs_f64(args.dnat_udp_timeout),
+        },
+    };
+    let stop = sys::stop_signal();
+    let kernel = Dnat::start(settings).await?;
+    let mapping = kernel.add(args.proto, listen, target).await?;
+    tracing::info!(
+        proto = %args.proto,
+        %listen,
+        %target,
+        interfaces = ?kernel.interfaces(),
+        cgroup = %kernel.cgroup().display(),
+        "mapped in kernel mode; no process is in the data path"
+    );
+    stop.await;
+    let s = mapping.snapshot();
+    tracing::info!(
+        flows = s.flows,
+        local = s.local_rewrites,
+        packets_in = s.packets_in,
+        packets_out = s.packets_out,
+        "stopping: detaching the programs"
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,250 @@
+//! Kernel-mode port mapping: a service table, a conntrack table, a reverse-NAT table for local
+//! sockets, the host's local addresses and per-mapping counters.
+//!
+//! # Addresses and ports
+//! Every address is 16 bytes laid out like `struct in6_addr`; IPv4 addresses are IPv4-mapped
+//! (`::ffff:a.b.c.d`). One representation serves both families, and an IPv6 socket that dials
+//! `::ffff:127.0.0.1` matches the same entries as an IPv4 socket dialling `127.0.0.1`. Ports are
+//! stored as they appear on the wire (network byte order), so the programs never swap bytes.
+//!
+//! # Who writes what
+//! User space writes [`SERVICES_MAP`], [`LOCAL_MAP`] and [`CONFIG_MAP`], and deletes expired
+//! [`CONNTRACK_MAP`] entries. The TC program writes [`CONNTRACK_MAP`]; the cgroup programs write
+//! [`REVNAT_MAP`]. Both count into [`STATS_MAP`] (per CPU, so without atomics).
+
+/// The TC program (attached to ingress): DNAT of client packets, reverse NAT of replies.
+pub const TC_PROG: &str = "berth_dnat_tc";
+/// The cgroup `sock_addr` programs, by attach point.
+pub const CONNECT4_PROG: &str = "berth_dnat_connect4";
+pub const CONNECT6_PROG: &str = "berth_dnat_connect6";
+pub const SENDMSG4_PROG: &str = "berth_dnat_sendmsg4";
+pub const SENDMSG6_PROG: &str = "berth_dnat_sendmsg6";
+pub const RECVMSG4_PROG: &str = "berth_dnat_recvmsg4";
+pub const RECVMSG6_PROG: &str = "berth_dnat_recvmsg6";
+pub const GETPEERNAME4_PROG: &str = "berth_dnat_getpeername4";
+pub const GETPEERNAME6_PROG: &str = "berth_dnat_getpeername6";
+
+/// [`ServiceKey`] → [`Backend`].
+pub const SERVICES_MAP: &str = "BERTH_DNAT_SVC";
+/// [`FlowKey`] → [`Flow`], LRU: a full table evicts the least recently used flow.
+pub const CONNTRACK_MAP: &str = "BERTH_DNAT_CT";
+/// [`SockKey`] → [`Origin`], LRU: what a local socket dialled, for getpeername and recvmsg.
+pub const REVNAT_MAP: &str = "BERTH_DNAT_REV";
+/// LPM trie of the host's local addresses (the kernel's `local` routing table), value unused.
+pub const LOCAL_MAP: &str = "BERTH_DNAT_LOCAL";
+/// Mapping id (`u32`) → [`Stats`], per CPU.
+pub const STATS_MAP: &str = "BERTH_DNAT_STATS";
+/// One [`Config`] at index 0.
+pub const CONFIG_MAP: &str = "BERTH_DNAT_CFG";
+
+/// Default sizes; user space sets the real ones at load time.
+pub const DEFAULT_SERVICES: u32 = 4_096;
+pub const DEFAULT_CONNTRACK: u32 = 65_536;
+pub const DEFAULT_LOCAL_ADDRS: u32 = 1_024;
+
+/// `IPPROTO_TCP` and `IPPROTO_UDP`.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// An address in `in6_addr` layout (IPv4 as `::ffff:a.b.c.d`), as four native `u32` words
+/// holding the network-order bytes.
+pub type Addr = [u32; 4];
+
+/// A mapped host address and port. The wildcard address is `::ffff:0.0.0.0` for IPv4
+/// mappings and `::` for IPv6 ones: it matches every local address of that family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Where a mapping sends its traffic.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    /// [`BACKEND_DRAINING`] or 0.
+    pub flags: u16,
+    /// The interface that reaches the container (its bridge): client packets are redirected
+    /// there, and replies are only recognised when they arrive from it.
+    pub ifindex: u32,
+    /// The mapping's id: the key of its [`Stats`].
+    pub id: u32,
+}
+
+/// The mapping is being removed: flows that have a conntrack entry go on, new ones (and new
+/// local connects) are no longer mapped.
+pub const BACKEND_DRAINING: u16 = 1;
+
+/// A remote flow through the TC program, keyed as the *reply* looks: backend → client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub backend: Addr,
+    pub client: Addr,
+    /// Network byte order.
+    pub backend_port: u16,
+    /// Network byte order.
+    pub client_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// What the reply must be rewritten to, and where the flow stands.
+///
+/// Each flag byte is written by one direction only, so the two directions, running on
+/// different CPUs, never overwrite each other's state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last packet in either direction.
+    pub last_seen: u64,
+    /// The address and port the client dialled (the reply's new source).
+    pub orig: Addr,
+    /// Network byte order.
+    pub orig_port: u16,
+    pub _pad: u16,
+    /// The interface the client's packets arrive on: replies are redirected there.
+    pub client_ifindex: u32,
+    /// The interface replies must arrive from (the backend's).
+    pub backend_ifindex: u32,
+    /// The mapping's id.
+    pub id: u32,
+    /// Set when the client sent FIN.
+    pub client_fin: u8,
+    /// Set when the backend sent FIN.
+    pub backend_fin: u8,
+    /// Set when the client sent RST.
+    pub client_rst: u8,
+    /// Set when the backend sent RST.
+    pub backend_rst: u8,
+    pub _pad2: u32,
+}
+
+/// A local socket and the backend address it was rewritten to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub cookie: u64,
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// What a local socket dialled.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Origin {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: u16,
+    /// The mapping's id.
+    pub id: u32,
+}
+
+/// Per-mapping counters (per CPU; user space sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Remote flows the TC program saw begin (new conntrack entries).
+    pub flows: u64,
+    /// Local connects and unconnected sends rewritten by the cgroup programs.
+    pub local_rewrites: u64,
+    /// Client → backend packets and bytes rewritten by the TC program.
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    /// Backend → client packets and bytes.
+    pub packets_out: u64,
+    pub bytes_out: u64,
+}
+
+/// Settings the programs read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Cookie of the host's network namespace: the cgroup programs act only on sockets there,
+    /// since a cgroup also holds processes of other namespaces (containers).
+    pub host_netns: u64,
+}
+
+/// The prefix length, in bits, of an IPv4-mapped address's IPv4 part inside an LPM key.
+pub const V4_MAPPED_PREFIX: u32 = 96;
+
+/// `Addr` for an IPv4 address given as its four bytes.
+pub const fn v4_mapped(octets: [u8; 4]) -> Addr {
+    [
+        0,
+        0,
+        u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+        u32::from_ne_bytes(octets),
+    ]
+}
+
+/// True if `addr` is IPv4-mapped.
+pub const fn is_v4_mapped(addr: &Addr) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::{Backend, Config, Flow, FlowKey, Origin, ServiceKey, SockKey, Stats};
+    // SAFETY (all below): `repr(C)` structs of integers whose explicit `_pad` fields fill every
+    // gap (sizes 20, 28, 40, 48, 32, 24, 48, 8 bytes), so there is no implicit padding and
+    // every bit pattern is valid.
+    unsafe impl aya::Pod for ServiceKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for Backend {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for FlowKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for Flow {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for SockKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for Origin {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for Stats {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for Config {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 20);
+        assert_eq!(size_of::<Backend>(), 28);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<Flow>(), 48);
+        assert_eq!(size_of::<SockKey>(), 32);
+        assert_eq!(size_of::<Origin>(), 24);
+        assert_eq!(size_of::<Stats>(), 48);
+        assert_eq!(size_of::<Config>(), 8);
+    }
+
+    #[test]
+    fn v4_mapped_matches_in6_addr_layout() {
+        let a = v4_mapped([127, 0, 0, 1]);
+        let mut bytes = [0u8; 16];
+        for (i, w) in a.iter().enumerate() {
+            bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        assert_eq!(
+            bytes,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1]
+        );
+        assert!(is_v4_mapped(&a));
+        assert!(!is_v4_mapped(&[0, 0, 0, 1]));
+    }
+}

@@ -1,0 +1,493 @@
+//! berth's kernel-mode port mapping: a TC program that DNATs remote clients' packets to the
+//! container and reverse-NATs the replies, and cgroup `sock_addr` programs that point local
+//! sockets at the container directly. Maps and layouts: `berth_common::dnat`.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, bpf_sock_addr},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_redirect_neigh,
+    },
+    macros::{cgroup_sock_addr, classifier, map},
+    maps::{Array, HashMap, LruHashMap, LpmTrie, PerCpuHashMap, lpm_trie::Key},
+    programs::{SockAddrContext, TcContext},
+};
+use berth_common::dnat::{
+    Addr, BACKEND_DRAINING, Backend, Config, DEFAULT_CONNTRACK, DEFAULT_LOCAL_ADDRS, DEFAULT_SERVICES, Flow,
+    FlowKey, Origin, PROTO_TCP, PROTO_UDP, ServiceKey, SockKey, Stats, is_v4_mapped, v4_mapped,
+};
+
+#[map(name = "BERTH_DNAT_SVC")]
+static SERVICES: HashMap<ServiceKey, Backend> = HashMap::with_max_entries(DEFAULT_SERVICES, 0);
+
+#[map(name = "BERTH_DNAT_CT")]
+static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK, 0);
+
+#[map(name = "BERTH_DNAT_REV")]
+static REVNAT: LruHashMap<SockKey, Origin> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK, 0);
+
+#[map(name = "BERTH_DNAT_LOCAL")]
+static LOCAL: LpmTrie<Addr, u8> = LpmTrie::with_max_entries(DEFAULT_LOCAL_ADDRS, 0);
+
+#[map(name = "BERTH_DNAT_STATS")]
+static STATS: PerCpuHashMap<u32, Stats> = PerCpuHashMap::with_max_entries(DEFAULT_SERVICES, 0);
+
+#[map(name = "BERTH_DNAT_CFG")]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// "Not mine": with TCX the next program runs (TC_ACT_OK would end the chain and hide the
+/// packet from other programs, other berth processes included); with cls_bpf, the default.
+const TC_ACT_UNSPEC: i32 = -1;
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+const SOCK_DGRAM: u32 = 2;
+
+// === TC: remote clients ===
+
+/// The parts of an IPv4 TCP/UDP packet the program reads, all as on the wire.
+struct Packet {
+    proto: u8,
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+    tcp_flags: u8,
+    /// Offset of the L4 header from the start of the frame.
+    l4: usize,
+    len: u64,
+}
+
+#[classifier]
+fn berth_dnat_tc(ctx: TcContext) -> i32 {
+    let Some(pkt) = parse(&ctx) else {
+        return TC_ACT_UNSPEC;
+    };
+    // SAFETY: reading a field of this program's own context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if let Some(verdict) = reply(&ctx, &pkt, ifindex) {
+        return verdict;
+    }
+    forward(&ctx, &pkt, ifindex).unwrap_or(TC_ACT_UNSPEC)
+}
+
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Option<Packet> {
+    if ctx.skb.protocol() != u32::from(ETH_P_IP.to_be()) {
+        return None;
+    }
+    // Headers of up to 60 + 14 bytes; most drivers deliver them linear, pull if not.
+    if ctx.data() + ETH_HLEN + 20 > ctx.data_end() {
+        ctx.pull_data((ETH_HLEN + 20) as u32).ok()?;
+    }
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + ETH_HLEN + 20 > end {
+        return None;
+    }
+    let ip = data + ETH_HLEN;
+    // SAFETY: bounds-checked against data_end above (the verifier checks it too).
+    let (ver_ihl, frag, proto, saddr, daddr) = unsafe {
+        (
+            *(ip as *const u8),
+            u16::from_be(core::ptr::read_unaligned((ip + 6) as *const u16)),
+            *((ip + 9) as *const u8),
+            core::ptr::read_unaligned((ip + 12) as *const u32),
+            core::ptr::read_unaligned((ip + 16) as *const u32),
+        )
+    };
+    if ver_ihl >> 4 != 4 || (proto != PROTO_TCP && proto != PROTO_UDP) {
+        return None;
+    }
+    // Later fragments carry no ports, and the first alone cannot be rewritten consistently.
+    if frag & 0x3fff != 0 {
+        return None;
+    }
+    let l4 = ETH_HLEN + usize::from(ver_ihl & 0x0f) * 4;
+    if l4 < ETH_HLEN + 20 {
+        return None;
+    }
+    // Variable offsets defeat the verifier's packet-range tracking: read the L4 fields with
+    // bpf_skb_load_bytes, which also copes with non-linear data.
+    let ports: [u16; 2] = ctx.load(l4).ok()?;
+    let tcp_flags = if proto == PROTO_TCP {
+        ctx.load::<u8>(l4 + 13).ok()?
+    } else {
+        0
+    };
+    let (sport, dport) = (ports[0], ports[1]);
+    Some(Packet {
+        proto,
+        saddr,
+        daddr,
+        sport,
+        dport,
+        tcp_flags,
+        l4,
+        len: u64::from(ctx.len()),
+    })
+}
+
+/// A reply from a backend: source back to what the client dialled, then out of the client's
+/// interface.
+#[inline(always)]
+fn reply(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
+    let key = FlowKey {
+        backend: v4_mapped(pkt.saddr.to_ne_bytes()),
+        client: v4_mapped(pkt.daddr.to_ne_bytes()),
+        backend_port: pkt.sport,
+        client_port: pkt.dport,
+        proto: pkt.proto,
+        _pad: [0; 3],
+    };
+    let flow = CONNTRACK.get_ptr_mut(&key)?;
+    // SAFETY: a map value stays valid while the program runs; the fields written here are
+    // written by this direction only.
+    let flow = unsafe { &mut *flow };
+    if flow.backend_ifindex != ifindex {
+        return None;
+    }
+    let (orig_ip, orig_port) = (flow.orig[3], flow.orig_port);
+    let (client_ifindex, id) = (flow.client_ifindex, flow.id);
+    flow.last_seen = now();
+    if pkt.tcp_flags & TCP_FIN != 0 {
+        flow.backend_fin = 1;
+    }
+    if pkt.tcp_flags & TCP_RST != 0 {
+        flow.backend_rst = 1;
+    }
+    rewrite(ctx, pkt, 12, pkt.saddr, orig_ip, 0, pkt.sport, orig_port).ok()?;
+    count(id, |s| {
+        s.packets_out += 1;
+        s.bytes_out += pkt.len;
+    });
+    Some(redirect(client_ifindex))
+}
+
+/// A client's packet to a mapped local address and port: destination to the backend, then
+/// out of the backend's interface.
+#[inline(always)]
+fn forward(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
+    let dst = v4_mapped(pkt.daddr.to_ne_bytes());
+    let backend = service(pkt.proto, &dst, pkt.dport, v4_mapped([0; 4]))?;
+    // From the backend's own side (a container dialling the host): its reply would not come
+    // back through here (hairpin), so leave the packet to the host.
+    if backend.ifindex == ifindex || !is_v4_mapped(&backend.addr) {
+        return None;
+    }
+    let key = FlowKey {
+        backend: backend.addr,
+        client: v4_mapped(pkt.saddr.to_ne_bytes()),
+        backend_port: backend.port,
+        client_port: pkt.sport,
+        proto: pkt.proto,
+        _pad: [0; 3],
+    };
+    // A draining mapping carries on its flows but takes no new ones.
+    // SAFETY: only checks for presence.
+    if backend.flags & BACKEND_DRAINING != 0 && unsafe { CONNTRACK.get(&key) }.is_none() {
+        return None;
+    }
+    let (new_ip, new_port) = (backend.addr[3], backend.port);
+    rewrite(ctx, pkt, 16, pkt.daddr, new_ip, 2, pkt.dport, new_port).ok()?;
+    track(&key, pkt, &backend, dst, ifindex);
+    count(backend.id, |s| {
+        s.packets_in += 1;
+        s.bytes_in += pkt.len;
+    });
+    Some(redirect(backend.ifindex))
+}
+
+/// Creates or refreshes the flow's conntrack entry.
+#[inline(always)]
+fn track(key: &FlowKey, pkt: &Packet, backend: &Backend, dst: Addr, ifindex: u32) {
+    let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if let Some(flow) = CONNTRACK.get_ptr_mut(key) {
+        // SAFETY: see `reply`.
+        let flow = unsafe { &mut *flow };
+        if syn {
+            // A new connection reusing the tuple: forget how the old one ended.
+            flow.client_fin = 0;
+            flow.backend_fin = 0;
+            flow.client_rst = 0;
+            flow.backend_rst = 0;
+            flow.orig = dst;
+            flow.orig_port = pkt.dport;
+            flow.client_ifindex = ifindex;
+        }
+        flow.last_seen = now();
+        if pkt.tcp_flags & TCP_FIN != 0 {
+            flow.client_fin = 1;
+        }
+        if pkt.tcp_flags & TCP_RST != 0 {
+            flow.client_rst = 1;
+        }
+        return;
+    }
+    let flow = Flow {
+        last_seen: now(),
+        orig: dst,
+        orig_port: pkt.dport,
+        client_ifindex: ifindex,
+        backend_ifindex: backend.ifindex,
+        id: backend.id,
+        client_fin: u8::from(pkt.tcp_flags & TCP_FIN != 0),
+        client_rst: u8::from(pkt.tcp_flags & TCP_RST != 0),
+        ..Flow::default()
+    };
+    if CONNTRACK.insert(key, &flow, 0).is_ok() {
+        count(backend.id, |s| s.flows += 1);
+    }
+}
+
+/// Replaces an IPv4 address (at `ip_off` in the IP header) and a port (at `port_off` in the
+/// L4 header), fixing the IP checksum and the TCP/UDP checksum (pseudo-header included).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site per direction, all plain values"
+)]
+#[inline(always)]
+fn rewrite(
+    ctx: &TcContext,
+    pkt: &Packet,
+    ip_off: usize,
+    old_ip: u32,
+    new_ip: u32,
+    port_off: usize,
+    old_port: u16,
+    new_port: u16,
+) -> Result<(), i64> {
+    let (csum, mangled) = if pkt.proto == PROTO_TCP {
+        (pkt.l4 + 16, 0)
+    } else {
+        // UDP: a zero checksum means "none" and must stay zero.
+        (pkt.l4 + 6, u64::from(BPF_F_MARK_MANGLED_0))
+    };
+    ctx.l4_csum_replace(
+        csum,
+        u64::from(old_ip),
+        u64::from(new_ip),
+        u64::from(BPF_F_PSEUDO_HDR) | mangled | 4,
+    )?;
+    ctx.l4_csum_replace(csum, u64::from(old_port), u64::from(new_port), mangled | 2)?;
+    ctx.l3_csum_replace(ETH_HLEN + 10, u64::from(old_ip), u64::from(new_ip), 4)?;
+    ctx.store(ETH_HLEN + ip_off, &new_ip, 0)?;
+    ctx.store(pkt.l4 + port_off, &new_port, 0)?;
+    Ok(())
+}
+
+#[inline(always)]
+fn redirect(ifindex: u32) -> i32 {
+    // SAFETY: no neighbour parameters: the kernel looks the next hop up itself. The helper
+    // returns TC_ACT_REDIRECT, or TC_ACT_SHOT if the interface is gone.
+    unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+}
+
+// === Shared lookups ===
+
+/// The backend for `proto` to `addr:port`: an exact mapping, else a wildcard mapping of the
+/// address's family if `addr` is one of the host's own addresses.
+#[inline(always)]
+fn service(proto: u8, addr: &Addr, port: u16, wildcard: Addr) -> Option<Backend> {
+    let mut key = ServiceKey {
+        addr: *addr,
+        port,
+        proto,
+        _pad: 0,
+    };
+    // SAFETY: a plain `repr(C)` value, copied out at once.
+    if let Some(b) = unsafe { SERVICES.get(&key) } {
+        return Some(*b);
+    }
+    key.addr = wildcard;
+    // SAFETY: as above.
+    let backend = unsafe { SERVICES.get(&key) }.copied()?;
+    LOCAL.get(Key::new(128, *addr))?;
+    Some(backend)
+}
+
+#[inline(always)]
+fn count(id: u32, f: impl FnOnce(&mut Stats)) {
+    if let Some(s) = STATS.get_ptr_mut(id) {
+        // SAFETY: this CPU's own copy of the value.
+        f(unsafe { &mut *s });
+    }
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: no arguments, no side effects.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+// === cgroup sock_addr: local clients ===
+
+/// True if the socket lives in the host's network namespace (a cgroup also holds the
+/// processes of other namespaces, whose 127.0.0.1 is their own).
+#[inline(always)]
+fn in_host_ns(ctx: &SockAddrContext) -> bool {
+    // SAFETY: the helper only reads the context's socket.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    CONFIG.get(0).is_some_and(|c| c.host_netns == cookie)
+}
+
+#[inline(always)]
+fn user_addr(sa: &bpf_sock_addr, v6: bool) -> Addr {
+    if v6 {
+        // Word by word: the verifier accepts 4-byte accesses to user_ip6 on every kernel,
+        // and a plain array copy may be merged into wider loads.
+        let mut a = [0u32; 4];
+        for (i, w) in a.iter_mut().enumerate() {
+            // SAFETY: an in-bounds field of the context.
+            *w = unsafe { core::ptr::read_volatile(&sa.user_ip6[i]) };
+        }
+        a
+    } else {
+        v4_mapped(sa.user_ip4.to_ne_bytes())
+    }
+}
+
+#[inline(always)]
+fn set_user_ip6(sa: &mut bpf_sock_addr, addr: &Addr) {
+    for (i, w) in addr.iter().enumerate() {
+        // SAFETY: an in-bounds field of the context; see `user_addr`.
+        unsafe { core::ptr::write_volatile(&mut sa.user_ip6[i], *w) };
+    }
+}
+
+/// Points a connect or unconnected send at the backend, and remembers what was dialled.
+#[inline(always)]
+fn dial(ctx: &SockAddrContext, v6: bool, udp_only: bool) {
+    if !in_host_ns(ctx) {
+        return;
+    }
+    // SAFETY: the context outlives the program; the verifier checks every field access.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let proto = sa.protocol as u8;
+    if (proto != PROTO_TCP && proto != PROTO_UDP) || (udp_only && sa.type_ != SOCK_DGRAM) {
+        return;
+    }
+    let dialled = user_addr(sa, v6);
+    let port = sa.user_port as u16;
+    let wildcard = if v6 { [0; 4] } else { v4_mapped([0; 4]) };
+    let Some(backend) = service(proto, &dialled, port, wildcard) else {
+        return;
+    };
+    if backend.flags & BACKEND_DRAINING != 0 {
+        return;
+    }
+    if v6 {
+        // An IPv4 backend is dialled as ::ffff:a.b.c.d, which the kernel connects over IPv4
+        // (a V6ONLY socket gets ENETUNREACH instead: nothing is misrouted).
+        set_user_ip6(sa, &backend.addr);
+    } else if is_v4_mapped(&backend.addr) {
+        sa.user_ip4 = backend.addr[3];
+    } else {
+        return;
+    }
+    sa.user_port = u32::from(backend.port);
+    // SAFETY: the helper only reads the context's socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let key = SockKey {
+        cookie,
+        addr: backend.addr,
+        port: backend.port,
+        _pad: [0; 6],
+    };
+    let origin = Origin {
+        addr: dialled,
+        port,
+        _pad: 0,
+        id: backend.id,
+    };
+    let _ = REVNAT.insert(&key, &origin, 0);
+    count(backend.id, |s| s.local_rewrites += 1);
+}
+
+/// Shows a local socket's peer as what it dialled rather than the backend.
+#[inline(always)]
+fn undial(ctx: &SockAddrContext, v6: bool) {
+    // SAFETY: see `dial`.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: the helper only reads the context's socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let key = SockKey {
+        cookie,
+        addr: user_addr(sa, v6),
+        port: sa.user_port as u16,
+        _pad: [0; 6],
+    };
+    // SAFETY: a plain `repr(C)` value, copied out at once.
+    let Some(origin) = (unsafe { REVNAT.get(&key) }).copied() else {
+        return;
+    };
+    if v6 {
+        set_user_ip6(sa, &origin.addr);
+    } else if is_v4_mapped(&origin.addr) {
+        sa.user_ip4 = origin.addr[3];
+    } else {
+        return;
+    }
+    sa.user_port = u32::from(origin.port);
+}
+
+#[cgroup_sock_addr(connect4)]
+fn berth_dnat_connect4(ctx: SockAddrContext) -> i32 {
+    dial(&ctx, false, false);
+    1
+}
+
+#[cgroup_sock_addr(connect6)]
+fn berth_dnat_connect6(ctx: SockAddrContext) -> i32 {
+    dial(&ctx, true, false);
+    1
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+fn berth_dnat_sendmsg4(ctx: SockAddrContext) -> i32 {
+    dial(&ctx, false, true);
+    1
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+fn berth_dnat_sendmsg6(ctx: SockAddrContext) -> i32 {
+    dial(&ctx, true, true);
+    1
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+fn berth_dnat_recvmsg4(ctx: SockAddrContext) -> i32 {
+    undial(&ctx, false);
+    1
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+fn berth_dnat_recvmsg6(ctx: SockAddrContext) -> i32 {
+    undial(&ctx, true);
+    1
+}
+
+#[cgroup_sock_addr(getpeername4)]
+fn berth_dnat_getpeername4(ctx: SockAddrContext) -> i32 {
+    undial(&ctx, false);
+    1
+}
+
+#[cgroup_sock_addr(getpeername6)]
+fn berth_dnat_getpeername6(ctx: SockAddrContext) -> i32 {
+    undial(&ctx, true);
+    1
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
