@@ -89,8 +89,6 @@ pub enum DnatError {
     Netns(#[source] std::io::Error),
     #[error("target: {0}")]
     Target(String),
-    #[error("{0} is already mapped in kernel mode")]
-    Duplicate(String),
     #[error("the kernel-mode service table is full ({0} mappings)")]
     Full(u32),
 }
@@ -185,6 +183,24 @@ impl Drop for Dnat {
             t.abort();
         }
         info!("kernel mode unloaded: programs detached, maps freed");
+    }
+}
+
+fn stats_err(call: &'static str, io_error: std::io::Error) -> DnatError {
+    DnatError::Map {
+        name: shared::STATS_MAP,
+        source: MapError::SyscallError(aya::sys::SyscallError { call, io_error }),
+    }
+}
+
+/// The interface in front of a container, found by [`Dnat::route`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route(Iface);
+
+impl Route {
+    /// The interface's name.
+    pub fn interface(&self) -> &str {
+        &self.0.name
     }
 }
 
@@ -307,26 +323,34 @@ impl Dnat {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Maps `proto` on `listen` to `target` (an IPv4 container behind an interface of this
-    /// host). An unspecified `listen` address covers every local address of its family.
-    pub async fn add(
-        self: &Arc<Self>,
-        proto: Proto,
-        listen: SocketAddr,
-        target: SocketAddr,
-    ) -> Result<DnatMapping, DnatError> {
-        let IpAddr::V4(target_ip) = target.ip() else {
+    /// The interface the host reaches `target` through (its bridge), for [`Self::add`].
+    pub async fn route(target: SocketAddr) -> Result<Route, DnatError> {
+        let IpAddr::V4(ip) = target.ip() else {
             return Err(DnatError::Target(format!(
                 "{target}: kernel mode maps to IPv4 containers (use a relay mode for IPv6 targets)"
             )));
         };
-        if target.port() == 0 || listen.port() == 0 {
-            return Err(DnatError::Target(
-                "kernel mode needs explicit ports on both sides".into(),
-            ));
-        }
         let nl = Netlink::connect().map_err(|e| DnatError::Netlink(e.to_string()))?;
-        let via = host::route_to(&nl, target_ip).await?;
+        Ok(Route(host::route_to(&nl, ip).await?))
+    }
+
+    /// Maps `proto` on `listen` to `target`, an IPv4 container reached through `via` (see
+    /// [`Self::route`]). An unspecified `listen` address covers every local address of its
+    /// family. A mapping of the same `proto` and `listen` is replaced (a reload changing its
+    /// target): the old handle then leaves the new entry alone.
+    pub fn add(
+        self: &Arc<Self>,
+        proto: Proto,
+        listen: SocketAddr,
+        target: SocketAddr,
+        via: &Route,
+    ) -> Result<DnatMapping, DnatError> {
+        if !target.is_ipv4() || target.port() == 0 || listen.port() == 0 {
+            return Err(DnatError::Target(format!(
+                "{listen} -> {target}: kernel mode maps an explicit port to an IPv4 container's port"
+            )));
+        }
+        let via = &via.0;
         let key = service_key(proto, listen);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let backend = Backend {
@@ -337,25 +361,10 @@ impl Dnat {
             id,
         };
         let mut inner = self.lock();
-        if inner.maps.services.get(&key, 0).is_ok() {
-            return Err(DnatError::Duplicate(format!("{proto} {listen}")));
-        }
-        inner.attach_tc(&via)?;
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DnatError::Map {
-            name: shared::STATS_MAP,
-            source: MapError::SyscallError(aya::sys::SyscallError {
-                call: "nr_cpus",
-                io_error: e,
-            }),
-        })?;
+        inner.attach_tc(via)?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| stats_err("nr_cpus", e))?;
         let zero = PerCpuValues::try_from(vec![Stats::default(); cpus])
-            .map_err(|e| DnatError::Map {
-                name: shared::STATS_MAP,
-                source: MapError::SyscallError(aya::sys::SyscallError {
-                    call: "per-cpu values",
-                    io_error: e,
-                }),
-            })?;
+            .map_err(|e| stats_err("per-cpu values", e))?;
         inner
             .maps
             .stats
@@ -417,6 +426,11 @@ impl Dnat {
 }
 
 impl Inner {
+    /// True if the service entry at `key` is still mapping `id` (not yet replaced).
+    fn owns(&self, key: &ServiceKey, id: u32) -> bool {
+        self.maps.services.get(key, 0).is_ok_and(|b| b.id == id)
+    }
+
     fn attach_tc(&mut self, iface: &Iface) -> Result<(), DnatError> {
         if self.attached.contains_key(&iface.index) {
             return Ok(());
@@ -512,9 +526,11 @@ impl DnatMapping {
     /// Stops mapping new flows and local connects; flows with a conntrack entry go on.
     pub fn drain(&self) {
         let mut inner = self.dnat.lock();
-        let mut b = self.backend;
-        b.flags |= BACKEND_DRAINING;
-        let _ = inner.maps.services.insert(self.key, b, 0);
+        if inner.owns(&self.key, self.backend.id) {
+            let mut b = self.backend;
+            b.flags |= BACKEND_DRAINING;
+            let _ = inner.maps.services.insert(self.key, b, 0);
+        }
     }
 
     /// The mapping's counters.
@@ -547,7 +563,9 @@ impl Drop for DnatMapping {
     fn drop(&mut self) {
         let id = self.backend.id;
         let mut inner = self.dnat.lock();
-        let _ = inner.maps.services.remove(&self.key);
+        if inner.owns(&self.key, id) {
+            let _ = inner.maps.services.remove(&self.key);
+        }
         let flows: Vec<FlowKey> = inner
             .maps
             .conntrack

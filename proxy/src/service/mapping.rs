@@ -16,6 +16,7 @@ use tracing::{Instrument as _, error, info_span};
 use super::config::MappingSpec;
 use crate::{
     addr::Proto,
+    dnat::{Dnat, DnatMapping, Route},
     forward::{self, Phase},
     listen::{self, ListenError},
     sockmap::Sockmap,
@@ -27,10 +28,15 @@ use crate::{
 pub(crate) enum Bound {
     Tcp(TcpListener),
     Udp(UdpSocket),
+    /// Kernel mode: the port is held, never served (see [`listen::reserve`]).
+    Reserved(Socket),
 }
 
 impl Bound {
     pub(crate) fn bind(spec: &MappingSpec) -> Result<Self, ListenError> {
+        if spec.mode.is_kernel() {
+            return Ok(Self::Reserved(listen::reserve(spec.proto, spec.listen)?));
+        }
         Ok(match spec.proto {
             Proto::Tcp => Self::Tcp(listen::bind_tcp(spec.listen)?),
             Proto::Udp => Self::Udp(listen::bind_udp(spec.listen)?),
@@ -57,6 +63,9 @@ impl Bound {
             ));
         }
         let err = |e: io::Error| e.to_string();
+        if spec.mode.is_kernel() {
+            return Ok(Self::Reserved(sock));
+        }
         if spec.proto == Proto::Tcp && !sock.is_listener().unwrap_or(false) {
             sock.listen(4096).map_err(err)?;
         }
@@ -72,6 +81,7 @@ impl Bound {
         match self {
             Self::Tcp(l) => l.local_addr().ok(),
             Self::Udp(s) => s.local_addr().ok(),
+            Self::Reserved(s) => s.local_addr().ok().and_then(|a| a.as_socket()),
         }
     }
 
@@ -79,6 +89,7 @@ impl Bound {
         match self {
             Self::Tcp(l) => l.as_fd().try_clone_to_owned(),
             Self::Udp(s) => s.as_fd().try_clone_to_owned(),
+            Self::Reserved(s) => s.as_fd().try_clone_to_owned(),
         }
     }
 }
@@ -88,6 +99,8 @@ impl Bound {
 pub(crate) enum Counters {
     Tcp(Arc<forward::Stats>),
     Udp(Arc<udp::Stats>),
+    /// Kernel mode: the counters live in the maps, under the mapping's id.
+    Dnat(Arc<DnatMapping>),
 }
 
 /// A mapping being served (or, once retired by a reload, draining).
@@ -115,7 +128,14 @@ impl Running {
         bound: Bound,
         reuse: Option<Counters>,
         sockmap: Option<&Arc<Sockmap>>,
+        dnat: Option<(&Arc<Dnat>, &Route)>,
     ) -> io::Result<Self> {
+        if let Bound::Reserved(reserved) = bound {
+            let (dnat, via) = dnat.ok_or_else(|| {
+                io::Error::other("mode dnat, but kernel mode is not loaded")
+            })?;
+            return Self::start_dnat(spec, reserved, dnat, via);
+        }
         let mode = match spec.proto {
             Proto::Tcp => spec.mode.tcp_mode(),
             Proto::Udp => crate::relay::Mode::Splice,
@@ -158,6 +178,7 @@ impl Running {
                 );
                 (Counters::Tcp(stats), task)
             }
+            Bound::Reserved(_) => unreachable!("handled above"),
             Bound::Udp(socket) => {
                 let stats = match reuse {
                     Some(Counters::Udp(s)) => s,
@@ -190,6 +211,49 @@ impl Running {
             mode: mode_name,
             local,
             counters,
+            socket: Some(socket),
+            phase,
+            task,
+        })
+    }
+
+    /// Kernel mode: the programs serve the port; the task only holds the port until the
+    /// mapping drains, then waits for its flows to end (or to be cut).
+    fn start_dnat(
+        spec: MappingSpec,
+        reserved: Socket,
+        dnat: &Arc<Dnat>,
+        via: &Route,
+    ) -> io::Result<Self> {
+        let local = reserved.local_addr().ok().and_then(|a| a.as_socket());
+        let socket = reserved.as_fd().try_clone_to_owned()?;
+        let mapping = dnat
+            .add(spec.proto, spec.listen.get(), spec.target.get(), via)
+            .map(Arc::new)
+            .map_err(io::Error::other)?;
+        let (phase, mut rx) = watch::channel(Phase::Serve);
+        let m = mapping.clone();
+        let span = info_span!("mapping", name = %spec.name);
+        let task = tokio::spawn(
+            async move {
+                let _ = rx.wait_for(|p| *p != Phase::Serve).await;
+                m.drain();
+                drop(reserved);
+                let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+                loop {
+                    tokio::select! {
+                        _ = rx.wait_for(|p| *p == Phase::Cut) => break,
+                        _ = tick.tick() => if m.snapshot().conntrack_entries == 0 { break },
+                    }
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Self {
+            spec,
+            mode: "dnat",
+            local,
+            counters: Counters::Dnat(mapping),
             socket: Some(socket),
             phase,
             task,
@@ -230,6 +294,7 @@ impl Running {
         match &self.counters {
             Counters::Tcp(s) => s.snapshot().active,
             Counters::Udp(s) => s.snapshot().flows_active,
+            Counters::Dnat(m) => m.snapshot().conntrack_entries,
         }
     }
 

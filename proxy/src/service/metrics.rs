@@ -45,6 +45,12 @@ struct Families {
     datagrams: IntCounterVec,
     udp_unreachable: IntCounterVec,
     udp_dropped: IntCounterVec,
+    dnat_flows: IntCounterVec,
+    dnat_local: IntCounterVec,
+    dnat_packets: IntCounterVec,
+    dnat_bytes: IntCounterVec,
+    dnat_conntrack: IntGaugeVec,
+    failed: IntGaugeVec,
 }
 
 impl Families {
@@ -103,10 +109,40 @@ impl Families {
                 "UDP datagrams that could not be forwarded.",
                 &[],
             ),
+            dnat_flows: counter(
+                "berth_dnat_flows_total",
+                "Kernel mode: remote flows begun (conntrack entries created).",
+                &[],
+            ),
+            dnat_local: counter(
+                "berth_dnat_local_rewrites_total",
+                "Kernel mode: local connects and unconnected UDP sends pointed at the target.",
+                &[],
+            ),
+            dnat_packets: counter(
+                "berth_dnat_packets_total",
+                "Kernel mode: packets of remote flows rewritten, by direction.",
+                &["direction"],
+            ),
+            dnat_bytes: counter(
+                "berth_dnat_bytes_total",
+                "Kernel mode: frame bytes of remote flows rewritten, by direction.",
+                &["direction"],
+            ),
+            dnat_conntrack: gauge(
+                "berth_dnat_conntrack_entries",
+                "Kernel mode: conntrack entries of the mapping (as of the last sweep).",
+                &[],
+            ),
+            failed: gauge(
+                "berth_mapping_failed",
+                "A kernel-mode mapping that could not start (1); the reason is in the log and in `berth status`.",
+                &["mode"],
+            ),
         }
     }
 
-    fn collectors(&self) -> [&dyn Collector; 12] {
+    fn collectors(&self) -> [&dyn Collector; 18] {
         [
             &self.info,
             &self.connections,
@@ -120,6 +156,12 @@ impl Families {
             &self.datagrams,
             &self.udp_unreachable,
             &self.udp_dropped,
+            &self.dnat_flows,
+            &self.dnat_local,
+            &self.dnat_packets,
+            &self.dnat_bytes,
+            &self.dnat_conntrack,
+            &self.failed,
         ]
     }
 
@@ -174,6 +216,16 @@ impl Families {
                 count(&self.udp_unreachable, &[], s.unreachable);
                 count(&self.udp_dropped, &[], s.dropped);
             }
+            Counters::Dnat(d) => {
+                let s = d.snapshot();
+                count(&self.dnat_flows, &[], s.flows);
+                count(&self.dnat_local, &[], s.local_rewrites);
+                count(&self.dnat_packets, &["to_target"], s.packets_in);
+                count(&self.dnat_packets, &["to_client"], s.packets_out);
+                count(&self.dnat_bytes, &["to_target"], s.bytes_in);
+                count(&self.dnat_bytes, &["to_client"], s.bytes_out);
+                set(&self.dnat_conntrack, s.conntrack_entries);
+            }
         }
     }
 }
@@ -194,6 +246,12 @@ impl Collector for Mappings {
             // A mapping replaced by a reload shares its counters with its successor: count
             // each name once (the active one comes first).
             let mut seen = std::collections::HashSet::new();
+            for (spec, _) in state.failed() {
+                families
+                    .failed
+                    .with_label_values(&[spec.name.as_str(), spec.proto.as_str(), "dnat"])
+                    .set(1);
+            }
             for m in state.all().filter(|m| seen.insert(m.spec.name.clone())) {
                 families.fill(m);
                 if let Counters::Tcp(s) = &m.counters {

@@ -38,7 +38,11 @@ use self::{
     status::Row,
     systemd::Notifier,
 };
-use crate::{listen::ListenError, sockmap::Sockmap};
+use crate::{
+    dnat::{Dnat, Route},
+    listen::ListenError,
+    sockmap::Sockmap,
+};
 
 /// `berth run` could not start; nothing is left running.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +74,9 @@ pub struct Options {
 pub(crate) struct State {
     active: BTreeMap<String, Running>,
     retired: Vec<Running>,
+    /// Kernel-mode mappings that could not start (a missing kernel feature, no route to
+    /// the container), with the reason; retried at every reload. The others run on.
+    failed: BTreeMap<String, (MappingSpec, String)>,
 }
 
 impl State {
@@ -84,7 +91,14 @@ impl State {
 
     fn rows(&mut self) -> Vec<Row> {
         self.reap();
-        self.all().map(Row::of).collect()
+        let mut rows: Vec<Row> = self.all().map(Row::of).collect();
+        rows.extend(self.failed.values().map(|(spec, why)| Row::failed(spec, why)));
+        rows
+    }
+
+    /// Kernel-mode mappings that could not start, with the reason.
+    pub(crate) fn failed(&self) -> impl Iterator<Item = &(MappingSpec, String)> {
+        self.failed.values()
     }
 
     fn summary(&self) -> String {
@@ -101,6 +115,9 @@ impl State {
         );
         if !self.retired.is_empty() {
             s.push_str(&format!(", {} draining", self.retired.len()));
+        }
+        if !self.failed.is_empty() {
+            s.push_str(&format!(", {} failed", self.failed.len()));
         }
         s
     }
@@ -136,6 +153,7 @@ pub async fn run(opts: Options) -> Result<(), ServiceError> {
     let admin_listener = admin::bind(&admin_path)?;
     let mut kernel = Kernel::default();
     kernel.ensure(&config)?;
+    let routes = kernel.dnat_routes(&config, &bound).await;
     let mut hup = signal(SignalKind::hangup()).map_err(ServiceError::Signals)?;
     let mut term = signal(SignalKind::terminate()).map_err(ServiceError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(ServiceError::Signals)?;
@@ -145,15 +163,13 @@ pub async fn run(opts: Options) -> Result<(), ServiceError> {
         let mut st = lock(&state);
         for (spec, b) in bound {
             let name = spec.name.clone();
-            let running = Running::start(spec, b, None, kernel.sockmap.as_ref()).map_err(|e| {
-                ServiceError::Socket {
-                    name: name.clone(),
-                    why: e.to_string(),
-                }
-            })?;
-            st.active.insert(name, running);
+            if let Some(running) = start_one(&mut st, spec, b, None, &kernel, &routes)? {
+                st.active.insert(name, running);
+            }
         }
     }
+    // The mappings hold kernel mode now; with none, it unloads here.
+    drop(routes);
     let mut background = tokio::task::JoinSet::new();
     if let Some(l) = metrics_listener {
         background.spawn(metrics::serve(l, metrics::registry(state.clone())));
@@ -175,10 +191,13 @@ pub async fn run(opts: Options) -> Result<(), ServiceError> {
     notifier.ready(&summary);
 
     let mut current = config;
+    // Finished retired mappings are dropped promptly: a kernel-mode one holds the programs.
+    let mut reap = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
+            _ = reap.tick() => lock(&state).reap(),
             _ = hup.recv() => {
-                let reply = reload(&opts.config, &mut current, &state, &mut inherited, &notifier, &mut kernel);
+                let reply = reload(&opts.config, &mut current, &state, &mut inherited, &notifier, &mut kernel).await;
                 log_reload(&reply);
             }
             Some(req) = admin_rx.recv() => match req {
@@ -187,7 +206,7 @@ pub async fn run(opts: Options) -> Result<(), ServiceError> {
                     let _ = tx.send(Reply { ok: true, message: String::new(), mappings: rows });
                 }
                 Request::Reload(tx) => {
-                    let reply = reload(&opts.config, &mut current, &state, &mut inherited, &notifier, &mut kernel);
+                    let reply = reload(&opts.config, &mut current, &state, &mut inherited, &notifier, &mut kernel).await;
                     log_reload(&reply);
                     let _ = tx.send(reply);
                 }
@@ -257,7 +276,7 @@ fn bind_all(
 /// Re-reads the file and applies the difference. Unchanged mappings are untouched; new and
 /// changed ones start (a changed one on its predecessor's very socket); removed and replaced
 /// ones stop accepting and drain without a deadline. An invalid file changes nothing.
-fn reload(
+async fn reload(
     path: &Path,
     current: &mut Config,
     state: &Mutex<State>,
@@ -266,7 +285,7 @@ fn reload(
     kernel: &mut Kernel,
 ) -> Reply {
     notifier.reloading();
-    let result = apply(path, current, state, inherited, kernel);
+    let result = apply(path, current, state, inherited, kernel).await;
     let mut st = lock(state);
     let rows = st.rows();
     let summary = st.summary();
@@ -286,7 +305,7 @@ fn reload(
     }
 }
 
-fn apply(
+async fn apply(
     path: &Path,
     current: &mut Config,
     state: &Mutex<State>,
@@ -295,8 +314,11 @@ fn apply(
 ) -> Result<String, ServiceError> {
     let new = Config::load(path)?;
     kernel.ensure(&new)?;
+    // Kernel mode's netlink lookups are async: done before the state is locked.
+    let routes = kernel.dnat_routes_for(&new).await;
     let mut st = lock(state);
     st.reap();
+    st.failed.clear();
     let keep: HashSet<String> = new
         .mappings
         .iter()
@@ -325,15 +347,9 @@ fn apply(
     let mut started = Vec::with_capacity(bound.len());
     for (spec, b) in bound {
         let reuse = st.active.get(&spec.name).map(|r| r.counters.clone());
-        let name = spec.name.clone();
-        started.push(
-            Running::start(spec, b, reuse, kernel.sockmap.as_ref()).map_err(|e| {
-                ServiceError::Socket {
-                    name,
-                    why: e.to_string(),
-                }
-            })?,
-        );
+        if let Some(r) = start_one(&mut st, spec, b, reuse, kernel, &routes)? {
+            started.push(r);
+        }
     }
     for name in retire {
         if let Some(mut r) = st.active.remove(&name) {
@@ -354,12 +370,60 @@ fn apply(
     ))
 }
 
+/// Starts one bound mapping. A kernel-mode mapping that cannot start is recorded in
+/// `st.failed` (and logged) instead: the other mappings run on.
+fn start_one(
+    st: &mut State,
+    spec: MappingSpec,
+    bound: Bound,
+    reuse: Option<mapping::Counters>,
+    kernel: &Kernel,
+    routes: &DnatRoutes,
+) -> Result<Option<Running>, ServiceError> {
+    let name = spec.name.clone();
+    if !spec.mode.is_kernel() {
+        return Running::start(spec, bound, reuse, kernel.sockmap.as_ref(), None)
+            .map(Some)
+            .map_err(|e| ServiceError::Socket {
+                name,
+                why: e.to_string(),
+            });
+    }
+    let started = match (&routes.dnat, routes.routes.get(&name)) {
+        (Err(why), _) => Err(why.clone()),
+        (Ok(_), None) => Err("no route was looked up".to_owned()),
+        (Ok(_), Some(Err(why))) => Err(why.clone()),
+        (Ok(dnat), Some(Ok(via))) => {
+            Running::start(spec.clone(), bound, reuse, None, Some((dnat, via)))
+                .map_err(|e| e.to_string())
+        }
+    };
+    match started {
+        Ok(r) => Ok(Some(r)),
+        Err(why) => {
+            error!(mapping = %name, reason = %why, "kernel-mode mapping not started; the others run on");
+            st.failed.insert(name, (spec, why));
+            Ok(None)
+        }
+    }
+}
+
+/// Kernel mode for one start or reload: the loaded programs (or why they are not), and the
+/// route to each kernel-mode mapping's container.
+struct DnatRoutes {
+    dnat: Result<Arc<Dnat>, String>,
+    routes: HashMap<String, Result<Route, String>>,
+}
+
 /// The kernel programs the mappings share, loaded on first need.
 #[derive(Debug, Default)]
 struct Kernel {
     sockmap: Option<Arc<Sockmap>>,
     /// Why loading failed, once tried: `auto` mappings then splice (logged once).
     sockmap_error: Option<String>,
+    /// Kernel mode, while a mapping uses it: the mappings hold the strong handles, so the
+    /// programs are detached as soon as the last kernel-mode mapping is gone.
+    dnat: std::sync::Weak<Dnat>,
 }
 
 impl Kernel {
@@ -400,6 +464,53 @@ impl Kernel {
             });
         }
         Ok(())
+    }
+}
+
+impl Kernel {
+    /// [`Self::dnat_routes_for`] at start: only for the mappings bound.
+    async fn dnat_routes(&mut self, config: &Config, bound: &[(MappingSpec, Bound)]) -> DnatRoutes {
+        let mut c = config.clone();
+        c.mappings = bound.iter().map(|(s, _)| s.clone()).collect();
+        self.dnat_routes_for(&c).await
+    }
+
+    /// Loads kernel mode if a mapping of `config` asks for it, and looks up the route to each
+    /// such mapping's container.
+    async fn dnat_routes_for(&mut self, config: &Config) -> DnatRoutes {
+        let wanted: Vec<&MappingSpec> = config.mappings.iter().filter(|m| m.mode.is_kernel()).collect();
+        let mut out = DnatRoutes {
+            dnat: Err("not needed".into()),
+            routes: HashMap::new(),
+        };
+        if wanted.is_empty() {
+            return out;
+        }
+        out.dnat = match self.dnat.upgrade() {
+            Some(d) => {
+                if d.settings() != &config.dnat {
+                    warn!("[dnat] changes take effect once no kernel-mode mapping is left, or at the next restart");
+                }
+                Ok(d)
+            }
+            None => match Dnat::start(config.dnat.clone()).await {
+                Ok(d) => {
+                    self.dnat = Arc::downgrade(&d);
+                    Ok(d)
+                }
+                Err(e) => {
+                    warn!(reason = %e, "kernel mode unavailable");
+                    Err(format!("kernel mode unavailable: {e}"))
+                }
+            },
+        };
+        if out.dnat.is_ok() {
+            for m in wanted {
+                let route = Dnat::route(m.target.get()).await.map_err(|e| e.to_string());
+                out.routes.insert(m.name.clone(), route);
+            }
+        }
+        out
     }
 }
 

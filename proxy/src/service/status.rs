@@ -13,7 +13,7 @@ pub struct Row {
     pub mode: String,
     /// `active`, or `draining` (removed or replaced by a reload, connections still open).
     pub state: String,
-    /// Open connections (TCP) or flows (UDP).
+    /// Open connections (TCP) or flows (UDP); in kernel mode, conntrack entries.
     pub active: u64,
     pub bytes_to_target: u64,
     pub bytes_to_client: u64,
@@ -43,6 +43,11 @@ impl Row {
                     s.unreachable + s.dropped,
                 )
             }
+            // Remote flows' frame bytes; local connections bypass every counter.
+            Counters::Dnat(m) => {
+                let s = m.snapshot();
+                (s.conntrack_entries, s.bytes_in, s.bytes_out, 0)
+            }
         };
         Self {
             name: m.spec.name.clone(),
@@ -62,6 +67,24 @@ impl Row {
             bytes_to_target: up,
             bytes_to_client: down,
             errors,
+        }
+    }
+}
+
+impl Row {
+    /// A kernel-mode mapping that could not start; `why` is in the state column.
+    pub(crate) fn failed(spec: &super::config::MappingSpec, why: &str) -> Self {
+        Self {
+            name: spec.name.clone(),
+            proto: spec.proto.to_string(),
+            listen: spec.listen.to_string(),
+            target: spec.target.to_string(),
+            mode: spec.mode.to_string(),
+            state: format!("failed: {why}"),
+            active: 0,
+            bytes_to_target: 0,
+            bytes_to_client: 0,
+            errors: 0,
         }
     }
 }

@@ -182,7 +182,8 @@ async fn run_dnat(args: ForwardArgs) -> anyhow::Result<ExitCode> {
     };
     let stop = sys::stop_signal();
     let kernel = Dnat::start(settings).await?;
-    let mapping = kernel.add(args.proto, listen, target).await?;
+    let via = Dnat::route(target).await?;
+    let mapping = kernel.add(args.proto, listen, target, &via)?;
     tracing::info!(
         proto = %args.proto,
         %listen,
