@@ -6,16 +6,15 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, bpf_sock_addr},
-    helpers::{
-        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_redirect_neigh,
-    },
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_redirect_neigh},
     macros::{cgroup_sock_addr, classifier, map},
-    maps::{Array, HashMap, LruHashMap, LpmTrie, PerCpuHashMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, lpm_trie::Key},
     programs::{SockAddrContext, TcContext},
 };
 use berth_common::dnat::{
-    Addr, BACKEND_DRAINING, Backend, Config, DEFAULT_CONNTRACK, DEFAULT_LOCAL_ADDRS, DEFAULT_SERVICES, Flow,
-    FlowKey, Origin, PROTO_TCP, PROTO_UDP, ServiceKey, SockKey, Stats, is_v4_mapped, v4_mapped,
+    Addr, BACKEND_DRAINING, Backend, Config, DEFAULT_CONNTRACK, DEFAULT_LOCAL_ADDRS,
+    DEFAULT_SERVICES, Flow, FlowKey, Origin, PROTO_TCP, PROTO_UDP, ServiceKey, SockKey, Stats,
+    is_v4_mapped, v4_mapped,
 };
 
 #[map(name = "BERTH_DNAT_SVC")]

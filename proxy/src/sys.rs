@@ -58,7 +58,11 @@ pub fn init_logging(filter: &str) {
 ///
 /// # Safety
 /// `T` must be the plain C type the option fills, and all-zero bytes must be a valid `T`.
-pub(crate) unsafe fn sockopt<T>(fd: std::os::fd::BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> std::io::Result<T> {
+pub(crate) unsafe fn sockopt<T>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> std::io::Result<T> {
     // SAFETY: the caller guarantees that all-zero is a valid T.
     let mut value: T = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<T>() as libc::socklen_t;

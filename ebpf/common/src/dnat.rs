@@ -196,9 +196,9 @@ pub const fn is_v4_mapped(addr: &Addr) -> bool {
 #[cfg(feature = "user")]
 mod pod {
     use super::{Backend, Config, Flow, FlowKey, Origin, ServiceKey, SockKey, Stats};
-    // SAFETY (all below): `repr(C)` structs of integers whose explicit `_pad` fields fill every
-    // gap (sizes 20, 28, 40, 48, 32, 24, 48, 8 bytes), so there is no implicit padding and
-    // every bit pattern is valid.
+    // SAFETY: (this and the impls below) `repr(C)` structs of integers whose explicit `_pad`
+    // fields fill every gap (sizes 20, 28, 40, 48, 32, 24, 48, 8 bytes, checked by a test), so
+    // there is no implicit padding and every bit pattern is valid.
     unsafe impl aya::Pod for ServiceKey {}
     // SAFETY: see above.
     unsafe impl aya::Pod for Backend {}

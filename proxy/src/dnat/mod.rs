@@ -244,8 +244,8 @@ impl Dnat {
             ebpf.take_map(name)
                 .ok_or(DnatError::Load(LoaderError::Missing(name)))
         };
-        let mut config: Array<MapData, Config> = Array::try_from(take(shared::CONFIG_MAP)?)
-            .map_err(map_err(shared::CONFIG_MAP))?;
+        let mut config: Array<MapData, Config> =
+            Array::try_from(take(shared::CONFIG_MAP)?).map_err(map_err(shared::CONFIG_MAP))?;
         config
             .set(0, Config { host_netns: netns }, 0)
             .map_err(map_err(shared::CONFIG_MAP))?;
@@ -372,11 +372,13 @@ impl Dnat {
             .map_err(map_err(shared::STATS_MAP))?;
         if let Err(e) = inner.maps.services.insert(key, backend, 0) {
             let _ = inner.maps.stats.remove(&id);
-            return Err(if inner.maps.services.keys().count() >= MAX_SERVICES as usize {
-                DnatError::Full(MAX_SERVICES)
-            } else {
-                map_err(shared::SERVICES_MAP)(e)
-            });
+            return Err(
+                if inner.maps.services.keys().count() >= MAX_SERVICES as usize {
+                    DnatError::Full(MAX_SERVICES)
+                } else {
+                    map_err(shared::SERVICES_MAP)(e)
+                },
+            );
         }
         info!(%proto, %listen, %target, via = %via.name, id, "kernel-mode mapping added");
         Ok(DnatMapping {
@@ -657,9 +659,7 @@ async fn local_watcher(dnat: std::sync::Weak<Dnat>) {
     while events.next().await.is_some() {
         // Coalesce a burst (an interface going up brings several addresses).
         tokio::time::sleep(Duration::from_millis(50)).await;
-        while let Ok(Some(_)) =
-            tokio::time::timeout(Duration::ZERO, events.next()).await
-        {}
+        while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, events.next()).await {}
         let Some(d) = dnat.upgrade() else { break };
         if let Err(e) = d.refresh_local().await {
             warn!(error = %e, "cannot refresh local addresses");

@@ -412,15 +412,11 @@ fn mapping(m: RawMapping, index: usize) -> Result<MappingSpec, FieldError> {
         if !target.get().is_ipv4() {
             return Err(err(
                 "target",
-                "mode \"dnat\" maps to IPv4 containers (use a relay mode for IPv6 targets)"
-                    .into(),
+                "mode \"dnat\" maps to IPv4 containers (use a relay mode for IPv6 targets)".into(),
             ));
         }
         if listen.get().port() == 0 {
-            return Err(err(
-                "listen",
-                "mode \"dnat\" needs an explicit port".into(),
-            ));
+            return Err(err("listen", "mode \"dnat\" needs an explicit port".into()));
         }
     }
     let tcp_only = |field: &'static str, set: bool| {
@@ -493,7 +489,10 @@ fn mapping(m: RawMapping, index: usize) -> Result<MappingSpec, FieldError> {
 fn dnat_settings(d: RawDnat) -> Result<crate::dnat::Settings, (&'static str, String)> {
     let mut out = crate::dnat::Settings::default();
     if let Some(names) = d.interfaces {
-        if let Some(bad) = names.iter().find(|n| n.parse::<crate::net::IfName>().is_err()) {
+        if let Some(bad) = names
+            .iter()
+            .find(|n| n.parse::<crate::net::IfName>().is_err())
+        {
             return Err(("interfaces", format!("{bad:?} is not an interface name")));
         }
         out.interfaces = Some(names);
@@ -517,7 +516,11 @@ fn dnat_settings(d: RawDnat) -> Result<crate::dnat::Settings, (&'static str, Str
     }
     for (field, v, slot) in [
         ("tcp_timeout", d.tcp_timeout, &mut out.timeouts.tcp),
-        ("closing_timeout", d.closing_timeout, &mut out.timeouts.closing),
+        (
+            "closing_timeout",
+            d.closing_timeout,
+            &mut out.timeouts.closing,
+        ),
         ("udp_timeout", d.udp_timeout, &mut out.timeouts.udp),
     ] {
         if let Some(v) = v {

@@ -131,9 +131,8 @@ impl Running {
         dnat: Option<(&Arc<Dnat>, &Route)>,
     ) -> io::Result<Self> {
         if let Bound::Reserved(reserved) = bound {
-            let (dnat, via) = dnat.ok_or_else(|| {
-                io::Error::other("mode dnat, but kernel mode is not loaded")
-            })?;
+            let (dnat, via) =
+                dnat.ok_or_else(|| io::Error::other("mode dnat, but kernel mode is not loaded"))?;
             return Self::start_dnat(spec, reserved, dnat, via);
         }
         let mode = match spec.proto {

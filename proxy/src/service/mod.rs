@@ -92,7 +92,11 @@ impl State {
     fn rows(&mut self) -> Vec<Row> {
         self.reap();
         let mut rows: Vec<Row> = self.all().map(Row::of).collect();
-        rows.extend(self.failed.values().map(|(spec, why)| Row::failed(spec, why)));
+        rows.extend(
+            self.failed
+                .values()
+                .map(|(spec, why)| Row::failed(spec, why)),
+        );
         rows
     }
 
@@ -478,7 +482,11 @@ impl Kernel {
     /// Loads kernel mode if a mapping of `config` asks for it, and looks up the route to each
     /// such mapping's container.
     async fn dnat_routes_for(&mut self, config: &Config) -> DnatRoutes {
-        let wanted: Vec<&MappingSpec> = config.mappings.iter().filter(|m| m.mode.is_kernel()).collect();
+        let wanted: Vec<&MappingSpec> = config
+            .mappings
+            .iter()
+            .filter(|m| m.mode.is_kernel())
+            .collect();
         let mut out = DnatRoutes {
             dnat: Err("not needed".into()),
             routes: HashMap::new(),
@@ -489,7 +497,9 @@ impl Kernel {
         out.dnat = match self.dnat.upgrade() {
             Some(d) => {
                 if d.settings() != &config.dnat {
-                    warn!("[dnat] changes take effect once no kernel-mode mapping is left, or at the next restart");
+                    warn!(
+                        "[dnat] changes take effect once no kernel-mode mapping is left, or at the next restart"
+                    );
                 }
                 Ok(d)
             }

@@ -17,8 +17,8 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::{Sockmap, cookie, watch::Watch};
-use crate::sys::sockopt;
 use crate::relay::{self, Direction, Meter, Mode, RelayError, Transfer};
+use crate::sys::sockopt;
 
 /// How often an open connection's byte counters are published to its meter (and a stalled
 /// hand-over retried).

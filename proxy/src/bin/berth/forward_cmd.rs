@@ -88,7 +88,9 @@ fn parse_entries(s: &str) -> Result<u32, String> {
 fn parse_conntrack(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
         Ok(n) if (1..=16_777_216).contains(&n) => Ok(n),
-        _ => Err(format!("{s:?} is not a number of entries from 1 to 16777216")),
+        _ => Err(format!(
+            "{s:?} is not a number of entries from 1 to 16777216"
+        )),
     }
 }
 
