@@ -34,6 +34,8 @@ pub(crate) enum Contender {
     BerthUdpB1,
     /// `berth forward --mode sockmap`: the kernel moves the bytes (experimental).
     BerthSockmap,
+    /// `mode = "dnat"`: TC and cgroup programs map the port, no process in the data path.
+    BerthDnat,
 }
 
 /// Paths of the external programs; `None` when not installed.
@@ -110,7 +112,7 @@ fn undo_rule(rule: &[String]) -> Vec<Vec<String>> {
 const CHAIN: &str = "BERTH-BENCH";
 
 impl Contender {
-    pub(crate) const ALL: [Self; 10] = [
+    pub(crate) const ALL: [Self; 11] = [
         Self::Direct,
         Self::BerthCopy,
         Self::BerthSplice,
@@ -121,6 +123,7 @@ impl Contender {
         Self::BerthUdp,
         Self::BerthUdpB1,
         Self::BerthSockmap,
+        Self::BerthDnat,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -135,6 +138,7 @@ impl Contender {
             Self::BerthUdp => "berth-udp",
             Self::BerthUdpB1 => "berth-udp-batch1",
             Self::BerthSockmap => "berth-sockmap",
+            Self::BerthDnat => "berth-dnat",
         }
     }
 
@@ -143,7 +147,12 @@ impl Contender {
     pub(crate) fn is_own(self) -> bool {
         matches!(
             self,
-            Self::Direct | Self::BerthCopy | Self::BerthSplice | Self::BerthUdp | Self::BerthUdpB1
+            Self::Direct
+                | Self::BerthCopy
+                | Self::BerthSplice
+                | Self::BerthUdp
+                | Self::BerthUdpB1
+                | Self::BerthDnat
         )
     }
 
@@ -154,13 +163,17 @@ impl Contender {
                 proto == Proto::Tcp
             }
             Self::BerthUdp | Self::BerthUdpB1 => proto == Proto::Udp,
-            Self::Direct | Self::DockerProxy | Self::Socat | Self::IptablesDnat => true,
+            Self::Direct
+            | Self::DockerProxy
+            | Self::Socat
+            | Self::IptablesDnat
+            | Self::BerthDnat => true,
         }
     }
 
     /// True when a userspace process carries the bytes (so CPU and memory can be measured).
     pub(crate) fn has_process(self) -> bool {
-        !matches!(self, Self::Direct | Self::IptablesDnat)
+        !matches!(self, Self::Direct | Self::IptablesDnat | Self::BerthDnat)
     }
 
     /// Why this contender cannot run here, if it cannot.
@@ -175,7 +188,8 @@ impl Contender {
             | Self::BerthSplice
             | Self::BerthUdp
             | Self::BerthUdpB1
-            | Self::BerthSockmap => None,
+            | Self::BerthSockmap
+            | Self::BerthDnat => None,
             Self::DockerProxy => missing(&tools.docker_proxy, "docker-proxy"),
             Self::Socat => missing(&tools.socat, "socat"),
             Self::Haproxy => missing(&tools.haproxy, "haproxy"),
@@ -285,6 +299,29 @@ impl Contender {
                 let mut cmd = Command::new(path);
                 cmd.arg("-db").arg("-f").arg(&cfg);
                 running.children.push(spawn(&mut cmd, logs, self)?);
+            }
+            Self::BerthDnat => {
+                // Remote clients arrive on bxh; local ones are this process, in the bench's
+                // cgroup (see topo::enter_bench_cgroup).
+                let config = format!(
+                    "[metrics]\nenabled = false\n[dnat]\ninterfaces = [\"{}\"]\ncgroup = \"{}\"\n\
+                     [[mapping]]\nname = \"bench\"\nproto = \"{proto}\"\nlisten = \"0.0.0.0:{port}\"\ntarget = \"{server}\"\nmode = \"dnat\"\n",
+                    crate::topo::EXT_IFACE,
+                    crate::topo::cgroup().display()
+                );
+                let file = logs.join(format!("berth-dnat-{port}.toml"));
+                std::fs::write(&file, config)?;
+                let admin = logs.join(format!("berth-dnat-{port}.sock"));
+                let _ = std::fs::remove_file(&admin);
+                let mut cmd = Command::new(&tools.berth);
+                cmd.args(["run", "--config"])
+                    .arg(&file)
+                    .arg("--admin-socket")
+                    .arg(&admin)
+                    .env("BERTH_LOG", "warn");
+                running.children.push(spawn(&mut cmd, logs, self)?);
+                wait_mapped(&admin, &mut running.children)?;
+                return Ok(running);
             }
             Self::IptablesDnat => {
                 let iptables = tools.iptables.clone().context("iptables missing")?;
@@ -479,6 +516,34 @@ pub(crate) fn wait_listening(port: u16, children: &mut [Child]) -> anyhow::Resul
 
 pub(crate) fn wait_all_listening(ports: &[u16], children: &mut [Child]) -> anyhow::Result<()> {
     wait_ports(ports, children, procstat::is_listening)
+}
+
+/// Waits (at most 30 s) until the `berth run` behind `admin` answers and its mapping is
+/// active: it answers only once every mapping has started (or failed, which is an error).
+fn wait_mapped(admin: &Path, children: &mut [Child]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    loop {
+        for c in children.iter_mut() {
+            if let Some(status) = c.try_wait()? {
+                bail!("berth exited with {status} before mapping");
+            }
+        }
+        if std::os::unix::net::UnixStream::connect(admin).is_ok() {
+            let reply = rt.block_on(berth::service::admin::request(admin, "status"))?;
+            let row = reply.mappings.first().context("berth runs no mapping")?;
+            if row.state != "active" {
+                bail!("the mapping is {}", row.state);
+            }
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("berth did not answer on {} within 30 s", admin.display());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// Waits (at most 30 s) until UDP `port` is bound in our namespace.

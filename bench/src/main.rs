@@ -251,6 +251,7 @@ impl Job {
                         | C::BerthCopy
                         | C::BerthSplice
                         | C::BerthSockmap
+                        | C::BerthDnat
                 ) {
                     Ok(())
                 } else {
@@ -307,8 +308,9 @@ const METRIC_ORDER: &[&str] = &[
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Before any thread exists: every thread and child from here on lives in the private ns.
-    if let Err(e) = topo::enter_private_host_ns() {
+    if let Err(e) = topo::enter_private_host_ns().and_then(|()| topo::enter_bench_cgroup()) {
         eprintln!("berth-bench: {e:#}");
+        topo::teardown();
         return ExitCode::FAILURE;
     }
     let result = run(&cli);

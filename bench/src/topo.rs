@@ -23,6 +23,8 @@ use berth::net::{self, ContainerSpec, NetNs, Netlink, Topology};
 pub(crate) const SERVER_PORT: u16 = 7000;
 pub(crate) const HOST_EXT_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 const EXT_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
+/// The host's end of the external client's veth pair.
+pub(crate) const EXT_IFACE: &str = "bxh";
 /// The bench's bridge, unique per run: its `berth net` record under /run is shared by all.
 pub(crate) fn bridge() -> String {
     format!("bb{}", std::process::id())
@@ -50,6 +52,57 @@ pub(crate) fn enter_private_host_ns() -> anyhow::Result<()> {
         .context("unshare(CLONE_NEWNET): the bench must run as root")
 }
 
+/// The bench's own cgroup (v2), a child of the hierarchy's root: berth-dnat's local-client
+/// programs attach there, never to a cgroup of the machine's.
+pub(crate) fn cgroup() -> std::path::PathBuf {
+    let root = std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|m| {
+            m.lines().find_map(|l| {
+                let (left, right) = l.split_once(" - ")?;
+                (right.split_whitespace().next()? == "cgroup2")
+                    .then(|| left.split_whitespace().nth(4).map(std::path::PathBuf::from))?
+            })
+        })
+        .unwrap_or_else(|| "/sys/fs/cgroup".into());
+    root.join(format!("berth-bench-{}", std::process::id()))
+}
+
+/// Where this process was before [`enter_bench_cgroup`], for [`leave_bench_cgroup`].
+static ORIGIN: std::sync::Mutex<Option<std::path::PathBuf>> = std::sync::Mutex::new(None);
+
+/// Moves this process (and so every client it runs, and every contender it starts) into
+/// the bench's cgroup.
+pub(crate) fn enter_bench_cgroup() -> anyhow::Result<()> {
+    let cg = cgroup();
+    let own = std::fs::read_to_string("/proc/self/cgroup")?;
+    let rel = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .context("this process is in no cgroup v2 hierarchy")?
+        .trim_start_matches('/')
+        .to_owned();
+    let origin = cg.parent().context("cgroup root")?.join(rel);
+    std::fs::create_dir(&cg).with_context(|| format!("failed to create {}", cg.display()))?;
+    *ORIGIN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(origin);
+    std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string())
+        .with_context(|| format!("failed to enter {}", cg.display()))
+}
+
+fn leave_bench_cgroup() {
+    let origin = ORIGIN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    if let Some(origin) = origin {
+        let _ = std::fs::write(origin.join("cgroup.procs"), std::process::id().to_string());
+        // Contenders are dead by now; their cgroup membership went with them.
+        let _ = std::fs::remove_dir(cgroup());
+    }
+}
+
 pub(crate) fn names() -> (String, String) {
     let pid = std::process::id();
     (format!("bs{pid}"), format!("bx{pid}"))
@@ -59,6 +112,7 @@ pub(crate) fn names() -> (String, String) {
 /// topology (the bridge itself dies with the private host namespace). Safe to call twice,
 /// and from the Ctrl-C handler's thread.
 pub(crate) fn teardown() {
+    leave_bench_cgroup();
     let (server, ext) = names();
     if let (Ok(rt), Ok(bridge)) = (
         tokio::runtime::Builder::new_current_thread()
@@ -91,10 +145,10 @@ pub(crate) async fn build() -> anyhow::Result<Topo> {
 
     // The external client: its own veth pair into the host, routed (not bridged).
     let ext_ns = NetNs::create(&ext_name)?;
-    let (host_end, peer) = ("bxh".parse()?, "bxp".parse()?);
+    let (host_end, peer) = (EXT_IFACE.parse()?, "bxp".parse()?);
     nl.add_veth(&host_end, &peer).await?;
-    nl.add_addr("bxh", HOST_EXT_IP.into(), 24).await?;
-    nl.set_up("bxh").await?;
+    nl.add_addr(EXT_IFACE, HOST_EXT_IP.into(), 24).await?;
+    nl.set_up(EXT_IFACE).await?;
     nl.move_to_ns("bxp", &ext_ns.open()?).await?;
     ext_ns.run_async(|| async {
         let nl = Netlink::connect()?;
