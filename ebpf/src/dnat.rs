@@ -142,7 +142,7 @@ fn reply(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
         proto: pkt.proto,
         _pad: [0; 3],
     };
-    let flow = CONNTRACK.get_ptr_mut(&key)?;
+    let flow = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: a map value stays valid while the program runs; the fields written here are
     // written by this direction only.
     let flow = unsafe { &mut *flow };
@@ -187,7 +187,7 @@ fn forward(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
     };
     // A draining mapping carries on its flows but takes no new ones.
     // SAFETY: only checks for presence.
-    if backend.flags & BACKEND_DRAINING != 0 && unsafe { CONNTRACK.get(&key) }.is_none() {
+    if backend.flags & BACKEND_DRAINING != 0 && unsafe { CONNTRACK.get(key) }.is_none() {
         return None;
     }
     let (new_ip, new_port) = (backend.addr[3], backend.port);
@@ -237,7 +237,7 @@ fn track(key: &FlowKey, pkt: &Packet, backend: &Backend, dst: Addr, ifindex: u32
         client_rst: u8::from(pkt.tcp_flags & TCP_RST != 0),
         ..Flow::default()
     };
-    if CONNTRACK.insert(key, &flow, 0).is_ok() {
+    if CONNTRACK.insert(key, flow, 0).is_ok() {
         count(backend.id, |s| s.flows += 1);
     }
 }
@@ -298,12 +298,12 @@ fn service(proto: u8, addr: &Addr, port: u16, wildcard: Addr) -> Option<Backend>
         _pad: 0,
     };
     // SAFETY: a plain `repr(C)` value, copied out at once.
-    if let Some(b) = unsafe { SERVICES.get(&key) } {
+    if let Some(b) = unsafe { SERVICES.get(key) } {
         return Some(*b);
     }
     key.addr = wildcard;
     // SAFETY: as above.
-    let backend = unsafe { SERVICES.get(&key) }.copied()?;
+    let backend = unsafe { SERVICES.get(key) }.copied()?;
     LOCAL.get(Key::new(128, *addr))?;
     Some(backend)
 }
@@ -402,7 +402,7 @@ fn dial(ctx: &SockAddrContext, v6: bool, udp_only: bool) {
         _pad: 0,
         id: backend.id,
     };
-    let _ = REVNAT.insert(&key, &origin, 0);
+    let _ = REVNAT.insert(key, origin, 0);
     count(backend.id, |s| s.local_rewrites += 1);
 }
 
@@ -420,7 +420,7 @@ fn undial(ctx: &SockAddrContext, v6: bool) {
         _pad: [0; 6],
     };
     // SAFETY: a plain `repr(C)` value, copied out at once.
-    let Some(origin) = (unsafe { REVNAT.get(&key) }).copied() else {
+    let Some(origin) = (unsafe { REVNAT.get(key) }).copied() else {
         return;
     };
     if v6 {
