@@ -55,16 +55,7 @@ pub(crate) fn enter_private_host_ns() -> anyhow::Result<()> {
 /// The bench's own cgroup (v2), a child of the hierarchy's root: berth-dnat's local-client
 /// programs attach there, never to a cgroup of the machine's.
 pub(crate) fn cgroup() -> std::path::PathBuf {
-    let root = std::fs::read_to_string("/proc/self/mountinfo")
-        .ok()
-        .and_then(|m| {
-            m.lines().find_map(|l| {
-                let (left, right) = l.split_once(" - ")?;
-                (right.split_whitespace().next()? == "cgroup2")
-                    .then(|| left.split_whitespace().nth(4).map(std::path::PathBuf::from))?
-            })
-        })
-        .unwrap_or_else(|| "/sys/fs/cgroup".into());
+    let root = berth::dnat::cgroup2_root().unwrap_or_else(|_| "/sys/fs/cgroup".into());
     root.join(format!("berth-bench-{}", std::process::id()))
 }
 

@@ -42,15 +42,7 @@ struct TestCgroup(PathBuf);
 
 impl TestCgroup {
     fn create() -> Self {
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let root = mounts
-            .lines()
-            .find_map(|l| {
-                let (left, right) = l.split_once(" - ")?;
-                (right.split_whitespace().next()? == "cgroup2")
-                    .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
-            })
-            .expect("no cgroup v2 mount");
+        let root = berth::dnat::cgroup2_root().expect("no cgroup v2 mount");
         let path = root.join(format!("berth-test-{}", unique("cg")));
         std::fs::create_dir(&path).unwrap();
         Self(path)
@@ -296,18 +288,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        let bridge = self.topo.bridge.clone();
-        let names: Vec<String> = self
-            .topo
-            .containers
-            .iter()
-            .map(|c| c.name.clone())
-            .collect();
-        let host = self.host.ns.clone();
-        let torn = std::thread::spawn(move || host.run_async(|| net::down(&bridge, &names))).join();
-        if !matches!(torn, Ok(Ok(Ok(_)))) {
-            eprintln!("warning: teardown of {} failed", self.topo.bridge);
-        }
+        common::tear_down(&self.topo, Some(self.host.ns.clone()));
     }
 }
 

@@ -162,7 +162,7 @@ pub(crate) fn lpm_prefix(ip: IpAddr, len: u8) -> (u32, Addr) {
 
 /// The cgroup v2 mount point (`/sys/fs/cgroup` on a unified host, `/sys/fs/cgroup/unified`
 /// on a hybrid one).
-pub(crate) fn cgroup2_root() -> Result<PathBuf, DnatError> {
+pub fn cgroup2_root() -> Result<PathBuf, DnatError> {
     let mountinfo =
         std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| DnatError::Cgroup {
             path: "/proc/self/mountinfo".into(),

@@ -48,8 +48,8 @@ use futures::StreamExt as _;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-pub use self::conntrack::Timeouts;
 use self::host::Iface;
+pub use self::{conntrack::Timeouts, host::cgroup2_root};
 use crate::{
     addr::Proto,
     ebpf::{DnatSizes, LoaderError},

@@ -92,27 +92,32 @@ impl TestNet {
 
 impl Drop for TestNet {
     fn drop(&mut self) {
-        let bridge = self.topo.bridge.clone();
-        let names: Vec<String> = self
-            .topo
-            .containers
-            .iter()
-            .map(|c| c.name.clone())
-            .collect();
-        // Drop may run inside a runtime; tear down from a thread with its own.
-        let torn = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(net::down(&bridge, &names))
-        })
-        .join();
-        match torn {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => eprintln!("warning: teardown of {} failed: {e}", self.topo.bridge),
-            Err(_) => eprintln!("warning: teardown of {} panicked", self.topo.bridge),
-        }
+        tear_down(&self.topo, None);
+    }
+}
+
+/// Removes `topo` (`berth net down`), inside `ns` if given, from a thread of its own: Drop
+/// may run inside a runtime. Failures are reported, never raised (a test is already over).
+pub fn tear_down(topo: &Topology, ns: Option<NetNs>) {
+    let bridge = topo.bridge.clone();
+    let names: Vec<String> = topo.containers.iter().map(|c| c.name.clone()).collect();
+    let torn = std::thread::spawn(move || match ns {
+        Some(ns) => ns
+            .run_async(|| net::down(&bridge, &names))
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string()),
+        None => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?
+            .block_on(net::down(&bridge, &names))
+            .map_err(|e| e.to_string()),
+    })
+    .join();
+    match torn {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => eprintln!("warning: teardown of {} failed: {e}", topo.bridge),
+        Err(_) => eprintln!("warning: teardown of {} panicked", topo.bridge),
     }
 }
 
