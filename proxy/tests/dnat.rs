@@ -587,6 +587,24 @@ async fn remote_and_local_udp_clients_get_replies_from_the_mapped_address() {
         text.starts_with(&format!("ping from {}:", lab.topo.gateway)),
         "{text}"
     );
+
+    // Stopping berth detaches everything: no TC program, no cgroup attachment.
+    assert!(!lab.tc_programs("ext0").is_empty());
+    let mut berth = berth;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(berth.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = tokio::task::spawn_blocking(move || berth.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert!(lab.tc_programs("ext0").is_empty());
+    assert!(lab.tc_programs(&lab.topo.bridge.to_string()).is_empty());
+    for t in CGROUP_ATTACH_TYPES {
+        assert_eq!(cgroup_programs(&lab.cgroup.0, t), 0, "attach type {t}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
