@@ -739,7 +739,7 @@ async fn a_missing_feature_fails_only_its_mapping() {
 }
 
 #[test]
-fn the_cli_refuses_what_kernel_mode_cannot_map() {
+fn the_cli_refuses_what_kernel_mode_cannot_map_or_is_not_allowed_to() {
     common::require_root();
     let run = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
@@ -763,4 +763,30 @@ fn the_cli_refuses_what_kernel_mode_cannot_map() {
         "10.0.0.1:80",
     ]);
     assert!(err.contains("already in use"), "{err}");
+
+    // Without the privileges, in a namespace of its own (nothing gets that far anyway).
+    let ns = TestNs::create();
+    let out = ns
+        .ns
+        .command("setpriv")
+        .unwrap()
+        .args([
+            "--bounding-set=-bpf,-sys_admin,-net_admin,-perfmon",
+            "--inh-caps=-bpf,-sys_admin,-net_admin,-perfmon",
+            "--",
+            env!("CARGO_BIN_EXE_berth"),
+            "forward",
+            "--mode",
+            "dnat",
+            "127.0.0.1:9000",
+            "10.0.0.1:80",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("kernel mode needs CAP_BPF and CAP_NET_ADMIN, or root"),
+        "{err}"
+    );
 }

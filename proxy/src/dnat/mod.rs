@@ -91,6 +91,25 @@ pub enum DnatError {
     Target(String),
     #[error("the kernel-mode service table is full ({0} mappings)")]
     Full(u32),
+    #[error("{0} (kernel mode needs CAP_BPF and CAP_NET_ADMIN, or root)")]
+    Denied(Box<Self>),
+}
+
+impl DnatError {
+    /// Wraps a failure that the kernel refused for lack of privileges in [`Self::Denied`],
+    /// which says what is missing.
+    fn explain(self) -> Self {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&self);
+        while let Some(e) = cause {
+            if let Some(io) = e.downcast_ref::<std::io::Error>()
+                && matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+            {
+                return Self::Denied(Box::new(self));
+            }
+            cause = e.source();
+        }
+        self
+    }
 }
 
 /// Where and how big.
@@ -217,6 +236,10 @@ impl Dnat {
     /// the cgroup) and starts the conntrack sweeper and the local-address watcher. Needs a
     /// tokio runtime, CAP_BPF + CAP_NET_ADMIN (or root), and runs in the host's namespace.
     pub async fn start(settings: Settings) -> Result<Arc<Self>, DnatError> {
+        Self::load(settings).await.map_err(DnatError::explain)
+    }
+
+    async fn load(settings: Settings) -> Result<Arc<Self>, DnatError> {
         let nl = Netlink::connect().map_err(|e| DnatError::Netlink(e.to_string()))?;
         let ifaces = match &settings.interfaces {
             None => host::default_interfaces(&nl).await?,
