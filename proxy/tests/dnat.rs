@@ -786,7 +786,7 @@ fn the_cli_refuses_what_kernel_mode_cannot_map_or_is_not_allowed_to() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("kernel mode needs CAP_BPF and CAP_NET_ADMIN, or root"),
+        err.contains("kernel mode needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN, or root"),
         "{err}"
     );
 }

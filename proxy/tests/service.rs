@@ -463,6 +463,17 @@ fn the_shipped_units_pass_systemd_analyze_verify() {
     }
     std::fs::write(dir.path("berth.service"), service).unwrap();
     std::fs::copy(dist.join("berth.socket"), dir.path("berth.socket")).unwrap();
+    // The eBPF drop-in, beside the unit as systemd would find it.
+    let ebpf = std::fs::read_to_string(dist.join("ebpf.conf")).unwrap();
+    for key in [
+        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE CAP_NET_ADMIN CAP_BPF CAP_PERFMON\n",
+        "AmbientCapabilities=CAP_NET_BIND_SERVICE CAP_NET_ADMIN CAP_BPF CAP_PERFMON\n",
+        "SystemCallFilter=bpf\n",
+    ] {
+        assert!(ebpf.contains(key), "ebpf.conf lacks {key:?}");
+    }
+    std::fs::create_dir_all(dir.path("berth.service.d")).unwrap();
+    std::fs::write(dir.path("berth.service.d/ebpf.conf"), ebpf).unwrap();
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(dir.path("berth.service"))

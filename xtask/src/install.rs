@@ -55,6 +55,8 @@ pub(crate) fn run(args: &InstallArgs) -> anyhow::Result<()> {
         &doc.join("berth.toml.example"),
         0o644,
     )?;
+    // Opt-in: the eBPF modes need capabilities the hardened unit does not grant.
+    copy(&dist.join("ebpf.conf"), &doc.join("ebpf.conf"), 0o644)?;
     // Never overwrite an operator's configuration.
     let config = stage(Path::new("/etc/berth/berth.toml"));
     if config.exists() {

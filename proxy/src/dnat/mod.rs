@@ -91,7 +91,7 @@ pub enum DnatError {
     Target(String),
     #[error("the kernel-mode service table is full ({0} mappings)")]
     Full(u32),
-    #[error("{0} (kernel mode needs CAP_BPF and CAP_NET_ADMIN, or root)")]
+    #[error("{0} (kernel mode needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN, or root)")]
     Denied(Box<Self>),
 }
 
@@ -234,7 +234,8 @@ fn prog_err(name: &'static str) -> impl Fn(ProgramError) -> DnatError {
 impl Dnat {
     /// Loads the programs, attaches them (TC to the client-facing interfaces, sock_addr to
     /// the cgroup) and starts the conntrack sweeper and the local-address watcher. Needs a
-    /// tokio runtime, CAP_BPF + CAP_NET_ADMIN (or root), and runs in the host's namespace.
+    /// tokio runtime and CAP_BPF, CAP_PERFMON (the verifier forbids pointer arithmetic on
+    /// packets without it) and CAP_NET_ADMIN, or root; runs in the host's namespace.
     pub async fn start(settings: Settings) -> Result<Arc<Self>, DnatError> {
         Self::load(settings).await.map_err(DnatError::explain)
     }

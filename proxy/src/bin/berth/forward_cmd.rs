@@ -26,7 +26,7 @@ pub(crate) struct ForwardArgs {
     /// userspace buffer. splice: zero-copy through pipes. sockmap (experimental): the kernel
     /// moves the bytes of each relayed connection. dnat (TCP and UDP): no relay at all; TC
     /// and cgroup programs rewrite the traffic (IPv4 containers). sockmap and dnat need
-    /// CAP_BPF and CAP_NET_ADMIN [default: auto].
+    /// CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN [default: auto].
     #[arg(long)]
     mode: Option<ModeChoice>,
     /// dnat: a client-facing interface for the TC program (repeat for several). Default:
