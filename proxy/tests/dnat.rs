@@ -695,6 +695,45 @@ async fn two_mappings_stay_apart_and_removing_them_detaches_everything() {
     }
 }
 
+/// Each berth process attaches its own TC program; a packet that one does not map must reach
+/// the next (TCX runs them in turn only while each returns "not mine").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_berth_processes_share_the_interfaces() {
+    let lab = Lab::up(1).await;
+    let (tcp_server, mut seen) = lab.tcp_server(0);
+    let udp_server = lab.udp_server(0);
+    let (p0, p1) = (lab.free_port(), lab.free_port());
+    let (d0, d1) = (scratch(), scratch());
+    let any = |p: u16| SocketAddr::from(([0, 0, 0, 0], p));
+    let first = lab.berth(&d0.0, &lab.config("", &[("t", "tcp", any(p0), tcp_server)]));
+    let second = lab.berth(&d1.0, &lab.config("", &[("u", "udp", any(p1), udp_server)]));
+    first.up().await;
+    second.up().await;
+    assert_eq!(lab.tc_programs("ext0"), ["berth_dnat_tc", "berth_dnat_tc"]);
+
+    // UDP is the second process's, TCP the first's: both must get through.
+    let sock = lab
+        .ext
+        .ns
+        .run(|| std::net::UdpSocket::bind("0.0.0.0:0").unwrap())
+        .unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let sock = UdpSocket::from_std(sock).unwrap();
+    let public = SocketAddr::from((EXT_HOST, p1));
+    sock.send_to(b"hello", public).await.unwrap();
+    let mut buf = [0u8; 256];
+    let (n, from) = timeout(HANG, sock.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(from, public);
+    assert!(buf[..n].starts_with(b"hello from 10.99.0.2:"));
+    let c = lab.ext_connect(SocketAddr::from((EXT_HOST, p0))).await;
+    let t = exchange(c, 1, 1 << 20, 1 << 20).await.unwrap();
+    let (_, _, srv) = seen.recv().await.unwrap();
+    assert_mirrored(1, &t, &srv);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_feature_fails_only_its_mapping() {
     let lab = Lab::up(1).await;
