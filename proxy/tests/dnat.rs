@@ -520,6 +520,19 @@ async fn remote_and_local_tcp_clients_reach_the_container_with_every_byte() {
     berth
         .wait_row("web", "no conntrack entries", |r| r.active == 0)
         .await;
+
+    // An open flow keeps its entry (tcp_timeout is days); a client's reset ends it.
+    let c = lab.ext_connect(public).await;
+    berth
+        .wait_row("web", "the open flow's entry", |r| r.active == 1)
+        .await;
+    socket2::SockRef::from(&c)
+        .set_linger(Some(std::time::Duration::ZERO))
+        .unwrap();
+    drop(c);
+    berth
+        .wait_row("web", "the reset flow's entry to end", |r| r.active == 0)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
