@@ -185,14 +185,15 @@ fn forward(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
         proto: pkt.proto,
         _pad: [0; 3],
     };
+    // One lookup serves both the drain check and the tracking.
+    let existing = CONNTRACK.get_ptr_mut(key);
     // A draining mapping carries on its flows but takes no new ones.
-    // SAFETY: only checks for presence.
-    if backend.flags & BACKEND_DRAINING != 0 && unsafe { CONNTRACK.get(key) }.is_none() {
+    if backend.flags & BACKEND_DRAINING != 0 && existing.is_none() {
         return None;
     }
     let (new_ip, new_port) = (backend.addr[3], backend.port);
     rewrite(ctx, pkt, 16, pkt.daddr, new_ip, 2, pkt.dport, new_port).ok()?;
-    track(&key, pkt, &backend, dst, ifindex);
+    track(existing, &key, pkt, &backend, dst, ifindex);
     count(backend.id, |s| {
         s.packets_in += 1;
         s.bytes_in += pkt.len;
@@ -200,11 +201,18 @@ fn forward(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
     Some(redirect(backend.ifindex))
 }
 
-/// Creates or refreshes the flow's conntrack entry.
+/// Refreshes the flow's conntrack entry (`existing`, looked up by the caller) or creates it.
 #[inline(always)]
-fn track(key: &FlowKey, pkt: &Packet, backend: &Backend, dst: Addr, ifindex: u32) {
+fn track(
+    existing: Option<*mut Flow>,
+    key: &FlowKey,
+    pkt: &Packet,
+    backend: &Backend,
+    dst: Addr,
+    ifindex: u32,
+) {
     let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if let Some(flow) = CONNTRACK.get_ptr_mut(key) {
+    if let Some(flow) = existing {
         // SAFETY: see `reply`.
         let flow = unsafe { &mut *flow };
         if syn {

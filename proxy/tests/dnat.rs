@@ -141,6 +141,30 @@ impl Lab {
         self.topo.containers[i].addr
     }
 
+    /// `bind(container_ip:0)` run inside container `i`'s namespace.
+    fn bind_in<T: Send>(
+        &self,
+        i: usize,
+        bind: impl FnOnce(SocketAddr) -> std::io::Result<T> + Send,
+    ) -> T {
+        let addr = SocketAddr::from((self.container_ip(i), 0));
+        net::NetNs::named(&self.topo.containers[i].name)
+            .run(|| bind(addr))
+            .unwrap()
+            .unwrap()
+    }
+
+    /// A UDP socket of the external client, on any port.
+    fn ext_udp(&self) -> UdpSocket {
+        let sock = self
+            .ext
+            .ns
+            .run(|| std::net::UdpSocket::bind("0.0.0.0:0").unwrap())
+            .unwrap();
+        sock.set_nonblocking(true).unwrap();
+        UdpSocket::from_std(sock).unwrap()
+    }
+
     /// A TCP server in container `i` that reports, per connection, the peer it saw and the
     /// checksummed exchange.
     fn tcp_server(
@@ -150,11 +174,7 @@ impl Lab {
         SocketAddr,
         mpsc::UnboundedReceiver<(SocketAddr, u64, Tally)>,
     ) {
-        let addr = SocketAddr::from((self.container_ip(i), 0));
-        let std = net::NetNs::named(&self.topo.containers[i].name)
-            .run(|| std::net::TcpListener::bind(addr))
-            .unwrap()
-            .unwrap();
+        let std = self.bind_in(i, std::net::TcpListener::bind);
         std.set_nonblocking(true).unwrap();
         let listener = TcpListener::from_std(std).unwrap();
         let local = listener.local_addr().unwrap();
@@ -174,11 +194,7 @@ impl Lab {
 
     /// A UDP server in container `i` that answers each datagram with the sender's address.
     fn udp_server(&self, i: usize) -> SocketAddr {
-        let addr = SocketAddr::from((self.container_ip(i), 0));
-        let std = net::NetNs::named(&self.topo.containers[i].name)
-            .run(|| std::net::UdpSocket::bind(addr))
-            .unwrap()
-            .unwrap();
+        let std = self.bind_in(i, std::net::UdpSocket::bind);
         std.set_nonblocking(true).unwrap();
         let sock = UdpSocket::from_std(std).unwrap();
         let local = sock.local_addr().unwrap();
@@ -547,13 +563,7 @@ async fn remote_and_local_udp_clients_get_replies_from_the_mapped_address() {
 
     // Remote: the reply comes from the address dialled; the container saw the real client.
     let public = SocketAddr::from((EXT_HOST, port));
-    let sock = lab
-        .ext
-        .ns
-        .run(|| std::net::UdpSocket::bind("0.0.0.0:0").unwrap())
-        .unwrap();
-    sock.set_nonblocking(true).unwrap();
-    let sock = UdpSocket::from_std(sock).unwrap();
+    let sock = lab.ext_udp();
     let me = SocketAddr::from((EXT_CLIENT, sock.local_addr().unwrap().port()));
     let mut buf = vec![0u8; 65_536];
     // The reply carries " from ADDR" too: it must fit in one frame (kernel mode does not
@@ -725,13 +735,7 @@ async fn two_berth_processes_share_the_interfaces() {
     assert_eq!(lab.tc_programs("ext0"), ["berth_dnat_tc", "berth_dnat_tc"]);
 
     // UDP is the second process's, TCP the first's: both must get through.
-    let sock = lab
-        .ext
-        .ns
-        .run(|| std::net::UdpSocket::bind("0.0.0.0:0").unwrap())
-        .unwrap();
-    sock.set_nonblocking(true).unwrap();
-    let sock = UdpSocket::from_std(sock).unwrap();
+    let sock = lab.ext_udp();
     let public = SocketAddr::from((EXT_HOST, p1));
     sock.send_to(b"hello", public).await.unwrap();
     let mut buf = [0u8; 256];

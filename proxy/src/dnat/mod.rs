@@ -89,6 +89,8 @@ pub enum DnatError {
     Netns(#[source] std::io::Error),
     #[error("target: {0}")]
     Target(String),
+    #[error("listen: {0}")]
+    Listen(String),
     #[error("the kernel-mode service table is full ({0} mappings)")]
     Full(u32),
     #[error("{0} (kernel mode needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN, or root)")]
@@ -216,13 +218,6 @@ fn stats_err(call: &'static str, io_error: std::io::Error) -> DnatError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route(Iface);
 
-impl Route {
-    /// The interface's name.
-    pub fn interface(&self) -> &str {
-        &self.0.name
-    }
-}
-
 fn map_err(name: &'static str) -> impl Fn(MapError) -> DnatError {
     move |source| DnatError::Map { name, source }
 }
@@ -349,10 +344,9 @@ impl Dnat {
 
     /// The interface the host reaches `target` through (its bridge), for [`Self::add`].
     pub async fn route(target: SocketAddr) -> Result<Route, DnatError> {
+        check_target(target)?;
         let IpAddr::V4(ip) = target.ip() else {
-            return Err(DnatError::Target(format!(
-                "{target}: kernel mode maps to IPv4 containers (use a relay mode for IPv6 targets)"
-            )));
+            unreachable!("check_target accepts IPv4 only")
         };
         let nl = Netlink::connect().map_err(|e| DnatError::Netlink(e.to_string()))?;
         Ok(Route(host::route_to(&nl, ip).await?))
@@ -369,11 +363,8 @@ impl Dnat {
         target: SocketAddr,
         via: &Route,
     ) -> Result<DnatMapping, DnatError> {
-        if !target.is_ipv4() || target.port() == 0 || listen.port() == 0 {
-            return Err(DnatError::Target(format!(
-                "{listen} -> {target}: kernel mode maps an explicit port to an IPv4 container's port"
-            )));
-        }
+        check_listen(listen)?;
+        check_target(target)?;
         let via = &via.0;
         let key = service_key(proto, listen);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -412,19 +403,8 @@ impl Dnat {
         })
     }
 
-    /// Entries in the shared maps now: (services, conntrack, local sockets). All zero once
-    /// every mapping is gone, which the tests check.
-    pub fn entries(&self) -> (usize, usize, usize) {
-        let inner = self.lock();
-        (
-            inner.maps.services.keys().count(),
-            inner.maps.conntrack.keys().count(),
-            inner.maps.revnat.keys().count(),
-        )
-    }
-
     /// Deletes expired conntrack entries and recounts the rest per mapping.
-    pub fn sweep(&self, timeouts: &Timeouts) -> usize {
+    fn sweep(&self, timeouts: &Timeouts) -> usize {
         let now = conntrack::monotonic_ns();
         let mut inner = self.lock();
         let mut expired = Vec::new();
@@ -578,11 +558,6 @@ impl DnatMapping {
         }
         s
     }
-
-    /// The interface the container is reached through.
-    pub fn backend_ifindex(&self) -> u32 {
-        self.backend.ifindex
-    }
 }
 
 impl Drop for DnatMapping {
@@ -592,32 +567,56 @@ impl Drop for DnatMapping {
         if inner.owns(&self.key, id) {
             let _ = inner.maps.services.remove(&self.key);
         }
-        let flows: Vec<FlowKey> = inner
-            .maps
-            .conntrack
-            .iter()
-            .flatten()
-            .filter(|(_, f)| f.id == id)
-            .map(|(k, _)| k)
-            .collect();
-        for k in &flows {
-            let _ = inner.maps.conntrack.remove(k);
+        for k in keys_where(&inner.maps.conntrack, |f: &Flow| f.id == id) {
+            let _ = inner.maps.conntrack.remove(&k);
         }
-        let socks: Vec<SockKey> = inner
-            .maps
-            .revnat
-            .iter()
-            .flatten()
-            .filter(|(_, o)| o.id == id)
-            .map(|(k, _)| k)
-            .collect();
-        for k in &socks {
-            let _ = inner.maps.revnat.remove(k);
+        for k in keys_where(&inner.maps.revnat, |o: &Origin| o.id == id) {
+            let _ = inner.maps.revnat.remove(&k);
         }
         let _ = inner.maps.stats.remove(&id);
         inner.entries.remove(&id);
         info!(id, "kernel-mode mapping removed");
     }
+}
+
+/// Whether kernel mode can map to `target`: an IPv4 address and an explicit port (the TC
+/// path rewrites IPv4 only).
+pub fn check_target(target: SocketAddr) -> Result<(), DnatError> {
+    if !target.is_ipv4() {
+        return Err(DnatError::Target(format!(
+            "{target}: kernel mode maps to IPv4 containers (use a relay mode for IPv6 targets)"
+        )));
+    }
+    if target.port() == 0 {
+        return Err(DnatError::Target(format!(
+            "{target}: kernel mode needs the container's port"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether kernel mode can map `listen`: it needs an explicit port (no socket of its own
+/// gets one from the kernel).
+pub fn check_listen(listen: SocketAddr) -> Result<(), DnatError> {
+    if listen.port() == 0 {
+        return Err(DnatError::Listen(format!(
+            "{listen}: kernel mode needs an explicit port"
+        )));
+    }
+    Ok(())
+}
+
+/// Keys of the entries of `map` whose value satisfies `pred` (collected first: deleting
+/// while iterating would skip entries).
+fn keys_where<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    pred: impl Fn(&V) -> bool,
+) -> Vec<K> {
+    map.iter()
+        .flatten()
+        .filter(|(_, v)| pred(v))
+        .map(|(k, _)| k)
+        .collect()
 }
 
 /// The service key of `proto` on `listen` (unspecified: the family's wildcard).

@@ -409,15 +409,13 @@ fn mapping(m: RawMapping, index: usize) -> Result<MappingSpec, FieldError> {
         ));
     }
     if mode.is_kernel() {
-        if !target.get().is_ipv4() {
-            return Err(err(
-                "target",
-                "mode \"dnat\" maps to IPv4 containers (use a relay mode for IPv6 targets)".into(),
-            ));
-        }
-        if listen.get().port() == 0 {
-            return Err(err("listen", "mode \"dnat\" needs an explicit port".into()));
-        }
+        // The same checks as kernel mode itself, reported under the field.
+        let reason = |e: crate::dnat::DnatError| match e {
+            crate::dnat::DnatError::Target(m) | crate::dnat::DnatError::Listen(m) => m,
+            other => other.to_string(),
+        };
+        crate::dnat::check_target(target.get()).map_err(|e| err("target", reason(e)))?;
+        crate::dnat::check_listen(listen.get()).map_err(|e| err("listen", reason(e)))?;
     }
     let tcp_only = |field: &'static str, set: bool| {
         if set && proto != Proto::Tcp {

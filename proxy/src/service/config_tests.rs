@@ -108,11 +108,11 @@ fn each_mistake_names_file_mapping_and_field() {
         ),
         (
             m("name = \"w\"\nmode = \"dnat\"\nlisten = \"0.0.0.0:1\"\ntarget = \"[fd00::1]:1\""),
-            "target: mode \"dnat\" maps to IPv4 containers",
+            "target: [fd00::1]:1: kernel mode maps to IPv4 containers",
         ),
         (
             m("name = \"w\"\nmode = \"dnat\"\nlisten = \"0.0.0.0:0\"\ntarget = \"10.0.0.1:1\""),
-            "listen: mode \"dnat\" needs an explicit port",
+            "listen: 0.0.0.0:0: kernel mode needs an explicit port",
         ),
         (
             "[dnat]\ninterfaces = [\"this-name-is-far-too-long\"]\n".to_owned(),

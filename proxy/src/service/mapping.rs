@@ -167,15 +167,7 @@ impl Running {
                     sockmap: sockmap.cloned(),
                 };
                 let serve = forward::serve(listener, config, stats.clone(), rx);
-                let task = tokio::spawn(
-                    async move {
-                        if let Err(e) = serve.await {
-                            error!(error = %e, "mapping stopped");
-                        }
-                    }
-                    .instrument(span),
-                );
-                (Counters::Tcp(stats), task)
+                (Counters::Tcp(stats), spawn_logged(serve, span))
             }
             Bound::Reserved(_) => unreachable!("handled above"),
             Bound::Udp(socket) => {
@@ -194,15 +186,7 @@ impl Running {
                     let _ = rx.wait_for(|p| *p != Phase::Serve).await;
                 };
                 let run = udp::run(socket, config, stats.clone(), stop);
-                let task = tokio::spawn(
-                    async move {
-                        if let Err(e) = run.await {
-                            error!(error = %e, "mapping stopped");
-                        }
-                    }
-                    .instrument(span),
-                );
-                (Counters::Udp(stats), task)
+                (Counters::Udp(stats), spawn_logged(run, span))
             }
         };
         Ok(Self {
@@ -300,6 +284,21 @@ impl Running {
     pub(crate) async fn finished(&mut self) {
         let _ = (&mut self.task).await;
     }
+}
+
+/// Runs a mapping's serving future in `span`; an error that stops it is logged.
+fn spawn_logged<E: std::fmt::Display>(
+    serve: impl Future<Output = Result<(), E>> + Send + 'static,
+    span: tracing::Span,
+) -> JoinHandle<()> {
+    tokio::spawn(
+        async move {
+            if let Err(e) = serve.await {
+                error!(error = %e, "mapping stopped");
+            }
+        }
+        .instrument(span),
+    )
 }
 
 impl Drop for Running {

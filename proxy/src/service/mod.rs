@@ -157,7 +157,7 @@ pub async fn run(opts: Options) -> Result<(), ServiceError> {
     let admin_listener = admin::bind(&admin_path)?;
     let mut kernel = Kernel::default();
     kernel.ensure(&config)?;
-    let routes = kernel.dnat_routes(&config, &bound).await;
+    let routes = kernel.dnat_routes_for(&config).await;
     let mut hup = signal(SignalKind::hangup()).map_err(ServiceError::Signals)?;
     let mut term = signal(SignalKind::terminate()).map_err(ServiceError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(ServiceError::Signals)?;
@@ -472,13 +472,6 @@ impl Kernel {
 }
 
 impl Kernel {
-    /// [`Self::dnat_routes_for`] at start: only for the mappings bound.
-    async fn dnat_routes(&mut self, config: &Config, bound: &[(MappingSpec, Bound)]) -> DnatRoutes {
-        let mut c = config.clone();
-        c.mappings = bound.iter().map(|(s, _)| s.clone()).collect();
-        self.dnat_routes_for(&c).await
-    }
-
     /// Loads kernel mode if a mapping of `config` asks for it, and looks up the route to each
     /// such mapping's container.
     async fn dnat_routes_for(&mut self, config: &Config) -> DnatRoutes {

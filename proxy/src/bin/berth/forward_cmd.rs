@@ -167,9 +167,9 @@ pub(crate) async fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
 /// everything is detached and freed.
 async fn run_dnat(args: ForwardArgs) -> anyhow::Result<ExitCode> {
     let (listen, target) = (args.listen.get(), args.target.get());
-    if !target.is_ipv4() || target.port() == 0 || listen.port() == 0 {
-        bail!("--mode dnat maps an explicit port to an IPv4 container address and port");
-    }
+    // Before the port is held and anything is loaded.
+    dnat::check_listen(listen)?;
+    dnat::check_target(target)?;
     // The port is held first: an occupied port is an error before anything is loaded.
     let _reserved = listen::reserve(args.proto, args.listen)?;
     let settings = dnat::Settings {
