@@ -171,16 +171,19 @@ impl Netlink {
             .map_err(|e| NetError::netlink(op, e))
     }
 
-    /// Adds `addr/prefix` to `name`; an address already there is fine.
+    /// Adds `addr/prefix` to `name`; an address already there is fine. IPv6 addresses skip
+    /// duplicate address detection (as Docker's do): berth owns the addresses it assigns, and
+    /// a tentative address drops what is sent to it until DAD's work item has run.
     pub async fn add_addr(&self, name: &str, addr: IpAddr, prefix: u8) -> Result<(), NetError> {
+        use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
         let index = self.index(name).await?;
-        match self
-            .handle
-            .address()
-            .add(index, addr, prefix)
-            .execute()
-            .await
-        {
+        let mut req = self.handle.address().add(index, addr, prefix);
+        if addr.is_ipv6() {
+            req.message_mut()
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        match req.execute().await {
             Ok(()) => Ok(()),
             Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
             Err(e) => Err(NetError::netlink(
