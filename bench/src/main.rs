@@ -296,6 +296,7 @@ const METRIC_ORDER: &[&str] = &[
     "pss_mib",
     "startup_s",
     "cpu_s_per_gb",
+    "machine_cpu_s_per_gb",
     "cpu_us_per_dgram",
     "loss_pct",
     "p99_us",
@@ -495,13 +496,13 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     if selected_scenarios.has(Scenario::Cpu) {
         let cpu: Vec<Sample> = samples
             .iter()
-            .filter(|s| s.scenario == "bulk" && s.metrics.contains_key("cpu_s_per_gb"))
+            .filter(|s| s.scenario == "bulk" && s.metrics.contains_key("machine_cpu_s_per_gb"))
             .map(|s| Sample {
                 scenario: "cpu",
                 metrics: s
                     .metrics
                     .iter()
-                    .filter(|(k, _)| **k == "cpu_s_per_gb")
+                    .filter(|(k, _)| matches!(**k, "cpu_s_per_gb" | "machine_cpu_s_per_gb"))
                     .map(|(k, v)| (*k, *v))
                     .collect(),
                 ..s.clone()
@@ -644,13 +645,18 @@ fn sample(
                 running.local
             };
             let cpu0 = procstat::cpu_seconds(&pids);
+            let machine0 = procstat::machine_cpu_seconds();
             let (bytes, elapsed) = on_client(rt, topology, external, || {
                 load::bulk(addr, streams, dir, Duration::from_secs_f64(plan.bulk_secs))
             })?;
             let cpu = procstat::cpu_seconds(&pids) - cpu0;
+            let machine = procstat::machine_cpu_seconds() - machine0;
             m.insert("gbit_s", bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e9);
             if c.has_process() && bytes > 0 {
                 m.insert("cpu_s_per_gb", cpu / (bytes as f64 / 1e9));
+            }
+            if bytes > 0 {
+                m.insert("machine_cpu_s_per_gb", machine / (bytes as f64 / 1e9));
             }
         }
         Job::Rr => {

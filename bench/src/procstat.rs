@@ -56,6 +56,25 @@ pub(crate) fn cpu_seconds(pids: &[u32]) -> f64 {
     ticks as f64 / ticks_per_sec()
 }
 
+/// Busy CPU seconds of the whole machine (all CPUs): user, nice, system, irq and softirq
+/// from /proc/stat. Kernel work that no proxy process is charged for (softirqs, the kworkers
+/// of sockmap's psock backlog) shows here, so modes can be compared on what they really cost.
+pub(crate) fn machine_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0.0;
+    };
+    // Fields after "cpu": user nice system idle iowait irq softirq steal ...
+    let ticks: u64 = line
+        .split_whitespace()
+        .skip(1)
+        .enumerate()
+        .filter(|(i, _)| matches!(i, 0 | 1 | 2 | 5 | 6))
+        .filter_map(|(_, v)| v.parse::<u64>().ok())
+        .sum();
+    ticks as f64 / ticks_per_sec()
+}
+
 /// (PSS, RSS) in MiB over the process tree. PSS splits shared pages between the processes
 /// that share them, so it is the fair figure for many-process proxies.
 pub(crate) fn memory_mib(pids: &[u32]) -> (f64, f64) {

@@ -24,6 +24,7 @@ pub(crate) fn metric_label(m: &str) -> &'static str {
         "kdgram_s" => "k datagrams/s",
         "gbit_s" => "Gbit/s",
         "cpu_s_per_gb" => "CPU s/GB",
+        "machine_cpu_s_per_gb" => "machine CPU s/GB",
         "cpu_us_per_dgram" => "CPU µs/datagram",
         "loss_pct" => "loss %",
         "p50_us" => "p50 µs",

@@ -21,7 +21,7 @@ use berth::{
     forward::{self, Config},
     listen,
     relay::Mode,
-    sockmap::Sockmap,
+    sockmap::{self, Sockmap},
 };
 use common::{HANG, TestNet, assert_mirrored, exchange, random_sizes, rng, spawn_exchange_server};
 use rand::{RngCore as _, SeedableRng as _, rngs::SmallRng};
@@ -44,7 +44,11 @@ struct Proxy {
 impl Proxy {
     fn start(target: SocketAddr, max_entries: u32) -> Self {
         common::require_root();
-        let sm = Sockmap::load(max_entries).expect("load the sockmap programs");
+        let sm = Sockmap::load(sockmap::Settings {
+            max_entries,
+            ..sockmap::Settings::default()
+        })
+        .expect("load the sockmap programs");
         let listener = listen::bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         let mut config = Config::new(TargetAddr(target));

@@ -15,10 +15,12 @@ pub(crate) struct BenchArgs {
     /// A short run (about 2 minutes) that proves the harness; its numbers are rough.
     #[arg(long)]
     quick: bool,
-    /// bulk, rr, crr, idle, mappings, cpu, external (repeatable; all by default).
+    /// bulk, rr, crr, idle, mappings, cpu, external, udp (repeatable; all by default).
     #[arg(long = "scenario")]
     scenarios: Vec<String>,
-    /// direct, berth-copy, berth-splice, docker-proxy, socat, haproxy, iptables-dnat (repeatable).
+    /// direct, berth-copy, berth-splice, berth-sockmap, berth-dnat, berth-udp,
+    /// berth-udp-b1, docker-proxy, socat, haproxy, iptables-dnat (repeatable; all by
+    /// default).
     #[arg(long = "contender")]
     contenders: Vec<String>,
     /// Output directory [default: target/bench].

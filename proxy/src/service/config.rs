@@ -45,8 +45,8 @@ pub struct Config {
     pub admin_socket: PathBuf,
     /// On SIGTERM, how long established connections may still run.
     pub drain_timeout: Duration,
-    /// Sockets the sockmap maps hold (two per connection in sockmap mode).
-    pub sockmap_max_entries: u32,
+    /// `[service] sockmap_*`: sizes of the sockmap relay, for mappings in sockmap mode.
+    pub sockmap: crate::sockmap::Settings,
     /// `[dnat]`: where and how big kernel mode is, for mappings with `mode = "dnat"`.
     pub dnat: crate::dnat::Settings,
     pub mappings: Vec<MappingSpec>,
@@ -188,6 +188,7 @@ struct RawAdmin {
 struct RawService {
     drain_timeout: Option<f64>,
     sockmap_max_entries: Option<i64>,
+    sockmap_send_buffer: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -262,9 +263,13 @@ impl Config {
                 format!("{} is not an absolute path", admin_socket.display()),
             ));
         }
-        let (drain, entries) = raw
-            .service
-            .map_or((None, None), |s| (s.drain_timeout, s.sockmap_max_entries));
+        let (drain, entries, send_buffer) = raw.service.map_or((None, None, None), |s| {
+            (
+                s.drain_timeout,
+                s.sockmap_max_entries,
+                s.sockmap_send_buffer,
+            )
+        });
         let drain_timeout = match drain {
             Some(v) => secs(v).map_err(|why| section("service", "drain_timeout", why))?,
             None => forward::Config::DEFAULT_DRAIN_TIMEOUT,
@@ -279,6 +284,22 @@ impl Config {
                         "service",
                         "sockmap_max_entries",
                         format!("{n} is not a number from 2 to 16777216"),
+                    )
+                })?,
+        };
+        let sockmap_send_buffer = match send_buffer {
+            None => crate::sockmap::DEFAULT_SEND_BUFFER,
+            Some(n) => u32::try_from(n)
+                .ok()
+                .filter(|n| *n <= crate::sockmap::MAX_SEND_BUFFER)
+                .ok_or_else(|| {
+                    section(
+                        "service",
+                        "sockmap_send_buffer",
+                        format!(
+                            "{n} is not a number of bytes from 0 (kernel autotuning) to {}",
+                            crate::sockmap::MAX_SEND_BUFFER
+                        ),
                     )
                 })?,
         };
@@ -300,7 +321,10 @@ impl Config {
             metrics_listen,
             admin_socket,
             drain_timeout,
-            sockmap_max_entries,
+            sockmap: crate::sockmap::Settings {
+                max_entries: sockmap_max_entries,
+                send_buffer: sockmap_send_buffer,
+            },
             dnat,
             mappings,
         };

@@ -53,6 +53,19 @@ max_flows = 100
     );
     assert_eq!(dns.udp_idle_timeout, Duration::from_secs(30));
     assert_eq!(dns.max_flows, 100);
+    assert_eq!(c.sockmap, crate::sockmap::Settings::default());
+}
+
+#[test]
+fn the_sockmap_sizes_are_read_and_zero_keeps_autotuning() {
+    let c = parse("[service]\nsockmap_max_entries = 1024\nsockmap_send_buffer = 0\n").unwrap();
+    assert_eq!(
+        c.sockmap,
+        crate::sockmap::Settings {
+            max_entries: 1024,
+            send_buffer: 0
+        }
+    );
 }
 
 #[test]
@@ -171,6 +184,14 @@ fn each_mistake_names_file_mapping_and_field() {
         (
             "[service]\ndrain_timeout = -3\n".into(),
             "[service] drain_timeout: -3 is not a number of seconds",
+        ),
+        (
+            "[service]\nsockmap_send_buffer = -1\n".into(),
+            "[service] sockmap_send_buffer: -1 is not a number of bytes from 0",
+        ),
+        (
+            "[service]\nsockmap_send_buffer = 2147483648\n".into(),
+            "[service] sockmap_send_buffer: 2147483648 is not a number of bytes",
         ),
     ];
     for (text, want) in cases {

@@ -444,10 +444,11 @@ impl Kernel {
             && self.sockmap_error.is_none()
             && tcp().any(|m| m.mode.wants_sockmap())
         {
-            match Sockmap::load(config.sockmap_max_entries) {
+            match Sockmap::load(config.sockmap) {
                 Ok(sm) => {
                     info!(
-                        max_entries = config.sockmap_max_entries,
+                        max_entries = config.sockmap.max_entries,
+                        send_buffer = config.sockmap.send_buffer,
                         "sockmap programs loaded"
                     );
                     self.sockmap = Some(sm);

@@ -16,7 +16,7 @@ use socket2::SockRef;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{Sockmap, cookie, watch::Watch};
+use super::{Sockmap, cookie, set_send_buffer, watch::Watch};
 use crate::relay::{self, Direction, Meter, Mode, RelayError, Transfer};
 use crate::sys::sockopt;
 
@@ -51,6 +51,13 @@ pub async fn relay(
         debug!("a side already half-closed, relaying this connection by splice");
         sm.fell_back();
         return userspace(client, target, Mode::Splice, meter, cut).await;
+    }
+    if sm.send_buffer > 0 {
+        for s in [&client, &target] {
+            if let Err(e) = set_send_buffer(s.as_fd(), sm.send_buffer) {
+                debug!(error = %e, "send buffer not set; the stream may stall when it fills");
+            }
+        }
     }
     let entries = Entries {
         sm,

@@ -53,6 +53,11 @@ pub(crate) struct ForwardArgs {
     /// to splice.
     #[arg(long, default_value_t = sockmap::DEFAULT_MAX_ENTRIES, value_parser = parse_entries)]
     sockmap_entries: u32,
+    /// TCP, sockmap: send-buffer limit in bytes of both sockets of a relayed connection; 0
+    /// keeps the kernel's autotuning. The kernel's relay stalls for a jiffy whenever it fills,
+    /// so it should hold what the link moves in 4-10 ms.
+    #[arg(long, default_value_t = sockmap::DEFAULT_SEND_BUFFER, value_parser = parse_send_buffer)]
+    sockmap_send_buffer: u32,
     /// TCP: seconds to wait for the target to accept a connection.
     #[arg(long, default_value_t = forward::Config::DEFAULT_CONNECT_TIMEOUT.as_secs_f64(), value_parser = parse_secs)]
     connect_timeout: f64,
@@ -82,6 +87,16 @@ fn parse_entries(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
         Ok(n) if n >= 2 => Ok(n),
         _ => Err(format!("{s:?} is not a number of sockets (at least 2)")),
+    }
+}
+
+fn parse_send_buffer(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if n <= sockmap::MAX_SEND_BUFFER => Ok(n),
+        _ => Err(format!(
+            "{s:?} is not a number of bytes from 0 (kernel autotuning) to {}",
+            sockmap::MAX_SEND_BUFFER
+        )),
     }
 }
 
@@ -128,7 +143,10 @@ pub(crate) async fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
             let listener = listen::bind_tcp(args.listen)?;
             let choice = args.mode.unwrap_or_default();
             let sockmap = if choice.wants_sockmap() {
-                match Sockmap::load(args.sockmap_entries) {
+                match Sockmap::load(sockmap::Settings {
+                    max_entries: args.sockmap_entries,
+                    send_buffer: args.sockmap_send_buffer,
+                }) {
                     Ok(sm) => Some(sm),
                     Err(e) => bail!("--mode sockmap: {e}"),
                 }
