@@ -289,19 +289,8 @@ impl Config {
         };
         let sockmap_send_buffer = match send_buffer {
             None => crate::sockmap::DEFAULT_SEND_BUFFER,
-            Some(n) => u32::try_from(n)
-                .ok()
-                .filter(|n| *n <= crate::sockmap::MAX_SEND_BUFFER)
-                .ok_or_else(|| {
-                    section(
-                        "service",
-                        "sockmap_send_buffer",
-                        format!(
-                            "{n} is not a number of bytes from 0 (kernel autotuning) to {}",
-                            crate::sockmap::MAX_SEND_BUFFER
-                        ),
-                    )
-                })?,
+            Some(n) => crate::sockmap::check_send_buffer(n)
+                .map_err(|why| section("service", "sockmap_send_buffer", why))?,
         };
         let dnat = match raw.dnat {
             None => crate::dnat::Settings::default(),

@@ -47,6 +47,16 @@ pub const DEFAULT_SEND_BUFFER: u32 = 32 << 20;
 /// is bookkeeping).
 pub const MAX_SEND_BUFFER: u32 = 1 << 30;
 
+/// Checks a configured send buffer (CLI and config file alike).
+pub fn check_send_buffer(n: i64) -> Result<u32, String> {
+    u32::try_from(n)
+        .ok()
+        .filter(|n| *n <= MAX_SEND_BUFFER)
+        .ok_or_else(|| {
+            format!("{n} is not a number of bytes from 0 (kernel autotuning) to {MAX_SEND_BUFFER}")
+        })
+}
+
 /// Sizes of the sockmap relay.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Settings {

@@ -91,13 +91,10 @@ fn parse_entries(s: &str) -> Result<u32, String> {
 }
 
 fn parse_send_buffer(s: &str) -> Result<u32, String> {
-    match s.parse::<u32>() {
-        Ok(n) if n <= sockmap::MAX_SEND_BUFFER => Ok(n),
-        _ => Err(format!(
-            "{s:?} is not a number of bytes from 0 (kernel autotuning) to {}",
-            sockmap::MAX_SEND_BUFFER
-        )),
-    }
+    let n = s
+        .parse::<i64>()
+        .map_err(|_| format!("{s:?} is not a number of bytes"))?;
+    sockmap::check_send_buffer(n)
 }
 
 fn parse_conntrack(s: &str) -> Result<u32, String> {
