@@ -1,7 +1,9 @@
 //! The kernel programs built from `ebpf/`, embedded in the binary, and their loaders.
+use std::sync::{Mutex, RwLock};
+
 use aya::{
     Ebpf, EbpfError,
-    maps::{MapError, SockHash},
+    maps::{HashMap, Map, MapData, MapError, SockHash},
     programs::{ProgramError, SkSkb},
 };
 use berth_common::sockmap;
@@ -39,13 +41,24 @@ pub enum LoaderError {
 
 /// The sockmap relay's programs and maps, loaded and attached. Dropping it detaches and
 /// unloads everything: nothing is pinned, so nothing outlives the process.
-#[derive(Debug)]
+///
+/// Each map has its own lock, held only for one `bpf()` call: aya needs `&mut` to change a
+/// map, the kernel does not, and one lock over all three made concurrent connection set-ups
+/// queue behind each other's system calls.
 pub struct SockmapRelay {
-    ebpf: Ebpf,
+    /// The verdict program and its attachment; first, so that it detaches before the maps
+    /// close.
+    _programs: Ebpf,
+    /// The SOCKHASH of relayed sockets.
+    pub socks: Mutex<SockHash<MapData, u64>>,
+    /// The peer table.
+    pub peers: Mutex<HashMap<MapData, u64, sockmap::Peer>>,
+    /// The per-socket counters the program keeps (read far more often than changed).
+    pub counters: RwLock<HashMap<MapData, u64, sockmap::Counters>>,
 }
 
 impl SockmapRelay {
-    /// Loads the object with both maps sized to `max_entries` and attaches the stream verdict
+    /// Loads the object with its maps sized to `max_entries` and attaches the stream verdict
     /// program to the SOCKHASH.
     ///
     /// # Minimum kernel version
@@ -59,21 +72,9 @@ impl SockmapRelay {
             .map_max_entries(sockmap::PEERS_MAP, max_entries)
             .map_max_entries(sockmap::COUNTERS_MAP, max_entries)
             .load(OBJECT)?;
-        let socks: SockHash<_, u64> = SockHash::try_from(
-            ebpf.map(sockmap::SOCKS_MAP)
-                .ok_or(LoaderError::Missing(sockmap::SOCKS_MAP))?,
-        )
-        .map_err(|source| LoaderError::Map {
-            name: sockmap::SOCKS_MAP,
-            source,
-        })?;
-        let socks_fd = socks.fd().try_clone().map_err(|e| LoaderError::Map {
-            name: sockmap::SOCKS_MAP,
-            source: MapError::SyscallError(aya::sys::SyscallError {
-                call: "dup",
-                io_error: e,
-            }),
-        })?;
+        let socks: SockHash<_, u64> = typed(&mut ebpf, sockmap::SOCKS_MAP)?;
+        let peers = typed(&mut ebpf, sockmap::PEERS_MAP)?;
+        let counters = typed(&mut ebpf, sockmap::COUNTERS_MAP)?;
         let prog: &mut SkSkb = ebpf
             .program_mut(sockmap::VERDICT_PROG)
             .ok_or(LoaderError::Missing(sockmap::VERDICT_PROG))?
@@ -86,56 +87,36 @@ impl SockmapRelay {
             name: sockmap::VERDICT_PROG,
             source,
         })?;
-        prog.attach(&socks_fd)
+        prog.attach(socks.fd())
             .map_err(|source| LoaderError::Program {
                 name: sockmap::VERDICT_PROG,
                 source,
             })?;
-        Ok(Self { ebpf })
-    }
-
-    /// The SOCKHASH of relayed sockets.
-    pub fn socks(&mut self) -> Result<SockHash<&mut aya::maps::MapData, u64>, LoaderError> {
-        let map = self
-            .ebpf
-            .map_mut(sockmap::SOCKS_MAP)
-            .ok_or(LoaderError::Missing(sockmap::SOCKS_MAP))?;
-        SockHash::try_from(map).map_err(|source| LoaderError::Map {
-            name: sockmap::SOCKS_MAP,
-            source,
-        })
-    }
-
-    /// The peer table.
-    pub fn peers(
-        &mut self,
-    ) -> Result<aya::maps::HashMap<&mut aya::maps::MapData, u64, sockmap::Peer>, LoaderError> {
-        let map = self
-            .ebpf
-            .map_mut(sockmap::PEERS_MAP)
-            .ok_or(LoaderError::Missing(sockmap::PEERS_MAP))?;
-        aya::maps::HashMap::try_from(map).map_err(|source| LoaderError::Map {
-            name: sockmap::PEERS_MAP,
-            source,
+        Ok(Self {
+            _programs: ebpf,
+            socks: Mutex::new(socks),
+            peers: Mutex::new(peers),
+            counters: RwLock::new(counters),
         })
     }
 }
 
-impl SockmapRelay {
-    /// The per-socket counters the program keeps.
-    pub fn counters(
-        &mut self,
-    ) -> Result<aya::maps::HashMap<&mut aya::maps::MapData, u64, sockmap::Counters>, LoaderError>
-    {
-        let map = self
-            .ebpf
-            .map_mut(sockmap::COUNTERS_MAP)
-            .ok_or(LoaderError::Missing(sockmap::COUNTERS_MAP))?;
-        aya::maps::HashMap::try_from(map).map_err(|source| LoaderError::Map {
-            name: sockmap::COUNTERS_MAP,
-            source,
-        })
+// aya's typed maps are not Debug; the program object says what is loaded.
+impl std::fmt::Debug for SockmapRelay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SockmapRelay")
+            .field("programs", &self._programs)
+            .finish_non_exhaustive()
     }
+}
+
+/// Takes map `name` out of `ebpf` as its typed form.
+fn typed<T: TryFrom<Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, LoaderError> {
+    let map = ebpf.take_map(name).ok_or(LoaderError::Missing(name))?;
+    T::try_from(map).map_err(|source| LoaderError::Map { name, source })
 }
 
 /// Capacities of the kernel-mode mapping tables, in entries.

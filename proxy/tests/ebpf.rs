@@ -43,14 +43,14 @@ fn pair() -> (TcpStream, TcpStream) {
 #[test]
 fn sockmap_program_loads_attaches_and_redirects() {
     common::require_root();
-    let mut relay = SockmapRelay::load(64).expect("load and attach the sk_skb verdict program");
+    let relay = SockmapRelay::load(64).expect("load and attach the sk_skb verdict program");
 
     // client ⇄ a_in  [kernel redirect]  b_in ⇄ server
     let (mut client, a_in) = pair();
     let (mut server, b_in) = pair();
     let (ca, cb) = (cookie(&a_in), cookie(&b_in));
     {
-        let mut counters = relay.counters().unwrap();
+        let mut counters = relay.counters.write().unwrap();
         counters.insert(ca, Counters::default(), 0).unwrap();
         counters.insert(cb, Counters::default(), 0).unwrap();
         let ready = |cookie| Peer {
@@ -59,12 +59,12 @@ fn sockmap_program_loads_attaches_and_redirects() {
             ready: 1,
             _pad: 0,
         };
-        let mut peers = relay.peers().unwrap();
+        let mut peers = relay.peers.lock().unwrap();
         peers.insert(ca, ready(cb), 0).unwrap();
         peers.insert(cb, ready(ca), 0).unwrap();
     }
     {
-        let mut socks = relay.socks().unwrap();
+        let mut socks = relay.socks.lock().unwrap();
         socks.insert(ca, a_in.as_raw_fd(), 0).unwrap();
         socks.insert(cb, b_in.as_raw_fd(), 0).unwrap();
     }
@@ -80,7 +80,7 @@ fn sockmap_program_loads_attaches_and_redirects() {
     assert_eq!(&buf, b"to-client!!");
 
     // The program counted what it redirected, per socket.
-    let mut counted = |c| relay.counters().unwrap().get(&c, 0).unwrap();
+    let counted = |c| relay.counters.read().unwrap().get(&c, 0).unwrap();
     assert_eq!(
         counted(ca),
         Counters {
@@ -97,13 +97,13 @@ fn sockmap_program_loads_attaches_and_redirects() {
     );
 
     // Entries leave with the sockets' removal; nothing stays behind in the maps.
-    relay.socks().unwrap().remove(&ca).unwrap();
-    relay.socks().unwrap().remove(&cb).unwrap();
-    relay.peers().unwrap().remove(&ca).unwrap();
-    relay.peers().unwrap().remove(&cb).unwrap();
-    relay.counters().unwrap().remove(&ca).unwrap();
-    relay.counters().unwrap().remove(&cb).unwrap();
-    assert_eq!(relay.peers().unwrap().keys().count(), 0);
-    assert_eq!(relay.counters().unwrap().keys().count(), 0);
-    assert_eq!(relay.socks().unwrap().keys().count(), 0);
+    relay.socks.lock().unwrap().remove(&ca).unwrap();
+    relay.socks.lock().unwrap().remove(&cb).unwrap();
+    relay.peers.lock().unwrap().remove(&ca).unwrap();
+    relay.peers.lock().unwrap().remove(&cb).unwrap();
+    relay.counters.write().unwrap().remove(&ca).unwrap();
+    relay.counters.write().unwrap().remove(&cb).unwrap();
+    assert_eq!(relay.peers.lock().unwrap().keys().count(), 0);
+    assert_eq!(relay.counters.read().unwrap().keys().count(), 0);
+    assert_eq!(relay.socks.lock().unwrap().keys().count(), 0);
 }

@@ -100,6 +100,7 @@ pub async fn relay(
         meter,
         up: Way::new(),
         down: Way::new(),
+        buf: Vec::new(),
     };
     let result = tokio::select! {
         r = conn.run(&mut c, &mut t) => r,
@@ -254,6 +255,9 @@ struct Conn<'a> {
     meter: &'a Meter,
     up: Way,
     down: Way,
+    /// For the bytes berth forwards itself; allocated at the first use (most connections
+    /// need it once, to forward what arrived before the hand-over, and never again).
+    buf: Vec<u8>,
 }
 
 type Failure = (Direction, io::Error);
@@ -354,12 +358,14 @@ impl Conn<'_> {
         src: &mut Side,
         dst: &mut Side,
     ) -> io::Result<bool> {
-        let mut buf = vec![0u8; 64 * 1024];
+        if self.buf.is_empty() {
+            self.buf = vec![0u8; 64 * 1024];
+        }
         loop {
-            match (&src.sock).read(&mut buf) {
+            match (&src.sock).read(&mut self.buf) {
                 Ok(0) => return Ok(true),
                 Ok(n) => {
-                    dst.write_all(&buf[..n])
+                    dst.write_all(&self.buf[..n])
                         .await
                         .map_err(|e| io::Error::new(e.kind(), format!("forwarding write: {e}")))?;
                     self.way(dir).forwarded += n as u64;

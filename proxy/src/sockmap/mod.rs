@@ -14,7 +14,7 @@ use std::{
     io,
     os::fd::{AsRawFd as _, BorrowedFd},
     sync::{
-        Arc, Mutex, MutexGuard, PoisonError,
+        Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -81,7 +81,7 @@ impl Default for Settings {
 /// berth starts with new connections).
 #[derive(Debug)]
 pub struct Sockmap {
-    relay: Mutex<SockmapRelay>,
+    relay: SockmapRelay,
     /// One permit per connection the maps can hold, so that a full map is never found out by
     /// a failed insert halfway through a connection's setup.
     capacity: Arc<Semaphore>,
@@ -101,7 +101,7 @@ impl Sockmap {
         let relay = SockmapRelay::load(max_entries)?;
         let watcher = watch::Watcher::start().map_err(LoaderError::Watcher)?;
         Ok(Arc::new(Self {
-            relay: Mutex::new(relay),
+            relay,
             capacity: Arc::new(Semaphore::new(max_entries as usize / 2)),
             watcher,
             fallbacks: AtomicU64::new(0),
@@ -118,15 +118,10 @@ impl Sockmap {
     /// Entries in the maps now (sockets, peers, counters): all zero when no connection is
     /// being relayed, which the tests check.
     pub fn entries(&self) -> Result<(usize, usize, usize), LoaderError> {
-        let mut relay = self.lock();
-        let socks = relay.socks()?.keys().count();
-        let peers = relay.peers()?.keys().count();
-        let counters = relay.counters()?.keys().count();
+        let socks = lock(&self.relay.socks).keys().count();
+        let peers = lock(&self.relay.peers).keys().count();
+        let counters = read(&self.relay.counters).keys().count();
         Ok((socks, peers, counters))
-    }
-
-    fn lock(&self) -> MutexGuard<'_, SockmapRelay> {
-        self.relay.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn reserve(&self) -> Option<OwnedSemaphorePermit> {
@@ -139,9 +134,7 @@ impl Sockmap {
 
     /// The counters entry (zeroed) and a not-yet-ready peer entry for `cookie`.
     fn add_entries(&self, cookie: u64, peer: u64) -> io::Result<()> {
-        self.lock()
-            .counters()
-            .map_err(io::Error::other)?
+        write(&self.relay.counters)
             .insert(cookie, Counters::default(), 0)
             .map_err(io::Error::other)?;
         self.put_peer(
@@ -154,9 +147,7 @@ impl Sockmap {
     }
 
     fn add_socket(&self, cookie: u64, fd: BorrowedFd<'_>) -> io::Result<()> {
-        self.lock()
-            .socks()
-            .map_err(io::Error::other)?
+        lock(&self.relay.socks)
             .insert(cookie, fd.as_raw_fd(), 0)
             .map_err(io::Error::other)
     }
@@ -175,34 +166,36 @@ impl Sockmap {
     }
 
     fn put_peer(&self, cookie: u64, peer: Peer) -> io::Result<()> {
-        self.lock()
-            .peers()
-            .map_err(io::Error::other)?
+        lock(&self.relay.peers)
             .insert(cookie, peer, 0)
             .map_err(io::Error::other)
     }
 
     fn counters(&self, cookie: u64) -> io::Result<Counters> {
-        self.lock()
-            .counters()
-            .map_err(io::Error::other)?
+        read(&self.relay.counters)
             .get(&cookie, 0)
             .map_err(io::Error::other)
     }
 
     /// Removes every entry of `cookie`; missing ones are fine.
     fn remove(&self, cookie: u64) {
-        let mut relay = self.lock();
-        if let Ok(mut m) = relay.socks() {
-            let _ = m.remove(&cookie);
-        }
-        if let Ok(mut m) = relay.peers() {
-            let _ = m.remove(&cookie);
-        }
-        if let Ok(mut m) = relay.counters() {
-            let _ = m.remove(&cookie);
-        }
+        let _ = lock(&self.relay.socks).remove(&cookie);
+        let _ = lock(&self.relay.peers).remove(&cookie);
+        let _ = write(&self.relay.counters).remove(&cookie);
     }
+}
+
+// A panic while a map's lock is held leaves the map as the kernel has it: consistent.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn read<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Sets `fd`'s send-buffer limit to `bytes` (see [`DEFAULT_SEND_BUFFER`] for why).
