@@ -15,60 +15,21 @@ use berth::{
     listen::{self, ListenError},
     relay::Mode,
 };
-use common::{HANG, TestNet, assert_mirrored, exchange, random_sizes, rng, spawn_exchange_server};
+use common::{
+    HANG, Proxy, TestNet, assert_mirrored, exchange, random_sizes, rng, spawn_exchange_server,
+};
 use socket2::SockRef;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
-    sync::oneshot,
     time::timeout,
 };
 
-/// A proxy running in this process; stops (and drains) when dropped or stopped.
-struct Proxy {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Proxy {
-    fn start(listen: &str, config: Config) -> Self {
-        let listener = listen::bind_tcp(listen.parse().unwrap()).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            forward::run(listener, config, async {
-                stopped.await.ok();
-            })
-            .await
-            .unwrap();
-        });
-        Self {
-            addr,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    fn to(target: SocketAddr, mode: Mode) -> Self {
-        let mut config = Config::new(TargetAddr(target));
-        config.mode = mode;
-        Self::start("127.0.0.1:0", config)
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        timeout(HANG, &mut self.task)
-            .await
-            .expect("proxy did not stop")
-            .unwrap();
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+/// A proxy to `target` on a free loopback port.
+fn proxy_to(target: SocketAddr, mode: Mode) -> Proxy {
+    let mut config = Config::new(TargetAddr(target));
+    config.mode = mode;
+    Proxy::start("127.0.0.1:0", config)
 }
 
 /// 64 concurrent connections, random sizes up to 64 MiB each way, checksummed both ways.
@@ -77,7 +38,7 @@ async fn integrity(mode: Mode) {
     let listener = net.listen(0);
     let target = listener.local_addr().unwrap();
     let mut tallies = spawn_exchange_server(listener);
-    let proxy = Proxy::to(target, mode);
+    let proxy = proxy_to(target, mode);
 
     let mut rng = rng();
     let ups = random_sizes(64, 64 << 20, &mut rng);
@@ -125,7 +86,7 @@ async fn integrity_64_connections_splice() {
 async fn half_close_client_first(mode: Mode) {
     let net = TestNet::up(1).await;
     let listener = net.listen(0);
-    let proxy = Proxy::to(listener.local_addr().unwrap(), mode);
+    let proxy = proxy_to(listener.local_addr().unwrap(), mode);
     let server = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
         let mut request = Vec::new();
@@ -152,7 +113,7 @@ async fn half_close_client_first(mode: Mode) {
 async fn half_close_server_first(mode: Mode) {
     let net = TestNet::up(1).await;
     let listener = net.listen(0);
-    let proxy = Proxy::to(listener.local_addr().unwrap(), mode);
+    let proxy = proxy_to(listener.local_addr().unwrap(), mode);
     let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     let expected = payload.clone();
     let server = tokio::spawn(async move {
@@ -223,7 +184,7 @@ async fn refused_target_closes_client_at_once() {
     // A port in the container with nothing listening: the container's kernel answers RST.
     let closed = net.listen(0).local_addr().unwrap();
     for mode in Mode::ALL {
-        let proxy = Proxy::to(closed, mode);
+        let proxy = proxy_to(closed, mode);
         let err = connect_and_read_until_end(proxy.addr)
             .await
             .expect_err("client should see the refusal as a reset");
@@ -237,7 +198,7 @@ async fn backend_dying_mid_stream_resets_client() {
     let net = TestNet::up(1).await;
     for mode in Mode::ALL {
         let listener = net.listen(0);
-        let proxy = Proxy::to(listener.local_addr().unwrap(), mode);
+        let proxy = proxy_to(listener.local_addr().unwrap(), mode);
         let server = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
             s.write_all(&[7u8; 100_000]).await.unwrap();
@@ -260,7 +221,7 @@ async fn client_reset_aborts_backend() {
     let net = TestNet::up(1).await;
     for mode in Mode::ALL {
         let listener = net.listen(0);
-        let proxy = Proxy::to(listener.local_addr().unwrap(), mode);
+        let proxy = proxy_to(listener.local_addr().unwrap(), mode);
         let c = TcpStream::connect(proxy.addr).await.unwrap();
         let (mut s, _) = listener.accept().await.unwrap();
         SockRef::from(&c).set_linger(Some(Duration::ZERO)).unwrap();

@@ -18,30 +18,29 @@ use std::{
 
 use berth::{
     addr::TargetAddr,
-    forward::{self, Config},
-    listen,
+    forward::Config,
     relay::Mode,
     sockmap::{self, Sockmap},
 };
-use common::{HANG, TestNet, assert_mirrored, exchange, random_sizes, rng, spawn_exchange_server};
+use common::{
+    HANG, Proxy, TestNet, assert_mirrored, exchange, random_sizes, rng, spawn_exchange_server,
+};
 use rand::{RngCore as _, SeedableRng as _, rngs::SmallRng};
 use sha2::{Digest as _, Sha256};
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
-    sync::oneshot,
     time::timeout,
 };
 
 /// A sockmap-mode proxy in this process, with its own programs and maps.
-struct Proxy {
+struct SmProxy {
+    proxy: Proxy,
     addr: SocketAddr,
     sm: Arc<Sockmap>,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
 }
 
-impl Proxy {
+impl SmProxy {
     fn start(target: SocketAddr, max_entries: u32) -> Self {
         common::require_root();
         let sm = Sockmap::load(sockmap::Settings {
@@ -49,24 +48,14 @@ impl Proxy {
             ..sockmap::Settings::default()
         })
         .expect("load the sockmap programs");
-        let listener = listen::bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = listener.local_addr().unwrap();
         let mut config = Config::new(TargetAddr(target));
         config.mode = Mode::Sockmap;
         config.sockmap = Some(sm.clone());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            forward::run(listener, config, async {
-                stopped.await.ok();
-            })
-            .await
-            .unwrap();
-        });
+        let proxy = Proxy::start("127.0.0.1:0", config);
         Self {
-            addr,
+            addr: proxy.addr,
+            proxy,
             sm,
-            stop: Some(stop),
-            task,
         }
     }
 
@@ -79,15 +68,8 @@ impl Proxy {
         .await;
     }
 
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        timeout(HANG, &mut self.task).await.unwrap().unwrap();
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.task.abort();
+    async fn stop(self) {
+        self.proxy.stop().await;
     }
 }
 
@@ -127,7 +109,7 @@ async fn receive(r: &mut (impl AsyncRead + Unpin)) -> (u64, [u8; 32]) {
 
 /// One side speaks until it half-closes, then the other: each half-close must arrive only
 /// after every byte before it, with the other direction still open.
-async fn turn_taking(proxy: &Proxy, listener: &TcpListener, len: u64, client_first: bool) {
+async fn turn_taking(proxy: &SmProxy, listener: &TcpListener, len: u64, client_first: bool) {
     let (mut c, (mut s, _)) = tokio::join!(
         async { TcpStream::connect(proxy.addr).await.unwrap() },
         async { listener.accept().await.unwrap() }
@@ -168,7 +150,7 @@ async fn four_gib_each_way_with_half_close_in_both_orders() {
     const LEN: u64 = 4 << 30;
     let net = TestNet::up(1).await;
     let listener = net.listen(0);
-    let proxy = Proxy::start(listener.local_addr().unwrap(), 1024);
+    let proxy = SmProxy::start(listener.local_addr().unwrap(), 1024);
     for client_first in [true, false] {
         turn_taking(&proxy, &listener, LEN, client_first).await;
     }
@@ -184,7 +166,7 @@ async fn integrity_128_connections() {
     let listener = net.listen(0);
     let target = listener.local_addr().unwrap();
     let mut tallies = spawn_exchange_server(listener);
-    let proxy = Proxy::start(target, 1024);
+    let proxy = SmProxy::start(target, 1024);
     let mut rng = rng();
     let ups = random_sizes(N, 64 << 20, &mut rng);
     let mut downs = random_sizes(N, 64 << 20, &mut rng);
@@ -236,7 +218,7 @@ async fn bytes_sent_before_the_backend_connection_exists_arrive() {
     let target = listener.local_addr().unwrap();
     // Fill the accept queue.
     let filler = TcpStream::connect(target).await.unwrap();
-    let proxy = Proxy::start(target, 64);
+    let proxy = SmProxy::start(target, 64);
     let mut c = TcpStream::connect(proxy.addr).await.unwrap();
     let request: Vec<u8> = (0..(1 << 20)).map(|i| (i % 251) as u8).collect();
     c.write_all(&request).await.unwrap();
@@ -286,7 +268,7 @@ async fn expect_reset(s: &mut TcpStream, who: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resets_cross_in_both_directions() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxy = Proxy::start(listener.local_addr().unwrap(), 64);
+    let proxy = SmProxy::start(listener.local_addr().unwrap(), 64);
     for client_resets in [true, false] {
         let (mut c, (mut s, _)) = tokio::join!(
             async { TcpStream::connect(proxy.addr).await.unwrap() },
@@ -332,7 +314,7 @@ async fn a_full_map_falls_back_to_splice() {
         }
     });
     // Room for 2 connections.
-    let proxy = Proxy::start(target, 4);
+    let proxy = SmProxy::start(target, 4);
     let mut clients = tokio::task::JoinSet::new();
     for id in 0..N {
         let addr = proxy.addr;

@@ -367,3 +367,47 @@ pub fn place_fds(
         });
     }
 }
+
+/// A `berth forward` proxy running in this process; stops (and drains) when stopped, and is
+/// aborted when dropped.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Binds `listen` (port 0 picks a free one) and relays by `config`.
+    pub fn start(listen: &str, config: berth::forward::Config) -> Self {
+        let listener = berth::listen::bind_tcp(listen.parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            berth::forward::run(listener, config, async {
+                stopped.await.ok();
+            })
+            .await
+            .unwrap();
+        });
+        Self {
+            addr,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Stops accepting, lets the open connections drain and waits for the proxy to end.
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(HANG, &mut self.task)
+            .await
+            .expect("proxy did not stop")
+            .unwrap();
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
