@@ -7,10 +7,10 @@ use aya_ebpf::{
     bindings::sk_action,
     helpers::bpf_get_socket_cookie,
     macros::{map, stream_verdict},
-    maps::{HashMap, SockHash},
+    maps::{HashMap, RingBuf, SockHash},
     programs::SkBuffContext,
 };
-use berth_common::sockmap::{Counters, DEFAULT_MAX_ENTRIES, Peer};
+use berth_common::sockmap::{CREDITS_BYTES, Counters, DEFAULT_MAX_ENTRIES, Peer};
 
 #[map(name = "BERTH_SOCKS")]
 static BERTH_SOCKS: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
@@ -21,8 +21,12 @@ static BERTH_PEERS: HashMap<u64, Peer> = HashMap::with_max_entries(DEFAULT_MAX_E
 #[map(name = "BERTH_COUNTERS")]
 static BERTH_COUNTERS: HashMap<u64, Counters> = HashMap::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
 
+#[map(name = "BERTH_CREDITS")]
+static BERTH_CREDITS: RingBuf = RingBuf::with_byte_size(CREDITS_BYTES, 0);
+
 /// Redirects each received segment to the peer socket's send path, once user space has
-/// forwarded everything it was passed (see `berth_common::sockmap`).
+/// forwarded everything it was passed, and within the allowance user space gave (see
+/// `berth_common::sockmap`).
 ///
 /// A socket without entries keeps its data (SK_PASS): user space reads it normally.
 #[stream_verdict]
@@ -52,13 +56,31 @@ fn berth_sk_verdict(ctx: SkBuffContext) -> u32 {
         counters.passed += len;
         return sk_action::SK_PASS;
     }
+    let before = counters.redirected;
+    if before.saturating_add(len) > peer.limit {
+        // Out of allowance: this and every later segment stay queued for user space (and
+        // charged to this socket) until it has caught up.
+        counters.passed += len;
+        report(cookie);
+        return sk_action::SK_PASS;
+    }
     let mut key = peer.cookie;
     // The helper returns SK_PASS when it queued the redirect and SK_DROP otherwise.
     let verdict = BERTH_SOCKS.redirect_skb(&ctx, &mut key, 0) as u32;
     if verdict == sk_action::SK_PASS {
-        counters.redirected += len;
+        counters.redirected = before + len;
+        if before < peer.notify_at && before + len >= peer.notify_at {
+            report(cookie);
+        }
     }
     verdict
+}
+
+/// Tells user space that `cookie`'s allowance is running low. A full ring loses the report;
+/// user space also looks every second.
+#[inline(always)]
+fn report(cookie: u64) {
+    let _ = BERTH_CREDITS.output::<u64>(cookie, 0);
 }
 
 #[cfg(not(test))]

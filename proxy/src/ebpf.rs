@@ -3,7 +3,7 @@ use std::sync::{Mutex, RwLock};
 
 use aya::{
     Ebpf, EbpfError,
-    maps::{HashMap, Map, MapData, MapError, SockHash},
+    maps::{HashMap, Map, MapData, MapError, RingBuf, SockHash},
     programs::{ProgramError, SkSkb},
 };
 use berth_common::sockmap;
@@ -55,6 +55,8 @@ pub struct SockmapRelay {
     pub peers: Mutex<HashMap<MapData, u64, sockmap::Peer>>,
     /// The per-socket counters the program keeps (read far more often than changed).
     pub counters: RwLock<HashMap<MapData, u64, sockmap::Counters>>,
+    /// Sockets whose redirect allowance runs low; taken by the one reader.
+    credits: Option<RingBuf<MapData>>,
 }
 
 impl SockmapRelay {
@@ -75,6 +77,7 @@ impl SockmapRelay {
         let socks: SockHash<_, u64> = typed(&mut ebpf, sockmap::SOCKS_MAP)?;
         let peers = typed(&mut ebpf, sockmap::PEERS_MAP)?;
         let counters = typed(&mut ebpf, sockmap::COUNTERS_MAP)?;
+        let credits = typed(&mut ebpf, sockmap::CREDITS_MAP)?;
         let prog: &mut SkSkb = ebpf
             .program_mut(sockmap::VERDICT_PROG)
             .ok_or(LoaderError::Missing(sockmap::VERDICT_PROG))?
@@ -97,7 +100,14 @@ impl SockmapRelay {
             socks: Mutex::new(socks),
             peers: Mutex::new(peers),
             counters: RwLock::new(counters),
+            credits: Some(credits),
         })
+    }
+
+    /// The ring on which the program reports sockets whose allowance runs low (see
+    /// `berth_common::sockmap`); `None` once taken.
+    pub fn take_credits(&mut self) -> Option<RingBuf<MapData>> {
+        self.credits.take()
     }
 }
 

@@ -56,6 +56,8 @@ fn sockmap_program_loads_attaches_and_redirects() {
         let ready = |cookie| Peer {
             cookie,
             acked: 0,
+            limit: u64::MAX,
+            notify_at: u64::MAX,
             ready: 1,
             _pad: 0,
         };

@@ -1,7 +1,8 @@
 //! The sockmap relay: bytes moved by the kernel between client and container sockets.
 //! Gigabytes checksummed with half-close in each order, 128 concurrent connections, bytes
-//! sent before the backend connection exists, resets both ways, no map entry left behind,
-//! the splice fallback of a full map, and `auto` with and without the privileges to load.
+//! sent before the backend connection exists, a container that stops reading (the client is
+//! held back), resets both ways, no map entry left behind, the splice fallback of a full map,
+//! and loading with and without the privileges.
 #![allow(
     clippy::unwrap_used,
     reason = "a test fails by panicking, with the stack trace"
@@ -12,7 +13,10 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     process::{Command, Stdio},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -42,12 +46,18 @@ struct SmProxy {
 
 impl SmProxy {
     fn start(target: SocketAddr, max_entries: u32) -> Self {
+        Self::start_with(
+            target,
+            sockmap::Settings {
+                max_entries,
+                ..sockmap::Settings::default()
+            },
+        )
+    }
+
+    fn start_with(target: SocketAddr, settings: sockmap::Settings) -> Self {
         common::require_root();
-        let sm = Sockmap::load(sockmap::Settings {
-            max_entries,
-            ..sockmap::Settings::default()
-        })
-        .expect("load the sockmap programs");
+        let sm = Sockmap::load(settings).expect("load the sockmap programs");
         let mut config = Config::new(TargetAddr(target));
         config.mode = Mode::Sockmap;
         config.sockmap = Some(sm.clone());
@@ -154,6 +164,73 @@ async fn four_gib_each_way_with_half_close_in_both_orders() {
     for client_first in [true, false] {
         turn_taking(&proxy, &listener, LEN, client_first).await;
     }
+    proxy.assert_no_entries_left().await;
+    assert_eq!(proxy.sm.fallbacks(), 0);
+    proxy.stop().await;
+}
+
+/// Writes `len` seeded random bytes, counting them in `sent` as they go in, and half-closes;
+/// returns their SHA-256.
+async fn send_counted(mut w: TcpStream, len: u64, seed: u64, sent: Arc<AtomicU64>) -> [u8; 32] {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut sha = Sha256::new();
+    let mut left = len;
+    while left > 0 {
+        let n = usize::try_from(left.min(buf.len() as u64)).unwrap();
+        rng.fill_bytes(&mut buf[..n]);
+        sha.update(&buf[..n]);
+        w.write_all(&buf[..n]).await.unwrap();
+        sent.fetch_add(n as u64, Ordering::Relaxed);
+        left -= n as u64;
+    }
+    w.shutdown().await.unwrap();
+    sha.finalize().into()
+}
+
+/// A container that stops reading must hold the client back. Redirected bytes leave the
+/// socket's receive queue at once, so TCP alone would keep taking them: before the redirect
+/// allowance, the kernel queued 3 GB in under 2 s here for a reader of 6 MB/s. Then the
+/// container reads again and every byte arrives, in order, across the switch from the kernel
+/// to berth and back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_that_stops_reading_holds_the_client_back() {
+    const LEN: u64 = 1 << 30;
+    const SEND_BUFFER: u32 = 4 << 20;
+    // Every buffer on the way (two send buffers, two receive buffers, the allowance) is a
+    // few MiB here; 1 GiB would mean there is no bound at all.
+    const BOUND: u64 = 128 << 20;
+    // How long the client is given to push the whole GiB through although nothing reads.
+    const STALL: Duration = Duration::from_secs(5);
+    let net = TestNet::up(1).await;
+    let listener = net.listen(0);
+    let proxy = SmProxy::start_with(
+        listener.local_addr().unwrap(),
+        sockmap::Settings {
+            max_entries: 64,
+            send_buffer: SEND_BUFFER,
+        },
+    );
+    let (c, (mut s, _)) = tokio::join!(
+        async { TcpStream::connect(proxy.addr).await.unwrap() },
+        async { listener.accept().await.unwrap() }
+    );
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut client = tokio::spawn(send_counted(c, LEN, 3, sent.clone()));
+    assert!(
+        timeout(STALL, &mut client).await.is_err(),
+        "the kernel took all {LEN} bytes for a container that reads nothing"
+    );
+    let held = sent.load(Ordering::Relaxed);
+    assert!(
+        held < BOUND,
+        "{held} bytes went in for a container that reads nothing"
+    );
+    let (got, got_sha) = timeout(HANG * 10, receive(&mut s)).await.unwrap();
+    let sent_sha = timeout(HANG, client).await.unwrap().unwrap();
+    assert_eq!(got, LEN, "bytes lost");
+    assert_eq!(got_sha, sent_sha, "bytes corrupted");
+    drop(s);
     proxy.assert_no_entries_left().await;
     assert_eq!(proxy.sm.fallbacks(), 0);
     proxy.stop().await;

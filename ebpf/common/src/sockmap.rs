@@ -12,6 +12,16 @@
 //! by the program). Until then every segment is passed (and counted), user space reads and
 //! forwards it, and acknowledges the new total. Redirected bytes can thus never overtake bytes
 //! that user space still has to forward.
+//!
+//! # Bounding what the kernel holds
+//! A redirected segment is taken off the socket's receive queue at once, so TCP keeps the
+//! window open, and it waits in the peer's psock queue, which has no limit, until the peer's
+//! send buffer has room. A client faster than the container could make the kernel hold
+//! gigabytes. So the program redirects only up to [`Peer::limit`] bytes in all
+//! ([`Counters::redirected`]); past it, it passes, which leaves the bytes on the receive
+//! queue, charged to the socket, and closes the window. It reports on [`CREDITS_MAP`] when the
+//! count crosses [`Peer::notify_at`] or hits the limit, and user space raises the limit by
+//! what the peer has taken since.
 
 /// Name of the `stream_verdict` program in the object file.
 pub const VERDICT_PROG: &str = "berth_sk_verdict";
@@ -21,12 +31,17 @@ pub const SOCKS_MAP: &str = "BERTH_SOCKS";
 pub const PEERS_MAP: &str = "BERTH_PEERS";
 /// Name of the hash map from a socket's cookie to its [`Counters`] (written by the program).
 pub const COUNTERS_MAP: &str = "BERTH_COUNTERS";
+/// Name of the ring buffer on which the program reports a socket whose redirect allowance
+/// ran low or out (its cookie, a `u64`).
+pub const CREDITS_MAP: &str = "BERTH_CREDITS";
+/// Size of [`CREDITS_MAP`] in bytes: 16 per event, so 16,384 events can wait.
+pub const CREDITS_BYTES: u32 = 256 * 1024;
 /// Default capacity of the maps, in sockets (two per connection); user space sizes them.
 pub const DEFAULT_MAX_ENTRIES: u32 = 65_536;
 
 /// Where the bytes received on a socket go, and how far user space has caught up.
 ///
-/// 24 bytes: two `u64`s, a `u32` and explicit padding, so both sides agree on every byte.
+/// 40 bytes: four `u64`s, a `u32` and explicit padding, so both sides agree on every byte.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Peer {
@@ -34,6 +49,10 @@ pub struct Peer {
     pub cookie: u64,
     /// Bytes passed to user space that user space has forwarded to the peer.
     pub acked: u64,
+    /// Redirect while [`Counters::redirected`] stays within this many bytes.
+    pub limit: u64,
+    /// Report the socket on [`CREDITS_MAP`] once [`Counters::redirected`] reaches this.
+    pub notify_at: u64,
     /// Non-zero once both sockets are in the SOCKHASH: redirecting is allowed.
     pub ready: u32,
     pub _pad: u32,
@@ -51,7 +70,7 @@ pub struct Counters {
 }
 
 #[cfg(feature = "user")]
-// SAFETY: `repr(C)`, two u64s, a u32 and an explicit u32 pad: no implicit padding, and every
+// SAFETY: `repr(C)`, four u64s, a u32 and an explicit u32 pad: no implicit padding, and every
 // bit pattern is valid.
 unsafe impl aya::Pod for Peer {}
 

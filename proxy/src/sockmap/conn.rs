@@ -16,7 +16,7 @@ use socket2::SockRef;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{Sockmap, cookie, set_send_buffer, watch::Watch};
+use super::{Sockmap, cookie, credit::Credit, set_send_buffer, watch::Watch};
 use crate::relay::{self, Direction, Meter, Mode, RelayError, Transfer};
 use crate::sys::sockopt;
 
@@ -95,15 +95,17 @@ pub async fn relay(
     };
     let mut c = Side::new(sm, client, cc)?;
     let mut t = Side::new(sm, target, tc)?;
+    let credits = [sm.credits.register(cc), sm.credits.register(tc)];
     let mut conn = Conn {
         sm,
         meter,
+        allowance: sm.allowance(),
         up: Way::new(),
         down: Way::new(),
         buf: Vec::new(),
     };
     let result = tokio::select! {
-        r = conn.run(&mut c, &mut t) => r,
+        r = conn.run(&mut c, &mut t, &credits) => r,
         _ = &mut cut => Err((Direction::ToTarget, io::Error::other("drain time over"))),
     };
     conn.publish(&c, &t);
@@ -235,6 +237,8 @@ struct Way {
     acked: u64,
     /// Redirected bytes already published to the meter.
     published: u64,
+    /// The redirect limit last given to the program.
+    limit: u64,
     /// The source's FIN was seen and the destination shut down.
     done: bool,
 }
@@ -245,6 +249,7 @@ impl Way {
             forwarded: 0,
             acked: 0,
             published: 0,
+            limit: 0,
             done: false,
         }
     }
@@ -255,6 +260,8 @@ struct Conn<'a> {
     meter: &'a Meter,
     up: Way,
     down: Way,
+    /// How far redirected bytes may run ahead of what the peer socket has taken.
+    allowance: u64,
     /// For the bytes berth forwards itself; allocated at the first use (most connections
     /// need it once, to forward what arrived before the hand-over, and never again).
     buf: Vec<u8>,
@@ -263,7 +270,12 @@ struct Conn<'a> {
 type Failure = (Direction, io::Error);
 
 impl Conn<'_> {
-    async fn run(&mut self, c: &mut Side, t: &mut Side) -> Result<(), Failure> {
+    async fn run(
+        &mut self,
+        c: &mut Side,
+        t: &mut Side,
+        [c_credit, t_credit]: &[Credit; 2],
+    ) -> Result<(), Failure> {
         let (up, down) = (Direction::ToTarget, Direction::ToClient);
         self.hand_over(up, c, t).await.map_err(|e| (up, e))?;
         self.hand_over(down, t, c).await.map_err(|e| (down, e))?;
@@ -275,10 +287,13 @@ impl Conn<'_> {
             tokio::select! {
                 ev = c.events() => self.on_events(ev, up, c, t).await?,
                 ev = t.events() => self.on_events(ev, down, t, c).await?,
+                () = c_credit.reported() => self.refill(up, c, t).await.map_err(|e| (up, e))?,
+                () = t_credit.reported() => self.refill(down, t, c).await.map_err(|e| (down, e))?,
                 _ = tick.tick() => {
                     self.publish(c, t);
-                    self.catch_up(up, c, t).await.map_err(|e| (up, e))?;
-                    self.catch_up(down, t, c).await.map_err(|e| (down, e))?;
+                    // Also covers a report lost to a full ring.
+                    self.refill(up, c, t).await.map_err(|e| (up, e))?;
+                    self.refill(down, t, c).await.map_err(|e| (down, e))?;
                 }
             }
         }
@@ -319,14 +334,37 @@ impl Conn<'_> {
         Ok(())
     }
 
-    /// A segment that raced the hand-over is passed, not redirected, until berth forwards
-    /// it: notice that and hand over again.
-    async fn catch_up(&mut self, dir: Direction, src: &mut Side, dst: &mut Side) -> io::Result<()> {
+    /// Gives `src`'s redirecting a new allowance. If it ran out, the program has been passing
+    /// bytes to berth (as it does for a segment that raced the hand-over): once everything
+    /// redirected has reached `dst`, berth forwards them and hands the stream over again.
+    /// Otherwise the limit moves on by what `dst` has taken.
+    async fn refill(&mut self, dir: Direction, src: &mut Side, dst: &mut Side) -> io::Result<()> {
+        if self.way(dir).done {
+            return Ok(());
+        }
+        let counters = self.sm.counters(src.cookie)?;
+        let allowance = self.allowance;
         let way = self.way(dir);
-        let (acked, done) = (way.acked, way.done);
-        if !done && self.sm.counters(src.cookie)?.passed != acked {
-            debug!(direction = %dir, "bytes passed after the hand-over; handing over again");
-            self.hand_over(dir, src, dst).await?;
+        let queued = way.forwarded + counters.redirected;
+        if counters.passed != way.acked {
+            debug!(direction = %dir, "redirect allowance used up or raced; catching up");
+            until_written(dir, src, dst, queued).await?;
+            return self.hand_over(dir, src, dst).await;
+        }
+        // Bytes redirected but not yet taken by `dst` (they wait in its psock queue).
+        let waiting = queued.saturating_sub(written(&dst.sock)?);
+        let room = allowance.saturating_sub(waiting);
+        let limit = counters.redirected + room;
+        if limit != way.limit {
+            way.limit = limit;
+            let acked = way.acked;
+            self.sm.set_ready(
+                src.cookie,
+                dst.cookie,
+                acked,
+                limit,
+                counters.redirected + room / 2,
+            )?;
         }
         Ok(())
     }
@@ -340,10 +378,18 @@ impl Conn<'_> {
         dst: &mut Side,
     ) -> io::Result<()> {
         loop {
-            let passed = self.sm.counters(src.cookie)?.passed;
+            let counters = self.sm.counters(src.cookie)?;
+            let passed = counters.passed;
             self.forward_queued(dir, src, dst).await?;
-            self.sm.set_ready(src.cookie, dst.cookie, passed)?;
-            self.way(dir).acked = passed;
+            // Everything redirected so far has reached `dst` (the caller waited for that),
+            // so the whole allowance is free.
+            let limit = counters.redirected + self.allowance;
+            let notify_at = counters.redirected + self.allowance / 2;
+            self.sm
+                .set_ready(src.cookie, dst.cookie, passed, limit, notify_at)?;
+            let way = self.way(dir);
+            way.acked = passed;
+            way.limit = limit;
             if self.sm.counters(src.cookie)?.passed == passed {
                 return Ok(());
             }
@@ -382,26 +428,18 @@ impl Conn<'_> {
     /// still be pushing redirected bytes when the FIN shows), shut `dst`'s write side.
     async fn finish(&mut self, dir: Direction, src: &mut Side, dst: &mut Side) -> io::Result<()> {
         // The FIN came after every byte the program handled, so whatever it passed to berth
-        // is queued already. A read need not return 0 here: once the FIN went through the
-        // program, the socket may just report "would block" at the end.
-        self.forward_queued(dir, src, dst).await?;
-        let mut wait = Duration::from_micros(100);
-        loop {
-            // The FIN (seen: we are here because of it) advanced the count by one.
-            let received = tcp_info(&src.sock)?.tcpi_bytes_received.saturating_sub(1);
-            let handed = written(&dst.sock)?;
-            if handed >= received {
-                break;
-            }
-            if let Ok(Some(e)) = dst.sock.take_error() {
-                return Err(e);
-            }
-            if wait >= Duration::from_millis(20) {
-                debug!(direction = %dir, received, handed, "waiting for the kernel to hand bytes over");
-            }
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_millis(20));
+        // is queued already. If that followed redirected bytes (the allowance ran out), those
+        // must reach `dst` first. A read need not return 0 here: once the FIN went through
+        // the program, the socket may just report "would block" at the end.
+        let counters = self.sm.counters(src.cookie)?;
+        let way = self.way(dir);
+        if counters.passed != way.acked {
+            until_written(dir, src, dst, way.forwarded + counters.redirected).await?;
         }
+        self.forward_queued(dir, src, dst).await?;
+        // The FIN (seen: we are here because of it) advanced the count by one.
+        let received = tcp_info(&src.sock)?.tcpi_bytes_received.saturating_sub(1);
+        until_written(dir, src, dst, received).await?;
         match dst.sock.shutdown(Shutdown::Write) {
             Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(e),
             _ => {}
@@ -422,6 +460,29 @@ impl Conn<'_> {
                     .add(dir, usize::try_from(delta).unwrap_or(usize::MAX));
             }
         }
+    }
+}
+
+/// Waits until `total` bytes have been written into `dst` in all (by berth or by the
+/// kernel's redirect), polling: nothing signals when the kernel's psock work writes. A
+/// receiver that stopped reading can make this last; an error on either socket ends it.
+async fn until_written(dir: Direction, src: &Side, dst: &Side, total: u64) -> io::Result<()> {
+    let mut wait = Duration::from_micros(100);
+    loop {
+        let handed = written(&dst.sock)?;
+        if handed >= total {
+            return Ok(());
+        }
+        for s in [dst, src] {
+            if let Ok(Some(e)) = s.sock.take_error() {
+                return Err(e);
+            }
+        }
+        if wait >= Duration::from_millis(20) {
+            debug!(direction = %dir, total, handed, "waiting for the kernel to hand bytes over");
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_millis(20));
     }
 }
 

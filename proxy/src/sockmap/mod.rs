@@ -6,8 +6,10 @@
 //! - [`Sockmap`]: the loaded programs and maps, shared by every connection of the process.
 //! - `conn`: one connection's life in the kernel: hand-over, half-close, teardown.
 //! - `watch`: an epoll instance that wakes on FIN and errors only, never on data.
+//! - `credit`: the program's reports that a socket's redirect allowance runs low.
 
 mod conn;
+mod credit;
 mod watch;
 
 use std::{
@@ -86,6 +88,7 @@ pub struct Sockmap {
     /// a failed insert halfway through a connection's setup.
     capacity: Arc<Semaphore>,
     watcher: Arc<watch::Watcher>,
+    credits: Arc<credit::Credits>,
     fallbacks: AtomicU64,
     send_buffer: u32,
 }
@@ -98,12 +101,17 @@ impl Sockmap {
             max_entries,
             send_buffer,
         } = settings;
-        let relay = SockmapRelay::load(max_entries)?;
+        let mut relay = SockmapRelay::load(max_entries)?;
+        let ring = relay
+            .take_credits()
+            .ok_or(LoaderError::Missing(berth_common::sockmap::CREDITS_MAP))?;
+        let credits = credit::Credits::start(ring).map_err(LoaderError::Watcher)?;
         let watcher = watch::Watcher::start().map_err(LoaderError::Watcher)?;
         Ok(Arc::new(Self {
             relay,
             capacity: Arc::new(Semaphore::new(max_entries as usize / 2)),
             watcher,
+            credits,
             fallbacks: AtomicU64::new(0),
             send_buffer,
         }))
@@ -152,13 +160,34 @@ impl Sockmap {
             .map_err(io::Error::other)
     }
 
-    /// Lets the program redirect `cookie`'s bytes once it has passed exactly `acked` bytes.
-    fn set_ready(&self, cookie: u64, peer: u64, acked: u64) -> io::Result<()> {
+    /// How far redirecting may run ahead of what the peer socket has taken: about one send
+    /// buffer, so that one direction of a connection never makes the kernel hold more than
+    /// twice its send buffer however slow the receiver (see `berth_common::sockmap`).
+    fn allowance(&self) -> u64 {
+        u64::from(if self.send_buffer > 0 {
+            self.send_buffer
+        } else {
+            DEFAULT_SEND_BUFFER
+        })
+    }
+
+    /// Lets the program redirect `cookie`'s bytes once it has passed exactly `acked` bytes,
+    /// up to `limit` redirected bytes in all, and report when the count reaches `notify_at`.
+    fn set_ready(
+        &self,
+        cookie: u64,
+        peer: u64,
+        acked: u64,
+        limit: u64,
+        notify_at: u64,
+    ) -> io::Result<()> {
         self.put_peer(
             cookie,
             Peer {
                 cookie: peer,
                 acked,
+                limit,
+                notify_at,
                 ready: 1,
                 _pad: 0,
             },
