@@ -351,6 +351,10 @@ impl Conn<'_> {
             until_written(dir, src, dst, queued).await?;
             return self.hand_over(dir, src, dst).await;
         }
+        if way.limit == counters.redirected + allowance {
+            // The whole allowance is still free: nothing was redirected since it was given.
+            return Ok(());
+        }
         // Bytes redirected but not yet taken by `dst` (they wait in its psock queue).
         let waiting = queued.saturating_sub(written(&dst.sock)?);
         let room = allowance.saturating_sub(waiting);

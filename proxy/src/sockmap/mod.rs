@@ -65,7 +65,9 @@ pub struct Settings {
     /// Sockets the maps hold (two per connection); connections beyond fall back to splice.
     pub max_entries: u32,
     /// Send-buffer limit (bytes, as `ss -m` shows it as `tb`) set on both sockets of a
-    /// relayed connection; 0 keeps the kernel's autotuning.
+    /// relayed connection; 0 keeps the kernel's autotuning. Also the redirect allowance: how
+    /// far redirected bytes may run ahead of what the receiving socket has taken
+    /// ([`DEFAULT_SEND_BUFFER`] when 0).
     pub send_buffer: u32,
 }
 
