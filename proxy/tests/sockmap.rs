@@ -1,7 +1,7 @@
 //! The sockmap relay: bytes moved by the kernel between client and container sockets.
 //! Gigabytes checksummed with half-close in each order, 128 concurrent connections, bytes
 //! sent before the backend connection exists, a container that stops reading (the client is
-//! held back), resets both ways, no map entry left behind, the splice fallback of a full map,
+//! held back), an echo server that writes before it reads again, resets both ways, no map entry left behind, the splice fallback of a full map,
 //! and loading with and without the privileges.
 #![allow(
     clippy::unwrap_used,
@@ -231,6 +231,50 @@ async fn a_container_that_stops_reading_holds_the_client_back() {
     assert_eq!(got, LEN, "bytes lost");
     assert_eq!(got_sha, sent_sha, "bytes corrupted");
     drop(s);
+    proxy.assert_no_entries_left().await;
+    assert_eq!(proxy.sm.fallbacks(), 0);
+    proxy.stop().await;
+}
+
+/// An echo server that writes each chunk back before it reads the next, and a client that
+/// sends and receives at once. With small buffers both directions keep running out of
+/// allowance; a direction waiting for its receiver must never hold up the other one, which
+/// is what that receiver is waiting for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_echo_server_that_writes_before_it_reads_again_is_served() {
+    const LEN: u64 = 256 << 20;
+    let net = TestNet::up(1).await;
+    let listener = net.listen(0);
+    let proxy = SmProxy::start_with(
+        listener.local_addr().unwrap(),
+        sockmap::Settings {
+            max_entries: 64,
+            send_buffer: 1 << 20,
+        },
+    );
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            s.write_all(&buf[..n]).await.unwrap();
+        }
+        s.shutdown().await.unwrap();
+    });
+    let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut r, mut w) = c.split();
+    let (sent, (got, got_sha)) = timeout(HANG * 5, async {
+        tokio::join!(send(&mut w, LEN, 4), receive(&mut r))
+    })
+    .await
+    .expect("the echo stalled");
+    assert_eq!(got, LEN, "bytes lost");
+    assert_eq!(got_sha, sent, "bytes corrupted");
+    timeout(HANG, server).await.unwrap().unwrap();
+    drop(c);
     proxy.assert_no_entries_left().await;
     assert_eq!(proxy.sm.fallbacks(), 0);
     proxy.stop().await;

@@ -24,6 +24,9 @@ use crate::sys::sockopt;
 /// hand-over retried).
 const TICK: Duration = Duration::from_secs(1);
 
+/// The longest pause between two looks at a socket's counters while waiting for the kernel.
+const MAX_POLL: Duration = Duration::from_millis(20);
+
 /// Relays `client` ⇄ `target` in the kernel until both directions have ended, one side
 /// fails, or `cut` completes (then both are reset). Falls back to splice when the maps are
 /// full or the sockets cannot be inserted; that is counted in [`Sockmap::fallbacks`].
@@ -93,24 +96,34 @@ pub async fn relay(
             });
         }
     };
-    let mut c = Side::new(sm, client, cc)?;
-    let mut t = Side::new(sm, target, tc)?;
+    let c = Side::new(sm, client, cc)?;
+    let t = Side::new(sm, target, tc)?;
     let credits = [sm.credits.register(cc), sm.credits.register(tc)];
-    let mut conn = Conn {
+    let allowance = sm.allowance();
+    let mut up = Pump::new(
+        Direction::ToTarget,
         sm,
         meter,
-        allowance: sm.allowance(),
-        up: Way::new(),
-        down: Way::new(),
-        buf: Vec::new(),
-    };
+        (&c, &t),
+        &credits[0],
+        allowance,
+    );
+    let mut down = Pump::new(
+        Direction::ToClient,
+        sm,
+        meter,
+        (&t, &c),
+        &credits[1],
+        allowance,
+    );
     let result = tokio::select! {
-        r = conn.run(&mut c, &mut t, &credits) => r,
+        r = both(up.run(), down.run()) => r,
         _ = &mut cut => Err((Direction::ToTarget, io::Error::other("drain time over"))),
     };
-    conn.publish(&c, &t);
+    up.publish();
+    down.publish();
     if let Err((_, e)) = &result {
-        debug!(up_done = conn.up.done, down_done = conn.down.done, up_fwd = conn.up.forwarded, down_fwd = conn.down.forwarded, error = %e, "sockmap relay failed");
+        debug!(up_fwd = up.forwarded, down_fwd = down.forwarded, error = %e, "sockmap relay failed");
     }
     match result {
         Ok(()) => {
@@ -173,9 +186,12 @@ struct Side {
     watch: Watch,
     sock: StdStream,
     cookie: u64,
-    /// Events seen while waiting for something else (a write waiting for room).
-    pending: EpollFlags,
 }
+
+/// The events that end a direction at its source: FIN, a reset or another error.
+const ENDS: EpollFlags = EpollFlags::EPOLLRDHUP
+    .union(EpollFlags::EPOLLHUP)
+    .union(EpollFlags::EPOLLERR);
 
 impl Side {
     fn new(sm: &Sockmap, sock: StdStream, cookie: u64) -> Result<Self, RelayError> {
@@ -188,30 +204,28 @@ impl Side {
             watch,
             sock,
             cookie,
-            pending: EpollFlags::empty(),
         })
     }
 
-    async fn events(&mut self) -> EpollFlags {
-        if !self.pending.is_empty() {
-            return std::mem::replace(&mut self.pending, EpollFlags::empty());
-        }
-        self.watch.next().await
+    /// Waits for this socket's FIN or error (its role as a source).
+    async fn ended(&self) -> EpollFlags {
+        self.watch.wait(ENDS, ENDS).await
     }
 
-    /// Writes all of `buf`, waiting for room through the watcher.
-    async fn write_all(&mut self, mut buf: &[u8]) -> io::Result<()> {
+    /// Writes all of `buf`, waiting for room through the watcher (its role as a
+    /// destination).
+    async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
         while !buf.is_empty() {
             match (&self.sock).write(buf) {
                 Ok(n) => buf = &buf[n..],
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.watch.want_writable(true)?;
-                    let ev = self.watch.next().await;
+                    // An error wakes this too (and stays for the source role); the next
+                    // write reports it.
+                    self.watch
+                        .wait(ENDS | EpollFlags::EPOLLOUT, EpollFlags::EPOLLOUT)
+                        .await;
                     self.watch.want_writable(false)?;
-                    if ev.contains(EpollFlags::EPOLLERR) {
-                        return Err(self.error());
-                    }
-                    self.pending |= ev & !EpollFlags::EPOLLOUT;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -229,8 +243,40 @@ impl Side {
     }
 }
 
-/// One direction's progress.
-struct Way {
+type Failure = (Direction, io::Error);
+
+/// Runs both directions at once until both have ended; the first failure ends both.
+async fn both(
+    up: impl Future<Output = io::Result<()>>,
+    down: impl Future<Output = io::Result<()>>,
+) -> Result<(), Failure> {
+    let up = pin!(async { up.await.map_err(|e| (Direction::ToTarget, e)) });
+    let down = pin!(async { down.await.map_err(|e| (Direction::ToClient, e)) });
+    match futures::future::select(up, down).await {
+        futures::future::Either::Left((first, other)) => {
+            first?;
+            other.await
+        }
+        futures::future::Either::Right((first, other)) => {
+            first?;
+            other.await
+        }
+    }
+}
+
+/// One direction: `src`'s bytes go to `dst`. Each direction waits on its own (for room in
+/// `dst`, for the kernel to hand bytes over), so a receiver that stops reading in one
+/// direction never holds up the other: an echo server that writes before it reads again
+/// would otherwise wait for a direction that waits for it.
+struct Pump<'a> {
+    dir: Direction,
+    sm: &'a Sockmap,
+    meter: &'a Meter,
+    src: &'a Side,
+    dst: &'a Side,
+    credit: &'a Credit,
+    /// How far redirected bytes may run ahead of what `dst` has taken.
+    allowance: u64,
     /// Bytes berth itself read and forwarded (before and around the hand-over).
     forwarded: u64,
     /// What the program has been told was forwarded of what it passed.
@@ -239,133 +285,97 @@ struct Way {
     published: u64,
     /// The redirect limit last given to the program.
     limit: u64,
-    /// The source's FIN was seen and the destination shut down.
-    done: bool,
-}
-
-impl Way {
-    fn new() -> Self {
-        Self {
-            forwarded: 0,
-            acked: 0,
-            published: 0,
-            limit: 0,
-            done: false,
-        }
-    }
-}
-
-struct Conn<'a> {
-    sm: &'a Sockmap,
-    meter: &'a Meter,
-    up: Way,
-    down: Way,
-    /// How far redirected bytes may run ahead of what the peer socket has taken.
-    allowance: u64,
     /// For the bytes berth forwards itself; allocated at the first use (most connections
     /// need it once, to forward what arrived before the hand-over, and never again).
     buf: Vec<u8>,
 }
 
-type Failure = (Direction, io::Error);
+impl<'a> Pump<'a> {
+    fn new(
+        dir: Direction,
+        sm: &'a Sockmap,
+        meter: &'a Meter,
+        (src, dst): (&'a Side, &'a Side),
+        credit: &'a Credit,
+        allowance: u64,
+    ) -> Self {
+        Self {
+            dir,
+            sm,
+            meter,
+            src,
+            dst,
+            credit,
+            allowance,
+            forwarded: 0,
+            acked: 0,
+            published: 0,
+            limit: 0,
+            buf: Vec::new(),
+        }
+    }
 
-impl Conn<'_> {
-    async fn run(
-        &mut self,
-        c: &mut Side,
-        t: &mut Side,
-        [c_credit, t_credit]: &[Credit; 2],
-    ) -> Result<(), Failure> {
-        let (up, down) = (Direction::ToTarget, Direction::ToClient);
-        self.hand_over(up, c, t).await.map_err(|e| (up, e))?;
-        self.hand_over(down, t, c).await.map_err(|e| (down, e))?;
+    /// Hands the stream over, then serves it until `src`'s FIN has become `dst`'s shutdown.
+    async fn run(&mut self) -> io::Result<()> {
+        self.hand_over().await?;
         // Not `interval(TICK)` plus its immediate first tick: tokio rounds that deadline up to
         // its next millisecond, which held every connection up to 1 ms before its first FIN
         // could be handled (the crr benchmark's whole difference to splice).
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + TICK, TICK);
-        while !(self.up.done && self.down.done) {
+        loop {
             tokio::select! {
-                ev = c.events() => self.on_events(ev, up, c, t).await?,
-                ev = t.events() => self.on_events(ev, down, t, c).await?,
-                () = c_credit.reported() => self.refill(up, c, t).await.map_err(|e| (up, e))?,
-                () = t_credit.reported() => self.refill(down, t, c).await.map_err(|e| (down, e))?,
+                ev = self.src.ended() => return self.on_end(ev).await,
+                () = self.credit.reported() => self.refill().await?,
                 _ = tick.tick() => {
-                    self.publish(c, t);
+                    self.publish();
                     // Also covers a report lost to a full ring.
-                    self.refill(up, c, t).await.map_err(|e| (up, e))?;
-                    self.refill(down, t, c).await.map_err(|e| (down, e))?;
+                    self.refill().await?;
                 }
             }
         }
-        Ok(())
     }
 
-    fn way(&mut self, dir: Direction) -> &mut Way {
-        match dir {
-            Direction::ToTarget => &mut self.up,
-            Direction::ToClient => &mut self.down,
-        }
-    }
-
-    /// Events on `src` (whose bytes go to `dst`).
-    async fn on_events(
-        &mut self,
-        ev: EpollFlags,
-        dir: Direction,
-        src: &mut Side,
-        dst: &mut Side,
-    ) -> Result<(), Failure> {
-        debug!(direction = %dir, events = ?ev, "socket events");
+    /// `src` sent FIN, was reset or failed.
+    async fn on_end(&mut self, ev: EpollFlags) -> io::Result<()> {
+        debug!(direction = %self.dir, events = ?ev, "socket events");
         if ev.contains(EpollFlags::EPOLLERR) {
-            let e = src.error();
-            return Err((
-                dir,
-                io::Error::new(e.kind(), format!("socket error event: {e}")),
-            ));
+            let e = self.src.error();
+            return Err(io::Error::new(e.kind(), format!("socket error event: {e}")));
         }
         if ev.contains(EpollFlags::EPOLLHUP)
-            && let Ok(Some(e)) = src.sock.take_error()
+            && let Ok(Some(e)) = self.src.sock.take_error()
         {
-            return Err((dir, e));
+            return Err(e);
         }
-        if ev.intersects(EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP) && !self.way(dir).done {
-            self.finish(dir, src, dst).await.map_err(|e| (dir, e))?;
-        }
-        Ok(())
+        self.finish().await
     }
 
     /// Gives `src`'s redirecting a new allowance. If it ran out, the program has been passing
     /// bytes to berth (as it does for a segment that raced the hand-over): once everything
     /// redirected has reached `dst`, berth forwards them and hands the stream over again.
     /// Otherwise the limit moves on by what `dst` has taken.
-    async fn refill(&mut self, dir: Direction, src: &mut Side, dst: &mut Side) -> io::Result<()> {
-        if self.way(dir).done {
-            return Ok(());
+    async fn refill(&mut self) -> io::Result<()> {
+        let counters = self.sm.counters(self.src.cookie)?;
+        let queued = self.forwarded + counters.redirected;
+        if counters.passed != self.acked {
+            debug!(direction = %self.dir, "redirect allowance used up or raced; catching up");
+            until_written(self.dir, self.src, self.dst, queued).await?;
+            return self.hand_over().await;
         }
-        let counters = self.sm.counters(src.cookie)?;
-        let allowance = self.allowance;
-        let way = self.way(dir);
-        let queued = way.forwarded + counters.redirected;
-        if counters.passed != way.acked {
-            debug!(direction = %dir, "redirect allowance used up or raced; catching up");
-            until_written(dir, src, dst, queued).await?;
-            return self.hand_over(dir, src, dst).await;
-        }
-        if way.limit == counters.redirected + allowance {
+        if self.limit == counters.redirected + self.allowance {
             // The whole allowance is still free: nothing was redirected since it was given.
             return Ok(());
         }
         // Bytes redirected but not yet taken by `dst` (they wait in its psock queue).
-        let waiting = queued.saturating_sub(written(&dst.sock)?);
-        let room = allowance.saturating_sub(waiting);
+        let waiting = queued.saturating_sub(written(&self.dst.sock)?);
+        let room = self.allowance.saturating_sub(waiting);
         let limit = counters.redirected + room;
-        if limit != way.limit {
-            way.limit = limit;
-            let acked = way.acked;
+        if limit != self.limit {
+            self.limit = limit;
             self.sm.set_ready(
-                src.cookie,
-                dst.cookie,
-                acked,
+                self.src.cookie,
+                self.dst.cookie,
+                self.acked,
                 limit,
                 counters.redirected + room / 2,
             )?;
@@ -375,53 +385,64 @@ impl Conn<'_> {
 
     /// Forwards what the program passed to berth, then lets it redirect: the loop ends when
     /// the program has passed nothing new while berth caught up.
-    async fn hand_over(
-        &mut self,
-        dir: Direction,
-        src: &mut Side,
-        dst: &mut Side,
-    ) -> io::Result<()> {
+    async fn hand_over(&mut self) -> io::Result<()> {
         loop {
-            let counters = self.sm.counters(src.cookie)?;
+            let counters = self.sm.counters(self.src.cookie)?;
             let passed = counters.passed;
-            self.forward_queued(dir, src, dst).await?;
+            self.forward_all(counters.redirected).await?;
             // Everything redirected so far has reached `dst` (the caller waited for that),
             // so the whole allowance is free.
             let limit = counters.redirected + self.allowance;
             let notify_at = counters.redirected + self.allowance / 2;
             self.sm
-                .set_ready(src.cookie, dst.cookie, passed, limit, notify_at)?;
-            let way = self.way(dir);
-            way.acked = passed;
-            way.limit = limit;
-            if self.sm.counters(src.cookie)?.passed == passed {
+                .set_ready(self.src.cookie, self.dst.cookie, passed, limit, notify_at)?;
+            self.acked = passed;
+            self.limit = limit;
+            if self.sm.counters(self.src.cookie)?.passed == passed {
                 return Ok(());
             }
         }
     }
 
+    /// Forwards until berth has read every byte TCP received on `src` that the program did
+    /// not redirect (`redirected` must not change meanwhile: the program is passing). Reading
+    /// until "would block" is not enough: a passed segment can wait in the socket's psock
+    /// queue behind the other direction's bytes, and counting it as forwarded before it was
+    /// would let later, redirected bytes overtake it.
+    async fn forward_all(&mut self, redirected: u64) -> io::Result<()> {
+        let mut wait = Duration::from_micros(100);
+        loop {
+            self.forward_queued().await?;
+            let received = received_payload(&self.src.sock)?;
+            if self.forwarded + redirected >= received {
+                return Ok(());
+            }
+            if wait >= MAX_POLL {
+                debug!(direction = %self.dir, received, forwarded = self.forwarded, redirected, "waiting for passed bytes to become readable");
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(MAX_POLL);
+        }
+    }
+
     /// Reads whatever waits in `src`'s queues (pre-insertion or passed bytes) and writes it to
     /// `dst`. Returns at WouldBlock or EOF.
-    async fn forward_queued(
-        &mut self,
-        dir: Direction,
-        src: &mut Side,
-        dst: &mut Side,
-    ) -> io::Result<bool> {
+    async fn forward_queued(&mut self) -> io::Result<()> {
         if self.buf.is_empty() {
             self.buf = vec![0u8; 64 * 1024];
         }
         loop {
-            match (&src.sock).read(&mut self.buf) {
-                Ok(0) => return Ok(true),
+            match (&self.src.sock).read(&mut self.buf) {
+                Ok(0) => return Ok(()),
                 Ok(n) => {
-                    dst.write_all(&self.buf[..n])
+                    self.dst
+                        .write_all(&self.buf[..n])
                         .await
                         .map_err(|e| io::Error::new(e.kind(), format!("forwarding write: {e}")))?;
-                    self.way(dir).forwarded += n as u64;
-                    self.meter.add(dir, n);
+                    self.forwarded += n as u64;
+                    self.meter.add(self.dir, n);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
@@ -430,39 +451,34 @@ impl Conn<'_> {
 
     /// `src` sent FIN: once every byte it received has been handed to `dst` (the kernel may
     /// still be pushing redirected bytes when the FIN shows), shut `dst`'s write side.
-    async fn finish(&mut self, dir: Direction, src: &mut Side, dst: &mut Side) -> io::Result<()> {
+    async fn finish(&mut self) -> io::Result<()> {
         // The FIN came after every byte the program handled, so whatever it passed to berth
         // is queued already. If that followed redirected bytes (the allowance ran out), those
         // must reach `dst` first. A read need not return 0 here: once the FIN went through
         // the program, the socket may just report "would block" at the end.
-        let counters = self.sm.counters(src.cookie)?;
-        let way = self.way(dir);
-        if counters.passed != way.acked {
-            until_written(dir, src, dst, way.forwarded + counters.redirected).await?;
+        let counters = self.sm.counters(self.src.cookie)?;
+        if counters.passed != self.acked {
+            let queued = self.forwarded + counters.redirected;
+            until_written(self.dir, self.src, self.dst, queued).await?;
         }
-        self.forward_queued(dir, src, dst).await?;
-        // The FIN (seen: we are here because of it) advanced the count by one.
-        let received = tcp_info(&src.sock)?.tcpi_bytes_received.saturating_sub(1);
-        until_written(dir, src, dst, received).await?;
-        match dst.sock.shutdown(Shutdown::Write) {
+        self.forward_all(counters.redirected).await?;
+        let received = received_payload(&self.src.sock)?;
+        until_written(self.dir, self.src, self.dst, received).await?;
+        match self.dst.sock.shutdown(Shutdown::Write) {
             Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(e),
             _ => {}
         }
-        debug!(direction = %dir, "half-closed after every byte was handed over");
-        self.way(dir).done = true;
+        debug!(direction = %self.dir, "half-closed after every byte was handed over");
         Ok(())
     }
 
     /// Adds the bytes the kernel redirected since last time to the meter.
-    fn publish(&mut self, c: &Side, t: &Side) {
-        for (dir, src) in [(Direction::ToTarget, c), (Direction::ToClient, t)] {
-            if let Ok(counters) = self.sm.counters(src.cookie) {
-                let way = self.way(dir);
-                let delta = counters.redirected.saturating_sub(way.published);
-                way.published = counters.redirected;
-                self.meter
-                    .add(dir, usize::try_from(delta).unwrap_or(usize::MAX));
-            }
+    fn publish(&mut self) {
+        if let Ok(counters) = self.sm.counters(self.src.cookie) {
+            let delta = counters.redirected.saturating_sub(self.published);
+            self.published = counters.redirected;
+            self.meter
+                .add(self.dir, usize::try_from(delta).unwrap_or(usize::MAX));
         }
     }
 }
@@ -482,12 +498,23 @@ async fn until_written(dir: Direction, src: &Side, dst: &Side, total: u64) -> io
                 return Err(e);
             }
         }
-        if wait >= Duration::from_millis(20) {
+        if wait >= MAX_POLL {
             debug!(direction = %dir, total, handed, "waiting for the kernel to hand bytes over");
         }
         tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_millis(20));
+        wait = (wait * 2).min(MAX_POLL);
     }
+}
+
+/// Payload bytes `s` has received: TCP_INFO's count, less the one the FIN adds once it came.
+fn received_payload(s: &StdStream) -> io::Result<u64> {
+    let info = tcp_info(s)?;
+    // Established, or we alone have closed: no FIN from the peer yet.
+    let fin = !matches!(
+        info.tcpi_state,
+        TCP_ESTABLISHED | TCP_FIN_WAIT1 | TCP_FIN_WAIT2
+    );
+    Ok(info.tcpi_bytes_received.saturating_sub(u64::from(fin)))
 }
 
 fn tcp_info(s: impl std::os::fd::AsFd) -> io::Result<libc::tcp_info> {
@@ -509,8 +536,10 @@ fn written(s: &StdStream) -> io::Result<u64> {
     Ok(acked + u64::try_from(outq).unwrap_or(0))
 }
 
-/// Linux's TCP_ESTABLISHED state number (`tcpi_state`).
+/// Linux's TCP state numbers (`tcpi_state`).
 const TCP_ESTABLISHED: u8 = 1;
+const TCP_FIN_WAIT1: u8 = 4;
+const TCP_FIN_WAIT2: u8 = 5;
 
 fn established(s: &TcpStream) -> bool {
     tcp_info(s.as_fd()).is_ok_and(|i| i.tcpi_state == TCP_ESTABLISHED)

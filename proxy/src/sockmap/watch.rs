@@ -5,10 +5,15 @@
 //! has its own epoll instance, interested only in EPOLLRDHUP (plus the implicit EPOLLERR and
 //! EPOLLHUP), and EPOLLOUT only while a write is waiting: data wakes nobody, a FIN or a reset
 //! does. The epoll fd itself sits in tokio's reactor.
+//!
+//! Each socket plays two roles at once: the source of one direction (it waits for FIN and
+//! errors) and the destination of the other (it waits for room to write). So a waiter takes
+//! only the events that are its own and leaves the rest for the other role.
 use std::{
     collections::HashMap,
     io,
     os::fd::{AsFd, AsRawFd as _, BorrowedFd, OwnedFd, RawFd},
+    pin::pin,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU32, AtomicU64, Ordering},
@@ -77,7 +82,7 @@ impl Watcher {
                 if let Some(slot) = slots.get(&ev.data()) {
                     slot.events
                         .fetch_or(ev.events().bits() as u32, Ordering::AcqRel);
-                    slot.notify.notify_one();
+                    slot.notify.notify_waiters();
                 }
             }
         }
@@ -152,14 +157,20 @@ pub(crate) struct Watch {
 }
 
 impl Watch {
-    /// Waits for events and returns (and clears) all seen since the last call.
-    pub(crate) async fn next(&self) -> EpollFlags {
+    /// Waits until any of `wake` has happened and returns those events; of them, clears
+    /// only `take` (a subset of `wake`), which belong to the caller. The rest stay for the
+    /// socket's other role.
+    pub(crate) async fn wait(&self, wake: EpollFlags, take: EpollFlags) -> EpollFlags {
+        let (wake, take) = (wake.bits() as u32, take.bits() as u32);
         loop {
-            let ev = self.slot.events.swap(0, Ordering::AcqRel);
-            if ev != 0 {
-                return EpollFlags::from_bits_retain(ev as i32);
+            // Registered before looking, so an event in between still wakes us.
+            let mut notified = pin!(self.slot.notify.notified());
+            notified.as_mut().enable();
+            let seen = self.slot.events.fetch_and(!take, Ordering::AcqRel) & wake;
+            if seen != 0 {
+                return EpollFlags::from_bits_retain(seen as i32);
             }
-            self.slot.notify.notified().await;
+            notified.await;
         }
     }
 
