@@ -193,6 +193,11 @@ const ENDS: EpollFlags = EpollFlags::EPOLLRDHUP
     .union(EpollFlags::EPOLLHUP)
     .union(EpollFlags::EPOLLERR);
 
+/// The events that let a blocked write go on, or fail.
+const WRITABLE: EpollFlags = EpollFlags::EPOLLOUT
+    .union(EpollFlags::EPOLLHUP)
+    .union(EpollFlags::EPOLLERR);
+
 impl Side {
     fn new(sm: &Sockmap, sock: StdStream, cookie: u64) -> Result<Self, RelayError> {
         let watch = sm.watcher.watch(sock.as_fd()).map_err(|e| RelayError {
@@ -220,11 +225,10 @@ impl Side {
                 Ok(n) => buf = &buf[n..],
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.watch.want_writable(true)?;
-                    // An error wakes this too (and stays for the source role); the next
-                    // write reports it.
-                    self.watch
-                        .wait(ENDS | EpollFlags::EPOLLOUT, EpollFlags::EPOLLOUT)
-                        .await;
+                    // An error or hang-up wakes this too (and stays for the source role); the
+                    // next write reports it. Not the peer's FIN: that says nothing about
+                    // writing, and once the source role is done it would stay set for good.
+                    self.watch.wait(WRITABLE, EpollFlags::EPOLLOUT).await;
                     self.watch.want_writable(false)?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
