@@ -1,6 +1,7 @@
 //! One connection relayed inside the kernel: reserve room in the maps, hand each stream over
-//! without reordering it, watch for FIN and errors, propagate half-close without losing the
-//! bytes still in flight, and remove every map entry at the end.
+//! without reordering it, keep each direction's redirecting within its allowance, watch for
+//! FIN and errors, propagate half-close without losing the bytes still in flight, and remove
+//! every map entry at the end. The two directions run side by side and wait independently.
 use std::{
     future::Future,
     io::{self, Read as _, Write as _},
