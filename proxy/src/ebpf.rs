@@ -29,7 +29,7 @@ pub enum LoaderError {
         #[source]
         source: ProgramError,
     },
-    #[error("cannot start the sockmap watcher: {0}")]
+    #[error("cannot start the sockmap relay's socket watcher or credit reader: {0}")]
     Watcher(#[source] std::io::Error),
     #[error("failed to open map {name}: {source}")]
     Map {

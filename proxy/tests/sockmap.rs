@@ -29,8 +29,6 @@ use berth::{
 use common::{
     HANG, Proxy, TestNet, assert_mirrored, exchange, random_sizes, rng, spawn_exchange_server,
 };
-use rand::{RngCore as _, SeedableRng as _, rngs::SmallRng};
-use sha2::{Digest as _, Sha256};
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
@@ -40,7 +38,6 @@ use tokio::{
 /// A sockmap-mode proxy in this process, with its own programs and maps.
 struct SmProxy {
     proxy: Proxy,
-    addr: SocketAddr,
     sm: Arc<Sockmap>,
 }
 
@@ -62,24 +59,28 @@ impl SmProxy {
         config.mode = Mode::Sockmap;
         config.sockmap = Some(sm.clone());
         let proxy = Proxy::start("127.0.0.1:0", config);
-        Self {
-            addr: proxy.addr,
-            proxy,
-            sm,
-        }
+        Self { proxy, sm }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.proxy.addr
     }
 
     /// Waits until every connection has been torn down, then checks the maps are empty.
     async fn assert_no_entries_left(&self) {
         let sm = self.sm.clone();
-        common::wait_until("the maps to empty", move || {
-            sm.entries().unwrap() == (0, 0, 0)
-        })
-        .await;
+        common::wait_until("the maps to empty", move || sm.entries() == (0, 0, 0)).await;
     }
 
     async fn stop(self) {
         self.proxy.stop().await;
+    }
+
+    /// Checks that every connection left the maps and none fell back to splice, then stops.
+    async fn stop_clean(self) {
+        self.assert_no_entries_left().await;
+        assert_eq!(self.sm.fallbacks(), 0);
+        self.stop().await;
     }
 }
 
@@ -87,41 +88,19 @@ const CHUNK: usize = 1 << 20;
 
 /// Writes `len` seeded random bytes and half-closes; returns their SHA-256.
 async fn send(w: &mut (impl AsyncWrite + Unpin), len: u64, seed: u64) -> [u8; 32] {
-    let mut rng = SmallRng::seed_from_u64(seed);
-    let mut buf = vec![0u8; CHUNK];
-    let mut sha = Sha256::new();
-    let mut left = len;
-    while left > 0 {
-        let n = usize::try_from(left.min(CHUNK as u64)).unwrap();
-        rng.fill_bytes(&mut buf[..n]);
-        sha.update(&buf[..n]);
-        w.write_all(&buf[..n]).await.unwrap();
-        left -= n as u64;
-    }
-    w.shutdown().await.unwrap();
-    sha.finalize().into()
+    common::send_random(w, len, seed).await.unwrap()
 }
 
 /// Reads to EOF; returns the byte count and SHA-256.
 async fn receive(r: &mut (impl AsyncRead + Unpin)) -> (u64, [u8; 32]) {
-    let mut buf = vec![0u8; CHUNK];
-    let mut sha = Sha256::new();
-    let mut total = 0;
-    loop {
-        let n = r.read(&mut buf).await.unwrap();
-        if n == 0 {
-            return (total, sha.finalize().into());
-        }
-        sha.update(&buf[..n]);
-        total += n as u64;
-    }
+    common::recv_all(r).await.unwrap()
 }
 
 /// One side speaks until it half-closes, then the other: each half-close must arrive only
 /// after every byte before it, with the other direction still open.
 async fn turn_taking(proxy: &SmProxy, listener: &TcpListener, len: u64, client_first: bool) {
     let (mut c, (mut s, _)) = tokio::join!(
-        async { TcpStream::connect(proxy.addr).await.unwrap() },
+        async { TcpStream::connect(proxy.addr()).await.unwrap() },
         async { listener.accept().await.unwrap() }
     );
     let what = if client_first {
@@ -164,28 +143,7 @@ async fn four_gib_each_way_with_half_close_in_both_orders() {
     for client_first in [true, false] {
         turn_taking(&proxy, &listener, LEN, client_first).await;
     }
-    proxy.assert_no_entries_left().await;
-    assert_eq!(proxy.sm.fallbacks(), 0);
-    proxy.stop().await;
-}
-
-/// Writes `len` seeded random bytes, counting them in `sent` as they go in, and half-closes;
-/// returns their SHA-256.
-async fn send_counted(mut w: TcpStream, len: u64, seed: u64, sent: Arc<AtomicU64>) -> [u8; 32] {
-    let mut rng = SmallRng::seed_from_u64(seed);
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut sha = Sha256::new();
-    let mut left = len;
-    while left > 0 {
-        let n = usize::try_from(left.min(buf.len() as u64)).unwrap();
-        rng.fill_bytes(&mut buf[..n]);
-        sha.update(&buf[..n]);
-        w.write_all(&buf[..n]).await.unwrap();
-        sent.fetch_add(n as u64, Ordering::Relaxed);
-        left -= n as u64;
-    }
-    w.shutdown().await.unwrap();
-    sha.finalize().into()
+    proxy.stop_clean().await;
 }
 
 /// A container that stops reading must hold the client back. Redirected bytes leave the
@@ -212,11 +170,18 @@ async fn a_container_that_stops_reading_holds_the_client_back() {
         },
     );
     let (c, (mut s, _)) = tokio::join!(
-        async { TcpStream::connect(proxy.addr).await.unwrap() },
+        async { TcpStream::connect(proxy.addr()).await.unwrap() },
         async { listener.accept().await.unwrap() }
     );
     let sent = Arc::new(AtomicU64::new(0));
-    let mut client = tokio::spawn(send_counted(c, LEN, 3, sent.clone()));
+    let mut client = tokio::spawn({
+        let (mut c, sent) = (c, sent.clone());
+        async move {
+            common::send_random_counted(&mut c, LEN, 3, &sent)
+                .await
+                .unwrap()
+        }
+    });
     assert!(
         timeout(STALL, &mut client).await.is_err(),
         "the kernel took all {LEN} bytes for a container that reads nothing"
@@ -231,9 +196,7 @@ async fn a_container_that_stops_reading_holds_the_client_back() {
     assert_eq!(got, LEN, "bytes lost");
     assert_eq!(got_sha, sent_sha, "bytes corrupted");
     drop(s);
-    proxy.assert_no_entries_left().await;
-    assert_eq!(proxy.sm.fallbacks(), 0);
-    proxy.stop().await;
+    proxy.stop_clean().await;
 }
 
 /// An echo server that writes each chunk back before it reads the next, and a client that
@@ -264,7 +227,7 @@ async fn an_echo_server_that_writes_before_it_reads_again_is_served() {
         }
         s.shutdown().await.unwrap();
     });
-    let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut c = TcpStream::connect(proxy.addr()).await.unwrap();
     let (mut r, mut w) = c.split();
     let (sent, (got, got_sha)) = timeout(HANG * 5, async {
         tokio::join!(send(&mut w, LEN, 4), receive(&mut r))
@@ -275,9 +238,7 @@ async fn an_echo_server_that_writes_before_it_reads_again_is_served() {
     assert_eq!(got_sha, sent, "bytes corrupted");
     timeout(HANG, server).await.unwrap().unwrap();
     drop(c);
-    proxy.assert_no_entries_left().await;
-    assert_eq!(proxy.sm.fallbacks(), 0);
-    proxy.stop().await;
+    proxy.stop_clean().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -294,7 +255,7 @@ async fn integrity_128_connections() {
     downs.reverse();
     let mut clients = tokio::task::JoinSet::new();
     for (id, (up, down)) in (0u64..).zip(ups.into_iter().zip(downs)) {
-        let addr = proxy.addr;
+        let addr = proxy.addr();
         clients.spawn(async move {
             let s = TcpStream::connect(addr).await.unwrap();
             (id, exchange(s, id, up, down).await.unwrap())
@@ -340,7 +301,7 @@ async fn bytes_sent_before_the_backend_connection_exists_arrive() {
     // Fill the accept queue.
     let filler = TcpStream::connect(target).await.unwrap();
     let proxy = SmProxy::start(target, 64);
-    let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut c = TcpStream::connect(proxy.addr()).await.unwrap();
     let request: Vec<u8> = (0..(1 << 20)).map(|i| (i % 251) as u8).collect();
     c.write_all(&request).await.unwrap();
     c.shutdown().await.unwrap();
@@ -392,7 +353,7 @@ async fn resets_cross_in_both_directions() {
     let proxy = SmProxy::start(listener.local_addr().unwrap(), 64);
     for client_resets in [true, false] {
         let (mut c, (mut s, _)) = tokio::join!(
-            async { TcpStream::connect(proxy.addr).await.unwrap() },
+            async { TcpStream::connect(proxy.addr()).await.unwrap() },
             async { listener.accept().await.unwrap() }
         );
         // Some traffic first, so that the reset hits a relayed connection.
@@ -438,7 +399,7 @@ async fn a_full_map_falls_back_to_splice() {
     let proxy = SmProxy::start(target, 4);
     let mut clients = tokio::task::JoinSet::new();
     for id in 0..N {
-        let addr = proxy.addr;
+        let addr = proxy.addr();
         clients.spawn(async move {
             let c = TcpStream::connect(addr).await.unwrap();
             let (mut r, mut w) = c.into_split();

@@ -12,6 +12,7 @@ use std::{
     time::Duration,
 };
 
+use berth_common::sockmap::Counters;
 use nix::sys::epoll::EpollFlags;
 use socket2::SockRef;
 use tokio::net::TcpStream;
@@ -331,11 +332,8 @@ impl<'a> Pump<'a> {
             tokio::select! {
                 ev = self.src.ended() => return self.on_end(ev).await,
                 () = self.credit.reported() => self.refill().await?,
-                _ = tick.tick() => {
-                    self.publish();
-                    // Also covers a report lost to a full ring.
-                    self.refill().await?;
-                }
+                // Publishes the meter, and covers a report lost to a full ring.
+                _ = tick.tick() => self.refill().await?,
             }
         }
     }
@@ -361,6 +359,7 @@ impl<'a> Pump<'a> {
     /// Otherwise the limit moves on by what `dst` has taken.
     async fn refill(&mut self) -> io::Result<()> {
         let counters = self.sm.counters(self.src.cookie)?;
+        self.publish_from(counters);
         let queued = self.forwarded + counters.redirected;
         if counters.passed != self.acked {
             debug!(direction = %self.dir, "redirect allowance used up or raced; catching up");
@@ -374,17 +373,25 @@ impl<'a> Pump<'a> {
         // Bytes redirected but not yet taken by `dst` (they wait in its psock queue).
         let waiting = queued.saturating_sub(written(&self.dst.sock)?);
         let room = self.allowance.saturating_sub(waiting);
-        let limit = counters.redirected + room;
-        if limit != self.limit {
-            self.limit = limit;
-            self.sm.set_ready(
-                self.src.cookie,
-                self.dst.cookie,
-                self.acked,
-                limit,
-                counters.redirected + room / 2,
-            )?;
+        if counters.redirected + room != self.limit {
+            self.grant(self.acked, counters.redirected, room)?;
         }
+        Ok(())
+    }
+
+    /// Lets the program redirect once it has passed exactly `acked` bytes, `room` bytes past
+    /// `redirected`, with a report when half of that is used.
+    fn grant(&mut self, acked: u64, redirected: u64, room: u64) -> io::Result<()> {
+        let limit = redirected + room;
+        self.sm.set_ready(
+            self.src.cookie,
+            self.dst.cookie,
+            acked,
+            limit,
+            redirected + room / 2,
+        )?;
+        self.acked = acked;
+        self.limit = limit;
         Ok(())
     }
 
@@ -397,12 +404,7 @@ impl<'a> Pump<'a> {
             self.forward_all(counters.redirected).await?;
             // Everything redirected so far has reached `dst` (the caller waited for that),
             // so the whole allowance is free.
-            let limit = counters.redirected + self.allowance;
-            let notify_at = counters.redirected + self.allowance / 2;
-            self.sm
-                .set_ready(self.src.cookie, self.dst.cookie, passed, limit, notify_at)?;
-            self.acked = passed;
-            self.limit = limit;
+            self.grant(passed, counters.redirected, self.allowance)?;
             if self.sm.counters(self.src.cookie)?.passed == passed {
                 return Ok(());
             }
@@ -415,18 +417,17 @@ impl<'a> Pump<'a> {
     /// queue behind the other direction's bytes, and counting it as forwarded before it was
     /// would let later, redirected bytes overtake it.
     async fn forward_all(&mut self, redirected: u64) -> io::Result<()> {
-        let mut wait = Duration::from_micros(100);
+        let mut backoff = Backoff::new();
         loop {
             self.forward_queued().await?;
             let received = received_payload(&self.src.sock)?;
             if self.forwarded + redirected >= received {
                 return Ok(());
             }
-            if wait >= MAX_POLL {
+            if backoff.is_long() {
                 debug!(direction = %self.dir, received, forwarded = self.forwarded, redirected, "waiting for passed bytes to become readable");
             }
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(MAX_POLL);
+            backoff.pause().await;
         }
     }
 
@@ -480,11 +481,15 @@ impl<'a> Pump<'a> {
     /// Adds the bytes the kernel redirected since last time to the meter.
     fn publish(&mut self) {
         if let Ok(counters) = self.sm.counters(self.src.cookie) {
-            let delta = counters.redirected.saturating_sub(self.published);
-            self.published = counters.redirected;
-            self.meter
-                .add(self.dir, usize::try_from(delta).unwrap_or(usize::MAX));
+            self.publish_from(counters);
         }
+    }
+
+    fn publish_from(&mut self, counters: Counters) {
+        let delta = counters.redirected.saturating_sub(self.published);
+        self.published = counters.redirected;
+        self.meter
+            .add(self.dir, usize::try_from(delta).unwrap_or(usize::MAX));
     }
 }
 
@@ -492,7 +497,7 @@ impl<'a> Pump<'a> {
 /// kernel's redirect), polling: nothing signals when the kernel's psock work writes. A
 /// receiver that stopped reading can make this last; an error on either socket ends it.
 async fn until_written(dir: Direction, src: &Side, dst: &Side, total: u64) -> io::Result<()> {
-    let mut wait = Duration::from_micros(100);
+    let mut backoff = Backoff::new();
     loop {
         let handed = written(&dst.sock)?;
         if handed >= total {
@@ -503,11 +508,30 @@ async fn until_written(dir: Direction, src: &Side, dst: &Side, total: u64) -> io
                 return Err(e);
             }
         }
-        if wait >= MAX_POLL {
+        if backoff.is_long() {
             debug!(direction = %dir, total, handed, "waiting for the kernel to hand bytes over");
         }
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(MAX_POLL);
+        backoff.pause().await;
+    }
+}
+
+/// Pauses between looks at a socket while waiting for the kernel's psock work, which
+/// signals nothing: 100 µs at first, doubling up to [`MAX_POLL`].
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Self(Duration::from_micros(100))
+    }
+
+    /// The wait has grown to its longest: worth a debug line.
+    fn is_long(&self) -> bool {
+        self.0 >= MAX_POLL
+    }
+
+    async fn pause(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(MAX_POLL);
     }
 }
 

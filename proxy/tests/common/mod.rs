@@ -9,7 +9,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::atomic::{AtomicU32, AtomicU64, Ordering},
     time::Duration,
 };
 
@@ -133,10 +133,20 @@ pub struct Tally {
 }
 
 /// Writes `len` pseudo-random bytes from `seed`, hashing them; then shuts down writing.
-async fn send_random(
+pub async fn send_random(
     w: &mut (impl tokio::io::AsyncWrite + Unpin),
     len: u64,
     seed: u64,
+) -> std::io::Result<[u8; 32]> {
+    send_random_counted(w, len, seed, &AtomicU64::new(0)).await
+}
+
+/// [`send_random`], adding to `sent` what each write has handed to the kernel.
+pub async fn send_random_counted(
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
+    len: u64,
+    seed: u64,
+    sent: &AtomicU64,
 ) -> std::io::Result<[u8; 32]> {
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut buf = vec![0u8; 256 * 1024];
@@ -147,6 +157,7 @@ async fn send_random(
         rng.fill_bytes(&mut buf[..n]);
         sha.update(&buf[..n]);
         w.write_all(&buf[..n]).await?;
+        sent.fetch_add(n as u64, Ordering::Relaxed);
         left -= n as u64;
     }
     w.shutdown().await?;
@@ -154,7 +165,9 @@ async fn send_random(
 }
 
 /// Reads until EOF, hashing.
-async fn recv_all(r: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<(u64, [u8; 32])> {
+pub async fn recv_all(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> std::io::Result<(u64, [u8; 32])> {
     let mut buf = vec![0u8; 256 * 1024];
     let mut sha = Sha256::new();
     let mut total = 0u64;
