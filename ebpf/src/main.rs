@@ -10,7 +10,10 @@ use aya_ebpf::{
     maps::{HashMap, RingBuf, SockHash},
     programs::SkBuffContext,
 };
-use berth_common::sockmap::{CREDITS_BYTES, Counters, DEFAULT_MAX_ENTRIES, Peer};
+use berth_common::sockmap::{
+    CREDITS_BYTES, Counters, DEFAULT_MAX_ENTRIES, MAX_TRIM, Peer, SEQ_BROKEN, SEQ_KNOWN,
+    SEQ_UNCHECKED, TRIM_STEP,
+};
 
 #[map(name = "BERTH_SOCKS")]
 static BERTH_SOCKS: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
@@ -52,6 +55,17 @@ fn berth_sk_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: the pointer is to this socket's entry; its segments are processed one at a time,
     // so no other program instance writes it concurrently.
     let counters = unsafe { &mut *counters };
+    if counters.flags & SEQ_BROKEN != 0 {
+        return sk_action::SK_DROP;
+    }
+    if !trim_overlap(&ctx, counters) {
+        if counters.flags & SEQ_BROKEN != 0 {
+            // User space resets the connection; tell it now rather than at its next look.
+            report(cookie);
+        }
+        return sk_action::SK_DROP;
+    }
+    let len = u64::from(ctx.len());
     if peer.ready == 0 || counters.passed != peer.acked {
         counters.passed += len;
         return sk_action::SK_PASS;
@@ -74,6 +88,61 @@ fn berth_sk_verdict(ctx: SkBuffContext) -> u32 {
         }
     }
     verdict
+}
+
+/// Cuts off the front of the segment what an earlier segment already brought (a
+/// retransmission that overlaps, see `berth_common::sockmap`). False when the segment must be
+/// dropped: it was all old (TCP itself drops those, so this is only a guard), or the overlap
+/// could not be cut off, which marks the socket [`SEQ_BROKEN`].
+#[inline(always)]
+fn trim_overlap(ctx: &SkBuffContext, counters: &mut Counters) -> bool {
+    // TCP's control block (`struct tcp_skb_cb`) starts with the segment's first and end
+    // sequence numbers, and an sk_skb program's `cb[]` is the start of that same area. The
+    // end counts a FIN, so a segment whose numbers do not span its length (or one more) is
+    // not laid out that way: leave it alone, and say so.
+    let (seq, end, len) = (ctx.cb()[0], ctx.cb()[1], ctx.len());
+    let span = end.wrapping_sub(seq);
+    if span != len && span != len.wrapping_add(1) {
+        counters.flags |= SEQ_UNCHECKED;
+        return true;
+    }
+    if counters.flags & SEQ_KNOWN == 0 {
+        // The first segment through the program: nothing before it was handled.
+        counters.next_seq = seq;
+        counters.flags |= SEQ_KNOWN;
+    }
+    let data_end = seq.wrapping_add(len);
+    // Serial-number arithmetic: positive when `seq` is before `next_seq`.
+    let overlap = counters.next_seq.wrapping_sub(seq).cast_signed();
+    if overlap > 0 {
+        let overlap = overlap.cast_unsigned();
+        if overlap >= len {
+            counters.trimmed += u64::from(len);
+            return false;
+        }
+        if overlap > MAX_TRIM {
+            counters.flags |= SEQ_BROKEN;
+            return false;
+        }
+        let mut left = overlap;
+        for _ in 0..MAX_TRIM / TRIM_STEP {
+            if left == 0 {
+                break;
+            }
+            let step = if left < TRIM_STEP { left } else { TRIM_STEP };
+            // A negative difference removes bytes from the front of an sk_skb.
+            if ctx.adjust_room(-step.cast_signed(), 0, 0).is_err() {
+                counters.flags |= SEQ_BROKEN;
+                return false;
+            }
+            left -= step;
+        }
+        counters.trimmed += u64::from(overlap);
+    }
+    if data_end.wrapping_sub(counters.next_seq).cast_signed() > 0 {
+        counters.next_seq = data_end;
+    }
+    true
 }
 
 /// Tells user space that `cookie`'s allowance is running low. A full ring loses the report;

@@ -215,18 +215,7 @@ async fn an_echo_server_that_writes_before_it_reads_again_is_served() {
             send_buffer: 1 << 20,
         },
     );
-    let server = tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            let n = s.read(&mut buf).await.unwrap();
-            if n == 0 {
-                break;
-            }
-            s.write_all(&buf[..n]).await.unwrap();
-        }
-        s.shutdown().await.unwrap();
-    });
+    let server = tokio::spawn(echo(listener));
     let mut c = TcpStream::connect(proxy.addr()).await.unwrap();
     let (mut r, mut w) = c.split();
     let (sent, (got, got_sha)) = timeout(HANG * 5, async {
@@ -234,11 +223,74 @@ async fn an_echo_server_that_writes_before_it_reads_again_is_served() {
     })
     .await
     .expect("the echo stalled");
-    assert_eq!(got, LEN, "bytes lost");
+    assert_eq!(got, LEN, "bytes lost or doubled");
     assert_eq!(got_sha, sent, "bytes corrupted");
     timeout(HANG, server).await.unwrap().unwrap();
     drop(c);
     proxy.stop_clean().await;
+}
+
+/// A client that sends without reading, to a server that answers everything: the client's
+/// socket is then the destination of one direction and the source of the other. Once the
+/// answers fill it, the bytes the program passes on it queued behind them, uncharged, and TCP
+/// kept taking more: 265 MB went in for a client that had read 2 MB. Now the answers never
+/// fill its send buffer, so the client is held back; then it reads, and every byte is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_without_reading_to_an_echo_server_is_held_back() {
+    const LEN: u64 = 1 << 30;
+    // The same buffers and bound as for a container that stops reading.
+    const BOUND: u64 = 128 << 20;
+    const STALL: Duration = Duration::from_secs(5);
+    let net = TestNet::up(1).await;
+    let listener = net.listen(0);
+    let proxy = SmProxy::start_with(
+        listener.local_addr().unwrap(),
+        sockmap::Settings {
+            max_entries: 64,
+            send_buffer: 4 << 20,
+        },
+    );
+    let server = tokio::spawn(echo(listener));
+    let (mut r, mut w) = TcpStream::connect(proxy.addr()).await.unwrap().into_split();
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut client = tokio::spawn({
+        let sent = sent.clone();
+        async move {
+            common::send_random_counted(&mut w, LEN, 5, &sent)
+                .await
+                .unwrap()
+        }
+    });
+    assert!(
+        timeout(STALL, &mut client).await.is_err(),
+        "the kernel took all {LEN} bytes for a client that reads nothing"
+    );
+    let held = sent.load(Ordering::Relaxed);
+    assert!(
+        held < BOUND,
+        "{held} bytes went in for a client that reads nothing"
+    );
+    let (got, got_sha) = timeout(HANG * 10, receive(&mut r)).await.unwrap();
+    let sent_sha = timeout(HANG, client).await.unwrap().unwrap();
+    assert_eq!(got, LEN, "bytes lost or doubled");
+    assert_eq!(got_sha, sent_sha, "bytes corrupted");
+    timeout(HANG, server).await.unwrap().unwrap();
+    drop(r);
+    proxy.stop_clean().await;
+}
+
+/// Accepts one connection and writes back each chunk before reading the next, until EOF.
+async fn echo(listener: TcpListener) {
+    let (mut s, _) = listener.accept().await.unwrap();
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = s.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        s.write_all(&buf[..n]).await.unwrap();
+    }
+    s.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,7 +21,19 @@
 //! ([`Counters::redirected`]); past it, it passes, which leaves the bytes on the receive
 //! queue, charged to the socket, and closes the window. It reports on [`CREDITS_MAP`] when the
 //! count crosses [`Peer::notify_at`] or hits the limit, and user space raises the limit by
-//! what the peer has taken since.
+//! what the peer's own peer has acknowledged since. (Passed bytes are charged only while the
+//! socket's psock queue is empty; user space keeps it empty by never letting more through
+//! than fits a quarter of the send buffer.)
+//!
+//! # Retransmitted bytes
+//! TCP queues a segment that overlaps bytes it has already received (a retransmission cut
+//! differently from the original, after a loss) with the overlap still in it; `recvmsg`
+//! skips the overlap by sequence number, but the kernel hands the verdict program the whole
+//! segment, so the overlap would reach the peer twice. The program therefore remembers
+//! where the last segment ended ([`Counters::next_seq`]), reads each segment's sequence
+//! numbers from its control block (where TCP keeps them), and cuts the overlap off before
+//! deciding. Only the bytes it kept are counted, so `passed + redirected` never exceeds
+//! what TCP received; user space checks that, and resets a connection where it does not.
 
 /// Name of the `stream_verdict` program in the object file.
 pub const VERDICT_PROG: &str = "berth_sk_verdict";
@@ -60,6 +72,8 @@ pub struct Peer {
 
 /// What the verdict program did with a socket's bytes. Written only by the program (one
 /// socket's segments are processed one at a time), read by user space.
+///
+/// 32 bytes: three `u64`s and two `u32`s, no implicit padding.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -67,7 +81,29 @@ pub struct Counters {
     pub passed: u64,
     /// Bytes redirected to the peer inside the kernel.
     pub redirected: u64,
+    /// Bytes cut off the front of segments because the program had handled them already
+    /// (see "Retransmitted bytes" above).
+    pub trimmed: u64,
+    /// The TCP sequence number just past the last payload byte handled, once
+    /// [`SEQ_KNOWN`] is set.
+    pub next_seq: u32,
+    /// [`SEQ_KNOWN`], [`SEQ_UNCHECKED`], [`SEQ_BROKEN`].
+    pub flags: u32,
 }
+
+/// [`Counters::next_seq`] holds a sequence number (set at the socket's first segment).
+pub const SEQ_KNOWN: u32 = 1;
+/// A segment's control block did not hold its sequence numbers (an unexpected kernel layout):
+/// overlaps on this socket cannot be detected, only counted after the fact by user space.
+pub const SEQ_UNCHECKED: u32 = 2;
+/// An overlap could not be cut off: the program drops this socket's bytes from then on, and
+/// user space must reset the connection.
+pub const SEQ_BROKEN: u32 = 4;
+/// The most bytes [`Counters::trimmed`] can take off one segment: `bpf_skb_adjust_room`
+/// removes at most 4,095 bytes a call, and the program calls it at most 32 times.
+pub const MAX_TRIM: u32 = 32 * TRIM_STEP;
+/// The most bytes one `bpf_skb_adjust_room` call removes from an `sk_skb`.
+pub const TRIM_STEP: u32 = 0xfff;
 
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)`, four u64s, a u32 and an explicit u32 pad: no implicit padding, and every
@@ -75,5 +111,5 @@ pub struct Counters {
 unsafe impl aya::Pod for Peer {}
 
 #[cfg(feature = "user")]
-// SAFETY: `repr(C)`, two u64s: no padding, every bit pattern valid.
+// SAFETY: `repr(C)`, three u64s then two u32s: no padding, every bit pattern valid.
 unsafe impl aya::Pod for Counters {}

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use berth_common::sockmap::Counters;
+use berth_common::sockmap::{Counters, SEQ_BROKEN};
 use nix::sys::epoll::EpollFlags;
 use socket2::SockRef;
 use tokio::net::TcpStream;
@@ -28,6 +28,10 @@ const TICK: Duration = Duration::from_secs(1);
 
 /// The longest pause between two looks at a socket's counters while waiting for the kernel.
 const MAX_POLL: Duration = Duration::from_millis(20);
+
+/// The smallest redirect allowance, whatever the send buffer (a freshly autotuned one can be
+/// a few KiB).
+const MIN_ALLOWANCE: u64 = 64 * 1024;
 
 /// Relays `client` ⇄ `target` in the kernel until both directions have ended, one side
 /// fails, or `cut` completes (then both are reset). Falls back to splice when the maps are
@@ -101,23 +105,8 @@ pub async fn relay(
     let c = Side::new(sm, client, cc)?;
     let t = Side::new(sm, target, tc)?;
     let credits = [sm.credits.register(cc), sm.credits.register(tc)];
-    let allowance = sm.allowance();
-    let mut up = Pump::new(
-        Direction::ToTarget,
-        sm,
-        meter,
-        (&c, &t),
-        &credits[0],
-        allowance,
-    );
-    let mut down = Pump::new(
-        Direction::ToClient,
-        sm,
-        meter,
-        (&t, &c),
-        &credits[1],
-        allowance,
-    );
+    let mut up = Pump::new(Direction::ToTarget, sm, meter, (&c, &t), &credits[0]);
+    let mut down = Pump::new(Direction::ToClient, sm, meter, (&t, &c), &credits[1]);
     let result = tokio::select! {
         r = both(up.run(), down.run()) => r,
         _ = &mut cut => Err((Direction::ToTarget, io::Error::other("drain time over"))),
@@ -281,7 +270,8 @@ struct Pump<'a> {
     src: &'a Side,
     dst: &'a Side,
     credit: &'a Credit,
-    /// How far redirected bytes may run ahead of what `dst` has taken.
+    /// The allowance last given: bytes on their way to `dst` that its peer has not yet
+    /// acknowledged may not exceed it (see [`Pump::allowance`]).
     allowance: u64,
     /// Bytes berth itself read and forwarded (before and around the hand-over).
     forwarded: u64,
@@ -303,7 +293,6 @@ impl<'a> Pump<'a> {
         meter: &'a Meter,
         (src, dst): (&'a Side, &'a Side),
         credit: &'a Credit,
-        allowance: u64,
     ) -> Self {
         Self {
             dir,
@@ -312,7 +301,7 @@ impl<'a> Pump<'a> {
             src,
             dst,
             credit,
-            allowance,
+            allowance: 0,
             forwarded: 0,
             acked: 0,
             published: 0,
@@ -358,11 +347,11 @@ impl<'a> Pump<'a> {
     /// redirected has reached `dst`, berth forwards them and hands the stream over again.
     /// Otherwise the limit moves on by what `dst` has taken.
     async fn refill(&mut self) -> io::Result<()> {
-        let counters = self.sm.counters(self.src.cookie)?;
+        let counters = self.checked_counters()?;
         self.publish_from(counters);
-        let queued = self.forwarded + counters.redirected;
         if counters.passed != self.acked {
             debug!(direction = %self.dir, "redirect allowance used up or raced; catching up");
+            let queued = self.forwarded + counters.redirected;
             until_written(self.dir, self.src, self.dst, queued).await?;
             return self.hand_over().await;
         }
@@ -370,18 +359,54 @@ impl<'a> Pump<'a> {
             // The whole allowance is still free: nothing was redirected since it was given.
             return Ok(());
         }
-        // Bytes redirected but not yet taken by `dst` (they wait in its psock queue).
-        let waiting = queued.saturating_sub(written(&self.dst.sock)?);
-        let room = self.allowance.saturating_sub(waiting);
-        if counters.redirected + room != self.limit {
-            self.grant(self.acked, counters.redirected, room)?;
-        }
-        Ok(())
+        self.grant(self.acked, counters.redirected)
     }
 
-    /// Lets the program redirect once it has passed exactly `acked` bytes, `room` bytes past
-    /// `redirected`, with a report when half of that is used.
-    fn grant(&mut self, acked: u64, redirected: u64, room: u64) -> io::Result<()> {
+    /// The counters of `src`, checked: the program may never have handled more bytes than
+    /// TCP received (a retransmission it failed to trim would reach `dst` twice). Such a
+    /// connection is corrupt, and fails rather than carry on.
+    fn checked_counters(&self) -> io::Result<Counters> {
+        let counters = self.sm.counters(self.src.cookie)?;
+        self.sm.note_seq_flags(counters.flags);
+        // Read after the counters: TCP's count only grows, so it cannot look short.
+        let received = received_payload(&self.src.sock)?;
+        if counters.flags & SEQ_BROKEN != 0 || counters.passed + counters.redirected > received {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the kernel handled {} bytes of a stream of {received} (a retransmission                      overlapped and could not be cut off): resetting rather than passing                      bytes twice",
+                    counters.passed + counters.redirected
+                ),
+            ));
+        }
+        Ok(counters)
+    }
+
+    /// How many bytes may be on their way to `dst` without its peer's acknowledgement: a
+    /// quarter of `dst`'s send buffer. The send buffer then never fills with what berth
+    /// let through, so the kernel's writer into `dst` never waits, so `dst`'s own psock
+    /// queue stays empty. That matters because bytes the program passes on `dst` (the other
+    /// direction running out of allowance) queue behind that queue when it is not empty,
+    /// and there they are not charged to the socket: TCP would keep the window open, and a
+    /// client that sends without reading could make the kernel hold any amount. A quarter
+    /// leaves room for the kernel's per-buffer overhead (it counts the send buffer in
+    /// memory used, not bytes).
+    fn allowance(&self) -> io::Result<u64> {
+        let sndbuf: usize =
+            nix::sys::socket::getsockopt(&self.dst.sock, nix::sys::socket::sockopt::SndBuf)
+                .map_err(io::Error::from)?;
+        Ok((sndbuf as u64 / 4).max(MIN_ALLOWANCE))
+    }
+
+    /// Lets the program redirect once it has passed exactly `acked` bytes, as far past
+    /// `redirected` as the allowance leaves room for, with a report when half of that is
+    /// used.
+    fn grant(&mut self, acked: u64, redirected: u64) -> io::Result<()> {
+        self.allowance = self.allowance()?;
+        // Everything berth or the kernel let through towards `dst` that `dst`'s peer has not
+        // acknowledged: in `dst`'s psock queue, in its send queue, or on the wire.
+        let unacked = (self.forwarded + redirected).saturating_sub(acked_by_peer(&self.dst.sock)?);
+        let room = self.allowance.saturating_sub(unacked);
         let limit = redirected + room;
         self.sm.set_ready(
             self.src.cookie,
@@ -399,12 +424,10 @@ impl<'a> Pump<'a> {
     /// the program has passed nothing new while berth caught up.
     async fn hand_over(&mut self) -> io::Result<()> {
         loop {
-            let counters = self.sm.counters(self.src.cookie)?;
+            let counters = self.checked_counters()?;
             let passed = counters.passed;
             self.forward_all(counters.redirected).await?;
-            // Everything redirected so far has reached `dst` (the caller waited for that),
-            // so the whole allowance is free.
-            self.grant(passed, counters.redirected, self.allowance)?;
+            self.grant(passed, counters.redirected)?;
             if self.sm.counters(self.src.cookie)?.passed == passed {
                 return Ok(());
             }
@@ -462,7 +485,7 @@ impl<'a> Pump<'a> {
         // is queued already. If that followed redirected bytes (the allowance ran out), those
         // must reach `dst` first. A read need not return 0 here: once the FIN went through
         // the program, the socket may just report "would block" at the end.
-        let counters = self.sm.counters(self.src.cookie)?;
+        let counters = self.checked_counters()?;
         if counters.passed != self.acked {
             let queued = self.forwarded + counters.redirected;
             until_written(self.dir, self.src, self.dst, queued).await?;
@@ -479,9 +502,11 @@ impl<'a> Pump<'a> {
     }
 
     /// Adds the bytes the kernel redirected since last time to the meter.
+    /// At the end: the last redirected bytes, and the overlaps the program cut off.
     fn publish(&mut self) {
         if let Ok(counters) = self.sm.counters(self.src.cookie) {
             self.publish_from(counters);
+            self.sm.add_trimmed(counters.trimmed);
         }
     }
 
@@ -551,11 +576,16 @@ fn tcp_info(s: impl std::os::fd::AsFd) -> io::Result<libc::tcp_info> {
     unsafe { sockopt(s.as_fd(), libc::IPPROTO_TCP, libc::TCP_INFO) }
 }
 
+/// Bytes written into `s` that its peer has acknowledged.
+fn acked_by_peer(s: &StdStream) -> io::Result<u64> {
+    Ok(tcp_info(s.as_fd())?.tcpi_bytes_acked)
+}
+
 /// Bytes ever written into `s`: acknowledged by its peer, plus still in its send queue.
 /// TCP_INFO is read before SIOCOUTQ, so an ACK in between can only make this an undercount.
 fn written(s: &StdStream) -> io::Result<u64> {
     use std::os::fd::AsRawFd as _;
-    let acked = tcp_info(s.as_fd())?.tcpi_bytes_acked;
+    let acked = acked_by_peer(s)?;
     let mut outq: libc::c_int = 0;
     // SAFETY: SIOCOUTQ writes one int.
     let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &raw mut outq) };

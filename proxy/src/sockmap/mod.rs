@@ -17,12 +17,13 @@ use std::{
     os::fd::{AsRawFd as _, BorrowedFd},
     sync::{
         Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
-use berth_common::sockmap::{Counters, Peer};
+use berth_common::sockmap::{Counters, Peer, SEQ_UNCHECKED};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::warn;
 
 pub use conn::relay;
 
@@ -65,9 +66,9 @@ pub struct Settings {
     /// Sockets the maps hold (two per connection); connections beyond fall back to splice.
     pub max_entries: u32,
     /// Send-buffer limit (bytes, as `ss -m` shows it as `tb`) set on both sockets of a
-    /// relayed connection; 0 keeps the kernel's autotuning. Also the redirect allowance: how
-    /// far redirected bytes may run ahead of what the receiving socket has taken
-    /// ([`DEFAULT_SEND_BUFFER`] when 0).
+    /// relayed connection; 0 keeps the kernel's autotuning. A quarter of it is the redirect
+    /// allowance: how many bytes one direction may have on their way to a receiver that has
+    /// not acknowledged them.
     pub send_buffer: u32,
 }
 
@@ -92,6 +93,10 @@ pub struct Sockmap {
     watcher: Arc<watch::Watcher>,
     credits: Arc<credit::Credits>,
     fallbacks: AtomicU64,
+    /// Bytes of retransmitted overlap the program cut off, over finished connections.
+    trimmed: AtomicU64,
+    /// Whether the kernel's segment layout was found unexpected (logged once).
+    unchecked: AtomicBool,
     send_buffer: u32,
 }
 
@@ -115,6 +120,8 @@ impl Sockmap {
             watcher,
             credits,
             fallbacks: AtomicU64::new(0),
+            trimmed: AtomicU64::new(0),
+            unchecked: AtomicBool::new(false),
             send_buffer,
         }))
     }
@@ -123,6 +130,27 @@ impl Sockmap {
     /// insert failed.
     pub fn fallbacks(&self) -> u64 {
         self.fallbacks.load(Ordering::Relaxed)
+    }
+
+    /// Bytes the program cut off the front of retransmitted segments that overlapped bytes
+    /// it had already handled, over finished connections. Non-zero only after losses.
+    pub fn trimmed(&self) -> u64 {
+        self.trimmed.load(Ordering::Relaxed)
+    }
+
+    fn add_trimmed(&self, bytes: u64) {
+        self.trimmed.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Logs, once per process, that the program could not read a segment's sequence numbers.
+    fn note_seq_flags(&self, flags: u32) {
+        if flags & SEQ_UNCHECKED != 0 && !self.unchecked.swap(true, Ordering::Relaxed) {
+            warn!(
+                "sockmap: this kernel's segments do not carry their TCP sequence numbers where \
+                 expected, so retransmitted overlaps cannot be cut off; berth resets any \
+                 connection where one got through (use --mode splice to avoid that)"
+            );
+        }
     }
 
     /// Entries in the maps now (sockets, peers, counters): all zero when no connection is
@@ -160,17 +188,6 @@ impl Sockmap {
         lock(&self.relay.socks)
             .insert(cookie, fd.as_raw_fd(), 0)
             .map_err(io::Error::other)
-    }
-
-    /// How far redirecting may run ahead of what the peer socket has taken: about one send
-    /// buffer, so that one direction of a connection never makes the kernel hold more than
-    /// twice its send buffer however slow the receiver (see `berth_common::sockmap`).
-    fn allowance(&self) -> u64 {
-        u64::from(if self.send_buffer > 0 {
-            self.send_buffer
-        } else {
-            DEFAULT_SEND_BUFFER
-        })
     }
 
     /// Lets the program redirect `cookie`'s bytes once it has passed exactly `acked` bytes,
