@@ -23,7 +23,7 @@
 //! count crosses [`Peer::notify_at`] or hits the limit, and user space raises the limit by
 //! what the peer's own peer has acknowledged since. (Passed bytes are charged only while the
 //! socket's psock queue is empty; user space keeps it empty by never letting more through
-//! than fits a quarter of the send buffer.)
+//! than fits half the send buffer.)
 //!
 //! # Retransmitted bytes
 //! TCP queues a segment that overlaps bytes it has already received (a retransmission cut

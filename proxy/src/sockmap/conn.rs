@@ -353,6 +353,7 @@ impl<'a> Pump<'a> {
             debug!(direction = %self.dir, "redirect allowance used up or raced; catching up");
             let queued = self.forwarded + counters.redirected;
             until_written(self.dir, self.src, self.dst, queued).await?;
+            self.until_room(queued).await?;
             return self.hand_over().await;
         }
         if self.limit == counters.redirected + self.allowance {
@@ -360,6 +361,23 @@ impl<'a> Pump<'a> {
             return Ok(());
         }
         self.grant(self.acked, counters.redirected)
+    }
+
+    /// Waits until no more than half the allowance of the `queued` bytes is unacknowledged.
+    /// A receiver slower than the sender runs the allowance out again and again; handing
+    /// the stream back at once would let the program redirect a sliver and pass the rest,
+    /// and berth would end up copying most of the stream. Meanwhile `src` keeps what the
+    /// program passes, charged to it, so TCP slows the sender down, as it should.
+    async fn until_room(&mut self, queued: u64) -> io::Result<()> {
+        let mut backoff = Backoff::new();
+        loop {
+            let unacked = queued.saturating_sub(acked_by_peer(&self.dst.sock)?);
+            if unacked <= self.allowance()? / 2 {
+                return Ok(());
+            }
+            check_errors(self.src, self.dst)?;
+            backoff.pause().await;
+        }
     }
 
     /// The counters of `src`, checked: the program may never have handled more bytes than
@@ -382,20 +400,20 @@ impl<'a> Pump<'a> {
         Ok(counters)
     }
 
-    /// How many bytes may be on their way to `dst` without its peer's acknowledgement: a
-    /// quarter of `dst`'s send buffer. The send buffer then never fills with what berth
+    /// How many bytes may be on their way to `dst` without its peer's acknowledgement: half
+    /// of `dst`'s send buffer. The send buffer then never fills with what berth
     /// let through, so the kernel's writer into `dst` never waits, so `dst`'s own psock
     /// queue stays empty. That matters because bytes the program passes on `dst` (the other
     /// direction running out of allowance) queue behind that queue when it is not empty,
     /// and there they are not charged to the socket: TCP would keep the window open, and a
-    /// client that sends without reading could make the kernel hold any amount. A quarter
+    /// client that sends without reading could make the kernel hold any amount. Half
     /// leaves room for the kernel's per-buffer overhead (it counts the send buffer in
     /// memory used, not bytes).
     fn allowance(&self) -> io::Result<u64> {
         let sndbuf: usize =
             nix::sys::socket::getsockopt(&self.dst.sock, nix::sys::socket::sockopt::SndBuf)
                 .map_err(io::Error::from)?;
-        Ok((sndbuf as u64 / 4).max(MIN_ALLOWANCE))
+        Ok((sndbuf as u64 / 2).max(MIN_ALLOWANCE))
     }
 
     /// Lets the program redirect once it has passed exactly `acked` bytes, as far past
@@ -528,16 +546,23 @@ async fn until_written(dir: Direction, src: &Side, dst: &Side, total: u64) -> io
         if handed >= total {
             return Ok(());
         }
-        for s in [dst, src] {
-            if let Ok(Some(e)) = s.sock.take_error() {
-                return Err(e);
-            }
-        }
+        check_errors(src, dst)?;
         if backoff.is_long() {
             debug!(direction = %dir, total, handed, "waiting for the kernel to hand bytes over");
         }
         backoff.pause().await;
     }
+}
+
+/// Fails with the error pending on either socket, if any (a wait for the kernel must not
+/// outlast the connection).
+fn check_errors(src: &Side, dst: &Side) -> io::Result<()> {
+    for s in [dst, src] {
+        if let Ok(Some(e)) = s.sock.take_error() {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 /// Pauses between looks at a socket while waiting for the kernel's psock work, which

@@ -66,7 +66,7 @@ pub struct Settings {
     /// Sockets the maps hold (two per connection); connections beyond fall back to splice.
     pub max_entries: u32,
     /// Send-buffer limit (bytes, as `ss -m` shows it as `tb`) set on both sockets of a
-    /// relayed connection; 0 keeps the kernel's autotuning. A quarter of it is the redirect
+    /// relayed connection; 0 keeps the kernel's autotuning. Half of it is the redirect
     /// allowance: how many bytes one direction may have on their way to a receiver that has
     /// not acknowledged them.
     pub send_buffer: u32,

@@ -54,7 +54,7 @@ pub(crate) struct ForwardArgs {
     #[arg(long, default_value_t = sockmap::DEFAULT_MAX_ENTRIES, value_parser = parse_entries)]
     sockmap_entries: u32,
     /// TCP, sockmap: send-buffer limit in bytes of both sockets of a relayed connection; 0
-    /// keeps the kernel's autotuning. A quarter of it is how many unacknowledged bytes the
+    /// keeps the kernel's autotuning. Half of it is how many unacknowledged bytes the
     /// kernel may have on their way to a slow receiver, per direction; it should hold what
     /// the link moves in a few milliseconds.
     #[arg(long, default_value_t = sockmap::DEFAULT_SEND_BUFFER, value_parser = parse_send_buffer)]
