@@ -1,8 +1,9 @@
 //! The sockmap relay: bytes moved by the kernel between client and container sockets.
 //! Gigabytes checksummed with half-close in each order, 128 concurrent connections, bytes
 //! sent before the backend connection exists, a container that stops reading (the client is
-//! held back), an echo server that writes before it reads again, resets both ways, no map entry left behind, the splice fallback of a full map,
-//! and loading with and without the privileges.
+//! held back), a client that sends without reading to an echo server (held back too), an
+//! echo server that writes before it reads again, resets both ways, no map entry left
+//! behind, the splice fallback of a full map, and loading with and without the privileges.
 #![allow(
     clippy::unwrap_used,
     reason = "a test fails by panicking, with the stack trace"
@@ -232,9 +233,10 @@ async fn an_echo_server_that_writes_before_it_reads_again_is_served() {
 
 /// A client that sends without reading, to a server that answers everything: the client's
 /// socket is then the destination of one direction and the source of the other. Once the
-/// answers fill it, the bytes the program passes on it queued behind them, uncharged, and TCP
-/// kept taking more: 265 MB went in for a client that had read 2 MB. Now the answers never
-/// fill its send buffer, so the client is held back; then it reads, and every byte is there.
+/// answers filled its send buffer, the bytes the program passed on it queued behind them in
+/// its psock queue, uncharged, and TCP kept taking more: the whole GiB went in within 4 s.
+/// Now the answers never fill that buffer, so the client is held back; then it reads, and
+/// every byte is there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_sends_without_reading_to_an_echo_server_is_held_back() {
     const LEN: u64 = 1 << 30;

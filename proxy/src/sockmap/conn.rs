@@ -392,7 +392,8 @@ impl<'a> Pump<'a> {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!(
-                    "the kernel handled {} bytes of a stream of {received} (a retransmission                      overlapped and could not be cut off): resetting rather than passing                      bytes twice",
+                    "the kernel handled {} bytes of a stream of {received}: a retransmitted \
+                     overlap was not cut off; resetting rather than delivering bytes twice",
                     counters.passed + counters.redirected
                 ),
             ));
@@ -519,8 +520,8 @@ impl<'a> Pump<'a> {
         Ok(())
     }
 
-    /// Adds the bytes the kernel redirected since last time to the meter.
-    /// At the end: the last redirected bytes, and the overlaps the program cut off.
+    /// At the end: adds the last redirected bytes to the meter, and the overlaps the program
+    /// cut off to the process's count.
     fn publish(&mut self) {
         if let Ok(counters) = self.sm.counters(self.src.cookie) {
             self.publish_from(counters);
