@@ -154,50 +154,61 @@ async fn four_gib_each_way_with_half_close_in_both_orders() {
 /// to berth and back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_that_stops_reading_holds_the_client_back() {
-    const LEN: u64 = 1 << 30;
-    const SEND_BUFFER: u32 = 4 << 20;
-    // Every buffer on the way (two send buffers, two receive buffers, the allowance) is a
-    // few MiB here; 1 GiB would mean there is no bound at all.
-    const BOUND: u64 = 128 << 20;
-    // How long the client is given to push the whole GiB through although nothing reads.
-    const STALL: Duration = Duration::from_secs(5);
     let net = TestNet::up(1).await;
     let listener = net.listen(0);
-    let proxy = SmProxy::start_with(
-        listener.local_addr().unwrap(),
-        sockmap::Settings {
-            max_entries: 64,
-            send_buffer: SEND_BUFFER,
-        },
-    );
+    let proxy = SmProxy::start_with(listener.local_addr().unwrap(), held_back_settings());
     let (c, (mut s, _)) = tokio::join!(
         async { TcpStream::connect(proxy.addr()).await.unwrap() },
         async { listener.accept().await.unwrap() }
     );
+    held_back_then_delivered(c, &mut s, 3, "a container that reads nothing").await;
+    drop(s);
+    proxy.stop_clean().await;
+}
+
+/// The bound tests' buffers: every buffer on the way (two send buffers, two receive buffers,
+/// the allowance) is a few MiB, so [`HELD_BACK_BOUND`] is far above what a working bound
+/// lets in and far below [`HELD_BACK_LEN`].
+fn held_back_settings() -> sockmap::Settings {
+    sockmap::Settings {
+        max_entries: 64,
+        send_buffer: 4 << 20,
+    }
+}
+
+const HELD_BACK_LEN: u64 = 1 << 30;
+const HELD_BACK_BOUND: u64 = 128 << 20;
+
+/// Writes [`HELD_BACK_LEN`] seeded bytes into `w` while nobody reads them at the far end:
+/// within 5 s the writer must stall below [`HELD_BACK_BOUND`]. Then reads `r` to its end
+/// and checks that every byte arrived exactly once.
+async fn held_back_then_delivered(
+    mut w: impl AsyncWrite + Unpin + Send + 'static,
+    r: &mut (impl AsyncRead + Unpin),
+    seed: u64,
+    who: &str,
+) {
+    // How long the writer is given to push the whole GiB through although nothing reads.
+    const STALL: Duration = Duration::from_secs(5);
     let sent = Arc::new(AtomicU64::new(0));
-    let mut client = tokio::spawn({
-        let (mut c, sent) = (c, sent.clone());
+    let mut writer = tokio::spawn({
+        let sent = sent.clone();
         async move {
-            common::send_random_counted(&mut c, LEN, 3, &sent)
+            common::send_random_counted(&mut w, HELD_BACK_LEN, seed, &sent)
                 .await
                 .unwrap()
         }
     });
     assert!(
-        timeout(STALL, &mut client).await.is_err(),
-        "the kernel took all {LEN} bytes for a container that reads nothing"
+        timeout(STALL, &mut writer).await.is_err(),
+        "the kernel took all {HELD_BACK_LEN} bytes for {who}"
     );
     let held = sent.load(Ordering::Relaxed);
-    assert!(
-        held < BOUND,
-        "{held} bytes went in for a container that reads nothing"
-    );
-    let (got, got_sha) = timeout(HANG * 10, receive(&mut s)).await.unwrap();
-    let sent_sha = timeout(HANG, client).await.unwrap().unwrap();
-    assert_eq!(got, LEN, "bytes lost");
+    assert!(held < HELD_BACK_BOUND, "{held} bytes went in for {who}");
+    let (got, got_sha) = timeout(HANG * 10, receive(r)).await.unwrap();
+    let sent_sha = timeout(HANG, writer).await.unwrap().unwrap();
+    assert_eq!(got, HELD_BACK_LEN, "bytes lost or doubled");
     assert_eq!(got_sha, sent_sha, "bytes corrupted");
-    drop(s);
-    proxy.stop_clean().await;
 }
 
 /// An echo server that writes each chunk back before it reads the next, and a client that
@@ -239,43 +250,12 @@ async fn an_echo_server_that_writes_before_it_reads_again_is_served() {
 /// every byte is there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_sends_without_reading_to_an_echo_server_is_held_back() {
-    const LEN: u64 = 1 << 30;
-    // The same buffers and bound as for a container that stops reading.
-    const BOUND: u64 = 128 << 20;
-    const STALL: Duration = Duration::from_secs(5);
     let net = TestNet::up(1).await;
     let listener = net.listen(0);
-    let proxy = SmProxy::start_with(
-        listener.local_addr().unwrap(),
-        sockmap::Settings {
-            max_entries: 64,
-            send_buffer: 4 << 20,
-        },
-    );
+    let proxy = SmProxy::start_with(listener.local_addr().unwrap(), held_back_settings());
     let server = tokio::spawn(echo(listener));
-    let (mut r, mut w) = TcpStream::connect(proxy.addr()).await.unwrap().into_split();
-    let sent = Arc::new(AtomicU64::new(0));
-    let mut client = tokio::spawn({
-        let sent = sent.clone();
-        async move {
-            common::send_random_counted(&mut w, LEN, 5, &sent)
-                .await
-                .unwrap()
-        }
-    });
-    assert!(
-        timeout(STALL, &mut client).await.is_err(),
-        "the kernel took all {LEN} bytes for a client that reads nothing"
-    );
-    let held = sent.load(Ordering::Relaxed);
-    assert!(
-        held < BOUND,
-        "{held} bytes went in for a client that reads nothing"
-    );
-    let (got, got_sha) = timeout(HANG * 10, receive(&mut r)).await.unwrap();
-    let sent_sha = timeout(HANG, client).await.unwrap().unwrap();
-    assert_eq!(got, LEN, "bytes lost or doubled");
-    assert_eq!(got_sha, sent_sha, "bytes corrupted");
+    let (mut r, w) = TcpStream::connect(proxy.addr()).await.unwrap().into_split();
+    held_back_then_delivered(w, &mut r, 5, "a client that reads nothing").await;
     timeout(HANG, server).await.unwrap().unwrap();
     drop(r);
     proxy.stop_clean().await;

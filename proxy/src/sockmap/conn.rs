@@ -344,8 +344,9 @@ impl<'a> Pump<'a> {
 
     /// Gives `src`'s redirecting a new allowance. If it ran out, the program has been passing
     /// bytes to berth (as it does for a segment that raced the hand-over): once everything
-    /// redirected has reached `dst`, berth forwards them and hands the stream over again.
-    /// Otherwise the limit moves on by what `dst` has taken.
+    /// redirected has reached `dst` and half the allowance is free again, berth forwards them
+    /// and hands the stream over again. Otherwise the limit moves on by what `dst`'s peer has
+    /// acknowledged.
     async fn refill(&mut self) -> io::Result<()> {
         let counters = self.checked_counters()?;
         self.publish_from(counters);
@@ -370,9 +371,10 @@ impl<'a> Pump<'a> {
     /// program passes, charged to it, so TCP slows the sender down, as it should.
     async fn until_room(&mut self, queued: u64) -> io::Result<()> {
         let mut backoff = Backoff::new();
+        let half = self.allowance()? / 2;
         loop {
             let unacked = queued.saturating_sub(acked_by_peer(&self.dst.sock)?);
-            if unacked <= self.allowance()? / 2 {
+            if unacked <= half {
                 return Ok(());
             }
             check_errors(self.src, self.dst)?;
