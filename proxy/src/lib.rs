@@ -5,6 +5,7 @@
 //! - [`addr`]: typed listen / target / client addresses.
 //! - [`relay`]: moving bytes between two TCP sockets, by copy or by splice(2).
 //! - [`listen`]: binding TCP and UDP listeners, with plain errors.
+//! - [`mapping`]: one mapping's spec, validation, socket and lifecycle, for every front end.
 //! - [`forward`]: the TCP accept loop that connects clients to a target and relays.
 //! - [`docker_proxy`]: docker-proxy's command line and fd 3 status pipe.
 //! - [`ebpf`]: the embedded kernel programs and their loader.
@@ -20,6 +21,7 @@ pub mod docker_proxy;
 pub mod ebpf;
 pub mod forward;
 pub mod listen;
+pub mod mapping;
 pub mod net;
 mod pool;
 pub mod relay;

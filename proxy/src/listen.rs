@@ -8,7 +8,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use crate::addr::ListenAddr;
 
 /// Listen backlog; the kernel caps it at net.core.somaxconn.
-const BACKLOG: i32 = 4096;
+pub const BACKLOG: i32 = 4096;
 
 /// Binding the listen address failed.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +28,12 @@ pub enum ListenError {
 /// Binds a TCP listener like docker-proxy does: SO_REUSEADDR (so a restart does not wait for
 /// TIME_WAIT), and IPV6_V6ONLY on IPv6 so that `0.0.0.0:P` and `[::]:P` can be mapped separately.
 pub fn bind_tcp(addr: ListenAddr) -> Result<TcpListener, ListenError> {
+    let sock = bind_tcp_socket(addr)?;
+    TcpListener::from_std(sock.into()).map_err(|e| ListenError::from_io(addr, e))
+}
+
+/// [`bind_tcp`] without a runtime: the listening socket (non-blocking).
+pub fn bind_tcp_socket(addr: ListenAddr) -> Result<Socket, ListenError> {
     let map = |e| ListenError::from_io(addr, e);
     let sock = Socket::new(
         Domain::for_address(addr.get()),
@@ -41,12 +47,18 @@ pub fn bind_tcp(addr: ListenAddr) -> Result<TcpListener, ListenError> {
     }
     sock.bind(&addr.get().into()).map_err(map)?;
     sock.listen(BACKLOG).map_err(map)?;
-    TcpListener::from_std(sock.into()).map_err(map)
+    Ok(sock)
 }
 
 /// Binds a UDP socket for a mapping. Unlike TCP, no SO_REUSEADDR: on UDP it would let a second
 /// process bind the same port and silently steal datagrams, instead of reporting "in use".
 pub fn bind_udp(addr: ListenAddr) -> Result<UdpSocket, ListenError> {
+    let sock = bind_udp_socket(addr)?;
+    UdpSocket::from_std(sock.into()).map_err(|e| ListenError::from_io(addr, e))
+}
+
+/// [`bind_udp`] without a runtime: the bound socket (non-blocking).
+pub fn bind_udp_socket(addr: ListenAddr) -> Result<Socket, ListenError> {
     let map = |e| ListenError::from_io(addr, e);
     let sock = Socket::new(
         Domain::for_address(addr.get()),
@@ -58,29 +70,15 @@ pub fn bind_udp(addr: ListenAddr) -> Result<UdpSocket, ListenError> {
         sock.set_only_v6(true).map_err(map)?;
     }
     sock.bind(&addr.get().into()).map_err(map)?;
-    UdpSocket::from_std(sock.into()).map_err(map)
+    Ok(sock)
 }
 
-/// Holds `proto` port `addr` without serving it, for kernel mode (whose programs rewrite the
-/// traffic before any socket sees it): no other process can take the port, and an occupied
-/// port is reported like for the relays. A TCP socket is bound but does not listen, so a
-/// stray connection that the programs do not map is refused rather than left waiting.
-pub fn reserve(proto: crate::addr::Proto, addr: ListenAddr) -> Result<Socket, ListenError> {
-    let map = |e| ListenError::from_io(addr, e);
-    let ty = match proto {
-        crate::addr::Proto::Tcp => Type::STREAM,
-        crate::addr::Proto::Udp => Type::DGRAM,
-    };
-    let sock = Socket::new(Domain::for_address(addr.get()), ty.cloexec(), None).map_err(map)?;
-    if let SocketAddr::V6(_) = addr.get() {
-        sock.set_only_v6(true).map_err(map)?;
+/// Binds `proto` on `addr` without a runtime.
+pub fn bind_socket(proto: crate::addr::Proto, addr: ListenAddr) -> Result<Socket, ListenError> {
+    match proto {
+        crate::addr::Proto::Tcp => bind_tcp_socket(addr),
+        crate::addr::Proto::Udp => bind_udp_socket(addr),
     }
-    if proto == crate::addr::Proto::Udp {
-        // Nobody reads it: keep what strays into it small.
-        let _ = sock.set_recv_buffer_size(1);
-    }
-    sock.bind(&addr.get().into()).map_err(map)?;
-    Ok(sock)
 }
 
 impl ListenError {

@@ -178,16 +178,25 @@ fn options_that_do_not_fit_the_protocol_are_refused() {
     let cases: &[(&[&str], &str)] = &[
         (
             &["--proto", "udp", "--mode", "splice"],
-            "--mode splice applies to TCP",
+            "--mode: \"splice\" applies to tcp",
         ),
         (&["--proto", "sctp"], "unknown protocol \"sctp\""),
+        // The file's rules hold on the command line too: one validator.
+        (
+            &["--max-connections", "5", "--proto", "udp"],
+            "--max-connections: applies to tcp mappings only",
+        ),
+        (
+            &["--proto", "tcp", "--udp-idle-timeout", "3"],
+            "--udp-idle-timeout: applies to udp mappings only",
+        ),
         (
             &["--proto", "udp", "--udp-batch", "0"],
-            "batch size from 1 to 32",
+            "--udp-batch: 0 is not a number from 1 to 32",
         ),
         (
             &["--proto", "udp", "--max-flows", "0"],
-            "not a positive number",
+            "--max-flows: 0 is not a number from 1 to 10000000",
         ),
     ];
     for (options, expected) in cases {

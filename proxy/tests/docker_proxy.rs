@@ -24,10 +24,15 @@ use nix::{
 };
 use tokio::{net::TcpStream, time::timeout};
 
+/// An admin socket no daemon serves: these tests are about the shim on its own, whatever
+/// runs on the host.
+const STANDALONE: &str = "/nonexistent/berth-admin.sock";
+
 /// Spawns berth-docker-proxy with `fds` placed at the given numbers (fd 3, fd 4, …).
 fn spawn(args: &[&str], fds: Vec<(OwnedFd, RawFd)>) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth-docker-proxy"));
     cmd.args(args)
+        .env("BERTH_ADMIN_SOCKET", STANDALONE)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -320,9 +325,12 @@ fn listen_fds_in_the_environment_do_not_touch_the_status_pipe() {
         "127.0.0.1",
         "-host-port",
         &port,
+        "-container-ip",
+        "127.0.0.1",
         "-container-port",
         "9",
     ])
+    .env("BERTH_ADMIN_SOCKET", STANDALONE)
     .env("LISTEN_FDS", "1")
     .env("LISTEN_FDNAMES", "web")
     .env("LISTEN_PID", "1")

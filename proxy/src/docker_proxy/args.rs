@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use crate::{
     addr::{ListenAddr, Proto, TargetAddr},
-    relay::Mode,
+    mapping::{Draft, ModeChoice},
 };
 
 pub const USAGE: &str = "\
@@ -16,9 +16,12 @@ Usage of berth-docker-proxy (a drop-in for docker-proxy):
   -container-ip value      container ip (default 0.0.0.0)
   -container-port int      container port (default -1)
   -use-listen-fd           use the listening socket passed as fd 4
-  -mode string             berth extension, tcp: copy or splice (default \"splice\")
+  -mode string             berth extension: auto, copy or splice; with a berth daemon also
+                           sockmap or dnat (default: the daemon's [defaults], else auto)
   -v, -version             print version information and quit
-Status is reported on fd 3: \"0\\n\" once listening, \"1\\n<error>\" on failure.";
+Status is reported on fd 3: \"0\\n\" once listening, \"1\\n<error>\" on failure.
+With a berth daemon on $BERTH_ADMIN_SOCKET (default /run/berth/admin.sock) the port is
+handed to it and served there; without one, or while it is away, this process serves it.";
 
 /// A valid docker-proxy invocation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,7 +31,18 @@ pub struct Args {
     pub listen: Option<ListenAddr>,
     pub target: TargetAddr,
     pub use_listen_fd: bool,
-    pub mode: Mode,
+    /// `None`: the daemon's `[defaults]` decide (auto when standalone).
+    pub mode: Option<ModeChoice>,
+}
+
+impl Args {
+    /// The mapping, as every front end describes one. `listen` is where the socket is bound
+    /// (from `-host-ip`/`-host-port`, or fd 4's address).
+    pub fn draft(&self, listen: ListenAddr) -> Draft {
+        let mut d = Draft::new(self.proto, listen, self.target);
+        d.mode = self.mode.map(|m| m.to_string());
+        d
+    }
 }
 
 /// What the command line asks for.
@@ -71,7 +85,7 @@ impl Args {
         let (mut host_port, mut container_port): (Option<u16>, Option<u16>) = (None, None);
         let mut use_listen_fd = false;
         let mut version = false;
-        let mut mode = Mode::Splice;
+        let mut mode = None;
 
         let mut args = argv.into_iter().map(Into::into);
         while let Some(arg) = args.next() {
@@ -131,17 +145,11 @@ impl Args {
                 "version" => version = boolean("version")?,
                 "mode" => {
                     let v = value("mode")?;
-                    // One process per port, as dockerd runs it, has no use for loading BPF.
-                    mode = match v.parse() {
-                        Ok(m @ (Mode::Copy | Mode::Splice)) => m,
-                        _ => {
-                            return Err(ArgsError::Invalid {
-                                flag: "mode",
-                                value: v,
-                                why: "expected copy or splice",
-                            });
-                        }
-                    };
+                    mode = Some(v.parse().map_err(|_| ArgsError::Invalid {
+                        flag: "mode",
+                        value: v,
+                        why: "expected auto, copy, splice, sockmap or dnat",
+                    })?);
                 }
                 "h" | "help" => return Ok(Parsed::Help),
                 other => return Err(ArgsError::Unknown(other.to_owned())),
@@ -227,7 +235,7 @@ mod tests {
             "-mode=copy",
         ]);
         assert_eq!(b.listen.unwrap().to_string(), "[::1]:8080");
-        assert_eq!(b.mode, Mode::Copy);
+        assert_eq!(b.mode, Some(ModeChoice::Copy));
         let u = run(&[
             "-proto",
             "udp",
@@ -283,6 +291,6 @@ mod tests {
         assert!(err(&["-container-port", "1"]).contains("-host-port is required"));
         assert!(err(&["-proto", "sctp"]).contains("unsupported protocol sctp"));
         assert!(err(&["-use-listen-fd=maybe"]).contains("expected true or false"));
-        assert!(err(&["-mode", "sockmap"]).contains("expected copy or splice"));
+        assert!(err(&["-mode", "warp"]).contains("expected auto, copy, splice"));
     }
 }

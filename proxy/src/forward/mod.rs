@@ -80,7 +80,7 @@ pub async fn run(
 ) -> Result<(), accept::AcceptError> {
     let (phase, rx) = watch::channel(Phase::Serve);
     let drain = config.drain_timeout;
-    let mut serving = std::pin::pin!(serve(listener, config, Arc::default(), rx));
+    let mut serving = std::pin::pin!(serve(listener, config, Arc::default(), rx, || ()));
     tokio::select! {
         r = &mut serving => return r,
         _ = shutdown => {}
@@ -97,12 +97,14 @@ pub async fn run(
 /// Serves `listener`, counting into `stats`, until `phase` says to drain; then lets the
 /// established connections finish until they are done or `phase` says to cut them.
 ///
-/// A dropped `phase` sender counts as [`Phase::Cut`].
+/// A dropped `phase` sender counts as [`Phase::Cut`]. `released` runs once the listener is
+/// closed (whoever removes a mapping may wait for its port to be free).
 pub async fn serve(
     listener: TcpListener,
     config: Config,
     stats: Arc<Stats>,
     mut phase: watch::Receiver<Phase>,
+    released: impl FnOnce(),
 ) -> Result<(), accept::AcceptError> {
     let config = Arc::new(config);
     let limit = Arc::new(Semaphore::new(config.max_connections));
@@ -159,6 +161,7 @@ pub async fn serve(
     }
 
     drop(listener);
+    released();
     if !conns.is_empty() {
         info!(active = conns.len(), "draining connections");
         tokio::select! {

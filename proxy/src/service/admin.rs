@@ -1,36 +1,53 @@
-//! The admin socket: a Unix stream socket (mode 0600) where `berth status` and `berth reload`
-//! send one line (`status` or `reload`) and read one JSON answer.
+//! The admin socket: a Unix stream socket (mode 0600) that speaks the line protocol of
+//! [`super::api`]: `berth status`, `berth reload`, the runtime mapping API, and the sockets
+//! that come along with `add` requests (SCM_RIGHTS).
+//!
+//! What one client can do is bounded: [`super::api::MAX_LINE`] per line, [`LINE_TIMEOUT`] to
+//! finish a line once begun, one socket per request, and a cap on connections.
 use std::{
-    io,
-    os::unix::fs::PermissionsExt as _,
+    io::{self, BufRead as _, IoSlice, IoSliceMut, Write as _},
+    os::{
+        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
+        unix::fs::PermissionsExt as _,
+    },
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
-use serde::{Deserialize, Serialize};
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Interest},
     net::{UnixListener, UnixStream},
-    sync::{mpsc, oneshot},
+    sync::{Semaphore, mpsc, oneshot},
+    task::JoinSet,
 };
 use tracing::{debug, warn};
 
-use super::status::Row;
+use super::api::MAX_LINE;
+pub use super::api::{Call, Reply};
 
-/// The answer to one admin request.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Reply {
-    pub ok: bool,
-    /// What happened (reload), or why it failed.
-    pub message: String,
-    /// The mappings (status, and after a reload).
-    pub mappings: Vec<Row>,
-}
+/// How long a client may take to finish a line it has begun.
+pub const LINE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Sockets accepted with one request: more is an error (and they are closed).
+const MAX_FDS: usize = 1;
 
 /// A request from the socket, for the service loop to answer.
 #[derive(Debug)]
 pub(crate) enum Request {
-    Status(oneshot::Sender<Reply>),
-    Reload(oneshot::Sender<Reply>),
+    Call {
+        call: Call,
+        /// The socket that came with the line, if any.
+        socket: Option<OwnedFd>,
+        /// The connection it came on (leases are tied to it).
+        conn: u64,
+        reply: oneshot::Sender<Reply>,
+    },
+    /// The connection closed: its leases end.
+    Closed(u64),
 }
 
 /// The admin socket cannot be used.
@@ -73,70 +90,177 @@ pub(crate) fn bind(path: &Path) -> Result<UnixListener, AdminError> {
         .map_err(err)?;
     // Before listen(): no one can connect while the mode is still the umask's.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-    sock.listen(16).map_err(err)?;
+    sock.listen(128).map_err(err)?;
     sock.set_nonblocking(true).map_err(err)?;
-    UnixListener::from_std(std::os::unix::net::UnixListener::from(
-        std::os::fd::OwnedFd::from(sock),
-    ))
-    .map_err(err)
+    UnixListener::from_std(std::os::unix::net::UnixListener::from(OwnedFd::from(sock))).map_err(err)
 }
 
-/// Accepts admin connections and forwards their requests to the service loop.
-pub(crate) async fn serve(listener: UnixListener, requests: mpsc::Sender<Request>) {
+/// Accepts admin connections (at most `max_conns` at once) and forwards their requests to the
+/// service loop. Dropping the future closes every connection.
+pub(crate) async fn serve(
+    listener: UnixListener,
+    requests: mpsc::Sender<Request>,
+    max_conns: usize,
+) {
+    let slots = Arc::new(Semaphore::new(max_conns));
+    let ids = AtomicU64::new(1);
+    let mut conns = JoinSet::new();
     loop {
-        let stream = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        let stream = match accepted {
             Ok((s, _)) => s,
             Err(e) => {
                 warn!(error = %e, "admin socket accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            warn!(max_conns, "admin connection refused: too many open");
+            conns.spawn(async move {
+                let _ = write_reply(&stream, &Reply::error("too many admin connections")).await;
+            });
+            continue;
+        };
+        let conn = ids.fetch_add(1, Ordering::Relaxed);
         let requests = requests.clone();
-        tokio::spawn(async move {
-            if let Err(e) = answer(stream, requests).await {
-                debug!(error = %e, "admin connection failed");
+        conns.spawn(async move {
+            if let Err(e) = connection(&stream, conn, &requests).await {
+                debug!(error = %e, conn, "admin connection failed");
             }
+            let _ = requests.send(Request::Closed(conn)).await;
+            drop(slot);
         });
     }
 }
 
-async fn answer(stream: UnixStream, requests: mpsc::Sender<Request>) -> io::Result<()> {
-    let (r, mut w) = stream.into_split();
-    let mut line = String::new();
-    // One short line; anything longer is not a command.
-    BufReader::new(r.take(256)).read_line(&mut line).await?;
-    let (tx, rx) = oneshot::channel();
-    let request = match line.trim() {
-        "status" => Some(Request::Status(tx)),
-        "reload" => Some(Request::Reload(tx)),
-        _ => None,
-    };
-    let stopping = || Reply {
-        ok: false,
-        message: "berth is stopping".into(),
-        mappings: Vec::new(),
-    };
-    let reply = match request {
-        Some(req) => match requests.send(req).await {
-            Ok(()) => rx.await.unwrap_or_else(|_| stopping()),
-            Err(_) => stopping(),
-        },
-        None => Reply {
-            ok: false,
-            message: format!(
-                "unknown command {:?}: expected status or reload",
-                line.trim()
-            ),
-            mappings: Vec::new(),
-        },
-    };
-    let mut body = serde_json::to_vec(&reply).map_err(io::Error::other)?;
-    body.push(b'\n');
-    w.write_all(&body).await?;
-    w.shutdown().await
+/// Answers the requests of one connection, in order, until it closes.
+async fn connection(
+    stream: &UnixStream,
+    conn: u64,
+    requests: &mpsc::Sender<Request>,
+) -> io::Result<()> {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    loop {
+        while let Some(end) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=end).collect();
+            // The sockets that arrived so far came with this line.
+            let mut passed = std::mem::take(&mut fds);
+            let reply = match (std::str::from_utf8(&line), passed.len()) {
+                (Err(_), _) => Reply::error("the request is not UTF-8"),
+                (Ok(_), n) if n > MAX_FDS => Reply::error(format!(
+                    "{n} sockets came with one request; an add takes one"
+                )),
+                (Ok(text), _) => match Call::parse(text) {
+                    Err(why) => Reply::error(why),
+                    Ok(call) if !passed.is_empty() && !matches!(call, Call::Add { .. }) => {
+                        Reply::error("a socket came with a request that takes none")
+                    }
+                    Ok(call) => {
+                        let (tx, rx) = oneshot::channel();
+                        let req = Request::Call {
+                            call,
+                            socket: passed.pop(),
+                            conn,
+                            reply: tx,
+                        };
+                        match requests.send(req).await {
+                            Ok(()) => rx
+                                .await
+                                .unwrap_or_else(|_| Reply::error("berth is stopping")),
+                            Err(_) => Reply::error("berth is stopping"),
+                        }
+                    }
+                },
+            };
+            write_reply(stream, &reply).await?;
+        }
+        if buf.len() >= MAX_LINE {
+            let why = format!("request line longer than {MAX_LINE} bytes; closing");
+            write_reply(stream, &Reply::error(why)).await?;
+            return Ok(());
+        }
+        let read = if buf.is_empty() {
+            recv(stream, &mut buf, &mut fds).await?
+        } else if let Ok(r) =
+            tokio::time::timeout(LINE_TIMEOUT, recv(stream, &mut buf, &mut fds)).await
+        {
+            r?
+        } else {
+            let why = format!("request line not finished within {LINE_TIMEOUT:?}; closing");
+            write_reply(stream, &Reply::error(why)).await?;
+            return Ok(());
+        };
+        if read == 0 {
+            return Ok(());
+        }
+        if fds.len() > MAX_FDS + 3 {
+            write_reply(stream, &Reply::error("too many sockets passed; closing")).await?;
+            return Ok(());
+        }
+    }
 }
 
-/// Sends `command` to the berth serving `path` and returns its answer.
+/// Reads what is there (bytes into `buf`, passed sockets into `fds`); 0 at end of stream.
+async fn recv(stream: &UnixStream, buf: &mut Vec<u8>, fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        stream.readable().await?;
+        let got = stream.try_io(Interest::READABLE, || {
+            let mut iov = [IoSliceMut::new(&mut chunk)];
+            let mut space = nix::cmsg_space!([RawFd; 4]);
+            let msg = recvmsg::<()>(
+                stream.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            )
+            .map_err(io::Error::from)?;
+            let mut passed = Vec::new();
+            for c in msg.cmsgs().map_err(io::Error::from)? {
+                if let ControlMessageOwned::ScmRights(raw) = c {
+                    // SAFETY: the kernel just installed these descriptors for us alone.
+                    passed.extend(
+                        raw.into_iter()
+                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                    );
+                }
+            }
+            Ok((msg.bytes, passed))
+        });
+        match got {
+            Ok((n, passed)) => {
+                buf.extend_from_slice(&chunk[..n]);
+                fds.extend(passed);
+                return Ok(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn write_reply(stream: &UnixStream, reply: &Reply) -> io::Result<()> {
+    let mut body = serde_json::to_vec(reply).map_err(io::Error::other)?;
+    body.push(b'\n');
+    let mut rest = &body[..];
+    while !rest.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(rest) {
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Sends `command` (a word or a JSON request) to the berth serving `path` and returns its
+/// answer. For `berth status`, `berth reload` and tests; holds no lease.
 pub async fn request(path: &Path, command: &str) -> Result<Reply, AdminError> {
     let mut stream = UnixStream::connect(path)
         .await
@@ -149,13 +273,90 @@ pub async fn request(path: &Path, command: &str) -> Result<Reply, AdminError> {
         why,
     };
     stream
-        .write_all(format!("{command}\n").as_bytes())
+        .write_all(format!("{}\n", command.trim_end()).as_bytes())
         .await
         .map_err(|e| bad(e.to_string()))?;
-    let mut body = Vec::new();
-    stream
-        .read_to_end(&mut body)
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
         .await
         .map_err(|e| bad(e.to_string()))?;
-    serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))
+    if line.is_empty() {
+        return Err(bad("the connection closed without an answer".into()));
+    }
+    serde_json::from_str(&line).map_err(|e| bad(e.to_string()))
+}
+
+/// A blocking client that keeps its connection (and so its leases) open: what
+/// `berth-docker-proxy` holds while it waits, with no runtime and no threads.
+#[derive(Debug)]
+pub struct Client {
+    path: PathBuf,
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+}
+
+impl Client {
+    /// How long a call waits for its answer.
+    pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+    pub fn connect(path: &Path) -> Result<Self, AdminError> {
+        let stream = std::os::unix::net::UnixStream::connect(path).map_err(|source| {
+            AdminError::Connect {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+        let _ = stream.set_read_timeout(Some(Self::ANSWER_TIMEOUT));
+        Ok(Self {
+            path: path.to_owned(),
+            reader: std::io::BufReader::new(stream),
+        })
+    }
+
+    /// The connection, for polling: it becomes readable (end of stream) when berth goes away.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(self.reader.get_ref())
+    }
+
+    /// Sends `call` (with `socket` attached, if any) and waits for the answer.
+    pub fn call(
+        &mut self,
+        call: &Call,
+        socket: Option<BorrowedFd<'_>>,
+    ) -> Result<Reply, AdminError> {
+        let bad = |why: String| AdminError::Answer {
+            path: self.path.clone(),
+            why,
+        };
+        let mut line = serde_json::to_vec(call).map_err(|e| bad(e.to_string()))?;
+        line.push(b'\n');
+        let stream = self.reader.get_ref();
+        let raw = socket.map(|s| [s.as_raw_fd()]);
+        let cmsgs: Vec<ControlMessage<'_>> = raw
+            .as_ref()
+            .map(|r| vec![ControlMessage::ScmRights(r)])
+            .unwrap_or_default();
+        // The socket rides on the first bytes; the rest of a long line follows plainly.
+        let sent = sendmsg::<()>(
+            stream.as_raw_fd(),
+            &[IoSlice::new(&line)],
+            &cmsgs,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        )
+        .map_err(|e| bad(format!("cannot send: {e}")))?;
+        let mut writer = stream;
+        writer
+            .write_all(&line[sent..])
+            .map_err(|e| bad(format!("cannot send: {e}")))?;
+        let mut answer = String::new();
+        let n = self
+            .reader
+            .read_line(&mut answer)
+            .map_err(|e| bad(format!("no answer: {e}")))?;
+        if n == 0 {
+            return Err(bad("the connection closed without an answer".into()));
+        }
+        serde_json::from_str(&answer).map_err(|e| bad(e.to_string()))
+    }
 }

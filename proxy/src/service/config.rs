@@ -12,12 +12,17 @@
 //! target = "172.16.1.1:8080"
 //! mode = "auto"            # auto | copy | splice | sockmap | dnat
 //!
+//! [defaults]                 # for every mapping that does not say, runtime ones too
+//! mode = "auto"
+//!
 //! [dnat]                     # kernel mode, for mappings with mode = "dnat"
 //! interfaces = ["eth0"]      # default: every non-loopback interface that is not a port
 //! ```
+//!
+//! Each `[[mapping]]` is a [`Draft`], validated by [`Draft::resolve`] as every front end's
+//! mappings are.
 use std::{
     collections::HashMap,
-    fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
@@ -26,16 +31,20 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    addr::{ListenAddr, Proto, TargetAddr},
+    addr::Proto,
     forward,
-    relay::Mode,
-    udp,
+    mapping::{Defaults, Draft, Options, Spec, spec::bad_addr, spec::secs},
 };
 
 /// Where the Prometheus endpoint listens unless the file says otherwise.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9475";
-/// The admin socket unless the file says otherwise.
+/// The admin socket unless the file, `--admin-socket` or `BERTH_ADMIN_SOCKET` says otherwise.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/berth/admin.sock";
+/// The environment variable that names the admin socket, for every `berth` command and for
+/// `berth-docker-proxy`.
+pub const ADMIN_SOCKET_ENV: &str = "BERTH_ADMIN_SOCKET";
+/// How many mappings the runtime API may add unless `[admin] max_runtime_mappings` says.
+pub const DEFAULT_MAX_RUNTIME_MAPPINGS: usize = 4096;
 
 /// A validated configuration.
 #[derive(Clone, Debug, PartialEq)]
@@ -49,87 +58,11 @@ pub struct Config {
     pub sockmap: crate::sockmap::Settings,
     /// `[dnat]`: where and how big kernel mode is, for mappings with `mode = "dnat"`.
     pub dnat: crate::dnat::Settings,
-    pub mappings: Vec<MappingSpec>,
-}
-
-/// What a mapping asks for; `mode = "auto"` picks the best mode available.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum ModeChoice {
-    #[default]
-    Auto,
-    Copy,
-    Splice,
-    Sockmap,
-    /// Kernel mode: TC and cgroup programs map the port; no relay ([`crate::dnat`]).
-    Dnat,
-}
-
-impl ModeChoice {
-    /// The relay mode for TCP. `auto` is splice for now: the experimental sockmap mode is
-    /// slower than splice here for bulk and short connections (see the README's benchmark),
-    /// so it is used only when asked for by name.
-    pub fn tcp_mode(self) -> Mode {
-        match self {
-            Self::Copy => Mode::Copy,
-            // Dnat has no relay; callers check `is_kernel` first.
-            Self::Auto | Self::Splice | Self::Dnat => Mode::Splice,
-            Self::Sockmap => Mode::Sockmap,
-        }
-    }
-
-    /// Whether the mapping is served by the kernel-mode programs instead of a relay.
-    pub fn is_kernel(self) -> bool {
-        self == Self::Dnat
-    }
-
-    /// Whether this mapping needs the sockmap programs.
-    pub fn wants_sockmap(self) -> bool {
-        self == Self::Sockmap
-    }
-}
-
-impl std::str::FromStr for ModeChoice {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "copy" => Ok(Self::Copy),
-            "splice" => Ok(Self::Splice),
-            "sockmap" => Ok(Self::Sockmap),
-            "dnat" => Ok(Self::Dnat),
-            _ => Err(format!(
-                "unknown mode {s:?}: expected auto, copy, splice, sockmap or dnat"
-            )),
-        }
-    }
-}
-
-impl fmt::Display for ModeChoice {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Auto => "auto",
-            Self::Copy => "copy",
-            Self::Splice => "splice",
-            Self::Sockmap => "sockmap",
-            Self::Dnat => "dnat",
-        })
-    }
-}
-
-/// One validated `[[mapping]]`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct MappingSpec {
-    pub name: String,
-    pub proto: Proto,
-    pub listen: ListenAddr,
-    pub target: TargetAddr,
-    pub mode: ModeChoice,
-    pub max_connections: usize,
-    pub connect_timeout: Duration,
-    pub udp_idle_timeout: Duration,
-    pub max_flows: usize,
-    pub udp_batch: usize,
+    /// `[defaults]`: what every mapping that does not set a field gets, runtime ones too.
+    pub defaults: Defaults,
+    /// `[admin] max_runtime_mappings`: how many mappings the runtime API may add.
+    pub max_runtime_mappings: usize,
+    pub mappings: Vec<Spec>,
 }
 
 /// The configuration is unusable; nothing was started.
@@ -166,8 +99,9 @@ struct RawFile {
     admin: Option<RawAdmin>,
     service: Option<RawService>,
     dnat: Option<RawDnat>,
+    defaults: Option<Options>,
     #[serde(default)]
-    mapping: Vec<RawMapping>,
+    mapping: Vec<Draft>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -181,6 +115,7 @@ struct RawMetrics {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     socket: Option<PathBuf>,
+    max_runtime_mappings: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -200,21 +135,6 @@ struct RawDnat {
     tcp_timeout: Option<f64>,
     closing_timeout: Option<f64>,
     udp_timeout: Option<f64>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawMapping {
-    name: Option<String>,
-    proto: Option<String>,
-    listen: Option<String>,
-    target: Option<String>,
-    mode: Option<String>,
-    max_connections: Option<i64>,
-    connect_timeout: Option<f64>,
-    udp_idle_timeout: Option<f64>,
-    max_flows: Option<i64>,
-    udp_batch: Option<i64>,
 }
 
 impl Config {
@@ -252,10 +172,23 @@ impl Config {
             ),
             _ => DEFAULT_METRICS_LISTEN.parse().ok(),
         };
-        let admin_socket = raw
+        let (admin_socket, max_runtime) = raw
             .admin
-            .and_then(|a| a.socket)
-            .unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into());
+            .map_or((None, None), |a| (a.socket, a.max_runtime_mappings));
+        let admin_socket = admin_socket.unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into());
+        let max_runtime_mappings = match max_runtime {
+            None => DEFAULT_MAX_RUNTIME_MAPPINGS,
+            Some(n) => usize::try_from(n)
+                .ok()
+                .filter(|n| *n <= 65_536)
+                .ok_or_else(|| {
+                    section(
+                        "admin",
+                        "max_runtime_mappings",
+                        format!("{n} is not a number from 0 to 65536"),
+                    )
+                })?,
+        };
         if !admin_socket.is_absolute() {
             return Err(section(
                 "admin",
@@ -296,13 +229,18 @@ impl Config {
             None => crate::dnat::Settings::default(),
             Some(d) => dnat_settings(d).map_err(|(field, why)| section("dnat", field, why))?,
         };
-        let mut mappings: Vec<MappingSpec> = Vec::with_capacity(raw.mapping.len());
-        for (i, m) in raw.mapping.into_iter().enumerate() {
-            let spec = mapping(m, i + 1).map_err(|(mapping, field, why)| ConfigError::Mapping {
+        let defaults = Defaults::new(raw.defaults.unwrap_or_default())
+            .map_err(|e| section("defaults", e.field, e.why))?;
+        let mut mappings: Vec<Spec> = Vec::with_capacity(raw.mapping.len());
+        for (i, m) in raw.mapping.iter().enumerate() {
+            let spec = m.resolve(&defaults).map_err(|e| ConfigError::Mapping {
                 file: file.to_owned(),
-                mapping,
-                field,
-                why,
+                mapping: match &m.name {
+                    Some(n) if !n.is_empty() => format!("{n:?}"),
+                    _ => format!("#{}", i + 1),
+                },
+                field: e.field,
+                why: e.why,
             })?;
             mappings.push(spec);
         }
@@ -315,6 +253,8 @@ impl Config {
                 send_buffer: sockmap_send_buffer,
             },
             dnat,
+            defaults,
+            max_runtime_mappings,
             mappings,
         };
         config.check_conflicts(file)?;
@@ -334,29 +274,35 @@ impl Config {
             if names.insert(&m.name, ()).is_some() {
                 return Err(err("name", "another mapping has the same name".into()));
             }
-            if let Some(other) = self.mappings[..i]
-                .iter()
-                .find(|o| o.proto == m.proto && overlaps(o.listen.get(), m.listen.get()))
-            {
-                return Err(err(
-                    "listen",
-                    format!(
-                        "{} {} overlaps mapping {:?} ({} {})",
-                        m.proto, m.listen, other.name, other.proto, other.listen
-                    ),
-                ));
-            }
-            if let Some(metrics) = self.metrics_listen
-                && m.proto == Proto::Tcp
-                && overlaps(metrics, m.listen.get())
-            {
-                return Err(err(
-                    "listen",
-                    format!("{} overlaps the metrics endpoint {metrics}", m.listen),
-                ));
+            if let Some(why) = clash(m, &self.mappings[..i], self.metrics_listen) {
+                return Err(err("listen", why));
             }
         }
         Ok(())
+    }
+}
+
+/// Whether `m` clashes with the metrics endpoint or with one of `others` (same protocol,
+/// overlapping address); the message says with what.
+pub(crate) fn clash<'a>(
+    m: &Spec,
+    others: impl IntoIterator<Item = &'a Spec>,
+    metrics: Option<SocketAddr>,
+) -> Option<String> {
+    if let Some(other) = others
+        .into_iter()
+        .find(|o| o.proto == m.proto && overlaps(o.listen.get(), m.listen.get()))
+    {
+        return Some(format!(
+            "{} {} overlaps mapping {:?} ({} {})",
+            m.proto, m.listen, other.name, other.proto, other.listen
+        ));
+    }
+    match metrics {
+        Some(metrics) if m.proto == Proto::Tcp && overlaps(metrics, m.listen.get()) => Some(
+            format!("{} overlaps the metrics endpoint {metrics}", m.listen),
+        ),
+        _ => None,
     }
 }
 
@@ -368,133 +314,6 @@ fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
         && a.port() == b.port()
         && a.is_ipv4() == b.is_ipv4()
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
-}
-
-type FieldError = (String, &'static str, String);
-
-fn mapping(m: RawMapping, index: usize) -> Result<MappingSpec, FieldError> {
-    let label = match &m.name {
-        Some(n) if !n.is_empty() => format!("{n:?}"),
-        _ => format!("#{index}"),
-    };
-    let err = |field: &'static str, why: String| (label.clone(), field, why);
-    let name = m
-        .name
-        .clone()
-        .ok_or_else(|| err("name", "missing".into()))?;
-    if name.is_empty()
-        || name.len() > 64
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    {
-        return Err(err(
-            "name",
-            "must be 1 to 64 characters of A-Z a-z 0-9 - _ . (it names the mapping in metrics, status and LISTEN_FDNAMES)".into(),
-        ));
-    }
-    let proto: Proto = match &m.proto {
-        Some(p) => p.parse().map_err(|e| err("proto", e))?,
-        None => Proto::Tcp,
-    };
-    let listen_text = m.listen.ok_or_else(|| err("listen", "missing".into()))?;
-    let listen: ListenAddr = listen_text
-        .parse()
-        .map_err(|_| err("listen", bad_addr(&listen_text)))?;
-    let target_text = m.target.ok_or_else(|| err("target", "missing".into()))?;
-    let target: TargetAddr = target_text
-        .parse()
-        .map_err(|_| err("target", bad_addr(&target_text)))?;
-    if target.get().port() == 0 || target.get().ip().is_unspecified() {
-        return Err(err(
-            "target",
-            format!("{target} cannot be connected to (port 0 or an unspecified address)"),
-        ));
-    }
-    let mode = match m.mode.as_deref() {
-        None => ModeChoice::Auto,
-        Some(v) => v.parse().map_err(|e| err("mode", e))?,
-    };
-    if proto == Proto::Udp && !matches!(mode, ModeChoice::Auto | ModeChoice::Dnat) {
-        return Err(err(
-            "mode",
-            format!("\"{mode}\" applies to tcp; a udp mapping takes \"auto\" or \"dnat\""),
-        ));
-    }
-    if mode.is_kernel() {
-        // The same checks as kernel mode itself, reported under the field.
-        let reason = |e: crate::dnat::DnatError| match e {
-            crate::dnat::DnatError::Target(m) | crate::dnat::DnatError::Listen(m) => m,
-            other => other.to_string(),
-        };
-        crate::dnat::check_target(target.get()).map_err(|e| err("target", reason(e)))?;
-        crate::dnat::check_listen(listen.get()).map_err(|e| err("listen", reason(e)))?;
-    }
-    let tcp_only = |field: &'static str, set: bool| {
-        if set && proto != Proto::Tcp {
-            Err(err(field, "applies to tcp mappings only".into()))
-        } else {
-            Ok(())
-        }
-    };
-    let udp_only = |field: &'static str, set: bool| {
-        if set && proto != Proto::Udp {
-            Err(err(field, "applies to udp mappings only".into()))
-        } else {
-            Ok(())
-        }
-    };
-    tcp_only("max_connections", m.max_connections.is_some())?;
-    tcp_only("connect_timeout", m.connect_timeout.is_some())?;
-    udp_only("udp_idle_timeout", m.udp_idle_timeout.is_some())?;
-    udp_only("max_flows", m.max_flows.is_some())?;
-    udp_only("udp_batch", m.udp_batch.is_some())?;
-    let positive = |field: &'static str, v: Option<i64>, default: usize, max: usize| match v {
-        None => Ok(default),
-        Some(n) => usize::try_from(n)
-            .ok()
-            .filter(|n| (1..=max).contains(n))
-            .ok_or_else(|| err(field, format!("{n} is not a number from 1 to {max}"))),
-    };
-    let seconds = |field: &'static str, v: Option<f64>, default: Duration| match v {
-        None => Ok(default),
-        Some(v) => secs(v).map_err(|why| err(field, why)),
-    };
-    Ok(MappingSpec {
-        max_connections: positive(
-            "max_connections",
-            m.max_connections,
-            forward::Config::DEFAULT_MAX_CONNECTIONS,
-            10_000_000,
-        )?,
-        connect_timeout: seconds(
-            "connect_timeout",
-            m.connect_timeout,
-            forward::Config::DEFAULT_CONNECT_TIMEOUT,
-        )?,
-        udp_idle_timeout: seconds(
-            "udp_idle_timeout",
-            m.udp_idle_timeout,
-            udp::DEFAULT_IDLE_TIMEOUT,
-        )?,
-        max_flows: positive(
-            "max_flows",
-            m.max_flows,
-            udp::Config::DEFAULT_MAX_FLOWS,
-            10_000_000,
-        )?,
-        udp_batch: positive(
-            "udp_batch",
-            m.udp_batch,
-            udp::Config::DEFAULT_BATCH,
-            udp::Config::MAX_BATCH,
-        )?,
-        name,
-        proto,
-        listen,
-        target,
-        mode,
-    })
 }
 
 fn dnat_settings(d: RawDnat) -> Result<crate::dnat::Settings, (&'static str, String)> {
@@ -539,18 +358,6 @@ fn dnat_settings(d: RawDnat) -> Result<crate::dnat::Settings, (&'static str, Str
         }
     }
     Ok(out)
-}
-
-fn bad_addr(s: &str) -> String {
-    format!("invalid address {s:?}: expected IP:PORT, such as 0.0.0.0:9090 or [::1]:9090")
-}
-
-fn secs(v: f64) -> Result<Duration, String> {
-    if v.is_finite() && (0.0..1e9).contains(&v) {
-        Ok(Duration::from_secs_f64(v))
-    } else {
-        Err(format!("{v} is not a number of seconds"))
-    }
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 use std::path::Path;
 
 use super::*;
+use crate::mapping::ModeChoice;
 
 const FILE: &str = "/etc/berth/berth.toml";
 

@@ -16,11 +16,11 @@ use prometheus::{
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use super::{
-    State,
-    mapping::{Counters, Running},
+use super::State;
+use crate::{
+    forward,
+    mapping::{RelayCounters, Running},
 };
-use crate::forward;
 
 /// Reads the mappings' counters when scraped.
 #[derive(Debug)]
@@ -67,8 +67,8 @@ impl Families {
         Self {
             info: gauge(
                 "berth_mapping_info",
-                "A configured mapping (1), with its addresses and the mode in use.",
-                &["listen", "target", "mode", "state"],
+                "A mapping (1), with its addresses, the mode in use and who added it (config, docker, ...).",
+                &["listen", "target", "mode", "state", "owner"],
             ),
             connections: counter("berth_connections_total", "TCP clients accepted.", &[]),
             active: gauge("berth_connections_active", "TCP connections open now.", &[]),
@@ -183,7 +183,7 @@ impl Families {
             .local
             .map_or_else(|| spec.listen.to_string(), |a| a.to_string());
         let target = spec.target.to_string();
-        let info = with(&[&listen, &target, m.mode, state]);
+        let info = with(&[&listen, &target, m.mode, state, &m.owner]);
         self.info.with_label_values(&labels(&info)).set(1);
         let count = |v: &IntCounterVec, extra: &[&str], n: u64| {
             v.with_label_values(&labels(&with(extra))).inc_by(n);
@@ -192,8 +192,8 @@ impl Families {
             v.with_label_values(&labels(&with(&[])))
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         };
-        match &m.counters {
-            Counters::Tcp(s) => {
+        match &m.counters.relay {
+            RelayCounters::Tcp(s) => {
                 let s = s.snapshot();
                 count(&self.connections, &[], s.accepted);
                 set(&self.active, s.active);
@@ -203,7 +203,7 @@ impl Families {
                     count(&self.errors, &[reason], n);
                 }
             }
-            Counters::Udp(s) => {
+            RelayCounters::Udp(s) => {
                 let s = s.snapshot();
                 set(&self.flows_active, s.flows_active);
                 count(&self.flows_created, &[], s.flows_created);
@@ -216,7 +216,9 @@ impl Families {
                 count(&self.udp_unreachable, &[], s.unreachable);
                 count(&self.udp_dropped, &[], s.dropped);
             }
-            Counters::Dnat(d) => {
+        }
+        if let Some(d) = &m.counters.dnat {
+            {
                 let s = d.snapshot();
                 count(&self.dnat_flows, &[], s.flows);
                 count(&self.dnat_local, &[], s.local_rewrites);
@@ -246,15 +248,15 @@ impl Collector for Mappings {
             // A mapping replaced by a reload shares its counters with its successor: count
             // each name once (the active one comes first).
             let mut seen = std::collections::HashSet::new();
-            for (spec, _) in state.failed() {
+            for m in state.all().filter(|m| m.kernel_error.is_some()) {
                 families
                     .failed
-                    .with_label_values(&[spec.name.as_str(), spec.proto.as_str(), "dnat"])
+                    .with_label_values(&[m.spec.name.as_str(), m.spec.proto.as_str(), "dnat"])
                     .set(1);
             }
             for m in state.all().filter(|m| seen.insert(m.spec.name.clone())) {
                 families.fill(m);
-                if let Counters::Tcp(s) = &m.counters {
+                if let RelayCounters::Tcp(s) = &m.counters.relay {
                     durations.push(duration_metric(&m.spec.name, &s.snapshot()));
                 }
             }

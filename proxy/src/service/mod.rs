@@ -1,16 +1,19 @@
-//! `berth run`: one process serving every mapping of a configuration file, with live reload,
-//! an admin socket, Prometheus metrics and systemd integration.
+//! `berth run`: one process serving every mapping of the host: those of its configuration file
+//! (with live reload) and those other programs add at run time through the admin socket
+//! (Docker's shim, later CNI), with Prometheus metrics and systemd integration.
 //!
 //! - [`config`]: the file, validated as a whole before anything is bound.
-//! - `mapping`: one running mapping (socket, task, counters).
-//! - [`admin`]: the Unix socket behind `berth status` and `berth reload`.
+//! - [`api`]: the admin socket's line protocol (status, reload, add, remove, list).
+//! - [`admin`]: the admin socket itself, and its clients.
 //! - `metrics`: the `/metrics` endpoint.
 //! - `systemd`: notify, watchdog and socket activation, as wire protocols.
 //! - [`status`]: the status table.
+//!
+//! Mappings themselves (spec, socket, start, drain) are [`crate::mapping`]'s.
 
 pub mod admin;
+pub mod api;
 pub mod config;
-mod mapping;
 mod metrics;
 pub mod status;
 mod systemd;
@@ -18,7 +21,6 @@ mod systemd;
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     io,
-    net::SocketAddr,
     os::fd::OwnedFd,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
@@ -32,29 +34,38 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use self::{
-    admin::{AdminError, Reply, Request},
-    config::{Config, ConfigError, MappingSpec},
-    mapping::{Bound, Running},
+    admin::{AdminError, Request},
+    api::{CONFIG_OWNER, Call, Reply},
+    config::{Config, ConfigError},
     status::Row,
     systemd::Notifier,
 };
 use crate::{
-    dnat::{Dnat, Route},
     listen::ListenError,
-    sockmap::Sockmap,
+    mapping::{AdoptError, Bound, Draft, Kernel, Running, SockmapUnavailable, Spec, StartError},
 };
 
-/// `berth run` could not start; nothing is left running.
+/// `berth run` (or `berth forward`) could not start, or a reload was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("mapping {name:?}: {source}")]
     Listen { name: String, source: ListenError },
+    #[error("mapping {name:?}: {source}")]
+    Adopt { name: String, source: AdoptError },
+    #[error("mapping {name:?}: {source}")]
+    Start { name: String, source: StartError },
+    #[error("mapping {name:?}: cannot hand its socket to its replacement: {source}")]
+    Handover { name: String, source: io::Error },
+    #[error(transparent)]
+    Sockmap(#[from] SockmapUnavailable),
     #[error("mapping {name:?}: {why}")]
-    Socket { name: String, why: String },
-    #[error("cannot listen for metrics on {addr}: {source}")]
-    Metrics { addr: SocketAddr, source: io::Error },
+    Conflict { name: String, why: String },
+    #[error("mapping {name:?}: {why}")]
+    Kernel { name: String, why: String },
+    #[error("cannot listen for metrics: {0}")]
+    Metrics(#[source] ListenError),
     #[error(transparent)]
     Admin(#[from] AdminError),
     #[error("cannot install signal handlers: {0}")]
@@ -69,14 +80,13 @@ pub struct Options {
     pub admin_socket: Option<PathBuf>,
 }
 
-/// The mappings being served, and those retired by a reload that are still draining.
+/// The mappings being served, and those removed that are still draining.
 #[derive(Debug, Default)]
 pub(crate) struct State {
     active: BTreeMap<String, Running>,
     retired: Vec<Running>,
-    /// Kernel-mode mappings that could not start (a missing kernel feature, no route to
-    /// the container), with the reason; retried at every reload. The others run on.
-    failed: BTreeMap<String, (MappingSpec, String)>,
+    /// Runtime mappings held by an admin connection: name → connection.
+    leases: HashMap<String, u64>,
 }
 
 impl State {
@@ -91,18 +101,11 @@ impl State {
 
     fn rows(&mut self) -> Vec<Row> {
         self.reap();
-        let mut rows: Vec<Row> = self.all().map(Row::of).collect();
-        rows.extend(
-            self.failed
-                .values()
-                .map(|(spec, why)| Row::failed(spec, why)),
-        );
-        rows
+        self.all().map(Row::of).collect()
     }
 
-    /// Kernel-mode mappings that could not start, with the reason.
-    pub(crate) fn failed(&self) -> impl Iterator<Item = &(MappingSpec, String)> {
-        self.failed.values()
+    fn runtime(&self) -> impl Iterator<Item = &Running> {
+        self.active.values().filter(|m| m.owner != CONFIG_OWNER)
     }
 
     fn summary(&self) -> String {
@@ -112,22 +115,49 @@ impl State {
             .filter(|m| m.spec.proto == crate::addr::Proto::Tcp)
             .count();
         let udp = self.active.len() - tcp;
+        let runtime = self.runtime().count();
         let open: u64 = self.all().map(Running::active).sum();
         let mut s = format!(
-            "{} mappings ({tcp} tcp, {udp} udp), {open} open",
+            "{} mappings ({tcp} tcp, {udp} udp; {runtime} added at run time), {open} open",
             self.active.len()
         );
         if !self.retired.is_empty() {
             s.push_str(&format!(", {} draining", self.retired.len()));
         }
-        if !self.failed.is_empty() {
-            s.push_str(&format!(", {} failed", self.failed.len()));
+        let degraded = self
+            .active
+            .values()
+            .filter(|m| m.kernel_error.is_some())
+            .count();
+        if degraded > 0 {
+            s.push_str(&format!(", {degraded} without kernel mode"));
         }
         s
     }
+
+    /// Removes `name`: it stops accepting and drains; returns what resolves once its socket
+    /// is closed.
+    fn retire(&mut self, name: &str) -> Option<impl Future<Output = ()> + Send + use<>> {
+        let mut m = self.active.remove(name)?;
+        self.leases.remove(name);
+        m.drain();
+        let released = m.released();
+        self.retired.push(m);
+        Some(released)
+    }
 }
 
-/// Serves `opts.config` until SIGTERM or SIGINT, then drains.
+/// The daemon between requests.
+struct Service {
+    path: PathBuf,
+    config: Config,
+    state: Arc<Mutex<State>>,
+    /// Sockets systemd passed, by mapping name, not yet used.
+    inherited: HashMap<String, OwnedFd>,
+    kernel: Kernel,
+}
+
+/// Serves `opts.config` and the runtime API until SIGTERM or SIGINT, then drains.
 pub async fn run(opts: Options) -> Result<(), ServiceError> {
     let config = Config::load(&opts.config)?;
     let admin_path = opts
@@ -135,51 +165,44 @@ pub async fn run(opts: Options) -> Result<(), ServiceError> {
         .clone()
         .unwrap_or_else(|| config.admin_socket.clone());
     let notifier = Notifier::from_env();
-    let mut inherited = systemd::listen_fds();
+    let inherited = systemd::listen_fds();
     if !inherited.is_empty() {
         let names: Vec<&String> = inherited.keys().collect();
         info!(sockets = ?names, "sockets passed by systemd");
     }
-    // Everything is bound before anything starts: a bad mapping leaves nothing half-running.
-    let specs: Vec<&MappingSpec> = config.mappings.iter().collect();
-    let bound = bind_all(&specs, &mut inherited, &State::default())?;
     let metrics_listener = match config.metrics_listen {
-        Some(addr) => {
-            Some(
-                crate::listen::bind_tcp(addr.into()).map_err(|e| ServiceError::Metrics {
-                    addr,
-                    source: io::Error::other(e.to_string()),
-                })?,
-            )
-        }
+        Some(addr) => Some(crate::listen::bind_tcp(addr.into()).map_err(ServiceError::Metrics)?),
         None => None,
     };
     let admin_listener = admin::bind(&admin_path)?;
-    let mut kernel = Kernel::default();
-    kernel.ensure(&config)?;
-    let routes = kernel.dnat_routes_for(&config).await;
     let mut hup = signal(SignalKind::hangup()).map_err(ServiceError::Signals)?;
     let mut term = signal(SignalKind::terminate()).map_err(ServiceError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(ServiceError::Signals)?;
 
-    let state = Arc::new(Mutex::new(State::default()));
-    {
-        let mut st = lock(&state);
-        for (spec, b) in bound {
-            let name = spec.name.clone();
-            if let Some(running) = start_one(&mut st, spec, b, None, &kernel, &routes)? {
-                st.active.insert(name, running);
-            }
-        }
+    let mut service = Service {
+        path: opts.config.clone(),
+        kernel: Kernel::new(config.sockmap, config.dnat.clone()),
+        config: Config {
+            mappings: Vec::new(),
+            ..config.clone()
+        },
+        state: Arc::new(Mutex::new(State::default())),
+        inherited,
+    };
+    // Everything is bound before anything starts: a bad mapping leaves nothing half-running.
+    if let Err(e) = service.apply(config).await {
+        let _ = std::fs::remove_file(&admin_path);
+        return Err(e);
     }
-    // The mappings hold kernel mode now; with none, it unloads here.
-    drop(routes);
+    let state = service.state.clone();
     let mut background = tokio::task::JoinSet::new();
     if let Some(l) = metrics_listener {
         background.spawn(metrics::serve(l, metrics::registry(state.clone())));
     }
-    let (requests, mut admin_rx) = mpsc::channel(16);
-    background.spawn(admin::serve(admin_listener, requests));
+    let (requests, mut admin_rx) = mpsc::channel(64);
+    // Every runtime mapping may be held by a connection of its own (one per Docker shim).
+    let max_conns = service.config.max_runtime_mappings + 64;
+    let mut admin_task = tokio::spawn(admin::serve(admin_listener, requests, max_conns));
     if let Some(every) = systemd::watchdog_interval() {
         let dog = Notifier::from_env();
         background.spawn(async move {
@@ -194,36 +217,68 @@ pub async fn run(opts: Options) -> Result<(), ServiceError> {
     info!(config = %opts.config.display(), admin = %admin_path.display(), "berth running: {summary}");
     notifier.ready(&summary);
 
-    let mut current = config;
     // Finished retired mappings are dropped promptly: a kernel-mode one holds the programs.
     let mut reap = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = reap.tick() => lock(&state).reap(),
             _ = hup.recv() => {
-                let reply = reload(&opts.config, &mut current, &state, &mut inherited, &notifier, &mut kernel).await;
+                let reply = service.reload(&notifier).await;
                 log_reload(&reply);
             }
             Some(req) = admin_rx.recv() => match req {
-                Request::Status(tx) => {
-                    let rows = lock(&state).rows();
-                    let _ = tx.send(Reply { ok: true, message: String::new(), mappings: rows });
+                Request::Call { call, socket, conn, reply } => {
+                    service.call(call, socket, conn, reply, &notifier).await;
                 }
-                Request::Reload(tx) => {
-                    let reply = reload(&opts.config, &mut current, &state, &mut inherited, &notifier, &mut kernel).await;
-                    log_reload(&reply);
-                    let _ = tx.send(reply);
-                }
+                Request::Closed(conn) => service.closed(conn),
             },
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
 
-    stop(&state, current.drain_timeout, &notifier).await;
-    background.abort_all();
+    // Admin connections close first: a Docker shim whose daemon goes away serves its port
+    // itself, so its clients see no gap while this process drains.
+    admin_task.abort();
+    let _ = (&mut admin_task).await;
     let _ = std::fs::remove_file(&admin_path);
+    stop(&state, service.config.drain_timeout, &notifier).await;
+    background.abort_all();
     info!("berth stopped");
+    Ok(())
+}
+
+/// `berth forward` and a standalone `berth-docker-proxy`: serves one mapping on `bound` in
+/// the foreground until `shutdown`, then drains for `drain` and resets the rest. Kernel mode
+/// that cannot map the port is an error here.
+pub async fn forward(
+    spec: Spec,
+    bound: Bound,
+    mut kernel: Kernel,
+    drain: Duration,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServiceError> {
+    let name = spec.name.clone();
+    let prepared = kernel.prepare(&[&spec]).await?;
+    let running =
+        Running::start(spec, CONFIG_OWNER.into(), bound, None, &prepared).map_err(|source| {
+            ServiceError::Start {
+                name: name.clone(),
+                source,
+            }
+        })?;
+    drop(prepared);
+    if let Some(why) = &running.kernel_error {
+        return Err(ServiceError::Kernel {
+            name,
+            why: why.clone(),
+        });
+    }
+    let mut state = State::default();
+    state.active.insert(name, running);
+    let state = Mutex::new(state);
+    shutdown.await;
+    stop(&state, drain, &Notifier::from_env()).await;
     Ok(())
 }
 
@@ -242,280 +297,316 @@ fn log_reload(reply: &Reply) {
     }
 }
 
+impl Service {
+    /// Answers one admin request. Removal answers once the socket is closed, without holding
+    /// up the loop.
+    async fn call(
+        &mut self,
+        call: Call,
+        socket: Option<OwnedFd>,
+        conn: u64,
+        reply: tokio::sync::oneshot::Sender<Reply>,
+        notifier: &Notifier,
+    ) {
+        let answer = match call {
+            Call::Status | Call::List => Reply::ok("", lock(&self.state).rows()),
+            Call::Reload => {
+                let r = self.reload(notifier).await;
+                log_reload(&r);
+                r
+            }
+            Call::Add {
+                mapping,
+                owner,
+                lease,
+            } => {
+                let owner = owner.unwrap_or_else(|| "api".into());
+                let r = self
+                    .add(mapping, owner, lease.then_some(conn), socket)
+                    .await;
+                if !r.ok {
+                    warn!(reason = %r.message, "runtime mapping refused");
+                }
+                r
+            }
+            Call::Remove { name } => match self.remove(&name) {
+                Ok(released) => {
+                    tokio::spawn(async move {
+                        released.await;
+                        info!(mapping = %name, "runtime mapping removed");
+                        let _ = reply.send(Reply::ok(
+                            format!("removed {name}; its socket is closed"),
+                            Vec::new(),
+                        ));
+                    });
+                    return;
+                }
+                Err(why) => Reply::error(why),
+            },
+        };
+        let _ = reply.send(answer);
+    }
+
+    /// Adds a runtime mapping. A request that fails changes nothing.
+    async fn add(
+        &mut self,
+        mut draft: Draft,
+        owner: String,
+        lease: Option<u64>,
+        socket: Option<OwnedFd>,
+    ) -> Reply {
+        if let Err(why) = api::check_owner(&owner) {
+            return Reply::error(why);
+        }
+        if owner == CONFIG_OWNER {
+            return Reply::error(format!(
+                "owner {CONFIG_OWNER:?} is the configuration file's; pick another"
+            ));
+        }
+        let spec = {
+            let st = lock(&self.state);
+            let count = st.runtime().count();
+            if count >= self.config.max_runtime_mappings {
+                return Reply::error(format!(
+                    "the runtime API holds {count} mappings, the most [admin] max_runtime_mappings allows"
+                ));
+            }
+            if draft.name.is_none()
+                && let (Ok(proto), Some(Ok(listen))) = (
+                    draft.proto.as_deref().unwrap_or("tcp").parse(),
+                    draft.listen.as_deref().map(str::parse),
+                )
+            {
+                draft.name = Some(api::generate_name(&owner, proto, listen, |n| {
+                    st.active.contains_key(n)
+                }));
+            }
+            let spec = match draft.resolve(&self.config.defaults) {
+                Ok(s) => s,
+                Err(e) => return Reply::error(format!("mapping: {e}")),
+            };
+            if st.active.contains_key(&spec.name) {
+                return Reply::error(format!(
+                    "mapping: name: a mapping named {:?} exists",
+                    spec.name
+                ));
+            }
+            let others = st.active.values().map(|m| &m.spec);
+            if let Some(why) = config::clash(&spec, others, self.config.metrics_listen) {
+                return Reply::error(format!("mapping: listen: {why}"));
+            }
+            spec
+        };
+        let bound = match socket {
+            Some(fd) => Bound::adopt(fd, &spec).map_err(|e| format!("socket: {e}")),
+            None => Bound::bind(&spec).map_err(|e| format!("mapping: listen: {e}")),
+        };
+        let bound = match bound {
+            Ok(b) => b,
+            Err(why) => return Reply::error(why),
+        };
+        let prepared = match self.kernel.prepare(&[&spec]).await {
+            Ok(p) => p,
+            Err(e) => return Reply::error(e.to_string()),
+        };
+        let name = spec.name.clone();
+        let running = match Running::start(spec, owner.clone(), bound, None, &prepared) {
+            Ok(r) => r,
+            Err(e) => return Reply::error(format!("mapping {name:?}: {e}")),
+        };
+        let row = Row::of(&running);
+        let mut st = lock(&self.state);
+        st.active.insert(name.clone(), running);
+        if let Some(conn) = lease {
+            st.leases.insert(name.clone(), conn);
+        }
+        info!(mapping = %name, %owner, lease = lease.is_some(), "runtime mapping added");
+        Reply::ok(format!("added {name}"), vec![row])
+    }
+
+    /// Starts removing a runtime mapping; the future resolves once its socket is closed.
+    fn remove(&mut self, name: &str) -> Result<impl Future<Output = ()> + Send + use<>, String> {
+        let mut st = lock(&self.state);
+        match st.active.get(name) {
+            None => return Err(format!("no mapping named {name:?}")),
+            Some(m) if m.owner == CONFIG_OWNER => {
+                return Err(format!(
+                    "mapping {name:?} comes from the configuration file: remove it there and reload"
+                ));
+            }
+            Some(_) => {}
+        }
+        Ok(st.retire(name).expect("checked above"))
+    }
+
+    /// An admin connection closed: the mappings it held as leases go.
+    fn closed(&mut self, conn: u64) {
+        let mut st = lock(&self.state);
+        let held: Vec<String> = st
+            .leases
+            .iter()
+            .filter(|(_, c)| **c == conn)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in held {
+            info!(mapping = %name, "lease ended (its client went away); removing the mapping");
+            drop(st.retire(&name));
+        }
+    }
+
+    /// Re-reads the file and applies the difference; an invalid file changes nothing.
+    async fn reload(&mut self, notifier: &Notifier) -> Reply {
+        notifier.reloading();
+        let result = match Config::load(&self.path) {
+            Ok(new) => self.apply(new).await,
+            Err(e) => Err(e.into()),
+        };
+        let mut st = lock(&self.state);
+        let rows = st.rows();
+        let summary = st.summary();
+        drop(st);
+        notifier.ready(&summary);
+        match result {
+            Ok(message) => Reply::ok(message, rows),
+            Err(e) => Reply {
+                ok: false,
+                message: e.to_string(),
+                mappings: rows,
+            },
+        }
+    }
+
+    /// Makes the file's mappings those of `new`. Unchanged ones are untouched; new and changed
+    /// ones start (a changed one on its predecessor's very socket); removed and replaced ones
+    /// stop accepting and drain without a deadline. Runtime mappings are left alone, and a
+    /// file mapping that would clash with one is refused. A kernel-mode mapping that runs
+    /// without kernel mode counts as changed: every reload tries again.
+    async fn apply(&mut self, new: Config) -> Result<String, ServiceError> {
+        {
+            let st = lock(&self.state);
+            for m in &new.mappings {
+                let err = |why| ServiceError::Conflict {
+                    name: m.name.clone(),
+                    why,
+                };
+                if let Some(r) = st.runtime().find(|r| r.spec.name == m.name) {
+                    return Err(err(format!(
+                        "the name is taken by a mapping added at run time by {}",
+                        r.owner
+                    )));
+                }
+                if let Some(why) = config::clash(m, st.runtime().map(|r| &r.spec), None) {
+                    return Err(err(format!("listen: {why} (added at run time)")));
+                }
+            }
+        }
+        self.kernel.configure(new.sockmap, new.dnat.clone());
+        let is_file = |r: &Running| r.owner == CONFIG_OWNER;
+        let keep: HashSet<String> = {
+            let st = lock(&self.state);
+            new.mappings
+                .iter()
+                .filter(|m| {
+                    st.active
+                        .get(&m.name)
+                        .is_some_and(|r| is_file(r) && r.spec == **m && r.kernel_error.is_none())
+                })
+                .map(|m| m.name.clone())
+                .collect()
+        };
+        let start: Vec<&Spec> = new
+            .mappings
+            .iter()
+            .filter(|m| !keep.contains(&m.name))
+            .collect();
+        // Kernel mode's netlink lookups are async: done before the state is locked.
+        let prepared = self.kernel.prepare(&start).await?;
+        let mut st = lock(&self.state);
+        st.reap();
+        let bound = bind_all(&start, &mut self.inherited, &st)?;
+        let changed = start
+            .iter()
+            .filter(|m| st.active.contains_key(&m.name))
+            .count();
+        let retire: Vec<String> = st
+            .active
+            .iter()
+            .filter(|(n, r)| is_file(r) && !keep.contains(*n))
+            .map(|(n, _)| n.clone())
+            .collect();
+        let removed = retire.len() - changed;
+        let added = start.len() - changed;
+        // Start the new ones first: a replaced mapping's socket is then served without a gap.
+        let mut started = Vec::with_capacity(bound.len());
+        for (spec, b) in bound {
+            let reuse = st.active.get(&spec.name).map(|r| r.counters.clone());
+            let name = spec.name.clone();
+            let r = Running::start(spec, CONFIG_OWNER.into(), b, reuse, &prepared)
+                .map_err(|source| ServiceError::Start { name, source })?;
+            started.push(r);
+        }
+        drop(prepared);
+        for name in retire {
+            drop(st.retire(&name));
+        }
+        for r in started {
+            st.active.insert(r.spec.name.clone(), r);
+        }
+        if new.metrics_listen != self.config.metrics_listen
+            || new.admin_socket != self.config.admin_socket
+            || new.max_runtime_mappings != self.config.max_runtime_mappings
+        {
+            warn!("[metrics] and [admin] changes take effect at the next restart");
+        }
+        let (metrics, admin, max) = (
+            self.config.metrics_listen,
+            self.config.admin_socket.clone(),
+            self.config.max_runtime_mappings,
+        );
+        self.config = Config {
+            metrics_listen: metrics,
+            admin_socket: admin,
+            max_runtime_mappings: max,
+            ..new
+        };
+        Ok(format!(
+            "{} unchanged, {added} added, {changed} changed, {removed} removed",
+            keep.len()
+        ))
+    }
+}
+
 /// Binds (or adopts) a socket for each of `specs`: a socket systemd passed under the
-/// mapping's name, else a duplicate of the socket of a running mapping on the same address
-/// (so that a replaced mapping never closes its port), else a fresh bind.
+/// mapping's name, else a duplicate of the socket of a running file mapping on the same
+/// address (so that a replaced mapping never closes its port), else a fresh bind.
 fn bind_all(
-    specs: &[&MappingSpec],
+    specs: &[&Spec],
     inherited: &mut HashMap<String, OwnedFd>,
     running: &State,
-) -> Result<Vec<(MappingSpec, Bound)>, ServiceError> {
+) -> Result<Vec<(Spec, Bound)>, ServiceError> {
     let mut out = Vec::with_capacity(specs.len());
     for &spec in specs {
-        let socket_err = |why: String| ServiceError::Socket {
-            name: spec.name.clone(),
-            why,
-        };
+        let name = spec.name.clone();
         let bound = if let Some(fd) = inherited.remove(&spec.name) {
-            Bound::adopt(fd, spec).map_err(socket_err)?
+            Bound::adopt(fd, spec).map_err(|source| ServiceError::Adopt { name, source })?
         } else if let Some(r) = running.active.values().find(|r| {
             // Port 0 means "any free port": only the same mapping's own socket fits.
-            r.spec.proto == spec.proto
+            r.owner == CONFIG_OWNER
+                && r.spec.proto == spec.proto
                 && r.spec.listen == spec.listen
                 && (spec.listen.get().port() != 0 || r.spec.name == spec.name)
         }) {
-            let fd = r.handover().map_err(|e| socket_err(e.to_string()))?;
-            Bound::adopt(fd, spec).map_err(socket_err)?
-        } else {
-            Bound::bind(spec).map_err(|source| ServiceError::Listen {
-                name: spec.name.clone(),
+            let fd = r.handover().map_err(|source| ServiceError::Handover {
+                name: name.clone(),
                 source,
-            })?
+            })?;
+            Bound::adopt(fd, spec).map_err(|source| ServiceError::Adopt { name, source })?
+        } else {
+            Bound::bind(spec).map_err(|source| ServiceError::Listen { name, source })?
         };
         out.push((spec.clone(), bound));
     }
     Ok(out)
-}
-
-/// Re-reads the file and applies the difference. Unchanged mappings are untouched; new and
-/// changed ones start (a changed one on its predecessor's very socket); removed and replaced
-/// ones stop accepting and drain without a deadline. An invalid file changes nothing.
-async fn reload(
-    path: &Path,
-    current: &mut Config,
-    state: &Mutex<State>,
-    inherited: &mut HashMap<String, OwnedFd>,
-    notifier: &Notifier,
-    kernel: &mut Kernel,
-) -> Reply {
-    notifier.reloading();
-    let result = apply(path, current, state, inherited, kernel).await;
-    let mut st = lock(state);
-    let rows = st.rows();
-    let summary = st.summary();
-    drop(st);
-    notifier.ready(&summary);
-    match result {
-        Ok(message) => Reply {
-            ok: true,
-            message,
-            mappings: rows,
-        },
-        Err(e) => Reply {
-            ok: false,
-            message: e.to_string(),
-            mappings: rows,
-        },
-    }
-}
-
-async fn apply(
-    path: &Path,
-    current: &mut Config,
-    state: &Mutex<State>,
-    inherited: &mut HashMap<String, OwnedFd>,
-    kernel: &mut Kernel,
-) -> Result<String, ServiceError> {
-    let new = Config::load(path)?;
-    kernel.ensure(&new)?;
-    // Kernel mode's netlink lookups are async: done before the state is locked.
-    let routes = kernel.dnat_routes_for(&new).await;
-    let mut st = lock(state);
-    st.reap();
-    st.failed.clear();
-    let keep: HashSet<String> = new
-        .mappings
-        .iter()
-        .filter(|m| st.active.get(&m.name).is_some_and(|r| r.spec == **m))
-        .map(|m| m.name.clone())
-        .collect();
-    let start: Vec<&MappingSpec> = new
-        .mappings
-        .iter()
-        .filter(|m| !keep.contains(&m.name))
-        .collect();
-    let bound = bind_all(&start, inherited, &st)?;
-    let changed = start
-        .iter()
-        .filter(|m| st.active.contains_key(&m.name))
-        .count();
-    let retire: Vec<String> = st
-        .active
-        .keys()
-        .filter(|n| !keep.contains(*n))
-        .cloned()
-        .collect();
-    let removed = retire.len() - changed;
-    let added = start.len() - changed;
-    // Start the new ones first: a replaced mapping's socket is then served without a gap.
-    let mut started = Vec::with_capacity(bound.len());
-    for (spec, b) in bound {
-        let reuse = st.active.get(&spec.name).map(|r| r.counters.clone());
-        if let Some(r) = start_one(&mut st, spec, b, reuse, kernel, &routes)? {
-            started.push(r);
-        }
-    }
-    for name in retire {
-        if let Some(mut r) = st.active.remove(&name) {
-            r.drain();
-            st.retired.push(r);
-        }
-    }
-    for r in started {
-        st.active.insert(r.spec.name.clone(), r);
-    }
-    if new.metrics_listen != current.metrics_listen || new.admin_socket != current.admin_socket {
-        warn!("[metrics] and [admin] changes take effect at the next restart");
-    }
-    *current = new;
-    Ok(format!(
-        "{} unchanged, {added} added, {changed} changed, {removed} removed",
-        keep.len()
-    ))
-}
-
-/// Starts one bound mapping. A kernel-mode mapping that cannot start is recorded in
-/// `st.failed` (and logged) instead: the other mappings run on.
-fn start_one(
-    st: &mut State,
-    spec: MappingSpec,
-    bound: Bound,
-    reuse: Option<mapping::Counters>,
-    kernel: &Kernel,
-    routes: &DnatRoutes,
-) -> Result<Option<Running>, ServiceError> {
-    let name = spec.name.clone();
-    if !spec.mode.is_kernel() {
-        return Running::start(spec, bound, reuse, kernel.sockmap.as_ref(), None)
-            .map(Some)
-            .map_err(|e| ServiceError::Socket {
-                name,
-                why: e.to_string(),
-            });
-    }
-    let started = match (&routes.dnat, routes.routes.get(&name)) {
-        (Err(why), _) => Err(why.clone()),
-        (Ok(_), None) => Err("no route was looked up".to_owned()),
-        (Ok(_), Some(Err(why))) => Err(why.clone()),
-        (Ok(dnat), Some(Ok(via))) => {
-            Running::start(spec.clone(), bound, reuse, None, Some((dnat, via)))
-                .map_err(|e| e.to_string())
-        }
-    };
-    match started {
-        Ok(r) => Ok(Some(r)),
-        Err(why) => {
-            error!(mapping = %name, reason = %why, "kernel-mode mapping not started; the others run on");
-            st.failed.insert(name, (spec, why));
-            Ok(None)
-        }
-    }
-}
-
-/// Kernel mode for one start or reload: the loaded programs (or why they are not), and the
-/// route to each kernel-mode mapping's container.
-struct DnatRoutes {
-    dnat: Result<Arc<Dnat>, String>,
-    routes: HashMap<String, Result<Route, String>>,
-}
-
-/// The kernel programs the mappings share, loaded on first need.
-#[derive(Debug, Default)]
-struct Kernel {
-    sockmap: Option<Arc<Sockmap>>,
-    /// Why loading failed, once tried: `auto` mappings then splice (logged once).
-    sockmap_error: Option<String>,
-    /// Kernel mode, while a mapping uses it: the mappings hold the strong handles, so the
-    /// programs are detached as soon as the last kernel-mode mapping is gone.
-    dnat: std::sync::Weak<Dnat>,
-}
-
-impl Kernel {
-    /// Loads the sockmap programs if a TCP mapping of `config` asks for them; if they cannot
-    /// load, that mapping is an error (with the reason) and nothing changes.
-    fn ensure(&mut self, config: &Config) -> Result<(), ServiceError> {
-        let tcp = || {
-            config
-                .mappings
-                .iter()
-                .filter(|m| m.proto == crate::addr::Proto::Tcp)
-        };
-        if self.sockmap.is_none()
-            && self.sockmap_error.is_none()
-            && tcp().any(|m| m.mode.wants_sockmap())
-        {
-            match Sockmap::load(config.sockmap) {
-                Ok(sm) => {
-                    info!(
-                        max_entries = config.sockmap.max_entries,
-                        send_buffer = config.sockmap.send_buffer,
-                        "sockmap programs loaded"
-                    );
-                    self.sockmap = Some(sm);
-                }
-                Err(e) => {
-                    warn!(reason = %e, "sockmap mode unavailable");
-                    self.sockmap_error = Some(e.to_string());
-                }
-            }
-        }
-        if let (Some(why), Some(m)) = (
-            &self.sockmap_error,
-            tcp().find(|m| m.mode == config::ModeChoice::Sockmap),
-        ) {
-            return Err(ServiceError::Socket {
-                name: m.name.clone(),
-                why: format!("mode sockmap: {why}"),
-            });
-        }
-        Ok(())
-    }
-}
-
-impl Kernel {
-    /// Loads kernel mode if a mapping of `config` asks for it, and looks up the route to each
-    /// such mapping's container.
-    async fn dnat_routes_for(&mut self, config: &Config) -> DnatRoutes {
-        let wanted: Vec<&MappingSpec> = config
-            .mappings
-            .iter()
-            .filter(|m| m.mode.is_kernel())
-            .collect();
-        let mut out = DnatRoutes {
-            dnat: Err("not needed".into()),
-            routes: HashMap::new(),
-        };
-        if wanted.is_empty() {
-            return out;
-        }
-        out.dnat = match self.dnat.upgrade() {
-            Some(d) => {
-                if d.settings() != &config.dnat {
-                    warn!(
-                        "[dnat] changes take effect once no kernel-mode mapping is left, or at the next restart"
-                    );
-                }
-                Ok(d)
-            }
-            None => match Dnat::start(config.dnat.clone()).await {
-                Ok(d) => {
-                    self.dnat = Arc::downgrade(&d);
-                    Ok(d)
-                }
-                Err(e) => {
-                    warn!(reason = %e, "kernel mode unavailable");
-                    Err(format!("kernel mode unavailable: {e}"))
-                }
-            },
-        };
-        if out.dnat.is_ok() {
-            for m in wanted {
-                let route = Dnat::route(m.target.get()).await.map_err(|e| e.to_string());
-                out.routes.insert(m.name.clone(), route);
-            }
-        }
-        out
-    }
 }
 
 /// The graceful stop: every mapping stops accepting, open connections get `drain` to finish,
@@ -559,4 +650,12 @@ async fn stop(state: &Mutex<State>, drain: Duration, notifier: &Notifier) {
 /// Validates `file` as `berth run` would, without binding anything.
 pub fn check(file: &Path) -> Result<Config, ConfigError> {
     Config::load(file)
+}
+
+/// The admin socket a command should use: `explicit` (a flag), else `$BERTH_ADMIN_SOCKET`,
+/// else the default.
+pub fn admin_socket(explicit: Option<PathBuf>) -> PathBuf {
+    explicit
+        .or_else(|| std::env::var_os(config::ADMIN_SOCKET_ENV).map(PathBuf::from))
+        .unwrap_or_else(|| config::DEFAULT_ADMIN_SOCKET.into())
 }

@@ -1,7 +1,7 @@
 //! What `berth status` shows: one row per mapping, as a table or as JSON.
 use serde::{Deserialize, Serialize};
 
-use super::mapping::{Counters, Running};
+use crate::mapping::{RelayCounters, Running};
 
 /// One mapping's state and counters.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -11,7 +11,11 @@ pub struct Row {
     pub listen: String,
     pub target: String,
     pub mode: String,
-    /// `active`, or `draining` (removed or replaced by a reload, connections still open).
+    /// `config` for the file's mappings, else who added it at run time (`docker`, ...).
+    #[serde(default)]
+    pub owner: String,
+    /// `active`; `draining` (removed or replaced, connections still open); or `failed: why`
+    /// for a kernel-mode mapping that kernel mode could not map (its relay serves it).
     pub state: String,
     /// Open connections (TCP) or flows (UDP); in kernel mode, conntrack entries.
     pub active: u64,
@@ -24,8 +28,8 @@ pub struct Row {
 
 impl Row {
     pub(crate) fn of(m: &Running) -> Self {
-        let (active, up, down, errors) = match &m.counters {
-            Counters::Tcp(s) => {
+        let (mut active, mut up, mut down, errors) = match &m.counters.relay {
+            RelayCounters::Tcp(s) => {
                 let s = s.snapshot();
                 (
                     s.active,
@@ -34,7 +38,7 @@ impl Row {
                     s.errors_total(),
                 )
             }
-            Counters::Udp(s) => {
+            RelayCounters::Udp(s) => {
                 let s = s.snapshot();
                 (
                     s.flows_active,
@@ -43,11 +47,19 @@ impl Row {
                     s.unreachable + s.dropped,
                 )
             }
-            // Remote flows' frame bytes; local connections bypass every counter.
-            Counters::Dnat(m) => {
-                let s = m.snapshot();
-                (s.conntrack_entries, s.bytes_in, s.bytes_out, 0)
-            }
+        };
+        // Kernel mode: remote flows' frame bytes on top of the relay's (local connections
+        // bypass every counter).
+        if let Some(d) = &m.counters.dnat {
+            let s = d.snapshot();
+            active += s.conntrack_entries;
+            up += s.bytes_in;
+            down += s.bytes_out;
+        }
+        let state = match (&m.kernel_error, m.is_draining()) {
+            (_, true) => "draining".to_owned(),
+            (Some(why), false) => format!("failed: {why} (served by the relay)"),
+            (None, false) => "active".to_owned(),
         };
         Self {
             name: m.spec.name.clone(),
@@ -57,34 +69,12 @@ impl Row {
                 .map_or_else(|| m.spec.listen.to_string(), |a| a.to_string()),
             target: m.spec.target.to_string(),
             mode: m.mode.into(),
-            state: if m.is_draining() {
-                "draining"
-            } else {
-                "active"
-            }
-            .into(),
+            owner: m.owner.clone(),
+            state,
             active,
             bytes_to_target: up,
             bytes_to_client: down,
             errors,
-        }
-    }
-}
-
-impl Row {
-    /// A kernel-mode mapping that could not start; `why` is in the state column.
-    pub(crate) fn failed(spec: &super::config::MappingSpec, why: &str) -> Self {
-        Self {
-            name: spec.name.clone(),
-            proto: spec.proto.to_string(),
-            listen: spec.listen.to_string(),
-            target: spec.target.to_string(),
-            mode: spec.mode.to_string(),
-            state: format!("failed: {why}"),
-            active: 0,
-            bytes_to_target: 0,
-            bytes_to_client: 0,
-            errors: 0,
         }
     }
 }
@@ -97,13 +87,14 @@ pub fn table(rows: &[Row]) -> String {
         "LISTEN",
         "TARGET",
         "MODE",
+        "OWNER",
         "STATE",
         "ACTIVE",
         "TO TARGET",
         "TO CLIENT",
         "ERRORS",
     ];
-    let cells: Vec<[String; 10]> = rows
+    let cells: Vec<[String; 11]> = rows
         .iter()
         .map(|r| {
             [
@@ -112,6 +103,7 @@ pub fn table(rows: &[Row]) -> String {
                 r.listen.clone(),
                 r.target.clone(),
                 r.mode.clone(),
+                r.owner.clone(),
                 r.state.clone(),
                 r.active.to_string(),
                 bytes(r.bytes_to_target),
@@ -174,6 +166,7 @@ mod tests {
             listen: "0.0.0.0:9091".into(),
             target: "172.16.1.1:80".into(),
             mode: "splice".into(),
+            owner: "config".into(),
             state: "active".into(),
             active: 3,
             bytes_to_target: 1536,

@@ -3,7 +3,11 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use berth::{
-    service::{self, admin, config::DEFAULT_ADMIN_SOCKET, status},
+    service::{
+        self, admin,
+        config::{ADMIN_SOCKET_ENV, DEFAULT_ADMIN_SOCKET},
+        status,
+    },
     sys,
 };
 use clap::Args;
@@ -22,7 +26,7 @@ pub(crate) struct RunArgs {
     #[arg(long, short, default_value = DEFAULT_CONFIG)]
     config: PathBuf,
     /// The admin socket, overriding the file's [admin] socket.
-    #[arg(long)]
+    #[arg(long, env = ADMIN_SOCKET_ENV)]
     admin_socket: Option<PathBuf>,
 }
 
@@ -39,14 +43,14 @@ pub(crate) struct StatusArgs {
     #[arg(long)]
     json: bool,
     /// The admin socket of the berth to ask.
-    #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+    #[arg(long, env = ADMIN_SOCKET_ENV, default_value = DEFAULT_ADMIN_SOCKET)]
     admin_socket: PathBuf,
 }
 
 #[derive(Debug, Args)]
 pub(crate) struct ReloadArgs {
     /// The admin socket of the berth to reload.
-    #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+    #[arg(long, env = ADMIN_SOCKET_ENV, default_value = DEFAULT_ADMIN_SOCKET)]
     admin_socket: PathBuf,
 }
 

@@ -1,0 +1,164 @@
+//! The kernel programs that mappings share: the sockmap relay, loaded on first need and kept,
+//! and kernel mode, loaded while a mapping uses it. One place loads both, whichever front end
+//! started the mapping.
+use std::{
+    collections::HashMap,
+    sync::{Arc, Weak},
+};
+
+use tracing::{info, warn};
+
+use super::{ModeChoice, Spec};
+use crate::{
+    addr::Proto,
+    dnat::{self, Dnat, Route},
+    sockmap::{self, Sockmap},
+};
+
+/// A mapping asked for a kernel feature by name and it is not there.
+#[derive(Debug, thiserror::Error)]
+#[error("mapping {name:?}: mode sockmap: {why}")]
+pub struct SockmapUnavailable {
+    pub name: String,
+    pub why: String,
+}
+
+/// The kernel programs of one process.
+#[derive(Debug)]
+pub struct Kernel {
+    sockmap_settings: sockmap::Settings,
+    dnat_settings: dnat::Settings,
+    sockmap: Option<Arc<Sockmap>>,
+    /// Why loading failed, once tried (logged once; asked again only by a restart).
+    sockmap_error: Option<String>,
+    /// Kernel mode, while a mapping uses it: the mappings hold the strong handles, so the
+    /// programs are detached as soon as the last kernel-mode mapping is gone.
+    dnat: Weak<Dnat>,
+}
+
+/// What a batch of mappings about to start needs from the kernel, looked up before they start
+/// (the netlink lookups are async; starting is not).
+#[derive(Debug)]
+pub struct Prepared {
+    pub(crate) sockmap: Option<Arc<Sockmap>>,
+    dnat: Result<Arc<Dnat>, String>,
+    routes: HashMap<String, Result<Route, String>>,
+}
+
+impl Prepared {
+    /// Kernel mode for `spec`: the programs and the route to its container, or why not.
+    pub(crate) fn dnat_for(&self, spec: &Spec) -> Result<(&Arc<Dnat>, &Route), String> {
+        let dnat = self.dnat.as_ref().map_err(Clone::clone)?;
+        match self.routes.get(&spec.name) {
+            Some(Ok(route)) => Ok((dnat, route)),
+            Some(Err(why)) => Err(why.clone()),
+            None => Err("no route was looked up".into()),
+        }
+    }
+
+    /// Nothing loaded: what relay-only mappings need.
+    pub fn none() -> Self {
+        Self {
+            sockmap: None,
+            dnat: Err("not needed".into()),
+            routes: HashMap::new(),
+        }
+    }
+}
+
+impl Kernel {
+    pub fn new(sockmap_settings: sockmap::Settings, dnat_settings: dnat::Settings) -> Self {
+        Self {
+            sockmap_settings,
+            dnat_settings,
+            sockmap: None,
+            sockmap_error: None,
+            dnat: Weak::new(),
+        }
+    }
+
+    /// New settings (a reload). Loaded programs keep theirs: sockmap sizes apply at the next
+    /// restart, kernel mode's once no kernel-mode mapping is left.
+    pub fn configure(
+        &mut self,
+        sockmap_settings: sockmap::Settings,
+        dnat_settings: dnat::Settings,
+    ) {
+        if self.sockmap.is_some() && sockmap_settings != self.sockmap_settings {
+            warn!("sockmap size changes take effect at the next restart");
+        }
+        if self.dnat.strong_count() > 0 && dnat_settings != self.dnat_settings {
+            warn!(
+                "[dnat] changes take effect once no kernel-mode mapping is left, or at the next restart"
+            );
+        }
+        self.sockmap_settings = sockmap_settings;
+        self.dnat_settings = dnat_settings;
+    }
+
+    /// Loads what `specs` need. A mapping that asks for sockmap by name when it cannot load is
+    /// an error; kernel mode that cannot load is not (its mappings run on their relay, and
+    /// the reason is shown).
+    pub async fn prepare(&mut self, specs: &[&Spec]) -> Result<Prepared, SockmapUnavailable> {
+        let sockmap = self.sockmap(specs)?;
+        let wanted: Vec<&&Spec> = specs.iter().filter(|s| s.mode.is_kernel()).collect();
+        let mut out = Prepared {
+            sockmap,
+            ..Prepared::none()
+        };
+        if wanted.is_empty() {
+            return Ok(out);
+        }
+        out.dnat = match self.dnat.upgrade() {
+            Some(d) => Ok(d),
+            None => match Dnat::start(self.dnat_settings.clone()).await {
+                Ok(d) => {
+                    self.dnat = Arc::downgrade(&d);
+                    Ok(d)
+                }
+                Err(e) => {
+                    warn!(reason = %e, "kernel mode unavailable; its mappings are served by the relay");
+                    Err(format!("kernel mode unavailable: {e}"))
+                }
+            },
+        };
+        if out.dnat.is_ok() {
+            for s in wanted {
+                let route = Dnat::route(s.target.get()).await.map_err(|e| e.to_string());
+                out.routes.insert(s.name.clone(), route);
+            }
+        }
+        Ok(out)
+    }
+
+    fn sockmap(&mut self, specs: &[&Spec]) -> Result<Option<Arc<Sockmap>>, SockmapUnavailable> {
+        let wanting = || {
+            specs
+                .iter()
+                .filter(|s| s.proto == Proto::Tcp && s.mode == ModeChoice::Sockmap)
+        };
+        if self.sockmap.is_none() && self.sockmap_error.is_none() && wanting().next().is_some() {
+            match Sockmap::load(self.sockmap_settings) {
+                Ok(sm) => {
+                    info!(
+                        max_entries = self.sockmap_settings.max_entries,
+                        send_buffer = self.sockmap_settings.send_buffer,
+                        "sockmap programs loaded"
+                    );
+                    self.sockmap = Some(sm);
+                }
+                Err(e) => {
+                    warn!(reason = %e, "sockmap mode unavailable");
+                    self.sockmap_error = Some(e.to_string());
+                }
+            }
+        }
+        if let (Some(why), Some(s)) = (&self.sockmap_error, wanting().next()) {
+            return Err(SockmapUnavailable {
+                name: s.name.clone(),
+                why: why.clone(),
+            });
+        }
+        Ok(self.sockmap.clone())
+    }
+}
