@@ -16,7 +16,9 @@ use std::{
     process::{Child, Command, Stdio},
 };
 
-use common::{HANG, TestNet, assert_mirrored, exchange, spawn_exchange_server};
+use common::{
+    HANG, TestNet, assert_mirrored, daemon::shim_with_status, exchange, spawn_exchange_server,
+};
 use nix::{
     fcntl::OFlag,
     sys::signal::{Signal, kill},
@@ -28,31 +30,8 @@ use tokio::{net::TcpStream, time::timeout};
 /// runs on the host.
 const STANDALONE: &str = "/nonexistent/berth-admin.sock";
 
-/// Spawns berth-docker-proxy with `fds` placed at the given numbers (fd 3, fd 4, …).
-fn spawn(args: &[&str], fds: Vec<(OwnedFd, RawFd)>) -> Child {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth-docker-proxy"));
-    cmd.args(args)
-        .env("BERTH_ADMIN_SOCKET", STANDALONE)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    common::place_fds(
-        &mut cmd,
-        fds.iter().map(|(fd, to)| (fd.as_raw_fd(), *to)).collect(),
-    );
-    let child = cmd.spawn().unwrap();
-    drop(fds); // the parent's copies: the status pipe must see EOF once the child closes it
-    child
-}
-
-/// Spawns with a status pipe on fd 3 (plus `extra` fds) and returns what the child reported.
-fn spawn_with_status(args: &[&str], mut extra: Vec<(OwnedFd, RawFd)>) -> (Child, String) {
-    let (r, w) = pipe2(OFlag::O_CLOEXEC).unwrap();
-    extra.push((w, 3));
-    let child = spawn(args, extra);
-    let mut status = String::new();
-    std::fs::File::from(r).read_to_string(&mut status).unwrap();
-    (child, status)
+fn spawn_with_status(args: &[&str], extra: Vec<(OwnedFd, RawFd)>) -> (Child, String) {
+    shim_with_status(args, std::path::Path::new(STANDALONE), extra)
 }
 
 fn stop(child: Child) {

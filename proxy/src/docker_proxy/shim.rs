@@ -97,7 +97,7 @@ fn delegate(
         Err(e) => return fail(status, &format!("cannot set up signal handling: {e}")),
     };
     let add = Call::Add {
-        mapping: draft,
+        mapping: Box::new(draft),
         owner: Some(OWNER.into()),
         lease: true,
     };

@@ -39,7 +39,7 @@ const MAX_FDS: usize = 1;
 #[derive(Debug)]
 pub(crate) enum Request {
     Call {
-        call: Call,
+        call: Box<Call>,
         /// The socket that came with the line, if any.
         socket: Option<OwnedFd>,
         /// The connection it came on (leases are tied to it).
@@ -163,7 +163,7 @@ async fn connection(
                     Ok(call) => {
                         let (tx, rx) = oneshot::channel();
                         let req = Request::Call {
-                            call,
+                            call: Box::new(call),
                             socket: passed.pop(),
                             conn,
                             reply: tx,

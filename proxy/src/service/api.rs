@@ -67,7 +67,7 @@ pub enum Call {
     /// Add a mapping. The listening socket may come along with the line (SCM_RIGHTS);
     /// otherwise the daemon binds.
     Add {
-        mapping: Draft,
+        mapping: Box<Draft>,
         /// Who adds it (`docker`, `cni:<id>:<ifname>`); shown in status. Default `api`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         owner: Option<String>,

@@ -228,7 +228,7 @@ pub async fn run(opts: Options) -> Result<(), ServiceError> {
             }
             Some(req) = admin_rx.recv() => match req {
                 Request::Call { call, socket, conn, reply } => {
-                    service.call(call, socket, conn, reply, &notifier).await;
+                    service.call(*call, socket, conn, reply, &notifier).await;
                 }
                 Request::Closed(conn) => service.closed(conn),
             },
@@ -350,11 +350,12 @@ impl Service {
     /// Adds a runtime mapping. A request that fails changes nothing.
     async fn add(
         &mut self,
-        mut draft: Draft,
+        draft: Box<Draft>,
         owner: String,
         lease: Option<u64>,
         socket: Option<OwnedFd>,
     ) -> Reply {
+        let mut draft = *draft;
         if let Err(why) = api::check_owner(&owner) {
             return Reply::error(why);
         }

@@ -104,6 +104,13 @@ pub async fn run(
     let open = table.len();
     drop(table);
     mapping.stats.set_active(0);
+    // The flows' reply tasks are aborted and drop their handles on the socket at their next
+    // poll: wait for that, so that the port is free when this returns (whoever removed the
+    // mapping may bind it again at once).
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Arc::strong_count(&mapping) > 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     info!(listen = %local, flows = open, "stopped; flows closed");
     Ok(())
 }

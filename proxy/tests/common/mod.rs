@@ -281,6 +281,8 @@ pub fn rng() -> SmallRng {
     SmallRng::seed_from_u64(seed)
 }
 
+pub mod daemon;
+
 // === Bare namespaces ===
 
 /// A network namespace of its own with only `lo` (up), deleted on drop even when a test fails.
