@@ -329,7 +329,7 @@ fn cli_rejects_bad_input_clearly() {
                 "--max-connections",
                 "0",
             ],
-            "not a positive number",
+            "--max-connections: 0 is not a number from 1",
         ),
         (
             &[

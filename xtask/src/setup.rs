@@ -9,9 +9,19 @@ use crate::exec;
 const BPF_LINKER_VERSION: &str = "0.10.3";
 
 /// Debian packages the tests and the demo use: `ip` for inspecting what tests leave behind,
-/// python3 for the demo's file server, curl to fetch through the proxy, and systemd for
-/// `systemd-analyze verify` of the shipped units.
-const APT_PACKAGES: &[&str] = &["iproute2", "python3", "curl", "systemd"];
+/// python3 for the demo's file server, curl to fetch through the proxy, systemd for
+/// `systemd-analyze verify` of the shipped units, and for the real-dockerd test dockerd 20.10
+/// (docker.io, with containerd and runc), iptables for its rules, and busybox-static for the
+/// image it imports.
+const APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "python3",
+    "curl",
+    "systemd",
+    "docker.io",
+    "iptables",
+    "busybox-static",
+];
 
 pub(crate) fn run() -> anyhow::Result<()> {
     rust_src()?;
