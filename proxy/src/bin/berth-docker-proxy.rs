@@ -9,15 +9,17 @@ use std::{
 use berth::{
     addr::Proto,
     docker_proxy::{Args, LISTEN_FD, Parsed, StatusPipe, USAGE, shim},
-    sys,
 };
 use socket2::Socket;
 
 fn main() -> ExitCode {
     // Take fd 3 before anything (the runtime, the logger) can open a descriptor.
     let mut status = StatusPipe::take();
-    // dockerd passes no log flag; BERTH_LOG (or RUST_LOG) is the way in.
-    sys::init_logging(&std::env::var("BERTH_LOG").unwrap_or_else(|_| "warn".into()));
+    // dockerd passes no log flag; BERTH_LOG (or RUST_LOG) is the way in. Asked for, the
+    // logger starts now; otherwise on first need (a waiting shim stays small).
+    if std::env::var_os("BERTH_LOG").is_some() || std::env::var_os("RUST_LOG").is_some() {
+        shim::logging();
+    }
     let args = match Args::parse(std::env::args().skip(1)) {
         Ok(Parsed::Run(args)) => args,
         Ok(Parsed::Help) => {

@@ -45,12 +45,23 @@ const OWNER: &str = "docker";
 /// How often a covering shim looks for a daemon to hand the port back to.
 const RETRY: Duration = Duration::from_millis(200);
 
+static LOGGING: std::sync::Once = std::sync::Once::new();
+
+/// Installs the logger on first need (`BERTH_LOG`, default warn): a shim that only waits
+/// never pays the heap it takes.
+pub fn logging() {
+    LOGGING.call_once(|| {
+        sys::init_logging(&std::env::var("BERTH_LOG").unwrap_or_else(|_| "warn".into()));
+    });
+}
+
 /// Runs the shim to its end. `inherited` is dockerd's fd 4, already checked.
 pub fn run(args: &Args, inherited: Option<Socket>, status: &mut StatusPipe) -> ExitCode {
     let admin = service::admin_socket(None);
     match Client::connect(&admin) {
         Ok(client) => delegate(args, inherited, status, client, admin),
         Err(e) => {
+            logging();
             info!(reason = %e, "no berth daemon answers; serving the port in this process");
             standalone(args, inherited, status)
         }
@@ -105,6 +116,7 @@ fn delegate(
         Ok(r) if r.ok => r.mappings.first().map(|m| m.name.clone()),
         Ok(r) => return fail(status, &r.message),
         Err(e) => {
+            logging();
             warn!(reason = %e, "the berth daemon went away while adding the port; serving it here");
             None
         }
@@ -124,6 +136,7 @@ fn delegate(
     {
         Ok(rt) => rt,
         Err(e) => {
+            logging();
             error!(error = %e, "cannot start a runtime to serve the port; exiting");
             return ExitCode::FAILURE;
         }
@@ -142,6 +155,7 @@ fn wait(client: &Client, signals: &SignalFd) -> Woken {
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
+                logging();
                 error!(error = %e, "poll failed; treating the daemon as gone");
                 return Woken::DaemonGone;
             }
@@ -151,6 +165,7 @@ fn wait(client: &Client, signals: &SignalFd) -> Woken {
             return Woken::Stop;
         }
         if fds[1].any().unwrap_or(false) {
+            logging();
             warn!("the berth daemon went away; serving the port in this process until it is back");
             return Woken::DaemonGone;
         }
@@ -168,11 +183,13 @@ fn remove(client: &mut Client, name: &str) -> ExitCode {
     match client.call(&Call::Remove { name: name.into() }, None) {
         Ok(r) if r.ok => ExitCode::SUCCESS,
         Ok(r) => {
+            logging();
             warn!(mapping = %name, reason = %r.message, "the daemon refused to remove the mapping");
             ExitCode::SUCCESS
         }
         // The daemon went away: its copy went with it.
         Err(e) => {
+            logging();
             warn!(mapping = %name, reason = %e, "no answer to the removal");
             ExitCode::SUCCESS
         }
@@ -189,6 +206,7 @@ async fn cover(
     admin: PathBuf,
 ) -> ExitCode {
     // SAFETY: the AsyncFd owns the signalfd and is dropped before it.
+    logging();
     let signals = match unsafe { AsyncFd::register(signals) } {
         Ok(s) => s,
         Err(e) => {
@@ -331,6 +349,7 @@ fn block_stop_signals() -> nix::Result<SignalFd> {
 
 /// No daemon: serve the port in this process, as docker-proxy does.
 fn standalone(args: &Args, inherited: Option<Socket>, status: &mut StatusPipe) -> ExitCode {
+    logging();
     if let Some(m @ (ModeChoice::Sockmap | ModeChoice::Dnat)) = args.mode {
         return fail(
             status,
@@ -375,6 +394,7 @@ fn standalone(args: &Args, inherited: Option<Socket>, status: &mut StatusPipe) -
         match service::forward(spec, bound, kernel, Duration::ZERO, stop).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
+                logging();
                 error!(error = %e, "proxy stopped");
                 ExitCode::FAILURE
             }

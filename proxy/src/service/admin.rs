@@ -309,7 +309,8 @@ impl Client {
         let _ = stream.set_read_timeout(Some(Self::ANSWER_TIMEOUT));
         Ok(Self {
             path: path.to_owned(),
-            reader: std::io::BufReader::new(stream),
+            // Answers are short; a waiting shim keeps this buffer for life.
+            reader: std::io::BufReader::with_capacity(1024, stream),
         })
     }
 

@@ -5,7 +5,8 @@ use anyhow::bail;
 use berth::{
     dnat, forward,
     mapping::{Bound, Defaults, Draft, Kernel},
-    service, sockmap, sys,
+    service::{self, ServiceError},
+    sockmap, sys,
 };
 use clap::Args;
 
@@ -151,13 +152,19 @@ pub(crate) async fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
     );
     let bound = Bound::bind(&spec)?;
     let stop = sys::stop_signal();
-    service::forward(
+    let served = service::forward(
         spec,
         bound,
         kernel,
         Duration::from_secs_f64(args.drain_timeout),
         stop,
     )
-    .await?;
-    Ok(ExitCode::SUCCESS)
+    .await;
+    // One mapping on the command line: say it in the command line's terms.
+    match served {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(ServiceError::Sockmap(e)) => bail!("--mode sockmap: {}", e.why),
+        Err(ServiceError::Kernel { why, .. }) => bail!("--mode dnat: {why}"),
+        Err(e) => Err(e.into()),
+    }
 }
