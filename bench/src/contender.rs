@@ -36,12 +36,19 @@ pub(crate) enum Contender {
     BerthSockmap,
     /// `mode = "dnat"`: TC and cgroup programs map the port, no process in the data path.
     BerthDnat,
+    /// `berth-docker-proxy` on its own, one process per port as dockerd starts them (the
+    /// mappings scenario only).
+    BerthShim,
+    /// `berth-docker-proxy` handing each port to one `berth run` (the mappings scenario only).
+    BerthShimDaemon,
 }
 
 /// Paths of the external programs; `None` when not installed.
 #[derive(Debug, Clone)]
 pub(crate) struct Tools {
     pub(crate) berth: PathBuf,
+    /// berth-docker-proxy, as installed (statically linked).
+    pub(crate) berth_docker_proxy: PathBuf,
     pub(crate) docker_proxy: Option<PathBuf>,
     pub(crate) socat: Option<PathBuf>,
     pub(crate) haproxy: Option<PathBuf>,
@@ -112,7 +119,7 @@ fn undo_rule(rule: &[String]) -> Vec<Vec<String>> {
 const CHAIN: &str = "BERTH-BENCH";
 
 impl Contender {
-    pub(crate) const ALL: [Self; 11] = [
+    pub(crate) const ALL: [Self; 13] = [
         Self::Direct,
         Self::BerthCopy,
         Self::BerthSplice,
@@ -124,6 +131,8 @@ impl Contender {
         Self::BerthUdpB1,
         Self::BerthSockmap,
         Self::BerthDnat,
+        Self::BerthShim,
+        Self::BerthShimDaemon,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -139,6 +148,8 @@ impl Contender {
             Self::BerthUdpB1 => "berth-udp-batch1",
             Self::BerthSockmap => "berth-sockmap",
             Self::BerthDnat => "berth-dnat",
+            Self::BerthShim => "berth-docker-proxy",
+            Self::BerthShimDaemon => "berth-docker-proxy+daemon",
         }
     }
 
@@ -153,15 +164,20 @@ impl Contender {
                 | Self::BerthUdp
                 | Self::BerthUdpB1
                 | Self::BerthDnat
+                | Self::BerthShim
+                | Self::BerthShimDaemon
         )
     }
 
     /// The protocols this contender can map.
     pub(crate) fn serves(self, proto: Proto) -> bool {
         match self {
-            Self::BerthCopy | Self::BerthSplice | Self::BerthSockmap | Self::Haproxy => {
-                proto == Proto::Tcp
-            }
+            Self::BerthCopy
+            | Self::BerthSplice
+            | Self::BerthSockmap
+            | Self::Haproxy
+            | Self::BerthShim
+            | Self::BerthShimDaemon => proto == Proto::Tcp,
             Self::BerthUdp | Self::BerthUdpB1 => proto == Proto::Udp,
             Self::Direct
             | Self::DockerProxy
@@ -189,7 +205,9 @@ impl Contender {
             | Self::BerthUdp
             | Self::BerthUdpB1
             | Self::BerthSockmap
-            | Self::BerthDnat => None,
+            | Self::BerthDnat
+            | Self::BerthShim
+            | Self::BerthShimDaemon => None,
             Self::DockerProxy => missing(&tools.docker_proxy, "docker-proxy"),
             Self::Socat => missing(&tools.socat, "socat"),
             Self::Haproxy => missing(&tools.haproxy, "haproxy"),
@@ -273,7 +291,9 @@ impl Contender {
                     "-container-port",
                     &sport,
                 ]);
-                running.children.push(spawn_docker_proxy(&mut cmd, logs)?);
+                running
+                    .children
+                    .push(spawn_docker_proxy(&mut cmd, logs, self)?);
             }
             Self::Socat => {
                 let path = tools.socat.as_ref().context("socat missing")?;
@@ -299,6 +319,9 @@ impl Contender {
                 let mut cmd = Command::new(path);
                 cmd.arg("-db").arg("-f").arg(&cfg);
                 running.children.push(spawn(&mut cmd, logs, self)?);
+            }
+            Self::BerthShim | Self::BerthShimDaemon => {
+                bail!("{} is measured in the mappings scenario only", self.name());
             }
             Self::BerthDnat => {
                 // Remote clients arrive on bxh; local ones are this process, in the bench's
@@ -379,6 +402,97 @@ pub(crate) fn start_berth_daemon(
     };
     wait_all_listening(ports, &mut running.children)?;
     Ok(running)
+}
+
+/// `berth-docker-proxy` for each of `ports`, started one after another as dockerd starts
+/// them (each waited for on its status pipe), standalone or handing its port to one
+/// `berth run` started first. Returns the processes and each shim's time from spawn to `0`.
+pub(crate) fn start_shims(
+    tools: &Tools,
+    ports: &[u16],
+    server: SocketAddr,
+    logs: &Path,
+    delegate: bool,
+) -> anyhow::Result<(Running, Vec<std::time::Duration>)> {
+    let who = if delegate {
+        Contender::BerthShimDaemon
+    } else {
+        Contender::BerthShim
+    };
+    let mut running = Running {
+        local: SocketAddr::from(([127, 0, 0, 1], ports.first().copied().unwrap_or(0))),
+        external: SocketAddr::from((HOST_EXT_IP, ports.first().copied().unwrap_or(0))),
+        children: Vec::new(),
+        iptables: None,
+    };
+    let admin = logs.join("berth-shims-admin.sock");
+    if delegate {
+        let file = logs.join("berth-shims.toml");
+        std::fs::write(&file, "[metrics]\nenabled = false\n")?;
+        let _ = std::fs::remove_file(&admin);
+        let mut cmd = Command::new(&tools.berth);
+        cmd.args(["run", "--config"])
+            .arg(&file)
+            .arg("--admin-socket")
+            .arg(&admin)
+            .env("BERTH_LOG", "warn");
+        running.children.push(spawn(&mut cmd, logs, who)?);
+        wait_admin(&admin, &mut running.children)?;
+    }
+    let (ip, sport) = (server.ip().to_string(), server.port().to_string());
+    let mut ready = Vec::with_capacity(ports.len());
+    for &port in ports {
+        let mut cmd = Command::new(&tools.berth_docker_proxy);
+        cmd.args([
+            "-proto",
+            "tcp",
+            "-host-ip",
+            "0.0.0.0",
+            "-host-port",
+            &port.to_string(),
+            "-container-ip",
+            &ip,
+            "-container-port",
+            &sport,
+        ])
+        // Standalone: an admin socket nobody serves.
+        .env(
+            "BERTH_ADMIN_SOCKET",
+            if delegate {
+                admin.as_path()
+            } else {
+                Path::new("/nonexistent/berth-admin.sock")
+            },
+        )
+        .env_remove("BERTH_LOG")
+        .env_remove("RUST_LOG");
+        let started = Instant::now();
+        running
+            .children
+            .push(spawn_docker_proxy(&mut cmd, logs, who)?);
+        ready.push(started.elapsed());
+    }
+    Ok((running, ready))
+}
+
+/// Waits (at most 30 s) until a `berth run` answers on `admin`.
+fn wait_admin(admin: &Path, children: &mut [Child]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(admin).is_err() {
+        for c in children.iter_mut() {
+            if let Some(status) = c.try_wait()? {
+                bail!("berth run exited with {status} before it was up");
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "berth run did not answer on {} within 30 s",
+                admin.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
 }
 
 /// Docker's rules for a published port with `userland-proxy=false`: DNAT for packets to any
@@ -484,8 +598,13 @@ fn spawn(cmd: &mut Command, logs: &Path, who: Contender) -> anyhow::Result<Child
         .with_context(|| format!("failed to start {:?}", cmd.get_program()))
 }
 
-/// Starts docker-proxy the way dockerd does: a pipe on fd 3 that says `0\n` once listening.
-fn spawn_docker_proxy(cmd: &mut Command, logs: &Path) -> anyhow::Result<Child> {
+/// Starts docker-proxy (or berth-docker-proxy) the way dockerd does: a pipe on fd 3 that says
+/// `0\n` once listening.
+pub(crate) fn spawn_docker_proxy(
+    cmd: &mut Command,
+    logs: &Path,
+    who: Contender,
+) -> anyhow::Result<Child> {
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let raw = w.as_raw_fd();
     // SAFETY: dup2/fcntl are async-signal-safe and only touch the child's fd table.
@@ -499,12 +618,12 @@ fn spawn_docker_proxy(cmd: &mut Command, logs: &Path) -> anyhow::Result<Child> {
             Ok(())
         });
     }
-    let child = spawn(cmd, logs, Contender::DockerProxy)?;
+    let child = spawn(cmd, logs, who)?;
     drop(w);
     let mut status = String::new();
     File::from(r).read_to_string(&mut status)?;
     if status != "0\n" {
-        bail!("docker-proxy failed to start: {status:?}");
+        bail!("{} failed to start: {status:?}", who.name());
     }
     Ok(child)
 }

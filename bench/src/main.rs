@@ -51,6 +51,9 @@ struct Cli {
     /// The docker-proxy binary (from Debian's docker.io package).
     #[arg(long)]
     docker_proxy: Option<PathBuf>,
+    /// The berth-docker-proxy binary [default: beside --berth].
+    #[arg(long)]
+    berth_docker_proxy: Option<PathBuf>,
     /// Idle connections for the idle scenario [default: 10000, 500 with --quick; capped by
     /// the fd limit].
     #[arg(long)]
@@ -241,6 +244,9 @@ impl Job {
                 "UDP only"
             });
         }
+        if matches!(c, C::BerthShim | C::BerthShimDaemon) && !matches!(self, Self::Mappings) {
+            return Err("berth-docker-proxy is measured in the mappings scenario");
+        }
         match self {
             Self::Bulk { external: true, .. } | Self::Crr { external: true } => {
                 if matches!(
@@ -266,7 +272,10 @@ impl Job {
                 }
             }
             Self::Mappings => {
-                if matches!(c, C::BerthSplice | C::DockerProxy) {
+                if matches!(
+                    c,
+                    C::BerthSplice | C::DockerProxy | C::BerthShim | C::BerthShimDaemon
+                ) {
                     Ok(())
                 } else {
                     Err("the mappings comparison is berth against docker-proxy")
@@ -304,6 +313,9 @@ const METRIC_ORDER: &[&str] = &[
     "p99_ms",
     "rss_mib",
     "processes",
+    "pss_kib_per_proxy",
+    "mem_available_drop_mib",
+    "ready_ms",
 ];
 
 fn main() -> ExitCode {
@@ -344,6 +356,10 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         .with_context(|| format!("failed to create {}", logs.display()))?;
     let tools = Tools {
         berth: cli.berth.clone(),
+        berth_docker_proxy: cli
+            .berth_docker_proxy
+            .clone()
+            .unwrap_or_else(|| cli.berth.with_file_name("berth-docker-proxy")),
         docker_proxy: cli.docker_proxy.clone().filter(|p| p.exists()),
         socat: which("socat"),
         haproxy: which("haproxy"),
@@ -725,7 +741,9 @@ fn sample(
 }
 
 /// Starts `plan.mappings` mappings one after another, each waited for as dockerd waits for
-/// docker-proxy, then measures their total memory.
+/// docker-proxy, then measures their memory: PSS in all and per proxy process, and how much
+/// the machine's MemAvailable dropped (what the host really gave up); and each proxy's time
+/// from spawn to its `0` on the status pipe.
 fn mappings(
     c: Contender,
     tools: &Tools,
@@ -733,30 +751,51 @@ fn mappings(
     plan: &Plan,
     logs: &Path,
 ) -> anyhow::Result<BTreeMap<&'static str, f64>> {
+    let available_before = procstat::mem_available_mib();
     let start = Instant::now();
     let mut running = Vec::with_capacity(plan.mappings);
     let ports: Vec<u16> = (0..plan.mappings)
         .map(|i| u16::try_from(i).map(|i| 11_000 + i))
         .collect::<Result<_, _>>()?;
     let server = topology.server_for(c as u16);
-    if c == Contender::BerthSplice {
-        // One daemon for every port: what berth is for.
-        running.push(contender::start_berth_daemon(tools, &ports, server, logs)?);
-    } else {
-        for &port in &ports {
-            running.push(c.start(tools, Proto::Tcp, port, server, logs)?);
+    let mut ready = Vec::new();
+    match c {
+        // One daemon for every port, from its file: what berth is for.
+        Contender::BerthSplice => {
+            running.push(contender::start_berth_daemon(tools, &ports, server, logs)?);
+        }
+        Contender::BerthShim | Contender::BerthShimDaemon => {
+            let delegate = c == Contender::BerthShimDaemon;
+            let (shims, times) = contender::start_shims(tools, &ports, server, logs, delegate)?;
+            running.push(shims);
+            ready = times;
+        }
+        _ => {
+            for &port in &ports {
+                let started = Instant::now();
+                running.push(c.start(tools, Proto::Tcp, port, server, logs)?);
+                ready.push(started.elapsed());
+            }
         }
     }
     let startup = start.elapsed().as_secs_f64();
     let pids: Vec<u32> = running.iter().flat_map(contender::Running::pids).collect();
     let (pss, rss) = procstat::memory_mib(&pids);
+    let drop_mib = available_before - procstat::mem_available_mib();
     drop(running);
-    Ok(BTreeMap::from([
+    let mut m = BTreeMap::from([
         ("startup_s", startup),
         ("pss_mib", pss),
         ("rss_mib", rss),
         ("processes", pids.len() as f64),
-    ]))
+        ("mem_available_drop_mib", drop_mib),
+    ]);
+    if !ready.is_empty() {
+        m.insert("pss_kib_per_proxy", pss * 1024.0 / pids.len() as f64);
+        let ms: Vec<f64> = ready.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        m.insert("ready_ms", report::stat(&ms).map_or(0.0, |s| s.median));
+    }
+    Ok(m)
 }
 
 /// Everything a run produced, for the report.

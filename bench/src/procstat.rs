@@ -124,3 +124,13 @@ pub(crate) fn is_udp_bound(port: u16) -> bool {
         Err(e) => e.raw_os_error() == Some(libc::EADDRINUSE),
     }
 }
+
+/// The machine's MemAvailable in MiB (what could still be given to programs).
+pub(crate) fn mem_available_mib() -> f64 {
+    fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}

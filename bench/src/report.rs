@@ -36,6 +36,9 @@ pub(crate) fn metric_label(m: &str) -> &'static str {
         "rss_mib" => "RSS MiB",
         "startup_s" => "start-up s",
         "processes" => "processes",
+        "pss_kib_per_proxy" => "PSS KiB per process",
+        "mem_available_drop_mib" => "MemAvailable drop MiB",
+        "ready_ms" => "spawn to ready ms (median)",
         _ => "?",
     }
 }

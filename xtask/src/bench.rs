@@ -19,8 +19,8 @@ pub(crate) struct BenchArgs {
     #[arg(long = "scenario")]
     scenarios: Vec<String>,
     /// direct, berth-copy, berth-splice, berth-sockmap, berth-dnat, berth-udp,
-    /// berth-udp-b1, docker-proxy, socat, haproxy, iptables-dnat (repeatable; all by
-    /// default).
+    /// berth-udp-b1, docker-proxy, socat, haproxy, iptables-dnat, berth-shim,
+    /// berth-shim-daemon (repeatable; all by default).
     #[arg(long = "contender")]
     contenders: Vec<String>,
     /// Output directory [default: target/bench].
@@ -41,6 +41,7 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let tools = root.join("target/bench/tools");
     let docker_proxy = docker_proxy(&tools)?;
     exec::build_release(&["berth", "berth-bench"])?;
+    let shim = exec::build_static_shim()?;
 
     let out = args
         .out
@@ -51,6 +52,8 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .arg(root.join("target/release/berth"))
         .arg("--docker-proxy")
         .arg(&docker_proxy)
+        .arg("--berth-docker-proxy")
+        .arg(&shim)
         .arg("--out")
         .arg(&out);
     if args.quick {

@@ -26,18 +26,18 @@ pub(crate) fn run(args: &InstallArgs) -> anyhow::Result<()> {
     );
     let root = exec::root();
     exec::build_release(&["berth"])?;
+    let shim = exec::build_static_shim()?;
     let stage = |p: &Path| match &args.destdir {
         Some(d) => d.join(p.strip_prefix("/").unwrap_or(p)),
         None => p.to_owned(),
     };
     let bindir = args.prefix.join("bin");
-    for bin in ["berth", "berth-docker-proxy"] {
-        copy(
-            &root.join("target/release").join(bin),
-            &stage(&bindir.join(bin)),
-            0o755,
-        )?;
-    }
+    copy(
+        &root.join("target/release/berth"),
+        &stage(&bindir.join("berth")),
+        0o755,
+    )?;
+    copy(&shim, &stage(&bindir.join("berth-docker-proxy")), 0o755)?;
     let dist = root.join("proxy/dist");
     let units = stage(Path::new("/etc/systemd/system"));
     let service = fs::read_to_string(dist.join("berth.service"))?

@@ -179,6 +179,10 @@ async fn connection(
             };
             write_reply(stream, &reply).await?;
         }
+        if buf.is_empty() {
+            // An idle connection (a lease held for days) keeps no buffer.
+            buf = Vec::new();
+        }
         if buf.len() >= MAX_LINE {
             let why = format!("request line longer than {MAX_LINE} bytes; closing");
             write_reply(stream, &Reply::error(why)).await?;
@@ -207,10 +211,12 @@ async fn connection(
 
 /// Reads what is there (bytes into `buf`, passed sockets into `fds`); 0 at end of stream.
 async fn recv(stream: &UnixStream, buf: &mut Vec<u8>, fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
-    let mut chunk = [0u8; 4096];
     loop {
         stream.readable().await?;
         let got = stream.try_io(Interest::READABLE, || {
+            // On the worker's stack, not in the future: a thousand idle connections (one per
+            // Docker shim) must not hold a read buffer each.
+            let mut chunk = [0u8; 4096];
             let mut iov = [IoSliceMut::new(&mut chunk)];
             let mut space = nix::cmsg_space!([RawFd; 4]);
             let msg = recvmsg::<()>(
@@ -230,11 +236,12 @@ async fn recv(stream: &UnixStream, buf: &mut Vec<u8>, fds: &mut Vec<OwnedFd>) ->
                     );
                 }
             }
-            Ok((msg.bytes, passed))
+            let n = msg.bytes;
+            buf.extend_from_slice(&chunk[..n]);
+            Ok((n, passed))
         });
         match got {
             Ok((n, passed)) => {
-                buf.extend_from_slice(&chunk[..n]);
                 fds.extend(passed);
                 return Ok(n);
             }
