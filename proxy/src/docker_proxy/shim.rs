@@ -205,8 +205,8 @@ async fn cover(
     signals: SignalFd,
     admin: PathBuf,
 ) -> ExitCode {
-    // SAFETY: the AsyncFd owns the signalfd and is dropped before it.
     logging();
+    // SAFETY: the AsyncFd owns the signalfd, so its descriptor stays open and the same.
     let signals = match unsafe { AsyncFd::register(signals) } {
         Ok(s) => s,
         Err(e) => {
