@@ -472,6 +472,8 @@ pub(crate) fn start_shims(
             .push(spawn_docker_proxy(&mut cmd, logs, who)?);
         ready.push(started.elapsed());
     }
+    // Stopped in order: the shims before their daemon, or each would take its port back.
+    running.children.rotate_left(usize::from(delegate));
     Ok((running, ready))
 }
 

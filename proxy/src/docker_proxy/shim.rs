@@ -374,7 +374,11 @@ fn standalone(args: &Args, inherited: Option<Socket>, status: &mut StatusPipe) -
         Err(e) => return fail(status, &e.to_string()),
     };
     sys::raise_nofile_limit();
-    let rt = match tokio::runtime::Runtime::new() {
+    // One port, one thread: the process dockerd starts per port stays small (no workers).
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return fail(status, &format!("failed to start the runtime: {e}")),
     };
