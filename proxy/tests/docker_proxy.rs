@@ -331,3 +331,19 @@ fn listen_fds_in_the_environment_do_not_touch_the_status_pipe() {
     assert_eq!(status, "0\n");
     stop(child);
 }
+
+/// Installed, `berth-docker-proxy` is a link to `berth`, which dispatches on its name.
+#[test]
+fn berth_called_berth_docker_proxy_is_the_shim() {
+    let dir = std::env::temp_dir().join(common::unique("bl"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let link = dir.join("berth-docker-proxy");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_berth"), &link).unwrap();
+    let out = Command::new(&link).arg("-v").output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("berth-docker-proxy (berth) version"),
+        "{out:?}"
+    );
+}

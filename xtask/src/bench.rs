@@ -41,7 +41,8 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let tools = root.join("target/bench/tools");
     let docker_proxy = docker_proxy(&tools)?;
     exec::build_release(&["berth", "berth-bench"])?;
-    let shim = exec::build_static_shim()?;
+    // What `cargo xtask install` installs: berth static, berth-docker-proxy a link to it.
+    let built = exec::build_static()?;
 
     let out = args
         .out
@@ -49,11 +50,11 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| root.join("target/bench"));
     let mut cmd = Command::new(root.join("target/release/berth-bench"));
     cmd.arg("--berth")
-        .arg(root.join("target/release/berth"))
+        .arg(built.join("berth"))
         .arg("--docker-proxy")
         .arg(&docker_proxy)
         .arg("--berth-docker-proxy")
-        .arg(&shim)
+        .arg(built.join("berth-docker-proxy"))
         .arg("--out")
         .arg(&out);
     if args.quick {

@@ -26,18 +26,19 @@ pub(crate) fn run(args: &InstallArgs) -> anyhow::Result<()> {
     );
     let root = exec::root();
     exec::build_release(&["berth"])?;
-    let shim = exec::build_static_shim()?;
+    let built = exec::build_static()?;
     let stage = |p: &Path| match &args.destdir {
         Some(d) => d.join(p.strip_prefix("/").unwrap_or(p)),
         None => p.to_owned(),
     };
     let bindir = args.prefix.join("bin");
-    copy(
-        &root.join("target/release/berth"),
-        &stage(&bindir.join("berth")),
-        0o755,
-    )?;
-    copy(&shim, &stage(&bindir.join("berth-docker-proxy")), 0o755)?;
+    copy(&built.join("berth"), &stage(&bindir.join("berth")), 0o755)?;
+    // dockerd's userland-proxy-path: the same binary under the name it dispatches on.
+    let shim = stage(&bindir.join("berth-docker-proxy"));
+    let _ = fs::remove_file(&shim);
+    std::os::unix::fs::symlink("berth", &shim)
+        .with_context(|| format!("cannot link {}", shim.display()))?;
+    println!("xtask: installed {} -> berth", shim.display());
     let dist = root.join("proxy/dist");
     let units = stage(Path::new("/etc/systemd/system"));
     let service = fs::read_to_string(dist.join("berth.service"))?

@@ -41,7 +41,7 @@ pub(crate) async fn default_interfaces(nl: &Netlink) -> Result<Vec<Iface>, DnatE
     while let Some(link) = links
         .try_next()
         .await
-        .map_err(|e| DnatError::Netlink(format!("list interfaces: {e}")))?
+        .map_err(|e| DnatError::netlink("list interfaces", e))?
     {
         if link.header.flags.contains(LinkFlags::Loopback)
             || link.header.link_layer_type != LinkLayerType::Ether
@@ -78,7 +78,7 @@ pub(crate) async fn interface(nl: &Netlink, name: &str) -> Result<Iface, DnatErr
             name: name.to_owned(),
             why: "no such interface".into(),
         }),
-        Err(e) => Err(DnatError::Netlink(e.to_string())),
+        Err(e) => Err(DnatError::netlink("look up an interface", e)),
     }
 }
 
@@ -131,7 +131,7 @@ pub(crate) async fn local_prefixes(nl: &Netlink) -> Result<BTreeSet<(u32, Addr)>
         while let Some(r) = routes
             .try_next()
             .await
-            .map_err(|e| DnatError::Netlink(format!("dump the local routing table: {e}")))?
+            .map_err(|e| DnatError::netlink("dump the local routing table", e))?
         {
             if r.header.table != RT_TABLE_LOCAL || r.header.kind != RouteType::Local {
                 continue;

@@ -73,8 +73,12 @@ pub enum DnatError {
         #[source]
         source: MapError,
     },
-    #[error("netlink: {0}")]
-    Netlink(String),
+    #[error("netlink: {what}: {source}")]
+    Netlink {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("interface {name}: {why}")]
     Interface { name: String, why: String },
     #[error("cgroup {}: {source}", path.display())]
@@ -98,6 +102,13 @@ pub enum DnatError {
 }
 
 impl DnatError {
+    fn netlink(what: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Netlink {
+            what,
+            source: Box::new(e),
+        }
+    }
+
     /// Wraps a failure that the kernel refused for lack of privileges in [`Self::Denied`],
     /// which says what is missing.
     fn explain(self) -> Self {
@@ -236,7 +247,7 @@ impl Dnat {
     }
 
     async fn load(settings: Settings) -> Result<Arc<Self>, DnatError> {
-        let nl = Netlink::connect().map_err(|e| DnatError::Netlink(e.to_string()))?;
+        let nl = Netlink::connect().map_err(|e| DnatError::netlink("connect", e))?;
         let ifaces = match &settings.interfaces {
             None => host::default_interfaces(&nl).await?,
             Some(names) => {
@@ -348,7 +359,7 @@ impl Dnat {
         let IpAddr::V4(ip) = target.ip() else {
             unreachable!("check_target accepts IPv4 only")
         };
-        let nl = Netlink::connect().map_err(|e| DnatError::Netlink(e.to_string()))?;
+        let nl = Netlink::connect().map_err(|e| DnatError::netlink("connect", e))?;
         Ok(Route(host::route_to(&nl, ip).await?))
     }
 
@@ -425,7 +436,7 @@ impl Dnat {
 
     /// Re-reads the host's local addresses into the map.
     async fn refresh_local(&self) -> Result<(), DnatError> {
-        let nl = Netlink::connect().map_err(|e| DnatError::Netlink(e.to_string()))?;
+        let nl = Netlink::connect().map_err(|e| DnatError::netlink("connect", e))?;
         let now = host::local_prefixes(&nl).await?;
         self.lock().sync_local(now)
     }

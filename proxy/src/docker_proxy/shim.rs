@@ -206,6 +206,8 @@ async fn cover(
     admin: PathBuf,
 ) -> ExitCode {
     logging();
+    // Covering, the shim relays like berth forward: as many connections as the host allows.
+    sys::raise_nofile_limit();
     // SAFETY: the AsyncFd owns the signalfd, so its descriptor stays open and the same.
     let signals = match unsafe { AsyncFd::register(signals) } {
         Ok(s) => s,

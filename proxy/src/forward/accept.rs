@@ -43,7 +43,9 @@ impl<'a> Acceptor<'a> {
                     Class::Exhausted => {
                         self.backoff = (self.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
                         warn!(error = %e, backoff = ?self.backoff, "accept failed, backing off");
-                        tokio::time::sleep(self.backoff).await;
+                        // Boxed: the timer is rare, and a thousand idle listeners would
+                        // each carry its room otherwise.
+                        Box::pin(tokio::time::sleep(self.backoff)).await;
                     }
                     Class::Fatal => return Err(AcceptError(e)),
                 },

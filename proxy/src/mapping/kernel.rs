@@ -11,7 +11,7 @@ use tracing::{info, warn};
 use super::{ModeChoice, Spec};
 use crate::{
     addr::Proto,
-    dnat::{self, Dnat, Route},
+    dnat::{self, Dnat, DnatError, Route},
     sockmap::{self, Sockmap},
 };
 
@@ -21,6 +21,18 @@ use crate::{
 pub struct SockmapUnavailable {
     pub name: String,
     pub why: String,
+}
+
+/// Kernel mode cannot map a mapping's port (its relay serves it). Shared: one failure to load
+/// is every kernel-mode mapping's reason.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum KernelModeError {
+    #[error("kernel mode unavailable: {0}")]
+    Unavailable(#[source] Arc<DnatError>),
+    #[error(transparent)]
+    Mapping(Arc<DnatError>),
+    #[error("no route to the target was looked up")]
+    NoRoute,
 }
 
 /// The kernel programs of one process.
@@ -41,18 +53,18 @@ pub struct Kernel {
 #[derive(Debug)]
 pub struct Prepared {
     pub(crate) sockmap: Option<Arc<Sockmap>>,
-    dnat: Result<Arc<Dnat>, String>,
-    routes: HashMap<String, Result<Route, String>>,
+    dnat: Result<Arc<Dnat>, KernelModeError>,
+    routes: HashMap<String, Result<Route, KernelModeError>>,
 }
 
 impl Prepared {
     /// Kernel mode for `spec`: the programs and the route to its container, or why not.
-    pub(crate) fn dnat_for(&self, spec: &Spec) -> Result<(&Arc<Dnat>, &Route), String> {
+    pub(crate) fn dnat_for(&self, spec: &Spec) -> Result<(&Arc<Dnat>, &Route), KernelModeError> {
         let dnat = self.dnat.as_ref().map_err(Clone::clone)?;
         match self.routes.get(&spec.name) {
             Some(Ok(route)) => Ok((dnat, route)),
-            Some(Err(why)) => Err(why.clone()),
-            None => Err("no route was looked up".into()),
+            Some(Err(e)) => Err(e.clone()),
+            None => Err(KernelModeError::NoRoute),
         }
     }
 
@@ -60,7 +72,7 @@ impl Prepared {
     pub fn none() -> Self {
         Self {
             sockmap: None,
-            dnat: Err("not needed".into()),
+            dnat: Err(KernelModeError::NoRoute),
             routes: HashMap::new(),
         }
     }
@@ -118,13 +130,15 @@ impl Kernel {
                 }
                 Err(e) => {
                     warn!(reason = %e, "kernel mode unavailable; its mappings are served by the relay");
-                    Err(format!("kernel mode unavailable: {e}"))
+                    Err(KernelModeError::Unavailable(Arc::new(e)))
                 }
             },
         };
         if out.dnat.is_ok() {
             for s in wanted {
-                let route = Dnat::route(s.target.get()).await.map_err(|e| e.to_string());
+                let route = Dnat::route(s.target.get())
+                    .await
+                    .map_err(|e| KernelModeError::Mapping(Arc::new(e)));
                 out.routes.insert(s.name.clone(), route);
             }
         }

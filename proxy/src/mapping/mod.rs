@@ -12,6 +12,6 @@ pub mod running;
 pub mod spec;
 
 pub use bound::{AdoptError, Bound};
-pub use kernel::{Kernel, Prepared, SockmapUnavailable};
+pub use kernel::{Kernel, KernelModeError, Prepared, SockmapUnavailable};
 pub use running::{Counters, RelayCounters, Running, StartError};
 pub use spec::{Defaults, Draft, FieldError, ModeChoice, Options, Spec};

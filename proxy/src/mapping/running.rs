@@ -2,14 +2,13 @@
 //! (drain, then cut).
 use std::{io, net::SocketAddr, os::fd::OwnedFd, sync::Arc, time::Duration};
 
-use futures::FutureExt as _;
 use tokio::{
     sync::{oneshot, watch},
     task::JoinHandle,
 };
 use tracing::{Instrument as _, error, info_span};
 
-use super::{Bound, Prepared, Spec};
+use super::{Bound, KernelModeError, Prepared, Spec};
 use crate::{
     addr::Proto,
     dnat::DnatMapping,
@@ -55,7 +54,7 @@ pub struct Running {
     pub local: Option<SocketAddr>,
     pub counters: Counters,
     /// Kernel mode was asked for and could not map the port: why. The relay serves it.
-    pub kernel_error: Option<String>,
+    pub kernel_error: Option<KernelModeError>,
     /// A duplicate of the socket, so that a reload can hand it to a replacement without ever
     /// closing the port (no connection is refused in between). Dropped on drain, so that a
     /// removed mapping's port really closes.
@@ -84,7 +83,7 @@ impl Running {
             let added = kernel.dnat_for(&spec).and_then(|(d, via)| {
                 d.add(spec.proto, spec.listen.get(), spec.target.get(), via)
                     .map(Arc::new)
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| KernelModeError::Mapping(Arc::new(e)))
             });
             match added {
                 Ok(m) => {
@@ -119,7 +118,9 @@ impl Running {
         let (phase, rx) = watch::channel(Phase::Serve);
         let (released_tx, released) = oneshot::channel();
         let span = info_span!("mapping", name = %spec.name);
-        let relay = match bound {
+        // One task per mapping, its future allocated once (a thousand mappings each hold one).
+        let kernel_part = dnat.clone().map(|m| (m, rx.clone()));
+        let (relay_counters, task) = match bound {
             Bound::Tcp(listener) => {
                 let stats = match reuse.map(|c| c.relay) {
                     Some(RelayCounters::Tcp(s)) => s,
@@ -140,7 +141,8 @@ impl Running {
                     let _ = released_tx.send(());
                 };
                 let serve = forward::serve(listener, config, stats.clone(), rx.clone(), release);
-                (RelayCounters::Tcp(stats), logged(serve).boxed())
+                let task = spawn_serving(logged(serve), kernel_part, span);
+                (RelayCounters::Tcp(stats), task)
             }
             Bound::Udp(socket) => {
                 let stats = match reuse.map(|c| c.relay) {
@@ -162,22 +164,10 @@ impl Running {
                     logged(run).await;
                     let _ = released_tx.send(());
                 };
-                (RelayCounters::Udp(stats), serve.boxed())
+                let task = spawn_serving(serve, kernel_part, span);
+                (RelayCounters::Udp(stats), task)
             }
         };
-        let (relay_counters, serve) = relay;
-        let kernel_part = dnat.clone().map(|m| drain_kernel(m, rx));
-        let task = tokio::spawn(
-            async move {
-                match kernel_part {
-                    Some(k) => {
-                        tokio::join!(serve, k);
-                    }
-                    None => serve.await,
-                }
-            }
-            .instrument(span),
-        );
         Ok(Self {
             spec,
             owner,
@@ -251,6 +241,23 @@ impl Running {
 
     pub async fn finished(&mut self) {
         let _ = (&mut self.task).await;
+    }
+}
+
+/// Spawns a mapping's task: its relay, and kernel mode's drain beside it when it has one.
+fn spawn_serving(
+    serve: impl Future<Output = ()> + Send + 'static,
+    kernel: Option<(Arc<DnatMapping>, watch::Receiver<Phase>)>,
+    span: tracing::Span,
+) -> JoinHandle<()> {
+    match kernel {
+        None => tokio::spawn(serve.instrument(span)),
+        Some((m, rx)) => tokio::spawn(
+            async move {
+                tokio::join!(serve, drain_kernel(m, rx));
+            }
+            .instrument(span),
+        ),
     }
 }
 

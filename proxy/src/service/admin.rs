@@ -148,35 +148,10 @@ async fn connection(
     loop {
         while let Some(end) = buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = buf.drain(..=end).collect();
-            // The sockets that arrived so far came with this line.
-            let mut passed = std::mem::take(&mut fds);
-            let reply = match (std::str::from_utf8(&line), passed.len()) {
-                (Err(_), _) => Reply::error("the request is not UTF-8"),
-                (Ok(_), n) if n > MAX_FDS => Reply::error(format!(
-                    "{n} sockets came with one request; an add takes one"
-                )),
-                (Ok(text), _) => match Call::parse(text) {
-                    Err(why) => Reply::error(why),
-                    Ok(call) if !passed.is_empty() && !matches!(call, Call::Add { .. }) => {
-                        Reply::error("a socket came with a request that takes none")
-                    }
-                    Ok(call) => {
-                        let (tx, rx) = oneshot::channel();
-                        let req = Request::Call {
-                            call: Box::new(call),
-                            socket: passed.pop(),
-                            conn,
-                            reply: tx,
-                        };
-                        match requests.send(req).await {
-                            Ok(()) => rx
-                                .await
-                                .unwrap_or_else(|_| Reply::error("berth is stopping")),
-                            Err(_) => Reply::error("berth is stopping"),
-                        }
-                    }
-                },
-            };
+            // The sockets that arrived so far came with this line. Answered in a future of
+            // its own: an idle connection (a lease, held for days) keeps only its read state.
+            let passed = std::mem::take(&mut fds);
+            let reply = Box::pin(answer(&line, passed, conn, requests)).await;
             write_reply(stream, &reply).await?;
         }
         if buf.is_empty() {
@@ -190,8 +165,11 @@ async fn connection(
         }
         let read = if buf.is_empty() {
             recv(stream, &mut buf, &mut fds).await?
-        } else if let Ok(r) =
-            tokio::time::timeout(LINE_TIMEOUT, recv(stream, &mut buf, &mut fds)).await
+        } else if let Ok(r) = Box::pin(tokio::time::timeout(
+            LINE_TIMEOUT,
+            recv(stream, &mut buf, &mut fds),
+        ))
+        .await
         {
             r?
         } else {
@@ -206,6 +184,44 @@ async fn connection(
             write_reply(stream, &Reply::error("too many sockets passed; closing")).await?;
             return Ok(());
         }
+    }
+}
+
+/// The answer to one request line, with the sockets that came with it.
+async fn answer(
+    line: &[u8],
+    mut passed: Vec<OwnedFd>,
+    conn: u64,
+    requests: &mpsc::Sender<Request>,
+) -> Reply {
+    let Ok(text) = std::str::from_utf8(line) else {
+        return Reply::error("the request is not UTF-8");
+    };
+    if passed.len() > MAX_FDS {
+        return Reply::error(format!(
+            "{} sockets came with one request; an add takes one",
+            passed.len()
+        ));
+    }
+    let call = match Call::parse(text) {
+        Ok(call) => call,
+        Err(why) => return Reply::error(why),
+    };
+    if !passed.is_empty() && !matches!(call, Call::Add { .. }) {
+        return Reply::error("a socket came with a request that takes none");
+    }
+    let (tx, rx) = oneshot::channel();
+    let req = Request::Call {
+        call: Box::new(call),
+        socket: passed.pop(),
+        conn,
+        reply: tx,
+    };
+    match requests.send(req).await {
+        Ok(()) => rx
+            .await
+            .unwrap_or_else(|_| Reply::error("berth is stopping")),
+        Err(_) => Reply::error("berth is stopping"),
     }
 }
 
@@ -251,7 +267,15 @@ async fn recv(stream: &UnixStream, buf: &mut Vec<u8>, fds: &mut Vec<OwnedFd>) ->
     }
 }
 
-async fn write_reply(stream: &UnixStream, reply: &Reply) -> io::Result<()> {
+/// Boxed: it is rare next to waiting, and an idle connection should not carry its room.
+fn write_reply<'a>(
+    stream: &'a UnixStream,
+    reply: &'a Reply,
+) -> std::pin::Pin<Box<impl Future<Output = io::Result<()>> + 'a>> {
+    Box::pin(write_reply_now(stream, reply))
+}
+
+async fn write_reply_now(stream: &UnixStream, reply: &Reply) -> io::Result<()> {
     let mut body = serde_json::to_vec(reply).map_err(io::Error::other)?;
     body.push(b'\n');
     let mut rest = &body[..];

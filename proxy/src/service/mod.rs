@@ -5,6 +5,7 @@
 //! - [`config`]: the file, validated as a whole before anything is bound.
 //! - [`api`]: the admin socket's line protocol (status, reload, add, remove, list).
 //! - [`admin`]: the admin socket itself, and its clients.
+//! - `plan`: what a reload changes, decided without I/O.
 //! - `metrics`: the `/metrics` endpoint.
 //! - `systemd`: notify, watchdog and socket activation, as wire protocols.
 //! - [`status`]: the status table.
@@ -15,11 +16,12 @@ pub mod admin;
 pub mod api;
 pub mod config;
 mod metrics;
+mod plan;
 pub mod status;
 mod systemd;
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     io,
     os::fd::OwnedFd,
     path::{Path, PathBuf},
@@ -42,7 +44,10 @@ use self::{
 };
 use crate::{
     listen::ListenError,
-    mapping::{AdoptError, Bound, Draft, Kernel, Running, SockmapUnavailable, Spec, StartError},
+    mapping::{
+        AdoptError, Bound, Draft, Kernel, KernelModeError, Running, SockmapUnavailable, Spec,
+        StartError,
+    },
 };
 
 /// `berth run` (or `berth forward`) could not start, or a reload was refused.
@@ -62,8 +67,11 @@ pub enum ServiceError {
     Sockmap(#[from] SockmapUnavailable),
     #[error("mapping {name:?}: {why}")]
     Conflict { name: String, why: String },
-    #[error("mapping {name:?}: {why}")]
-    Kernel { name: String, why: String },
+    #[error("mapping {name:?}: {source}")]
+    Kernel {
+        name: String,
+        source: KernelModeError,
+    },
     #[error("cannot listen for metrics: {0}")]
     Metrics(#[source] ListenError),
     #[error(transparent)]
@@ -268,11 +276,8 @@ pub async fn forward(
             }
         })?;
     drop(prepared);
-    if let Some(why) = &running.kernel_error {
-        return Err(ServiceError::Kernel {
-            name,
-            why: why.clone(),
-        });
+    if let Some(source) = running.kernel_error.clone() {
+        return Err(ServiceError::Kernel { name, source });
     }
     let mut state = State::default();
     state.active.insert(name, running);
@@ -502,41 +507,25 @@ impl Service {
             }
         }
         self.kernel.configure(new.sockmap, new.dnat.clone());
-        let is_file = |r: &Running| r.owner == CONFIG_OWNER;
-        let keep: HashSet<String> = {
+        let plan = {
             let st = lock(&self.state);
-            new.mappings
-                .iter()
-                .filter(|m| {
-                    st.active
-                        .get(&m.name)
-                        .is_some_and(|r| is_file(r) && r.spec == **m && r.kernel_error.is_none())
-                })
-                .map(|m| m.name.clone())
-                .collect()
+            plan::plan(
+                st.active
+                    .values()
+                    .filter(|r| r.owner == CONFIG_OWNER)
+                    .map(|r| plan::Current {
+                        spec: &r.spec,
+                        degraded: r.kernel_error.is_some(),
+                    }),
+                &new.mappings,
+            )
         };
-        let start: Vec<&Spec> = new
-            .mappings
-            .iter()
-            .filter(|m| !keep.contains(&m.name))
-            .collect();
+        let start = plan.starting();
         // Kernel mode's netlink lookups are async: done before the state is locked.
         let prepared = self.kernel.prepare(&start).await?;
         let mut st = lock(&self.state);
         st.reap();
         let bound = bind_all(&start, &mut self.inherited, &st)?;
-        let changed = start
-            .iter()
-            .filter(|m| st.active.contains_key(&m.name))
-            .count();
-        let retire: Vec<String> = st
-            .active
-            .iter()
-            .filter(|(n, r)| is_file(r) && !keep.contains(*n))
-            .map(|(n, _)| n.clone())
-            .collect();
-        let removed = retire.len() - changed;
-        let added = start.len() - changed;
         // Start the new ones first: a replaced mapping's socket is then served without a gap.
         let mut started = Vec::with_capacity(bound.len());
         for (spec, b) in bound {
@@ -547,12 +536,15 @@ impl Service {
             started.push(r);
         }
         drop(prepared);
-        for name in retire {
-            drop(st.retire(&name));
+        let replaced = plan.replace.iter().map(|s| s.name.as_str());
+        for name in plan.retire.iter().map(String::as_str).chain(replaced) {
+            drop(st.retire(name));
         }
         for r in started {
             st.active.insert(r.spec.name.clone(), r);
         }
+        drop(st);
+        let summary = plan.summary();
         if new.metrics_listen != self.config.metrics_listen
             || new.admin_socket != self.config.admin_socket
             || new.max_runtime_mappings != self.config.max_runtime_mappings
@@ -570,10 +562,7 @@ impl Service {
             max_runtime_mappings: max,
             ..new
         };
-        Ok(format!(
-            "{} unchanged, {added} added, {changed} changed, {removed} removed",
-            keep.len()
-        ))
+        Ok(summary)
     }
 }
 

@@ -164,7 +164,7 @@ pub(crate) async fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
     match served {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(ServiceError::Sockmap(e)) => bail!("--mode sockmap: {}", e.why),
-        Err(ServiceError::Kernel { why, .. }) => bail!("--mode dnat: {why}"),
+        Err(ServiceError::Kernel { source, .. }) => bail!("--mode dnat: {source}"),
         Err(e) => Err(e.into()),
     }
 }

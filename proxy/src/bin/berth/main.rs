@@ -36,6 +36,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Installed as `berth-docker-proxy`, a link to this binary: dockerd's proxy. One binary
+    // for both lets a thousand shims share their code pages with the daemon.
+    if std::env::args_os().next().is_some_and(|a| {
+        std::path::Path::new(&a).file_name() == Some("berth-docker-proxy".as_ref())
+    }) {
+        return berth::docker_proxy::main();
+    }
     let cli = Cli::parse();
     berth::sys::init_logging(&cli.log);
     let rt = match tokio::runtime::Runtime::new() {
