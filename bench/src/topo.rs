@@ -30,7 +30,7 @@ pub(crate) fn bridge() -> String {
     format!("bb{}", std::process::id())
 }
 
-/// The built topology. [`Topo::teardown`] removes the named namespaces; everything else is in
+/// The built topology. [`teardown`] removes the named namespaces; everything else is in
 /// the host namespace and dies with this process.
 #[derive(Debug)]
 pub(crate) struct Topo {

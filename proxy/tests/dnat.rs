@@ -435,7 +435,7 @@ mod tempdir {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn remote_and_local_tcp_clients_reach_the_container_with_every_byte() {
+async fn stress_remote_and_local_tcp_clients_reach_the_container_with_every_byte() {
     let lab = Lab::up(1).await;
     let (server, mut seen) = lab.tcp_server(0);
     let port = lab.free_port();

@@ -72,12 +72,12 @@ async fn integrity(mode: Mode) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn integrity_64_connections_copy() {
+async fn stress_integrity_64_connections_copy() {
     integrity(Mode::Copy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn integrity_64_connections_splice() {
+async fn stress_integrity_64_connections_splice() {
     integrity(Mode::Splice).await;
 }
 

@@ -136,7 +136,7 @@ async fn turn_taking(proxy: &SmProxy, listener: &TcpListener, len: u64, client_f
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn four_gib_each_way_with_half_close_in_both_orders() {
+async fn stress_four_gib_each_way_with_half_close_in_both_orders() {
     const LEN: u64 = 4 << 30;
     let net = TestNet::up(1).await;
     let listener = net.listen(0);

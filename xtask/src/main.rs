@@ -19,8 +19,13 @@ struct Cli {
 enum Command {
     /// Install what a fresh machine lacks: rust-src for nightly, bpf-linker, apt packages.
     Setup,
-    /// setup, then fmt check, clippy -D warnings, and every test (privileged ones included).
+    /// setup, then fmt check, clippy -D warnings, rustdoc -D warnings, and every test
+    /// (privileged ones included).
     Test {
+        /// Skip the stress tier (tests named `stress_*`: multi-GiB transfers), to iterate in
+        /// minutes; CI runs everything.
+        #[arg(long)]
+        quick: bool,
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
@@ -37,7 +42,10 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Setup => setup::run(),
-        Command::Test { cargo_test_args } => test::run(&cargo_test_args),
+        Command::Test {
+            quick,
+            cargo_test_args,
+        } => test::run(quick, &cargo_test_args),
         Command::Demo => demo::run(),
         Command::Bench(args) => bench::run(&args),
         Command::Install(args) => install::run(&args),

@@ -1,11 +1,15 @@
-//! `cargo xtask test`: the gate CI runs. Formatting, lints on every target, then all tests.
+//! `cargo xtask test`: the gate CI runs. Formatting, lints on every target, docs, then all
+//! tests (`--quick` leaves out the stress tier).
 use std::process::Command;
 
 use anyhow::bail;
 
 use crate::{exec, setup};
 
-pub(crate) fn run(cargo_test_args: &[String]) -> anyhow::Result<()> {
+/// The tier `--quick` skips: long transfers (4 GiB, 2 GiB, 64 × 64 MiB), by name.
+const STRESS_PREFIX: &str = "stress_";
+
+pub(crate) fn run(quick: bool, cargo_test_args: &[String]) -> anyhow::Result<()> {
     setup::run()?;
     if !setup::is_root() {
         bail!(
@@ -42,11 +46,20 @@ pub(crate) fn run(cargo_test_args: &[String]) -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The docs build warning-free too: a broken intra-doc link is a broken reference.
     exec::run(
         Command::new("cargo")
             .current_dir(&root)
-            .args(["test", "--locked"])
-            .arg("--")
-            .args(cargo_test_args),
-    )
+            .args(["doc", "--no-deps", "--locked"])
+            .env("RUSTDOCFLAGS", "-D warnings"),
+    )?;
+    let mut test = Command::new("cargo");
+    test.current_dir(&root)
+        .args(["test", "--locked"])
+        .arg("--")
+        .args(cargo_test_args);
+    if quick {
+        test.args(["--skip", STRESS_PREFIX]);
+    }
+    exec::run(&mut test)
 }

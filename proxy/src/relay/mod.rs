@@ -1,7 +1,7 @@
 //! Moving bytes between a client socket and a target socket until both directions are done.
 //!
-//! One state machine ([`bidi`]) drives two one-way pumps; the pump decides how bytes move:
-//! [`copy`] through a userspace buffer, [`splice`] through a kernel pipe without copying.
+//! One state machine (`bidi`) drives two one-way pumps; the pump decides how bytes move:
+//! `copy` through a userspace buffer, `splice` through a kernel pipe without copying.
 //! Half-close is propagated (EOF on one side becomes `shutdown(SHUT_WR)` on the other) and a
 //! failure on either side aborts both with a reset.
 

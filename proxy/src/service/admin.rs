@@ -341,7 +341,7 @@ impl Client {
         Ok(Self {
             path: path.to_owned(),
             // Answers are short; a waiting shim keeps this buffer for life.
-            reader: std::io::BufReader::with_capacity(1024, stream),
+            reader: std::io::BufReader::with_capacity(256, stream),
         })
     }
 
