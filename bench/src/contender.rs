@@ -279,6 +279,7 @@ impl Contender {
                     .as_ref()
                     .context("docker-proxy missing")?;
                 let mut cmd = Command::new(path);
+                dockerd_env(&mut cmd);
                 cmd.args([
                     "-proto",
                     proto.as_str(),
@@ -443,6 +444,7 @@ pub(crate) fn start_shims(
     let mut ready = Vec::with_capacity(ports.len());
     for &port in ports {
         let mut cmd = Command::new(&tools.berth_docker_proxy);
+        dockerd_env(&mut cmd);
         cmd.args([
             "-proto",
             "tcp",
@@ -463,9 +465,7 @@ pub(crate) fn start_shims(
             } else {
                 Path::new("/nonexistent/berth-admin.sock")
             },
-        )
-        .env_remove("BERTH_LOG")
-        .env_remove("RUST_LOG");
+        );
         let started = Instant::now();
         running
             .children
@@ -475,6 +475,15 @@ pub(crate) fn start_shims(
     // Stopped in order: the shims before their daemon, or each would take its port back.
     running.children.rotate_left(usize::from(delegate));
     Ok((running, ready))
+}
+
+/// The environment dockerd (a systemd service) gives its proxies: small. The bench's own
+/// (cargo's, the shell's) would sit on each of a thousand proxies' stacks, a page apiece.
+fn dockerd_env(cmd: &mut Command) {
+    cmd.env_clear().env(
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    );
 }
 
 /// Waits (at most 30 s) until a `berth run` answers on `admin`.

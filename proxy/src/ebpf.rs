@@ -64,7 +64,8 @@ impl SockmapRelay {
     /// program to the SOCKHASH.
     ///
     /// # Minimum kernel version
-    /// 5.7 (`bpf_get_socket_cookie` for sk_skb, SOCKHASH stream verdicts).
+    /// 5.10: `bpf_skb_adjust_room` for sk_skb, with which the program trims retransmitted
+    /// overlaps (`bpf_get_socket_cookie` for sk_skb and SOCKHASH stream verdicts date from 5.7).
     pub fn load(max_entries: u32) -> Result<Self, LoaderError> {
         if OBJECT.is_empty() {
             return Err(LoaderError::NotBuilt);

@@ -16,17 +16,14 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
-    process::{Child, Stdio},
     sync::Mutex,
 };
 
-use berth::{
-    net::{self, ContainerSpec, Netlink, Topology},
-    service::{admin, status::Row},
-};
+use berth::net::{self, ContainerSpec, Netlink, Topology};
 use common::{
-    HANG, Tally, TestNs, assert_mirrored, exchange, random_sizes, rng, serve_exchange, unique,
-    wait_until,
+    HANG, Tally, TestNs, assert_mirrored,
+    daemon::{Berth, Dir},
+    exchange, random_sizes, rng, serve_exchange, unique, wait_until,
 };
 use tokio::{
     net::{TcpListener, TcpStream, UdpSocket},
@@ -249,24 +246,8 @@ impl Lab {
             .unwrap()
     }
 
-    fn berth(&self, dir: &Path, config: &str) -> Berth {
-        let file = dir.join("berth.toml");
-        std::fs::write(&file, config).unwrap();
-        let admin = dir.join("admin.sock");
-        let child = self
-            .host
-            .ns
-            .command(env!("CARGO_BIN_EXE_berth"))
-            .unwrap()
-            .args(["run", "--config"])
-            .arg(&file)
-            .arg("--admin-socket")
-            .arg(&admin)
-            .env("BERTH_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        Berth { child, admin, file }
+    fn berth(&self, dir: &Dir, config: &str) -> Berth {
+        Berth::spawn_in(&self.host.ns, dir, config)
     }
 
     fn config(&self, extra: &str, mappings: &[(&str, &str, SocketAddr, SocketAddr)]) -> String {
@@ -346,92 +327,8 @@ fn cgroup_programs(cgroup: &Path, attach_type: u32) -> u32 {
 /// 19, 20; INET4/6_GETPEERNAME 29, 30.)
 const CGROUP_ATTACH_TYPES: [u32; 8] = [10, 11, 14, 15, 19, 20, 29, 30];
 
-struct Berth {
-    child: Child,
-    admin: PathBuf,
-    file: PathBuf,
-}
-
-impl Berth {
-    async fn status(&self) -> Vec<Row> {
-        timeout(HANG, admin::request(&self.admin, "status"))
-            .await
-            .unwrap()
-            .unwrap()
-            .mappings
-    }
-
-    /// Waits until berth serves: its admin socket exists before the mappings start, but
-    /// answers only once they run.
-    async fn up(&self) {
-        wait_until("berth to create its admin socket", || {
-            std::os::unix::net::UnixStream::connect(&self.admin).is_ok()
-        })
-        .await;
-        self.status().await;
-    }
-
-    async fn row(&self, name: &str) -> Row {
-        self.status()
-            .await
-            .into_iter()
-            .find(|r| r.name == name)
-            .unwrap_or_else(|| panic!("no mapping {name}"))
-    }
-
-    /// Polls status until mapping `name` satisfies `pred` (state berth updates; no event).
-    async fn wait_row(&self, name: &str, what: &str, pred: impl Fn(&Row) -> bool) {
-        let deadline = tokio::time::Instant::now() + HANG;
-        loop {
-            let rows = self.status().await;
-            if rows.iter().any(|r| r.name == name && pred(r)) {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "mapping {name} never got {what}: {rows:?}"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn reload(&self, config: &str) -> admin::Reply {
-        std::fs::write(&self.file, config).unwrap();
-        timeout(HANG, admin::request(&self.admin, "reload"))
-            .await
-            .unwrap()
-            .unwrap()
-    }
-}
-
-impl Drop for Berth {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn scratch() -> tempdir::Dir {
-    tempdir::Dir::new()
-}
-
-mod tempdir {
-    /// A scratch directory, removed on drop.
-    pub(crate) struct Dir(pub(crate) std::path::PathBuf);
-
-    impl Dir {
-        pub(crate) fn new() -> Self {
-            let p = std::env::temp_dir().join(super::unique("bd"));
-            std::fs::create_dir_all(&p).unwrap();
-            Self(p)
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+fn scratch() -> Dir {
+    Dir::new()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -443,7 +340,7 @@ async fn stress_remote_and_local_tcp_clients_reach_the_container_with_every_byte
     let v4 = SocketAddr::from(([0, 0, 0, 0], port));
     let v6: SocketAddr = format!("[::]:{port}").parse().unwrap();
     let berth = lab.berth(
-        &dir.0,
+        &dir,
         &lab.config(
             "",
             &[("web", "tcp", v4, server), ("web6", "tcp", v6, server)],
@@ -558,7 +455,7 @@ async fn remote_and_local_udp_clients_get_replies_from_the_mapped_address() {
     let port = lab.free_port();
     let dir = scratch();
     let listen = SocketAddr::from(([0, 0, 0, 0], port));
-    let berth = lab.berth(&dir.0, &lab.config("", &[("dns", "udp", listen, server)]));
+    let berth = lab.berth(&dir, &lab.config("", &[("dns", "udp", listen, server)]));
     berth.up().await;
 
     // Remote: the reply comes from the address dialled; the container saw the real client.
@@ -639,7 +536,7 @@ async fn two_mappings_stay_apart_and_removing_them_detaches_everything() {
     let dir = scratch();
     let any = |p: u16| SocketAddr::from(([0, 0, 0, 0], p));
     let both = lab.config("", &[("a", "tcp", any(p0), s0), ("b", "tcp", any(p1), s1)]);
-    let berth = lab.berth(&dir.0, &both);
+    let berth = lab.berth(&dir, &both);
     berth.up().await;
     let bridge = lab.topo.bridge.to_string();
     for iface in ["ext0", bridge.as_str()] {
@@ -728,8 +625,8 @@ async fn two_berth_processes_share_the_interfaces() {
     let (p0, p1) = (lab.free_port(), lab.free_port());
     let (d0, d1) = (scratch(), scratch());
     let any = |p: u16| SocketAddr::from(([0, 0, 0, 0], p));
-    let first = lab.berth(&d0.0, &lab.config("", &[("t", "tcp", any(p0), tcp_server)]));
-    let second = lab.berth(&d1.0, &lab.config("", &[("u", "udp", any(p1), udp_server)]));
+    let first = lab.berth(&d0, &lab.config("", &[("t", "tcp", any(p0), tcp_server)]));
+    let second = lab.berth(&d1, &lab.config("", &[("u", "udp", any(p1), udp_server)]));
     first.up().await;
     second.up().await;
     assert_eq!(lab.tc_programs("ext0"), ["berth_dnat_tc", "berth_dnat_tc"]);
@@ -775,7 +672,7 @@ async fn a_missing_feature_fails_only_its_mapping() {
     config.push_str(&format!(
         "[[mapping]]\nname = \"relay\"\nlisten = \"0.0.0.0:{p1}\"\ntarget = \"{server}\"\n"
     ));
-    let berth = lab.berth(&dir.0, &config);
+    let berth = lab.berth(&dir, &config);
     berth.up().await;
     let row = berth.row("kernel").await;
     assert!(

@@ -25,8 +25,12 @@ use std::{
     time::Duration,
 };
 
-use berth::service::{admin, status::Row};
-use common::{HANG, TestNs, assert_mirrored, daemon::Dir, exchange, spawn_exchange_server};
+use berth::service::status::Row;
+use common::{
+    HANG, TestNs, assert_mirrored,
+    daemon::{Berth, Dir},
+    exchange, spawn_exchange_server,
+};
 use tokio::time::timeout;
 
 /// The Debian docker CLI (a newer one in /usr/local/bin may not speak to dockerd 20.10).
@@ -78,7 +82,7 @@ impl Dockerd {
             .arg("--userland-proxy-path")
             .arg(env!("CARGO_BIN_EXE_berth-docker-proxy"))
             // dockerd passes its environment to the proxies it starts.
-            .env("BERTH_ADMIN_SOCKET", dir.path("admin.sock"))
+            .env("BERTH_ADMIN_SOCKET", dir.path("admin.sock")) // where Berth::spawn_in puts it
             .env("BERTH_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -105,10 +109,6 @@ impl Dockerd {
         .await;
         d.import_image();
         d
-    }
-
-    fn admin(&self) -> PathBuf {
-        self.dir.path("admin.sock")
     }
 
     /// Runs the docker CLI against this dockerd; returns (success, stdout + stderr).
@@ -201,25 +201,7 @@ impl Dockerd {
 
     /// `berth run` in dockerd's namespace, on the admin socket the shims look at.
     fn berth(&self, config: &str) -> Berth {
-        let file = self.dir.path("berth.toml");
-        std::fs::write(&file, config).unwrap();
-        let child = self
-            .ns
-            .ns
-            .command(env!("CARGO_BIN_EXE_berth"))
-            .unwrap()
-            .args(["run", "--config"])
-            .arg(&file)
-            .arg("--admin-socket")
-            .arg(self.admin())
-            .env("BERTH_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        Berth {
-            child,
-            admin: self.admin(),
-        }
+        Berth::spawn_in(&self.ns.ns, &self.dir, config)
     }
 }
 
@@ -257,75 +239,24 @@ impl Drop for Dockerd {
     }
 }
 
-/// `berth run` in dockerd's namespace; killed on drop.
-struct Berth {
-    child: Child,
-    admin: PathBuf,
-}
-
-impl Berth {
-    /// Waits until berth answers on its admin socket (everything bound and started).
-    async fn up(&self) {
-        common::wait_until("berth to answer", || {
-            std::os::unix::net::UnixStream::connect(&self.admin).is_ok()
-        })
-        .await;
-    }
-
-    async fn rows(&self) -> Vec<Row> {
-        timeout(HANG, admin::request(&self.admin, "status"))
+/// Polls status until `pred` holds for the Docker mappings (another process's state).
+async fn wait_docker(berth: &Berth, what: &str, pred: impl Fn(&[Row]) -> bool) {
+    let deadline = tokio::time::Instant::now() + HANG;
+    loop {
+        let rows: Vec<Row> = berth
+            .rows()
             .await
-            .unwrap()
-            .map(|r| r.mappings)
-            .unwrap_or_default()
-    }
-
-    /// Polls status until `pred` holds for the Docker mappings (another process's state).
-    async fn wait_docker(&self, what: &str, pred: impl Fn(&[Row]) -> bool) {
-        let deadline = tokio::time::Instant::now() + HANG;
-        loop {
-            let rows: Vec<Row> = self
-                .rows()
-                .await
-                .into_iter()
-                .filter(|r| r.owner == "docker")
-                .collect();
-            if pred(&rows) {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "never {what}: {rows:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            .into_iter()
+            .filter(|r| r.owner == "docker")
+            .collect();
+        if pred(&rows) {
+            return;
         }
-    }
-
-    async fn stop(mut self) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let deadline = tokio::time::Instant::now() + HANG;
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "berth run did not stop"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        assert!(status.success(), "berth run exited with {status}");
-    }
-}
-
-impl Drop for Berth {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never {what}: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -637,9 +568,7 @@ async fn dockerd_publishes_through_berth_standalone_relay_and_kernel_mode() {
     relay.up().await;
     d.ok(&["start", "web"]);
     let mut servers = serve_in(&d, "web");
-    relay
-        .wait_docker("all ports delegated", |r| r.len() >= DOCKER_PORTS)
-        .await;
+    wait_docker(&relay, "all ports delegated", |r| r.len() >= DOCKER_PORTS).await;
     check_ports(&d, &mut servers, p, None, 2).await;
     let rows = relay.rows().await;
     let bulk = rows
@@ -664,11 +593,10 @@ async fn dockerd_publishes_through_berth_standalone_relay_and_kernel_mode() {
         cgroup.0.display()
     ));
     kernel.up().await;
-    kernel
-        .wait_docker("all ports delegated in kernel mode", |r| {
-            r.len() >= DOCKER_PORTS && r.iter().all(|m| m.mode == "dnat")
-        })
-        .await;
+    wait_docker(&kernel, "all ports delegated in kernel mode", |r| {
+        r.len() >= DOCKER_PORTS && r.iter().all(|m| m.mode == "dnat")
+    })
+    .await;
     check_ports(&d, &mut servers, p, Some(&cgroup), 4).await;
     // The cgroup's clients went through the kernel: the relay moved none of the bulk bytes.
     let rows = kernel.rows().await;
@@ -691,21 +619,15 @@ async fn dockerd_publishes_through_berth_standalone_relay_and_kernel_mode() {
     // docker stop removes the mappings; docker start brings them back; rm -f removes them.
     d.ok(&["stop", "-t", "1", "web"]);
     drop(servers);
-    kernel
-        .wait_docker("the mappings removed", <[Row]>::is_empty)
-        .await;
+    wait_docker(&kernel, "the mappings removed", <[Row]>::is_empty).await;
     assert!(port_free(&d, p.bulk));
     d.ok(&["start", "web"]);
     let mut servers = serve_in(&d, "web");
-    kernel
-        .wait_docker("the mappings back", |r| r.len() >= DOCKER_PORTS)
-        .await;
+    wait_docker(&kernel, "the mappings back", |r| r.len() >= DOCKER_PORTS).await;
     check_ports(&d, &mut servers, p, Some(&cgroup), 5).await;
     busy_port_is_refused(&d);
     d.ok(&["rm", "-f", "web"]);
-    kernel
-        .wait_docker("the mappings removed", <[Row]>::is_empty)
-        .await;
+    wait_docker(&kernel, "the mappings removed", <[Row]>::is_empty).await;
     assert!(port_free(&d, p.bulk));
     kernel.stop().await;
 

@@ -352,6 +352,7 @@ async fn watchdog_and_status_of_tcp_and_udp_mappings() {
     let berth = Berth {
         child,
         admin: dir.path("admin.sock"),
+        file,
     };
     let mut seen = Vec::new();
     while !seen.iter().any(|m: &String| m == "WATCHDOG=1") {

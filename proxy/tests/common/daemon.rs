@@ -65,9 +65,91 @@ pub fn mapping(name: &str, listen: SocketAddr, target: SocketAddr, extra: &str) 
 pub struct Berth {
     pub child: Child,
     pub admin: PathBuf,
+    /// Its configuration file, in the scratch directory.
+    pub file: PathBuf,
 }
 
 impl Berth {
+    /// `berth run` inside network namespace `ns` (a test's "host"), with `config` in `dir`.
+    pub fn spawn_in(ns: &berth::net::NetNs, dir: &Dir, config: &str) -> Self {
+        let file = dir.path("berth.toml");
+        std::fs::write(&file, config).unwrap();
+        let admin = dir.path("admin.sock");
+        let child = ns
+            .command(env!("CARGO_BIN_EXE_berth"))
+            .unwrap()
+            .args(["run", "--config"])
+            .arg(&file)
+            .arg("--admin-socket")
+            .arg(&admin)
+            .env("BERTH_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        Self { child, admin, file }
+    }
+
+    /// The status rows (empty while berth does not answer).
+    pub async fn rows(&self) -> Vec<berth::service::status::Row> {
+        timeout(HANG, admin::request(&self.admin, "status"))
+            .await
+            .unwrap()
+            .map(|r| r.mappings)
+            .unwrap_or_default()
+    }
+
+    pub async fn row(&self, name: &str) -> berth::service::status::Row {
+        self.rows()
+            .await
+            .into_iter()
+            .find(|r| r.name == name)
+            .unwrap_or_else(|| panic!("no mapping {name}"))
+    }
+
+    /// Polls status until mapping `name` satisfies `pred` (state berth updates; no event).
+    pub async fn wait_row(
+        &self,
+        name: &str,
+        what: &str,
+        pred: impl Fn(&berth::service::status::Row) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + HANG;
+        loop {
+            let rows = self.rows().await;
+            if rows.iter().any(|r| r.name == name && pred(r)) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "mapping {name} never got {what}: {rows:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Writes `config` and reloads.
+    pub async fn reload(&self, config: &str) -> admin::Reply {
+        std::fs::write(&self.file, config).unwrap();
+        self.request("reload").await
+    }
+
+    /// SIGTERM, then waits (with a deadline) for a clean exit.
+    pub async fn stop(mut self) {
+        self.signal(Signal::SIGTERM);
+        let deadline = tokio::time::Instant::now() + HANG;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "berth run did not stop"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert!(status.success(), "berth run exited with {status}");
+    }
+
     pub fn spawn(dir: &Dir, config: &str, notify: Option<&Path>, fds: Vec<OwnedFd>) -> Self {
         let file = dir.path("berth.toml");
         std::fs::write(&file, config).unwrap();
@@ -103,7 +185,7 @@ impl Berth {
         }
         let child = cmd.spawn().unwrap();
         drop(fds);
-        Self { child, admin }
+        Self { child, admin, file }
     }
 
     pub async fn request(&self, command: &str) -> admin::Reply {
@@ -114,11 +196,14 @@ impl Berth {
     }
 
     /// Waits until the admin socket answers (berth is up, everything bound).
+    /// Waits until berth serves: its admin socket exists before the mappings start, but
+    /// answers only once they run.
     pub async fn up(&self) {
-        super::wait_until("berth to answer on its admin socket", || {
+        super::wait_until("berth to create its admin socket", || {
             std::os::unix::net::UnixStream::connect(&self.admin).is_ok()
         })
         .await;
+        self.request("status").await;
     }
 
     /// Polls `berth status` until a mapping row satisfies `pred` (state another process
