@@ -25,9 +25,9 @@ use tokio::{
     time::timeout,
 };
 
-/// Starts `berth forward`; returns it, the address from its `listening` log line, and the
-/// rest of its log, line by line.
-fn start(
+/// Starts `berth forward` on an address picked for it; returns it, once it listens, the
+/// address, and its log, line by line.
+async fn start(
     options: &[&str],
     target: SocketAddr,
 ) -> (
@@ -35,25 +35,16 @@ fn start(
     SocketAddr,
     std::sync::mpsc::Receiver<String>,
 ) {
+    let addr = common::daemon::free_addr();
     let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
         .arg("forward")
         .args(options)
-        .args(["127.0.0.1:0", &target.to_string()])
+        .args([&addr.to_string(), &target.to_string()])
         .env("BERTH_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find_map(|l| {
-            l.split("listen=")
-                .nth(1)
-                .and_then(|r| r.split_whitespace().next())
-                .map(str::to_owned)
-        })
-        .expect("berth forward exited without a listening line");
+    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let (tx, rx) = std::sync::mpsc::channel();
     // Keep reading so that berth never blocks on a full stderr pipe.
     std::thread::spawn(move || {
@@ -61,7 +52,12 @@ fn start(
             let _ = tx.send(l);
         }
     });
-    (child, addr.parse().unwrap(), rx)
+    if options.contains(&"udp") {
+        common::wait_udp_bound(addr).await;
+    } else {
+        common::wait_listening(addr).await;
+    }
+    (child, addr, rx)
 }
 
 /// Waits for a log line containing `needle`.
@@ -94,7 +90,8 @@ async fn forwards_and_drains_on_sigterm() {
         let (mut child, addr, log) = start(
             &["--mode", mode, "--drain-timeout", "30"],
             listener.local_addr().unwrap(),
-        );
+        )
+        .await;
         // The backend says when the first MiB has arrived, then counts and hashes the rest
         // until EOF and answers with what it got.
         let (got_first, got_first_rx) = tokio::sync::oneshot::channel();
@@ -156,7 +153,7 @@ async fn forwards_and_drains_on_sigterm() {
 #[tokio::test]
 async fn forwards_udp_and_exits_0_on_sigterm() {
     let (echo, _server) = common::spawn_udp_echo("127.0.0.1:0".parse().unwrap());
-    let (mut child, addr, _log) = start(&["--proto", "udp", "--udp-idle-timeout", "5"], echo);
+    let (mut child, addr, _log) = start(&["--proto", "udp", "--udp-idle-timeout", "5"], echo).await;
     let c = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     for len in [1usize, 1472, 65_507] {
         let payload: Vec<u8> = (0..len).map(|i| (i % 239) as u8).collect();

@@ -357,6 +357,52 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Waits until a TCP socket of this network namespace listens on `addr`: a child's
+/// readiness without connecting to it and without reading its log.
+pub async fn wait_listening(addr: SocketAddr) {
+    wait_socket(addr, "tcp", "0A").await;
+}
+
+/// Waits until a UDP socket of this network namespace is bound to `addr`.
+pub async fn wait_udp_bound(addr: SocketAddr) {
+    wait_socket(addr, "udp", "07").await;
+}
+
+/// Polls /proc/net/{proto}{,6} for a socket on `addr` in `state` (hex, as the kernel shows it).
+async fn wait_socket(addr: SocketAddr, proto: &str, state: &str) {
+    let (file, hex) = match addr {
+        SocketAddr::V4(a) => (
+            format!("/proc/net/{proto}"),
+            format!(
+                "{:08X}:{:04X}",
+                u32::from_le_bytes(a.ip().octets()),
+                a.port()
+            ),
+        ),
+        SocketAddr::V6(a) => {
+            let words: String = a
+                .ip()
+                .octets()
+                .chunks(4)
+                .map(|w| format!("{:08X}", u32::from_le_bytes([w[0], w[1], w[2], w[3]])))
+                .collect();
+            (
+                format!("/proc/net/{proto}6"),
+                format!("{words}:{:04X}", a.port()),
+            )
+        }
+    };
+    wait_until(&format!("a {proto} socket on {addr}"), || {
+        std::fs::read_to_string(&file).is_ok_and(|t| {
+            t.lines().any(|l| {
+                let mut f = l.split_whitespace();
+                f.nth(1) == Some(hex.as_str()) && f.nth(1) == Some(state)
+            })
+        })
+    })
+    .await;
+}
+
 // === Passing descriptors to a child ===
 
 /// Makes the child of `cmd` start with each `(from, to)` descriptor of ours at number `to`
