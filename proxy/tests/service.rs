@@ -436,3 +436,73 @@ async fn a_thousand_mappings_in_one_process() {
         TcpStream::connect(addr).await.unwrap();
     }
 }
+
+/// The daemon in-process, as mini-redis's `run(listener, shutdown)`: [`berth::service::serve`]
+/// takes its configuration, a reload channel and a shutdown future; a reload adds a mapping,
+/// and the shutdown drains and frees every port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_runs_in_process_with_reload_and_shutdown_as_arguments() {
+    use berth::service::{Start, config::Config, serve};
+    let dir = Dir::new();
+    let (a, b) = (free_addr(), free_addr());
+    let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = server.local_addr().unwrap();
+    let mut seen = spawn_exchange_server(server);
+    let file = dir.path("berth.toml");
+    let write = |mappings: &str| {
+        std::fs::write(&file, format!("[metrics]\nenabled = false\n{mappings}")).unwrap();
+    };
+    write(&mapping("a", a, target, ""));
+    let admin = dir.path("admin.sock");
+    let start = Start {
+        config_path: file.clone(),
+        config: Config::load(&file).unwrap(),
+        admin_socket: admin.clone(),
+        inherited: Default::default(),
+    };
+    let (reload, reloads) = tokio::sync::mpsc::channel(1);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let daemon = tokio::spawn(serve(start, reloads, async {
+        let _ = stopped.await;
+    }));
+    common::wait_until("the daemon to answer", || {
+        std::os::unix::net::UnixStream::connect(&admin).is_ok()
+    })
+    .await;
+    let through = |addr, id| transfer(addr, id, 1 << 20, 1 << 20);
+    let t = through(a, 1).await;
+    let (_, srv) = timeout(HANG, seen.recv()).await.unwrap().unwrap().unwrap();
+    assert_mirrored(1, &t, &srv);
+
+    write(&format!(
+        "{}{}",
+        mapping("a", a, target, ""),
+        mapping("b", b, target, "")
+    ));
+    reload.send(()).await.unwrap();
+    let rows = || async {
+        timeout(HANG, berth::service::admin::request(&admin, "status"))
+            .await
+            .unwrap()
+            .unwrap()
+            .mappings
+    };
+    let deadline = tokio::time::Instant::now() + HANG;
+    while !rows().await.iter().any(|r| r.name == "b") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the reload never added b"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let t = through(b, 2).await;
+    let (_, srv) = timeout(HANG, seen.recv()).await.unwrap().unwrap().unwrap();
+    assert_mirrored(2, &t, &srv);
+
+    stop.send(()).unwrap();
+    timeout(HANG, daemon).await.unwrap().unwrap().unwrap();
+    for addr in [a, b] {
+        std::net::TcpListener::bind(addr).expect("a stopped daemon's port is free");
+    }
+    assert!(!admin.exists(), "the admin socket is removed at stop");
+}

@@ -165,30 +165,83 @@ struct Service {
     kernel: Kernel,
 }
 
-/// Serves `opts.config` and the runtime API until SIGTERM or SIGINT, then drains.
+/// What the daemon starts from: everything `berth run` takes from its command line, its
+/// file and its service manager, so that tests can start it in-process ([`serve`]).
+#[derive(Debug)]
+pub struct Start {
+    /// The file that reloads re-read.
+    pub config_path: PathBuf,
+    /// Its contents, validated.
+    pub config: Config,
+    pub admin_socket: PathBuf,
+    /// Sockets the service manager passed, by mapping name.
+    pub inherited: HashMap<String, OwnedFd>,
+}
+
+/// `berth run`: loads `opts.config`, takes systemd's sockets, and serves until SIGTERM or
+/// SIGINT (SIGHUP reloads).
 pub async fn run(opts: Options) -> Result<(), ServiceError> {
     let config = Config::load(&opts.config)?;
-    let admin_path = opts
+    let admin_socket = opts
         .admin_socket
         .clone()
         .unwrap_or_else(|| config.admin_socket.clone());
-    let notifier = Notifier::from_env();
     let inherited = systemd::listen_fds();
     if !inherited.is_empty() {
         let names: Vec<&String> = inherited.keys().collect();
         info!(sockets = ?names, "sockets passed by systemd");
     }
+    let mut hup = signal(SignalKind::hangup()).map_err(ServiceError::Signals)?;
+    let mut term = signal(SignalKind::terminate()).map_err(ServiceError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ServiceError::Signals)?;
+    let (reload_tx, reload) = mpsc::channel(1);
+    let hups = tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            if reload_tx.send(()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    };
+    let start = Start {
+        config_path: opts.config,
+        config,
+        admin_socket,
+        inherited,
+    };
+    let served = serve(start, reload, shutdown).await;
+    hups.abort();
+    served
+}
+
+/// Serves `start` and the runtime API, reloading the file at each message on `reload`, until
+/// `shutdown` completes; then drains. Everything is bound before anything starts: a bad
+/// mapping leaves nothing half-running.
+pub async fn serve(
+    start: Start,
+    mut reload: mpsc::Receiver<()>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServiceError> {
+    let Start {
+        config_path,
+        config,
+        admin_socket: admin_path,
+        inherited,
+    } = start;
+    let notifier = Notifier::from_env();
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(crate::listen::bind_tcp(addr.into()).map_err(ServiceError::Metrics)?),
         None => None,
     };
     let admin_listener = admin::bind(&admin_path)?;
-    let mut hup = signal(SignalKind::hangup()).map_err(ServiceError::Signals)?;
-    let mut term = signal(SignalKind::terminate()).map_err(ServiceError::Signals)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(ServiceError::Signals)?;
 
     let mut service = Service {
-        path: opts.config.clone(),
+        path: config_path.clone(),
         kernel: Kernel::new(config.sockmap, config.dnat.clone()),
         config: Config {
             mappings: Vec::new(),
@@ -222,15 +275,16 @@ pub async fn run(opts: Options) -> Result<(), ServiceError> {
         });
     }
     let summary = lock(&state).summary();
-    info!(config = %opts.config.display(), admin = %admin_path.display(), "berth running: {summary}");
+    info!(config = %config_path.display(), admin = %admin_path.display(), "berth running: {summary}");
     notifier.ready(&summary);
 
     // Finished retired mappings are dropped promptly: a kernel-mode one holds the programs.
     let mut reap = tokio::time::interval(Duration::from_secs(1));
+    let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {
             _ = reap.tick() => lock(&state).reap(),
-            _ = hup.recv() => {
+            Some(()) = reload.recv() => {
                 let reply = service.reload(&notifier).await;
                 log_reload(&reply);
             }
@@ -240,8 +294,7 @@ pub async fn run(opts: Options) -> Result<(), ServiceError> {
                 }
                 Request::Closed(conn) => service.closed(conn),
             },
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            () = &mut shutdown => break,
         }
     }
 
