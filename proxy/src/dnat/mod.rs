@@ -12,13 +12,22 @@
 //!   that was dialled.
 //!
 //! Parts:
-//! - [`Dnat`]: the loaded programs and maps of this process, shared by its mappings.
-//! - [`DnatMapping`]: one mapping's service entry; dropping it removes every trace of it.
+//! - [`Dnat`] (here): loading and attaching the programs, the maps of this process, shared by
+//!   its mappings.
+//! - `mapping`: [`DnatMapping`], one mapping's service entry; dropping it removes every trace
+//!   of it.
+//! - `keys`: addresses and keys in the maps' layout; what kernel mode can map.
+//! - `background`: the conntrack sweeper and the local-address watcher.
 //! - `host`: interfaces, routes, local addresses, cgroup v2 and netns, from the kernel.
 //! - [`conntrack`]: when an entry expires.
+//! - `error`: [`DnatError`].
 
+mod background;
 pub mod conntrack;
+mod error;
 mod host;
+mod keys;
+mod mapping;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
@@ -29,101 +38,41 @@ use std::{
         Arc, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicU32, Ordering},
     },
-    time::Duration,
 };
 
 use aya::{
     Ebpf,
     maps::{
-        Array, HashMap, MapData, MapError, PerCpuHashMap, PerCpuValues,
+        Array, HashMap, MapData, PerCpuHashMap, PerCpuValues,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType},
+    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType},
 };
 use berth_common::dnat::{
-    self as shared, Addr, BACKEND_DRAINING, Backend, Config, Flow, FlowKey, Origin, PROTO_TCP,
-    PROTO_UDP, ServiceKey, SockKey, Stats,
+    self as shared, Addr, Backend, Config, Flow, FlowKey, Origin, ServiceKey, SockKey, Stats,
 };
-use futures::StreamExt as _;
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use self::host::Iface;
-pub use self::{conntrack::Timeouts, host::cgroup2_root};
+pub(crate) use self::keys::addr_of;
+use self::{
+    background::{local_watcher, sweeper},
+    error::{map_err, prog_err, stats_err},
+    keys::service_key,
+};
+pub use self::{
+    conntrack::Timeouts,
+    error::DnatError,
+    host::cgroup2_root,
+    keys::{check_listen, check_target},
+    mapping::DnatMapping,
+};
 use crate::{
     addr::Proto,
     ebpf::{DnatSizes, LoaderError},
     net::Netlink,
 };
-
-/// Kernel mode could not start, or could not map one mapping.
-#[derive(Debug, thiserror::Error)]
-pub enum DnatError {
-    #[error(transparent)]
-    Load(#[from] LoaderError),
-    #[error("cannot load or attach {name}: {source}")]
-    Program {
-        name: &'static str,
-        #[source]
-        source: ProgramError,
-    },
-    #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: MapError,
-    },
-    #[error("netlink: {what}: {source}")]
-    Netlink {
-        what: &'static str,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    #[error("interface {name}: {why}")]
-    Interface { name: String, why: String },
-    #[error("cgroup {}: {source}", path.display())]
-    Cgroup {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("no cgroup v2 hierarchy is mounted (kernel mode's local clients need one)")]
-    NoCgroup2,
-    #[error("cannot read this network namespace's cookie (needs Linux 5.14): {0}")]
-    Netns(#[source] std::io::Error),
-    #[error("target: {0}")]
-    Target(String),
-    #[error("listen: {0}")]
-    Listen(String),
-    #[error("the kernel-mode service table is full ({0} mappings)")]
-    Full(u32),
-    #[error("{0} (kernel mode needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN, or root)")]
-    Denied(Box<Self>),
-}
-
-impl DnatError {
-    fn netlink(what: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> Self {
-        Self::Netlink {
-            what,
-            source: Box::new(e),
-        }
-    }
-
-    /// Wraps a failure that the kernel refused for lack of privileges in [`Self::Denied`],
-    /// which says what is missing.
-    fn explain(self) -> Self {
-        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&self);
-        while let Some(e) = cause {
-            if let Some(io) = e.downcast_ref::<std::io::Error>()
-                && matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES))
-            {
-                return Self::Denied(Box::new(self));
-            }
-            cause = e.source();
-        }
-        self
-    }
-}
 
 /// Where and how big.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -218,24 +167,9 @@ impl Drop for Dnat {
     }
 }
 
-fn stats_err(call: &'static str, io_error: std::io::Error) -> DnatError {
-    DnatError::Map {
-        name: shared::STATS_MAP,
-        source: MapError::SyscallError(aya::sys::SyscallError { call, io_error }),
-    }
-}
-
 /// The interface in front of a container, found by [`Dnat::route`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route(Iface);
-
-fn map_err(name: &'static str) -> impl Fn(MapError) -> DnatError {
-    move |source| DnatError::Map { name, source }
-}
-
-fn prog_err(name: &'static str) -> impl Fn(ProgramError) -> DnatError {
-    move |source| DnatError::Program { name, source }
-}
 
 impl Dnat {
     /// Loads the programs, attaches them (TC to the client-facing interfaces, sock_addr to
@@ -521,203 +455,4 @@ fn attach_cgroup(ebpf: &mut Ebpf, cgroup: &std::path::Path) -> Result<(), DnatEr
             })?;
     }
     Ok(())
-}
-
-/// One kernel-mode mapping. Dropping it deletes its service entry, its conntrack and
-/// local-socket entries and its counters.
-pub struct DnatMapping {
-    dnat: Arc<Dnat>,
-    key: ServiceKey,
-    backend: Backend,
-}
-
-impl std::fmt::Debug for DnatMapping {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DnatMapping")
-            .field("id", &self.backend.id)
-            .finish_non_exhaustive()
-    }
-}
-
-impl DnatMapping {
-    /// Stops mapping new flows and local connects; flows with a conntrack entry go on.
-    pub fn drain(&self) {
-        let mut inner = self.dnat.lock();
-        if inner.owns(&self.key, self.backend.id) {
-            let mut b = self.backend;
-            b.flags |= BACKEND_DRAINING;
-            let _ = inner.maps.services.insert(self.key, b, 0);
-        }
-    }
-
-    /// The mapping's counters.
-    pub fn snapshot(&self) -> Snapshot {
-        let inner = self.dnat.lock();
-        let mut s = Snapshot {
-            conntrack_entries: inner.entries.get(&self.backend.id).copied().unwrap_or(0),
-            ..Snapshot::default()
-        };
-        if let Ok(per_cpu) = inner.maps.stats.get(&self.backend.id, 0) {
-            for c in per_cpu.iter() {
-                s.flows += c.flows;
-                s.local_rewrites += c.local_rewrites;
-                s.packets_in += c.packets_in;
-                s.bytes_in += c.bytes_in;
-                s.packets_out += c.packets_out;
-                s.bytes_out += c.bytes_out;
-            }
-        }
-        s
-    }
-}
-
-impl Drop for DnatMapping {
-    fn drop(&mut self) {
-        let id = self.backend.id;
-        let mut inner = self.dnat.lock();
-        if inner.owns(&self.key, id) {
-            let _ = inner.maps.services.remove(&self.key);
-        }
-        for k in keys_where(&inner.maps.conntrack, |f: &Flow| f.id == id) {
-            let _ = inner.maps.conntrack.remove(&k);
-        }
-        for k in keys_where(&inner.maps.revnat, |o: &Origin| o.id == id) {
-            let _ = inner.maps.revnat.remove(&k);
-        }
-        let _ = inner.maps.stats.remove(&id);
-        inner.entries.remove(&id);
-        info!(id, "kernel-mode mapping removed");
-    }
-}
-
-/// Whether kernel mode can map to `target`: an IPv4 address and an explicit port (the TC
-/// path rewrites IPv4 only).
-pub fn check_target(target: SocketAddr) -> Result<(), DnatError> {
-    if !target.is_ipv4() {
-        return Err(DnatError::Target(format!(
-            "{target}: kernel mode maps to IPv4 containers (use a relay mode for IPv6 targets)"
-        )));
-    }
-    if target.port() == 0 {
-        return Err(DnatError::Target(format!(
-            "{target}: kernel mode needs the container's port"
-        )));
-    }
-    Ok(())
-}
-
-/// Whether kernel mode can map `listen`: it needs an explicit port (no socket of its own
-/// gets one from the kernel).
-pub fn check_listen(listen: SocketAddr) -> Result<(), DnatError> {
-    if listen.port() == 0 {
-        return Err(DnatError::Listen(format!(
-            "{listen}: kernel mode needs an explicit port"
-        )));
-    }
-    Ok(())
-}
-
-/// Keys of the entries of `map` whose value satisfies `pred` (collected first: deleting
-/// while iterating would skip entries).
-fn keys_where<K: aya::Pod, V: aya::Pod>(
-    map: &HashMap<MapData, K, V>,
-    pred: impl Fn(&V) -> bool,
-) -> Vec<K> {
-    map.iter()
-        .flatten()
-        .filter(|(_, v)| pred(v))
-        .map(|(k, _)| k)
-        .collect()
-}
-
-/// The service key of `proto` on `listen` (unspecified: the family's wildcard).
-fn service_key(proto: Proto, listen: SocketAddr) -> ServiceKey {
-    ServiceKey {
-        addr: addr_of(listen.ip()),
-        port: listen.port().to_be(),
-        proto: match proto {
-            Proto::Tcp => PROTO_TCP,
-            Proto::Udp => PROTO_UDP,
-        },
-        _pad: 0,
-    }
-}
-
-/// `ip` in the maps' 16-byte layout (IPv4 as IPv4-mapped; `0.0.0.0` becomes the IPv4
-/// wildcard `::ffff:0.0.0.0`, `::` stays the IPv6 one).
-pub(crate) fn addr_of(ip: IpAddr) -> Addr {
-    let octets = match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        IpAddr::V6(v6) => v6.octets(),
-    };
-    let mut a = [0u32; 4];
-    for (i, w) in a.iter_mut().enumerate() {
-        *w = u32::from_ne_bytes([
-            octets[i * 4],
-            octets[i * 4 + 1],
-            octets[i * 4 + 2],
-            octets[i * 4 + 3],
-        ]);
-    }
-    a
-}
-
-async fn sweeper(dnat: std::sync::Weak<Dnat>, timeouts: Timeouts) {
-    let mut tick = tokio::time::interval(timeouts.sweep_interval());
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(d) = dnat.upgrade() else { return };
-        let n = d.sweep(&timeouts);
-        if n > 0 {
-            debug!(expired = n, "conntrack entries swept");
-        }
-    }
-}
-
-/// Keeps the local-address map current: re-reads the local table whenever an address is
-/// added or removed.
-async fn local_watcher(dnat: std::sync::Weak<Dnat>) {
-    use rtnetlink::MulticastGroup;
-    let (conn, _handle, mut events) = match rtnetlink::new_multicast_connection(&[
-        MulticastGroup::Ipv4Ifaddr,
-        MulticastGroup::Ipv6Ifaddr,
-    ]) {
-        Ok(c) => c,
-        Err(e) => {
-            warn!(error = %e, "cannot watch address changes; local addresses stay as at start");
-            return;
-        }
-    };
-    let conn = tokio::spawn(conn);
-    while events.next().await.is_some() {
-        // Coalesce a burst (an interface going up brings several addresses).
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, events.next()).await {}
-        let Some(d) = dnat.upgrade() else { break };
-        if let Err(e) = d.refresh_local().await {
-            warn!(error = %e, "cannot refresh local addresses");
-        }
-    }
-    conn.abort();
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wildcards_and_ports_use_the_maps_layout() {
-        let k = service_key(Proto::Tcp, "0.0.0.0:8080".parse().unwrap());
-        assert_eq!(k.addr, shared::v4_mapped([0; 4]));
-        assert_eq!(k.port.to_ne_bytes(), [0x1f, 0x90]);
-        assert_eq!(k.proto, PROTO_TCP);
-        let k = service_key(Proto::Udp, "[::]:53".parse().unwrap());
-        assert_eq!(k.addr, [0; 4]);
-        assert_eq!(k.proto, PROTO_UDP);
-        assert_eq!(
-            addr_of("10.1.2.3".parse().unwrap()),
-            shared::v4_mapped([10, 1, 2, 3])
-        );
-    }
 }
