@@ -7,6 +7,8 @@ use crate::exec;
 
 /// The bpf-linker release that links against nightly's LLVM here; 0.11+ wants a system LLVM.
 const BPF_LINKER_VERSION: &str = "0.10.3";
+/// The cargo-deny release `cargo xtask test` checks licenses, bans and sources with.
+const CARGO_DENY_VERSION: &str = "0.20.2";
 
 /// Debian packages the tests and the demo use: `ip` for inspecting what tests leave behind,
 /// python3 for the demo's file server, curl to fetch through the proxy, systemd for
@@ -26,6 +28,11 @@ const APT_PACKAGES: &[&str] = &[
 pub(crate) fn run() -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
+    cargo_tool(
+        "cargo-deny",
+        CARGO_DENY_VERSION,
+        &["cargo-deny", "--version"],
+    )?;
     apt(APT_PACKAGES)?;
     println!("xtask: setup complete");
     Ok(())
@@ -58,6 +65,27 @@ fn rust_src() -> anyhow::Result<()> {
         "rust-src",
         "--toolchain",
         "nightly",
+    ]))
+}
+
+/// Installs crate `name` at `version` with `cargo install --locked` unless `probe` (a command
+/// line) already prints that version.
+fn cargo_tool(name: &str, version: &str, probe: &[&str]) -> anyhow::Result<()> {
+    let found = exec::output(Command::new(probe[0]).args(&probe[1..]))
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    if found.contains(version) {
+        println!("xtask: {name} {version} is installed");
+        return Ok(());
+    }
+    println!("xtask: installing {name} {version} (about three minutes)");
+    exec::run(Command::new("cargo").args([
+        "install",
+        &format!("{name}@{version}"),
+        "--locked",
+        "--force",
     ]))
 }
 

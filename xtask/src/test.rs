@@ -1,5 +1,5 @@
-//! `cargo xtask test`: the gate CI runs. Formatting, lints on every target, docs, then all
-//! tests (`--quick` leaves out the stress tier).
+//! `cargo xtask test`: the gate CI runs. Formatting, lints on every target, cargo-deny, docs,
+//! then all tests (`--quick` leaves out the stress tier).
 use std::process::Command;
 
 use anyhow::bail;
@@ -46,6 +46,13 @@ pub(crate) fn run(quick: bool, cargo_test_args: &[String]) -> anyhow::Result<()>
         "-D",
         "warnings",
     ]))?;
+    // Licenses, duplicate versions and sources (deny.toml); advisories need a database
+    // fetched from GitHub, which these machines cannot reach.
+    exec::run(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args(["deny", "check", "licenses", "bans", "sources"]),
+    )?;
     // The docs build warning-free too: a broken intra-doc link is a broken reference.
     exec::run(
         Command::new("cargo")
