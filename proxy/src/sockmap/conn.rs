@@ -18,7 +18,7 @@ use socket2::SockRef;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{Sockmap, cookie, credit::Credit, set_send_buffer, watch::Watch};
+use super::{Sockmap, allowance::Allowance, cookie, credit::Credit, set_send_buffer, watch::Watch};
 use crate::relay::{self, Direction, Meter, Mode, RelayError, Transfer};
 use crate::sys::sockopt;
 
@@ -28,10 +28,6 @@ const TICK: Duration = Duration::from_secs(1);
 
 /// The longest pause between two looks at a socket's counters while waiting for the kernel.
 const MAX_POLL: Duration = Duration::from_millis(20);
-
-/// The smallest redirect allowance, whatever the send buffer (a freshly autotuned one can be
-/// a few KiB).
-const MIN_ALLOWANCE: u64 = 64 * 1024;
 
 /// Relays `client` ⇄ `target` in the kernel until both directions have ended, one side
 /// fails, or `cut` completes (then both are reset). Falls back to splice when the maps are
@@ -272,7 +268,7 @@ struct Pump<'a> {
     credit: &'a Credit,
     /// The allowance last given: bytes on their way to `dst` that its peer has not yet
     /// acknowledged may not exceed it (see [`Pump::allowance`]).
-    allowance: u64,
+    allowance: Allowance,
     /// Bytes berth itself read and forwarded (before and around the hand-over).
     forwarded: u64,
     /// What the program has been told was forwarded of what it passed.
@@ -301,7 +297,7 @@ impl<'a> Pump<'a> {
             src,
             dst,
             credit,
-            allowance: 0,
+            allowance: Allowance::of_send_buffer(0),
             forwarded: 0,
             acked: 0,
             published: 0,
@@ -357,7 +353,7 @@ impl<'a> Pump<'a> {
             self.until_room(queued).await?;
             return self.hand_over().await;
         }
-        if self.limit == counters.redirected + self.allowance {
+        if self.allowance.untouched(self.limit, counters.redirected) {
             // The whole allowance is still free: nothing was redirected since it was given.
             return Ok(());
         }
@@ -371,10 +367,9 @@ impl<'a> Pump<'a> {
     /// program passes, charged to it, so TCP slows the sender down, as it should.
     async fn until_room(&mut self, queued: u64) -> io::Result<()> {
         let mut backoff = Backoff::new();
-        let half = self.allowance()? / 2;
+        let allowance = self.allowance()?;
         loop {
-            let unacked = queued.saturating_sub(acked_by_peer(&self.dst.sock)?);
-            if unacked <= half {
+            if allowance.has_room(queued, acked_by_peer(&self.dst.sock)?) {
                 return Ok(());
             }
             check_errors(self.src, self.dst)?;
@@ -412,11 +407,11 @@ impl<'a> Pump<'a> {
     /// client that sends without reading could make the kernel hold any amount. Half
     /// leaves room for the kernel's per-buffer overhead (it counts the send buffer in
     /// memory used, not bytes).
-    fn allowance(&self) -> io::Result<u64> {
+    fn allowance(&self) -> io::Result<Allowance> {
         let sndbuf: usize =
             nix::sys::socket::getsockopt(&self.dst.sock, nix::sys::socket::sockopt::SndBuf)
                 .map_err(io::Error::from)?;
-        Ok((sndbuf as u64 / 2).max(MIN_ALLOWANCE))
+        Ok(Allowance::of_send_buffer(sndbuf))
     }
 
     /// Lets the program redirect once it has passed exactly `acked` bytes, as far past
@@ -424,20 +419,18 @@ impl<'a> Pump<'a> {
     /// used.
     fn grant(&mut self, acked: u64, redirected: u64) -> io::Result<()> {
         self.allowance = self.allowance()?;
-        // Everything berth or the kernel let through towards `dst` that `dst`'s peer has not
-        // acknowledged: in `dst`'s psock queue, in its send queue, or on the wire.
-        let unacked = (self.forwarded + redirected).saturating_sub(acked_by_peer(&self.dst.sock)?);
-        let room = self.allowance.saturating_sub(unacked);
-        let limit = redirected + room;
+        let grant =
+            self.allowance
+                .grant(self.forwarded, redirected, acked_by_peer(&self.dst.sock)?);
         self.sm.set_ready(
             self.src.cookie,
             self.dst.cookie,
             acked,
-            limit,
-            redirected + room / 2,
+            grant.limit,
+            grant.report,
         )?;
         self.acked = acked;
-        self.limit = limit;
+        self.limit = grant.limit;
         Ok(())
     }
 

@@ -7,7 +7,9 @@
 //! - `conn`: one connection's life in the kernel: hand-over, half-close, teardown.
 //! - `watch`: an epoll instance that wakes on FIN and errors only, never on data.
 //! - `credit`: the program's reports that a socket's redirect allowance runs low.
+//! - `allowance`: how far the program may redirect, as arithmetic free of I/O.
 
+mod allowance;
 mod conn;
 mod credit;
 mod watch;
