@@ -333,17 +333,9 @@ impl Contender {
                     crate::topo::EXT_IFACE,
                     crate::topo::cgroup().display()
                 );
-                let file = logs.join(format!("berth-dnat-{port}.toml"));
-                std::fs::write(&file, config)?;
-                let admin = logs.join(format!("berth-dnat-{port}.sock"));
-                let _ = std::fs::remove_file(&admin);
-                let mut cmd = Command::new(&tools.berth);
-                cmd.args(["run", "--config"])
-                    .arg(&file)
-                    .arg("--admin-socket")
-                    .arg(&admin)
-                    .env("BERTH_LOG", "warn");
-                running.children.push(spawn(&mut cmd, logs, self)?);
+                let (daemon, admin) =
+                    spawn_berth_run(tools, &config, &format!("berth-dnat-{port}"), logs, self)?;
+                running.children.push(daemon);
                 wait_mapped(&admin, &mut running.children)?;
                 return Ok(running);
             }
@@ -387,22 +379,43 @@ pub(crate) fn start_berth_daemon(
             "[[mapping]]\nname = \"p{p}\"\nlisten = \"0.0.0.0:{p}\"\ntarget = \"{server}\"\n"
         ));
     }
-    let file = logs.join("berth-mappings.toml");
-    std::fs::write(&file, config)?;
-    let mut cmd = Command::new(&tools.berth);
-    cmd.args(["run", "--config"])
-        .arg(&file)
-        .arg("--admin-socket")
-        .arg(logs.join("berth-admin.sock"))
-        .env("BERTH_LOG", "warn");
+    let (daemon, _) = spawn_berth_run(
+        tools,
+        &config,
+        "berth-mappings",
+        logs,
+        Contender::BerthSplice,
+    )?;
     let mut running = Running {
         local: SocketAddr::from(([127, 0, 0, 1], ports.first().copied().unwrap_or(0))),
         external: SocketAddr::from((HOST_EXT_IP, ports.first().copied().unwrap_or(0))),
-        children: vec![spawn(&mut cmd, logs, Contender::BerthSplice)?],
+        children: vec![daemon],
         iptables: None,
     };
     wait_all_listening(ports, &mut running.children)?;
     Ok(running)
+}
+
+/// Starts `berth run` with `config`, written to `logs/<name>.toml`, on the admin socket
+/// `logs/<name>.sock` (a stale one removed). Returns the process and the admin socket.
+fn spawn_berth_run(
+    tools: &Tools,
+    config: &str,
+    name: &str,
+    logs: &Path,
+    who: Contender,
+) -> anyhow::Result<(Child, PathBuf)> {
+    let file = logs.join(format!("{name}.toml"));
+    std::fs::write(&file, config)?;
+    let admin = logs.join(format!("{name}.sock"));
+    let _ = std::fs::remove_file(&admin);
+    let mut cmd = Command::new(&tools.berth);
+    cmd.args(["run", "--config"])
+        .arg(&file)
+        .arg("--admin-socket")
+        .arg(&admin)
+        .env("BERTH_LOG", "warn");
+    Ok((spawn(&mut cmd, logs, who)?, admin))
 }
 
 /// `berth-docker-proxy` for each of `ports`, started one after another as dockerd starts
@@ -426,18 +439,17 @@ pub(crate) fn start_shims(
         children: Vec::new(),
         iptables: None,
     };
-    let admin = logs.join("berth-shims-admin.sock");
+    let mut admin = PathBuf::from("/nonexistent/berth-admin.sock");
     if delegate {
-        let file = logs.join("berth-shims.toml");
-        std::fs::write(&file, "[metrics]\nenabled = false\n")?;
-        let _ = std::fs::remove_file(&admin);
-        let mut cmd = Command::new(&tools.berth);
-        cmd.args(["run", "--config"])
-            .arg(&file)
-            .arg("--admin-socket")
-            .arg(&admin)
-            .env("BERTH_LOG", "warn");
-        running.children.push(spawn(&mut cmd, logs, who)?);
+        let (daemon, socket) = spawn_berth_run(
+            tools,
+            "[metrics]\nenabled = false\n",
+            "berth-shims",
+            logs,
+            who,
+        )?;
+        running.children.push(daemon);
+        admin = socket;
         wait_admin(&admin, &mut running.children)?;
     }
     let (ip, sport) = (server.ip().to_string(), server.port().to_string());
@@ -458,14 +470,7 @@ pub(crate) fn start_shims(
             &sport,
         ])
         // Standalone: an admin socket nobody serves.
-        .env(
-            "BERTH_ADMIN_SOCKET",
-            if delegate {
-                admin.as_path()
-            } else {
-                Path::new("/nonexistent/berth-admin.sock")
-            },
-        );
+        .env("BERTH_ADMIN_SOCKET", &admin);
         let started = Instant::now();
         running
             .children
@@ -651,29 +656,16 @@ pub(crate) fn wait_all_listening(ports: &[u16], children: &mut [Child]) -> anyho
 /// Waits (at most 30 s) until the `berth run` behind `admin` answers and its mapping is
 /// active: it answers only once every mapping has started (or failed, which is an error).
 fn wait_mapped(admin: &Path, children: &mut [Child]) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    wait_admin(admin, children)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    loop {
-        for c in children.iter_mut() {
-            if let Some(status) = c.try_wait()? {
-                bail!("berth exited with {status} before mapping");
-            }
-        }
-        if std::os::unix::net::UnixStream::connect(admin).is_ok() {
-            let reply = rt.block_on(berth::service::admin::request(admin, "status"))?;
-            let row = reply.mappings.first().context("berth runs no mapping")?;
-            if row.state != "active" {
-                bail!("the mapping is {}", row.state);
-            }
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("berth did not answer on {} within 30 s", admin.display());
-        }
-        std::thread::sleep(Duration::from_millis(1));
+    let reply = rt.block_on(berth::service::admin::request(admin, "status"))?;
+    let row = reply.mappings.first().context("berth runs no mapping")?;
+    if row.state != "active" {
+        bail!("the mapping is {}", row.state);
     }
+    Ok(())
 }
 
 /// Waits (at most 30 s) until UDP `port` is bound in our namespace.

@@ -15,13 +15,12 @@ mod common;
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     os::fd::AsRawFd as _,
-    path::{Path, PathBuf},
-    sync::Mutex,
+    path::Path,
 };
 
 use berth::net::{self, ContainerSpec, Netlink, Topology};
 use common::{
-    HANG, Tally, TestNs, assert_mirrored,
+    HANG, Tally, TestCgroup, TestNs, assert_mirrored,
     daemon::{Berth, Dir},
     exchange, random_sizes, rng, serve_exchange, unique, wait_until,
 };
@@ -33,48 +32,6 @@ use tokio::{
 
 const EXT_HOST: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 const EXT_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
-
-/// A child of the cgroup v2 root, removed on drop.
-struct TestCgroup(PathBuf);
-
-impl TestCgroup {
-    fn create() -> Self {
-        let root = berth::dnat::cgroup2_root().expect("no cgroup v2 mount");
-        let path = root.join(format!("berth-test-{}", unique("cg")));
-        std::fs::create_dir(&path).unwrap();
-        Self(path)
-    }
-
-    /// Runs `f` with this process in the cgroup: sockets it creates belong to the cgroup for
-    /// life. Serialised, since the whole process moves.
-    fn run<T>(&self, f: impl FnOnce() -> T) -> T {
-        static LOCK: Mutex<()> = Mutex::new(());
-        let _g = LOCK
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-        let rel = own
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .expect("not in a cgroup v2 hierarchy")
-            .trim_start_matches('/')
-            .to_owned();
-        let root = self.0.parent().unwrap();
-        let pid = std::process::id().to_string();
-        std::fs::write(self.0.join("cgroup.procs"), &pid).unwrap();
-        let out = f();
-        std::fs::write(root.join(rel).join("cgroup.procs"), &pid).unwrap();
-        out
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir(&self.0) {
-            eprintln!("warning: cannot remove {}: {e}", self.0.display());
-        }
-    }
-}
 
 /// The host namespace with its bridge, containers, external client and cgroup.
 struct Lab {
@@ -455,7 +412,12 @@ async fn remote_and_local_udp_clients_get_replies_from_the_mapped_address() {
     let port = lab.free_port();
     let dir = scratch();
     let listen = SocketAddr::from(([0, 0, 0, 0], port));
-    let berth = lab.berth(&dir, &lab.config("", &[("dns", "udp", listen, server)]));
+    // A UDP timeout long enough that a loaded machine's status poll still sees the entry
+    // before it expires.
+    let config = lab
+        .config("", &[("dns", "udp", listen, server)])
+        .replace("udp_timeout = 0.5", "udp_timeout = 3");
+    let berth = lab.berth(&dir, &config);
     berth.up().await;
 
     // Remote: the reply comes from the address dialled; the container saw the real client.
@@ -476,7 +438,7 @@ async fn remote_and_local_udp_clients_get_replies_from_the_mapped_address() {
         assert_eq!(&buf[..size], &payload[..]);
         assert_eq!(&buf[size..n], format!(" from {me}").as_bytes());
     }
-    // The flow's conntrack entry exists, then expires (udp_timeout 0.5 s).
+    // The flow's conntrack entry exists, then expires (udp_timeout 3 s).
     berth
         .wait_row("dns", "a conntrack entry", |r| r.active == 1)
         .await;

@@ -19,15 +19,14 @@ use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr},
     os::fd::AsFd as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
-    sync::Mutex,
     time::Duration,
 };
 
 use berth::service::status::Row;
 use common::{
-    HANG, TestNs, assert_mirrored,
+    HANG, TestCgroup, TestNs, assert_mirrored,
     daemon::{Berth, Dir},
     exchange, spawn_exchange_server,
 };
@@ -387,7 +386,7 @@ async fn check_ports(
     d: &Dockerd,
     servers: &mut Servers,
     p: Ports,
-    cgroup: Option<&Cgroup>,
+    cgroup: Option<&TestCgroup>,
     id: u64,
 ) {
     let sock = |v6: bool| match cgroup {
@@ -453,50 +452,6 @@ async fn check_ports(
         &p.who_any.to_string(),
     ]);
     assert!(hairpin.starts_with("you are "), "{hairpin:?}");
-}
-
-/// A child of the cgroup v2 root for kernel mode's local programs, removed on drop.
-struct Cgroup(PathBuf);
-
-impl Cgroup {
-    fn create() -> Self {
-        let root = berth::dnat::cgroup2_root().expect("no cgroup v2 mount");
-        let path = root.join(format!("berth-test-{}", common::unique("cd")));
-        std::fs::create_dir(&path).unwrap();
-        Self(path)
-    }
-
-    /// Runs `f` with this process in the cgroup (sockets made there belong to it).
-    fn run<T>(&self, f: impl FnOnce() -> T) -> T {
-        static LOCK: Mutex<()> = Mutex::new(());
-        let _g = LOCK
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-        let rel = own
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .unwrap()
-            .trim_start_matches('/')
-            .to_owned();
-        let pid = std::process::id().to_string();
-        std::fs::write(self.0.join("cgroup.procs"), &pid).unwrap();
-        let out = f();
-        std::fs::write(
-            self.0.parent().unwrap().join(rel).join("cgroup.procs"),
-            &pid,
-        )
-        .unwrap();
-        out
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir(&self.0) {
-            eprintln!("warning: cannot remove {}: {e}", self.0.display());
-        }
-    }
 }
 
 fn port_free(d: &Dockerd, port: u16) -> bool {
@@ -587,7 +542,7 @@ async fn dockerd_publishes_through_berth_standalone_relay_and_kernel_mode() {
 
     // 3. A kernel-mode daemon: the shims hand their ports back; kernel mode maps them and
     //    the relay serves what its programs pass through (hairpin, [::1]).
-    let cgroup = Cgroup::create();
+    let cgroup = TestCgroup::create();
     let kernel = d.berth(&format!(
         "[metrics]\nenabled = false\n[defaults]\nmode = \"dnat\"\n[dnat]\ncgroup = \"{}\"\n",
         cgroup.0.display()

@@ -80,7 +80,7 @@ fn cargo_tool(name: &str, version: &str, probe: &[&str]) -> anyhow::Result<()> {
         println!("xtask: {name} {version} is installed");
         return Ok(());
     }
-    println!("xtask: installing {name} {version} (about three minutes)");
+    println!("xtask: installing {name} {version} (cargo install, a few minutes)");
     exec::run(Command::new("cargo").args([
         "install",
         &format!("{name}@{version}"),
@@ -90,24 +90,11 @@ fn cargo_tool(name: &str, version: &str, probe: &[&str]) -> anyhow::Result<()> {
 }
 
 fn bpf_linker() -> anyhow::Result<()> {
-    let version = exec::output(Command::new("bpf-linker").arg("--version"))
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    if version.contains(BPF_LINKER_VERSION) {
-        println!("xtask: bpf-linker {BPF_LINKER_VERSION} is installed");
-        return Ok(());
-    }
-    println!(
-        "xtask: installing bpf-linker {BPF_LINKER_VERSION} (links the eBPF programs; about a minute)"
-    );
-    exec::run(Command::new("cargo").args([
-        "install",
-        &format!("bpf-linker@{BPF_LINKER_VERSION}"),
-        "--locked",
-        "--force",
-    ]))
+    cargo_tool(
+        "bpf-linker",
+        BPF_LINKER_VERSION,
+        &["bpf-linker", "--version"],
+    )
 }
 
 /// Installs the Debian packages in `packages` that are not installed yet.

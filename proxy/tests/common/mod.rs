@@ -325,6 +325,50 @@ impl Drop for TestNs {
     }
 }
 
+// === A child cgroup, for kernel mode's local programs ===
+
+/// A child of the cgroup v2 root, removed on drop.
+pub struct TestCgroup(pub std::path::PathBuf);
+
+impl TestCgroup {
+    pub fn create() -> Self {
+        let root = berth::dnat::cgroup2_root().expect("no cgroup v2 mount");
+        let path = root.join(format!("berth-test-{}", unique("cg")));
+        std::fs::create_dir(&path).unwrap();
+        Self(path)
+    }
+
+    /// Runs `f` with this process in the cgroup: sockets it creates belong to the cgroup for
+    /// life. Serialised, since the whole process moves.
+    pub fn run<T>(&self, f: impl FnOnce() -> T) -> T {
+        static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _g = LOCK
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .expect("not in a cgroup v2 hierarchy")
+            .trim_start_matches('/')
+            .to_owned();
+        let root = self.0.parent().unwrap();
+        let pid = std::process::id().to_string();
+        std::fs::write(self.0.join("cgroup.procs"), &pid).unwrap();
+        let out = f();
+        std::fs::write(root.join(rel).join("cgroup.procs"), &pid).unwrap();
+        out
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir(&self.0) {
+            eprintln!("warning: cannot remove {}: {e}", self.0.display());
+        }
+    }
+}
+
 // === UDP ===
 
 /// A UDP echo server on `addr`: every datagram goes back to its sender unchanged.
