@@ -2,7 +2,6 @@
 //! mapped to it with `berth forward --mode splice`, and a container-to-container request.
 //! Everything is torn down at the end, on failure and on Ctrl-C too.
 use std::{
-    io::{BufRead as _, BufReader},
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -35,14 +34,6 @@ impl Teardown {
             .with_context(|| format!("failed to start {:?}", cmd.get_program()))?;
         self.children.lock().expect("not poisoned").push(child);
         Ok(())
-    }
-
-    fn last_stderr(&self) -> Option<std::process::ChildStderr> {
-        self.children
-            .lock()
-            .expect("not poisoned")
-            .last_mut()
-            .and_then(|c| c.stderr.take())
     }
 }
 
@@ -151,26 +142,23 @@ pub(crate) fn run() -> anyhow::Result<()> {
             .stderr(Stdio::null()),
     )?;
     let server: SocketAddr = format!("{SERVER_IP}:{SERVER_PORT}").parse()?;
-    wait_for(server)?;
+    wait_for(server, &format!("the file server in {SERVER}"))?;
 
-    println!("\n== 3. Map a host port to it: berth forward --mode splice 127.0.0.1:0 {server}");
+    // A port free a moment ago: berth reports a bind failure plainly if it is taken since.
+    let host: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    println!("\n== 3. Map a host port to it: berth forward --mode splice {host} {server}");
     guard.spawn(
         Command::new(&berth)
             .args([
                 "forward",
                 "--mode",
                 "splice",
-                "127.0.0.1:0",
+                &host.to_string(),
                 &server.to_string(),
             ])
-            .env("BERTH_LOG", "info")
-            .stderr(Stdio::piped()),
+            .env("BERTH_LOG", "info"),
     )?;
-    let host = listening_addr(
-        guard
-            .last_stderr()
-            .context("no stderr from berth forward")?,
-    )?;
+    wait_for(host, "berth forward")?;
     println!("berth is listening on {host}");
 
     println!("\n== 4. Fetch the listing through the host port");
@@ -224,7 +212,7 @@ fn subnet_is_free() -> anyhow::Result<()> {
 }
 
 /// Polls until `addr` accepts TCP, for at most 15 s (python needs a moment to start).
-fn wait_for(addr: SocketAddr) -> anyhow::Result<()> {
+fn wait_for(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
         if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
@@ -232,27 +220,5 @@ fn wait_for(addr: SocketAddr) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    bail!("the file server in {SERVER} did not start listening on {addr}")
-}
-
-/// Reads berth's log until its "listening" line and returns the bound address.
-fn listening_addr(stderr: std::process::ChildStderr) -> anyhow::Result<SocketAddr> {
-    let mut lines = BufReader::new(stderr).lines();
-    for line in lines.by_ref() {
-        let line = line?;
-        eprintln!("{line}");
-        if let Some(rest) = line.split("listen=").nth(1) {
-            let addr = rest.split_whitespace().next().unwrap_or_default();
-            // Keep draining the log so that berth never blocks on a full pipe.
-            std::thread::spawn(move || {
-                for l in lines.map_while(Result::ok) {
-                    eprintln!("{l}");
-                }
-            });
-            return addr
-                .parse()
-                .with_context(|| format!("unexpected listen address {addr:?}"));
-        }
-    }
-    bail!("berth forward exited before it was listening")
+    bail!("{what} did not start listening on {addr}")
 }
