@@ -28,7 +28,7 @@ use tokio::{
 /// A proxy to `target` on a free loopback port.
 fn proxy_to(target: SocketAddr, mode: Mode) -> Proxy {
     let mut config = Config::new(TargetAddr(target));
-    config.mode = mode;
+    config.pump = mode.into();
     Proxy::start("127.0.0.1:0", config)
 }
 
@@ -291,7 +291,7 @@ async fn ipv6_loopback_forwarding() {
     let mut tallies = spawn_exchange_server(target);
     for mode in Mode::ALL {
         let mut config = Config::new(TargetAddr(target_addr));
-        config.mode = mode;
+        config.pump = mode.into();
         let proxy = Proxy::start("[::1]:0", config);
         assert!(proxy.addr.is_ipv6());
         let c = TcpStream::connect(proxy.addr).await.unwrap();
@@ -386,7 +386,7 @@ async fn connections_cut_by_the_drain_timeout_are_reset_not_closed() {
     for mode in Mode::ALL {
         let listener = net.listen(0);
         let mut config = Config::new(TargetAddr(listener.local_addr().unwrap()));
-        config.mode = mode;
+        config.pump = mode.into();
         config.drain_timeout = Duration::ZERO;
         let proxy = Proxy::start("127.0.0.1:0", config);
         let mut c = TcpStream::connect(proxy.addr).await.unwrap();

@@ -24,7 +24,7 @@ use std::{
 use berth::{
     addr::TargetAddr,
     forward::Config,
-    relay::Mode,
+    relay::Pump,
     sockmap::{self, Sockmap},
 };
 use common::{
@@ -57,8 +57,7 @@ impl SmProxy {
         common::require_root();
         let sm = Sockmap::load(settings).expect("load the sockmap programs");
         let mut config = Config::new(TargetAddr(target));
-        config.mode = Mode::Sockmap;
-        config.sockmap = Some(sm.clone());
+        config.pump = Pump::Sockmap(sm.clone());
         let proxy = Proxy::start("127.0.0.1:0", config);
         Self { proxy, sm }
     }

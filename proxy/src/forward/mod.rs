@@ -22,23 +22,21 @@ pub use stats::{DURATION_BUCKETS, Snapshot, Stats};
 
 use crate::{
     addr::{ClientAddr, TargetAddr},
-    relay::{self, Meter, Mode},
-    sockmap::Sockmap,
+    relay::{self, Meter, Pump},
 };
 
 /// How one TCP mapping behaves.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub target: TargetAddr,
-    pub mode: Mode,
+    /// How bytes move (copy, splice, or the kernel with its maps).
+    pub pump: Pump,
     /// How long to wait for the target to accept before giving up on a client.
     pub connect_timeout: Duration,
     /// Connections relayed at once; clients beyond it are reset at once.
     pub max_connections: usize,
     /// After shutdown, how long established connections may run before they are closed.
     pub drain_timeout: Duration,
-    /// The loaded sockmap programs, for [`Mode::Sockmap`] (without them that mode splices).
-    pub sockmap: Option<Arc<Sockmap>>,
 }
 
 impl Config {
@@ -49,11 +47,10 @@ impl Config {
     pub fn new(target: TargetAddr) -> Self {
         Self {
             target,
-            mode: Mode::default(),
+            pump: Pump::Splice,
             connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
             max_connections: Self::DEFAULT_MAX_CONNECTIONS,
             drain_timeout: Self::DEFAULT_DRAIN_TIMEOUT,
-            sockmap: None,
         }
     }
 }
@@ -116,7 +113,7 @@ pub async fn serve(
     let conn_phase = phase.clone();
     match listener.local_addr() {
         Ok(local) => {
-            info!(listen = %local, target = %config.target, mode = %config.mode, "listening");
+            info!(listen = %local, target = %config.target, mode = %config.pump.name(), "listening");
         }
         Err(e) => warn!(error = %e, "listener has no local address"),
     }
@@ -203,29 +200,15 @@ async fn handle(
         }
     };
     let meter = Meter::with_totals(stats.totals());
-    if let (Mode::Sockmap, Some(sm)) = (config.mode, &config.sockmap) {
-        let cut = until(&mut phase, |p| p == Phase::Cut);
-        match crate::sockmap::relay(client, target, sm, &meter, cut).await {
-            Ok(t) => debug!(
-                to_target = t.to_target,
-                to_client = t.to_client,
-                "connection closed"
-            ),
-            Err(e) => debug!(error = %e, "connection aborted"),
-        }
-        return;
-    }
-    tokio::select! {
-        r = relay::relay(&client, &target, config.mode, &meter) => match r {
-            Ok(t) => debug!(to_target = t.to_target, to_client = t.to_client, "connection closed"),
-            Err(e) => debug!(error = %e, "connection aborted"),
-        },
-        () = until(&mut phase, |p| p == Phase::Cut) => {
-            let t = meter.transfer();
-            debug!(to_target = t.to_target, to_client = t.to_client, "drain time over, resetting connection");
-            relay::abort_stream(client);
-            relay::abort_stream(target);
-        }
+    let cut = until(&mut phase, |p| p == Phase::Cut);
+    match relay::run(client, target, &config.pump, &meter, cut).await {
+        Ok(t) => debug!(
+            to_target = t.to_target,
+            to_client = t.to_client,
+            "connection closed"
+        ),
+        // A reset client, a failed target, or the drain time over: the relay reset both.
+        Err(e) => debug!(error = %e, "connection aborted"),
     }
 }
 

@@ -13,7 +13,7 @@ use crate::{
     addr::Proto,
     dnat::DnatMapping,
     forward::{self, Phase},
-    relay::Mode,
+    relay::Pump,
     udp,
 };
 
@@ -75,10 +75,13 @@ impl Running {
         reuse: Option<Counters>,
         kernel: &Prepared,
     ) -> Result<Self, StartError> {
-        let relay_mode = spec.mode.tcp_mode();
-        if spec.proto == Proto::Tcp && relay_mode == Mode::Sockmap && kernel.sockmap.is_none() {
-            return Err(StartError::NoSockmap);
-        }
+        let pump = match (spec.proto, spec.mode.relay_mode()) {
+            (Proto::Tcp, None) => {
+                Pump::Sockmap(kernel.sockmap.clone().ok_or(StartError::NoSockmap)?)
+            }
+            (_, Some(mode)) => Pump::from(mode),
+            (Proto::Udp, None) => Pump::Splice,
+        };
         let (dnat, kernel_error) = if spec.mode.is_kernel() {
             let added = kernel.dnat_for(&spec).and_then(|(d, via)| {
                 d.add(spec.proto, spec.listen.get(), spec.target.get(), via)
@@ -111,7 +114,7 @@ impl Running {
         let mode = match (&dnat, spec.proto) {
             (Some(_), _) => "dnat",
             (None, Proto::Udp) => "udp",
-            (None, Proto::Tcp) => relay_mode.as_str(),
+            (None, Proto::Tcp) => pump.name(),
         };
         let socket = bound.dup().map_err(StartError::Dup)?;
         let local = bound.local_addr();
@@ -128,14 +131,10 @@ impl Running {
                 };
                 let config = forward::Config {
                     target: spec.target,
-                    mode: relay_mode,
+                    pump,
                     connect_timeout: spec.connect_timeout,
                     max_connections: spec.max_connections,
                     drain_timeout: Duration::ZERO,
-                    sockmap: kernel
-                        .sockmap
-                        .clone()
-                        .filter(|_| relay_mode == Mode::Sockmap),
                 };
                 let release = move || {
                     let _ = released_tx.send(());

@@ -26,14 +26,15 @@ pub enum ModeChoice {
 }
 
 impl ModeChoice {
-    /// The relay mode for TCP. `auto` is splice for now: the experimental sockmap mode is
-    /// slower than splice here for short connections (see docs/), so it is used only when
-    /// asked for by name. Kernel mode's fallback relay splices.
-    pub fn tcp_mode(self) -> Mode {
+    /// The user-space relay mode for TCP, or `None` for sockmap (the kernel relays, with the
+    /// maps a mapping gets when it starts). `auto` is splice for now: the experimental sockmap
+    /// mode is slower than splice here for short connections (see docs/sockmap.md), so it
+    /// is used only when asked for by name. Kernel mode's relay splices.
+    pub fn relay_mode(self) -> Option<Mode> {
         match self {
-            Self::Copy => Mode::Copy,
-            Self::Auto | Self::Splice | Self::Dnat => Mode::Splice,
-            Self::Sockmap => Mode::Sockmap,
+            Self::Copy => Some(Mode::Copy),
+            Self::Auto | Self::Splice | Self::Dnat => Some(Mode::Splice),
+            Self::Sockmap => None,
         }
     }
 

@@ -51,7 +51,7 @@ async fn one_way(
 ) -> Result<(), (Direction, io::Error)> {
     let pumped = match mode {
         Mode::Copy => copy::pump(src, dst, dir, meter).await,
-        Mode::Splice | Mode::Sockmap => splice::pump(src, dst, dir, meter).await,
+        Mode::Splice => splice::pump(src, dst, dir, meter).await,
     };
     pumped
         .and_then(|()| match SockRef::from(dst).shutdown(Shutdown::Write) {

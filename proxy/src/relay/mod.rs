@@ -25,7 +25,7 @@ pub fn abort_stream(s: tokio::net::TcpStream) {
     bidi::abort(&s);
 }
 
-/// How a relay moves bytes.
+/// How [`relay`] moves bytes in user space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum Mode {
     /// A userspace buffer per direction.
@@ -34,20 +34,86 @@ pub enum Mode {
     /// the kernel refuses it.
     #[default]
     Splice,
-    /// The kernel moves the bytes (a SOCKHASH and a stream-verdict program); see
-    /// [`crate::sockmap`]. Needs a loaded [`crate::sockmap::Sockmap`]; [`relay`] itself
-    /// relays such a connection by splice.
-    Sockmap,
 }
 
 impl Mode {
-    pub const ALL: [Self; 3] = [Self::Copy, Self::Splice, Self::Sockmap];
+    pub const ALL: [Self; 2] = [Self::Copy, Self::Splice];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Copy => "copy",
             Self::Splice => "splice",
-            Self::Sockmap => "sockmap",
+        }
+    }
+}
+
+/// How a mapping's connections are relayed, resolved when the mapping starts: the mode with
+/// what it needs, so that the two cannot disagree.
+#[derive(Clone, Debug)]
+pub enum Pump {
+    /// [`relay`] with [`Mode::Copy`].
+    Copy,
+    /// [`relay`] with [`Mode::Splice`].
+    Splice,
+    /// The kernel moves the bytes (a SOCKHASH and a stream-verdict program, see
+    /// [`crate::sockmap`]); connections the maps cannot take are spliced.
+    Sockmap(Arc<crate::sockmap::Sockmap>),
+}
+
+impl Pump {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Copy => "copy",
+            Self::Splice => "splice",
+            Self::Sockmap(_) => "sockmap",
+        }
+    }
+}
+
+impl From<Mode> for Pump {
+    fn from(m: Mode) -> Self {
+        match m {
+            Mode::Copy => Self::Copy,
+            Mode::Splice => Self::Splice,
+        }
+    }
+}
+
+/// Relays one connection with `pump` until both directions are done, one side fails, or `cut`
+/// completes (then both are reset, so that a cut transfer never passes for a complete one).
+/// The one entry point: it dispatches, cuts and aborts for every pump.
+pub async fn run(
+    client: tokio::net::TcpStream,
+    target: tokio::net::TcpStream,
+    pump: &Pump,
+    meter: &Meter,
+    cut: impl std::future::Future,
+) -> Result<Transfer, RelayError> {
+    match pump {
+        Pump::Copy => cut_or(client, target, Mode::Copy, meter, cut).await,
+        Pump::Splice => cut_or(client, target, Mode::Splice, meter, cut).await,
+        Pump::Sockmap(sm) => crate::sockmap::relay(client, target, sm, meter, cut).await,
+    }
+}
+
+/// [`relay`] in `mode`, unless `cut` completes first: then both sides are reset.
+pub(crate) async fn cut_or(
+    client: tokio::net::TcpStream,
+    target: tokio::net::TcpStream,
+    mode: Mode,
+    meter: &Meter,
+    cut: impl std::future::Future,
+) -> Result<Transfer, RelayError> {
+    tokio::select! {
+        r = relay(&client, &target, mode, meter) => r,
+        _ = cut => {
+            abort_stream(client);
+            abort_stream(target);
+            Err(RelayError {
+                direction: Direction::ToTarget,
+                transfer: meter.transfer(),
+                source: io::Error::other("drain time over"),
+            })
         }
     }
 }
@@ -65,7 +131,7 @@ impl FromStr for Mode {
         Self::ALL
             .into_iter()
             .find(|m| m.as_str() == s)
-            .ok_or_else(|| format!("unknown mode {s:?} (expected copy, splice or sockmap)"))
+            .ok_or_else(|| format!("unknown relay mode {s:?} (expected copy or splice)"))
     }
 }
 

@@ -47,7 +47,7 @@ max_flows = 100
         (web.name.as_str(), web.proto, web.mode),
         ("web", Proto::Tcp, ModeChoice::Auto)
     );
-    assert_eq!(web.mode.tcp_mode(), crate::relay::Mode::Splice);
+    assert_eq!(web.mode.relay_mode(), Some(crate::relay::Mode::Splice));
     assert_eq!(
         web.max_connections,
         forward::Config::DEFAULT_MAX_CONNECTIONS

@@ -139,18 +139,7 @@ async fn userspace(
     meter: &Meter,
     cut: impl Future,
 ) -> Result<Transfer, RelayError> {
-    tokio::select! {
-        r = relay::relay(&client, &target, mode, meter) => r,
-        _ = cut => {
-            relay::abort_stream(client);
-            relay::abort_stream(target);
-            Err(RelayError {
-                direction: Direction::ToTarget,
-                transfer: meter.transfer(),
-                source: io::Error::other("drain time over"),
-            })
-        }
-    }
+    relay::cut_or(client, target, mode, meter, cut).await
 }
 
 /// Removes both sockets' entries when the connection ends, however it ends.
