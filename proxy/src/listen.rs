@@ -69,6 +69,10 @@ pub fn bind_udp_socket(addr: ListenAddr) -> Result<Socket, ListenError> {
     if let SocketAddr::V6(_) = addr.get() {
         sock.set_only_v6(true).map_err(map)?;
     }
+    // Before bind: the kernel prepares a datagram's packet info only if the socket asked for
+    // it when the datagram arrived, and one that came between bind and the request would
+    // carry stale info (replies were seen leaving from the wrong address).
+    crate::udp::enable_packet_info(&sock, addr.get()).map_err(map)?;
     sock.bind(&addr.get().into()).map_err(map)?;
     Ok(sock)
 }

@@ -35,9 +35,7 @@ async fn start(
     SocketAddr,
     std::sync::mpsc::Receiver<String>,
 ) {
-    // UDP picks its port from UDP's port space, on 127.0.0.1 as before: with a TCP-free port
-    // on another loopback address, replies once came back from 127.0.0.1 (see the session
-    // note; not understood yet).
+    // UDP picks its port from UDP's own port space.
     let udp = options.contains(&"udp");
     let addr = if udp {
         std::net::UdpSocket::bind("127.0.0.1:0")

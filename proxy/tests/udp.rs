@@ -331,3 +331,44 @@ async fn an_occupied_port_is_reported_plainly() {
     assert!(matches!(err, listen::ListenError::InUse(_)), "{err:?}");
     assert!(err.to_string().contains("already in use"), "{err}");
 }
+
+/// A datagram that arrives before the mapping has asked for packet info (a socket bound by
+/// someone else: systemd, dockerd, the runtime API) is answered from the bound address, as
+/// is one that arrives right after berth bound the socket itself. Before the fix, such a
+/// datagram carried stale packet info and its replies left from 127.0.0.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datagrams_queued_before_the_mapping_starts_are_answered_from_the_bound_address() {
+    let (echo, _server) = spawn_udp_echo("127.0.0.1:0".parse().unwrap());
+    // Bound as an adopter would get it: a specific loopback address, no packet info.
+    let adopted = std::net::UdpSocket::bind("127.0.0.9:0").unwrap();
+    // And bound as berth binds it.
+    let own = berth::listen::bind_udp("127.0.0.10:0".parse().unwrap()).unwrap();
+    let own = own.into_std().unwrap();
+    for std_sock in [adopted, own] {
+        std_sock.set_nonblocking(true).unwrap();
+        let addr = std_sock.local_addr().unwrap();
+        let c = client("127.0.0.1:0").await;
+        // Queued before the mapping runs.
+        c.send_to(b"early", addr).await.unwrap();
+        let socket = UdpSocket::from_std(std_sock).unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let run = udp::run(socket, Mapping::to(echo), Arc::default(), async {
+            let _ = stopped.await;
+        });
+        let task = tokio::spawn(run);
+        let mut buf = [0u8; 64];
+        for expected in [&b"early"[..], b"late"] {
+            if expected == b"late" {
+                c.send_to(b"late", addr).await.unwrap();
+            }
+            let (n, from) = timeout(HANG, c.recv_from(&mut buf)).await.unwrap().unwrap();
+            assert_eq!(
+                (&buf[..n], from),
+                (expected, addr),
+                "reply source for {addr}"
+            );
+        }
+        let _ = stop.send(());
+        timeout(HANG, task).await.unwrap().unwrap().unwrap();
+    }
+}

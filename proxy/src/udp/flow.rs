@@ -30,6 +30,8 @@ static BATCHES: Pool<Batch> = Pool::new(8);
 pub(super) struct Mapping {
     /// The listening socket: replies leave through it, so their source port is the mapped one.
     pub(super) listener: Arc<UdpSocket>,
+    /// Bound to a wildcard address: replies need the address each client sent to.
+    pub(super) wildcard: bool,
     pub(super) stats: Arc<Stats>,
     /// Datagrams per system call.
     pub(super) batch: usize,

@@ -80,6 +80,7 @@ pub async fn run(
     enable_packet_info(&socket, local).map_err(UdpError::PacketInfo)?;
     info!(listen = %local, target = %config.target, proto = "udp", idle_timeout = ?config.idle_timeout, max_flows = config.max_flows, "listening");
     let mapping = Arc::new(Mapping {
+        wildcard: local.ip().is_unspecified(),
         listener: Arc::new(socket),
         stats,
         batch: config.batch,
@@ -122,11 +123,15 @@ struct Alerts {
     open_failing: bool,
 }
 
-/// Asks the kernel to report each datagram's destination address.
-fn enable_packet_info(socket: &UdpSocket, local: SocketAddr) -> io::Result<()> {
+/// Asks the kernel to report each datagram's destination address. [`crate::listen`] does it
+/// before binding; this covers sockets bound elsewhere (systemd, dockerd, the runtime API).
+pub(crate) fn enable_packet_info(
+    socket: impl std::os::fd::AsFd,
+    local: SocketAddr,
+) -> io::Result<()> {
     match local {
-        SocketAddr::V4(_) => setsockopt(socket, sockopt::Ipv4PacketInfo, &true)?,
-        SocketAddr::V6(_) => setsockopt(socket, sockopt::Ipv6RecvPacketInfo, &true)?,
+        SocketAddr::V4(_) => setsockopt(&socket, sockopt::Ipv4PacketInfo, &true)?,
+        SocketAddr::V6(_) => setsockopt(&socket, sockopt::Ipv6RecvPacketInfo, &true)?,
     }
     Ok(())
 }
@@ -191,7 +196,10 @@ async fn forward_batch(
         let end = (i + 1..n)
             .find(|&j| meta[j].peer != first.peer || meta[j].truncated)
             .unwrap_or(n);
-        let local = meta[end - 1].local;
+        // Only a wildcard listener needs the datagram's destination to answer from; a socket
+        // bound to one address answers from it anyway, whatever packet info said (a datagram
+        // queued before packet info was enabled, on an adopted socket, carries none valid).
+        let local = meta[end - 1].local.filter(|_| mapping.wildcard);
         let Some(sock) = flow_socket(table, mapping, config, first.peer, local, now, alerts) else {
             mapping.stats.dropped(end - i);
             i = end;
