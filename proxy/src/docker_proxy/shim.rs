@@ -220,6 +220,8 @@ async fn cover(
     let mut finishing: Vec<Running> = Vec::new();
     let mut serving: Option<Running> = None;
     let mut delegated: Option<(Client, String)> = None;
+    // A daemon that refuses the port is asked again every RETRY; said once per episode.
+    let mut refused = false;
     loop {
         finishing.retain(|r| !r.is_finished());
         if let Some((client, name)) = delegated.take() {
@@ -263,7 +265,7 @@ async fn cover(
                 return ExitCode::SUCCESS;
             }
             () = tokio::time::sleep(RETRY) => {
-                if let Some(back) = hand_back(&admin, &add, &socket) {
+                if let Some(back) = hand_back(&admin, &add, &socket, &mut refused) {
                     info!(mapping = %back.1, "the berth daemon is back; port handed to it");
                     if let Some(mut r) = serving.take() {
                         r.drain();
@@ -276,16 +278,26 @@ async fn cover(
     }
 }
 
-/// Offers the port to a daemon at `admin`, if one answers.
-fn hand_back(admin: &Path, add: &Call, socket: &Socket) -> Option<(Client, String)> {
+/// Offers the port to a daemon at `admin`, if one answers. A refusal is logged once until a
+/// daemon takes the port (`refused` remembers).
+fn hand_back(
+    admin: &Path,
+    add: &Call,
+    socket: &Socket,
+    refused: &mut bool,
+) -> Option<(Client, String)> {
     let mut client = Client::connect(admin).ok()?;
     match client.call(add, Some(socket.as_fd())) {
         Ok(r) if r.ok => {
+            *refused = false;
             let name = r.mappings.first()?.name.clone();
             Some((client, name))
         }
         Ok(r) => {
-            warn!(reason = %r.message, "the berth daemon refused the port; still serving it here");
+            if !*refused {
+                warn!(reason = %r.message, "the berth daemon refused the port; still serving it here");
+                *refused = true;
+            }
             None
         }
         Err(_) => None,
