@@ -44,30 +44,22 @@ fn stop_with(mut child: Child, signal: Signal) {
     assert!(status.success(), "{signal} should exit 0, got {status}");
 }
 
-/// A port that was free a moment ago (docker-proxy has no way to report an ephemeral one).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_ready_on_fd3_and_forwards_into_a_container() {
     let net = TestNet::up(1).await;
     let listener = net.listen(0);
     let target = listener.local_addr().unwrap();
     let mut tallies = spawn_exchange_server(listener);
-    let port = free_port();
+    // docker-proxy has no way to report an ephemeral port: one that was free a moment ago.
+    let host = common::daemon::free_addr();
     let (child, status) = spawn_with_status(
         &[
             "-proto",
             "tcp",
             "-host-ip",
-            "127.0.0.1",
+            &host.ip().to_string(),
             "-host-port",
-            &port.to_string(),
+            &host.port().to_string(),
             "-container-ip",
             &target.ip().to_string(),
             "-container-port",
@@ -77,7 +69,7 @@ async fn reports_ready_on_fd3_and_forwards_into_a_container() {
     );
     assert_eq!(status, "0\n");
     for id in 0..4u64 {
-        let c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let c = TcpStream::connect(host).await.unwrap();
         let client = timeout(HANG, exchange(c, id, 3 << 20, 2 << 20))
             .await
             .unwrap()
@@ -296,14 +288,14 @@ async fn udp_over_fd4_and_by_address() {
 /// take fd 3 for a listening socket: for it, fd 3 is always dockerd's status pipe.
 #[test]
 fn listen_fds_in_the_environment_do_not_touch_the_status_pipe() {
-    let port = free_port().to_string();
+    let host = common::daemon::free_addr();
     let (r, w) = pipe2(OFlag::O_CLOEXEC).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth-docker-proxy"));
     cmd.args([
         "-host-ip",
-        "127.0.0.1",
+        &host.ip().to_string(),
         "-host-port",
-        &port,
+        &host.port().to_string(),
         "-container-ip",
         "127.0.0.1",
         "-container-port",
