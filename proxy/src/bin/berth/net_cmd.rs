@@ -110,15 +110,12 @@ pub(crate) async fn run(cmd: NetCommand) -> anyhow::Result<ExitCode> {
         NetCommand::Exec { name, command } => {
             let _valid: IfName = name.parse()?;
             let (program, rest) = command.split_first().context("no command given")?;
-            let status = NetNs::named(&name)
-                .command(program)?
-                .args(rest)
-                .status()
-                .with_context(|| format!("failed to run {program:?} in {name}"))?;
-            // Pass the command's exit status through, like `ip netns exec`.
-            Ok(ExitCode::from(
-                status.code().map_or(1, |c| u8::try_from(c).unwrap_or(1)),
-            ))
+            // Replaced by the command, like `ip netns exec`: its exit status is ours, and a
+            // signal to this process (the demo's teardown) reaches the command itself.
+            let err = std::os::unix::process::CommandExt::exec(
+                NetNs::named(&name).command(program)?.args(rest),
+            );
+            Err(anyhow::Error::new(err).context(format!("failed to run {program:?} in {name}")))
         }
     }
 }
