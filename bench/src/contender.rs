@@ -236,7 +236,6 @@ impl Contender {
             children: Vec::new(),
             iptables: None,
         };
-        let (ip, sport) = (server.ip().to_string(), server.port().to_string());
         match self {
             Self::Direct => {
                 running.local = server;
@@ -278,20 +277,7 @@ impl Contender {
                     .docker_proxy
                     .as_ref()
                     .context("docker-proxy missing")?;
-                let mut cmd = Command::new(path);
-                dockerd_env(&mut cmd);
-                cmd.args([
-                    "-proto",
-                    proto.as_str(),
-                    "-host-ip",
-                    "0.0.0.0",
-                    "-host-port",
-                    &port.to_string(),
-                    "-container-ip",
-                    &ip,
-                    "-container-port",
-                    &sport,
-                ]);
+                let mut cmd = docker_proxy_command(path, proto, port, server);
                 running
                     .children
                     .push(spawn_docker_proxy(&mut cmd, logs, self)?);
@@ -452,25 +438,11 @@ pub(crate) fn start_shims(
         admin = socket;
         wait_admin(&admin, &mut running.children)?;
     }
-    let (ip, sport) = (server.ip().to_string(), server.port().to_string());
     let mut ready = Vec::with_capacity(ports.len());
     for &port in ports {
-        let mut cmd = Command::new(&tools.berth_docker_proxy);
-        dockerd_env(&mut cmd);
-        cmd.args([
-            "-proto",
-            "tcp",
-            "-host-ip",
-            "0.0.0.0",
-            "-host-port",
-            &port.to_string(),
-            "-container-ip",
-            &ip,
-            "-container-port",
-            &sport,
-        ])
+        let mut cmd = docker_proxy_command(&tools.berth_docker_proxy, Proto::Tcp, port, server);
         // Standalone: an admin socket nobody serves.
-        .env("BERTH_ADMIN_SOCKET", &admin);
+        cmd.env("BERTH_ADMIN_SOCKET", &admin);
         let started = Instant::now();
         running
             .children
@@ -480,6 +452,26 @@ pub(crate) fn start_shims(
     // Stopped in order: the shims before their daemon, or each would take its port back.
     running.children.rotate_left(usize::from(delegate));
     Ok((running, ready))
+}
+
+/// `path` (docker-proxy or berth-docker-proxy) with dockerd's command line for `proto` port
+/// `port` on every address to `server`, and dockerd's environment.
+fn docker_proxy_command(path: &Path, proto: Proto, port: u16, server: SocketAddr) -> Command {
+    let mut cmd = Command::new(path);
+    dockerd_env(&mut cmd);
+    cmd.args([
+        "-proto",
+        proto.as_str(),
+        "-host-ip",
+        "0.0.0.0",
+        "-host-port",
+        &port.to_string(),
+        "-container-ip",
+        &server.ip().to_string(),
+        "-container-port",
+        &server.port().to_string(),
+    ]);
+    cmd
 }
 
 /// The environment dockerd (a systemd service) gives its proxies: small. The bench's own

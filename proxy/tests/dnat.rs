@@ -163,20 +163,6 @@ impl Lab {
         local
     }
 
-    /// A port that is free in the host namespace.
-    fn free_port(&self) -> u16 {
-        self.host
-            .ns
-            .run(|| {
-                std::net::TcpListener::bind("0.0.0.0:0")
-                    .unwrap()
-                    .local_addr()
-                    .unwrap()
-                    .port()
-            })
-            .unwrap()
-    }
-
     /// A TCP connection from the external client namespace.
     async fn ext_connect(&self, addr: SocketAddr) -> TcpStream {
         let sock = self
@@ -292,7 +278,7 @@ fn scratch() -> Dir {
 async fn stress_remote_and_local_tcp_clients_reach_the_container_with_every_byte() {
     let lab = Lab::up(1).await;
     let (server, mut seen) = lab.tcp_server(0);
-    let port = lab.free_port();
+    let port = lab.host.free_port();
     let dir = scratch();
     let v4 = SocketAddr::from(([0, 0, 0, 0], port));
     let v6: SocketAddr = format!("[::]:{port}").parse().unwrap();
@@ -409,7 +395,7 @@ async fn stress_remote_and_local_tcp_clients_reach_the_container_with_every_byte
 async fn remote_and_local_udp_clients_get_replies_from_the_mapped_address() {
     let lab = Lab::up(1).await;
     let server = lab.udp_server(0);
-    let port = lab.free_port();
+    let port = lab.host.free_port();
     let dir = scratch();
     let listen = SocketAddr::from(([0, 0, 0, 0], port));
     // A UDP timeout long enough that a loaded machine's status poll still sees the entry
@@ -494,7 +480,7 @@ async fn two_mappings_stay_apart_and_removing_them_detaches_everything() {
     let lab = Lab::up(2).await;
     let (s0, mut seen0) = lab.tcp_server(0);
     let (s1, mut seen1) = lab.tcp_server(1);
-    let (p0, p1) = (lab.free_port(), lab.free_port());
+    let (p0, p1) = (lab.host.free_port(), lab.host.free_port());
     let dir = scratch();
     let any = |p: u16| SocketAddr::from(([0, 0, 0, 0], p));
     let both = lab.config("", &[("a", "tcp", any(p0), s0), ("b", "tcp", any(p1), s1)]);
@@ -584,7 +570,7 @@ async fn two_berth_processes_share_the_interfaces() {
     let lab = Lab::up(1).await;
     let (tcp_server, mut seen) = lab.tcp_server(0);
     let udp_server = lab.udp_server(0);
-    let (p0, p1) = (lab.free_port(), lab.free_port());
+    let (p0, p1) = (lab.host.free_port(), lab.host.free_port());
     let (d0, d1) = (scratch(), scratch());
     let any = |p: u16| SocketAddr::from(([0, 0, 0, 0], p));
     let first = lab.berth(&d0, &lab.config("", &[("t", "tcp", any(p0), tcp_server)]));
@@ -614,7 +600,7 @@ async fn two_berth_processes_share_the_interfaces() {
 async fn a_missing_feature_fails_only_its_mapping() {
     let lab = Lab::up(1).await;
     let (server, _seen) = lab.tcp_server(0);
-    let (p0, p1) = (lab.free_port(), lab.free_port());
+    let (p0, p1) = (lab.host.free_port(), lab.host.free_port());
     let dir = scratch();
     // A cgroup that does not exist stands for a host without cgroup v2.
     let mut config = lab

@@ -170,20 +170,6 @@ impl Dockerd {
         assert!(import.wait().unwrap().success(), "docker import failed");
     }
 
-    /// A port nobody uses in dockerd's namespace (its own: nothing else runs there).
-    fn free_port(&self) -> u16 {
-        self.ns
-            .ns
-            .run(|| {
-                std::net::TcpListener::bind("0.0.0.0:0")
-                    .unwrap()
-                    .local_addr()
-                    .unwrap()
-                    .port()
-            })
-            .unwrap()
-    }
-
     /// A client socket in dockerd's namespace (the host side of its ports).
     fn tcp(&self, v6: bool) -> tokio::net::TcpSocket {
         self.ns
@@ -290,11 +276,11 @@ struct Ports {
 impl Ports {
     fn pick(d: &Dockerd) -> Self {
         Self {
-            who_local: d.free_port(),
-            who_any: d.free_port(),
-            who_v6: d.free_port(),
-            bulk: d.free_port(),
-            udp: d.free_port(),
+            who_local: d.ns.free_port(),
+            who_any: d.ns.free_port(),
+            who_v6: d.ns.free_port(),
+            bulk: d.ns.free_port(),
+            udp: d.ns.free_port(),
         }
     }
 
@@ -468,7 +454,7 @@ fn port_free(d: &Dockerd, port: u16) -> bool {
 
 /// A busy host port fails `docker run`, with the reason, and leaves nothing behind.
 fn busy_port_is_refused(d: &Dockerd) {
-    let port = d.free_port();
+    let port = d.ns.free_port();
     let _held =
         d.ns.ns
             .run(|| std::net::TcpListener::bind(("0.0.0.0", port)).unwrap())

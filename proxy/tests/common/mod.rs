@@ -305,6 +305,19 @@ impl TestNs {
         guard
     }
 
+    /// A TCP port free in this namespace a moment ago (nothing else runs there).
+    pub fn free_port(&self) -> u16 {
+        self.ns
+            .run(|| {
+                std::net::TcpListener::bind("0.0.0.0:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port()
+            })
+            .unwrap()
+    }
+
     /// Adds `addr` (a host address, /32 or /128) to this namespace's `lo`.
     pub fn add_lo_addr(&self, addr: std::net::IpAddr) {
         let prefix = if addr.is_ipv4() { 32 } else { 128 };
