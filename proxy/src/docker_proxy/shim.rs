@@ -57,7 +57,7 @@ pub fn logging() {
 
 /// Runs the shim to its end. `inherited` is dockerd's fd 4, already checked.
 pub fn run(args: &Args, inherited: Option<Socket>, status: &mut StatusPipe) -> ExitCode {
-    let admin = service::admin_socket(None);
+    let admin = service::admin_socket();
     match Client::connect(&admin) {
         Ok(client) => delegate(args, inherited, status, client, admin),
         Err(e) => {

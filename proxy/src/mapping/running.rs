@@ -84,25 +84,22 @@ impl Running {
         };
         let (dnat, kernel_error) = if spec.mode.is_kernel() {
             let added = kernel.dnat_for(&spec).and_then(|(d, via)| {
-                d.add(spec.proto, spec.listen.get(), spec.target.get(), via)
-                    .map(Arc::new)
-                    .map_err(|e| KernelModeError::Mapping(Arc::new(e)))
+                let m = d
+                    .add(spec.proto, spec.listen.get(), spec.target.get(), via)
+                    .map_err(|e| KernelModeError::Mapping(Arc::new(e)))?;
+                tracing::info!(
+                    mapping = %spec.name,
+                    proto = %spec.proto,
+                    listen = %spec.listen,
+                    target = %spec.target,
+                    interfaces = ?d.interfaces(),
+                    cgroup = %d.cgroup().display(),
+                    "mapped in kernel mode; the relay serves only what the programs pass through"
+                );
+                Ok(Arc::new(m))
             });
             match added {
-                Ok(m) => {
-                    if let Ok((d, _)) = kernel.dnat_for(&spec) {
-                        tracing::info!(
-                            mapping = %spec.name,
-                            proto = %spec.proto,
-                            listen = %spec.listen,
-                            target = %spec.target,
-                            interfaces = ?d.interfaces(),
-                            cgroup = %d.cgroup().display(),
-                            "mapped in kernel mode; the relay serves only what the programs pass through"
-                        );
-                    }
-                    (Some(m), None)
-                }
+                Ok(m) => (Some(m), None),
                 Err(why) => {
                     error!(mapping = %spec.name, reason = %why, "kernel mode cannot map this port; the relay serves it");
                     (None, Some(why))

@@ -695,10 +695,9 @@ pub fn check(file: &Path) -> Result<Config, ConfigError> {
     Config::load(file)
 }
 
-/// The admin socket a command should use: `explicit` (a flag), else `$BERTH_ADMIN_SOCKET`,
-/// else the default.
-pub fn admin_socket(explicit: Option<PathBuf>) -> PathBuf {
-    explicit
-        .or_else(|| std::env::var_os(config::ADMIN_SOCKET_ENV).map(PathBuf::from))
-        .unwrap_or_else(|| config::DEFAULT_ADMIN_SOCKET.into())
+/// The admin socket a program without flags (the Docker shim) uses: `$BERTH_ADMIN_SOCKET`,
+/// else the default. `berth`'s subcommands read the same variable through their flags.
+pub fn admin_socket() -> PathBuf {
+    std::env::var_os(config::ADMIN_SOCKET_ENV)
+        .map_or_else(|| config::DEFAULT_ADMIN_SOCKET.into(), PathBuf::from)
 }
