@@ -92,27 +92,70 @@ mod tests {
         assert_eq!(classify(&e(libc::EBADF)), Class::Fatal);
     }
 
-    #[tokio::test]
-    async fn backs_off_on_emfile_instead_of_spinning() {
-        // Exhaust this process's descriptors so accept() fails with EMFILE, and check that the
-        // acceptor keeps the client pending, then serves it once descriptors are free again.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut acceptor = Acceptor::new(&listener);
-        let _client = std::net::TcpStream::connect(addr).unwrap();
+    /// Set in the child process that runs the EMFILE test on its own.
+    const EMFILE_CHILD: &str = "BERTH_TEST_EMFILE_CHILD";
 
-        let mut hog = Vec::new();
-        while let Ok(f) = std::fs::File::open("/dev/null") {
-            hog.push(f);
+    /// Exhausting descriptors starves every other test running in the same process (one
+    /// failed to build its runtime with EMFILE): the test runs in a child process of its own,
+    /// this test binary run with only it selected.
+    #[test]
+    fn backs_off_on_emfile_instead_of_spinning() {
+        if std::env::var_os(EMFILE_CHILD).is_some() {
+            return emfile_in_this_process();
         }
-        let pending = tokio::time::timeout(Duration::from_millis(50), acceptor.next()).await;
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "forward::accept::tests::backs_off_on_emfile_instead_of_spinning",
+                "--test-threads=1",
+            ])
+            .env(EMFILE_CHILD, "1")
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stdout);
         assert!(
-            pending.is_err(),
-            "accept should not succeed without descriptors"
+            out.status.success(),
+            "{log}{}",
+            String::from_utf8_lossy(&out.stderr)
         );
-        assert!(acceptor.backoff >= BACKOFF_MIN, "backoff should have grown");
-        drop(hog);
-        let (_stream, client) = acceptor.next().await.unwrap();
-        assert!(client.get().ip().is_loopback());
+        assert!(log.contains("1 passed"), "the child ran no test: {log}");
+    }
+
+    fn emfile_in_this_process() {
+        // A low limit makes exhausting the table quick.
+        let (_, hard) =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+        nix::sys::resource::setrlimit(
+            nix::sys::resource::Resource::RLIMIT_NOFILE,
+            256.min(hard),
+            hard,
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // Exhaust the descriptors so accept() fails with EMFILE, and check that the
+            // acceptor keeps the client pending, then serves it once descriptors are free.
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let mut acceptor = Acceptor::new(&listener);
+            let _client = std::net::TcpStream::connect(addr).unwrap();
+
+            let mut hog = Vec::new();
+            while let Ok(f) = std::fs::File::open("/dev/null") {
+                hog.push(f);
+            }
+            let pending = tokio::time::timeout(Duration::from_millis(50), acceptor.next()).await;
+            assert!(
+                pending.is_err(),
+                "accept should not succeed without descriptors"
+            );
+            assert!(acceptor.backoff >= BACKOFF_MIN, "backoff should have grown");
+            drop(hog);
+            let (_stream, client) = acceptor.next().await.unwrap();
+            assert!(client.get().ip().is_loopback());
+        });
     }
 }
