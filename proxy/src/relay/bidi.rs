@@ -1,10 +1,21 @@
 //! The relay state machine: two one-way pumps, half-close propagation, abort on failure.
-use std::{io, net::Shutdown, pin::pin, time::Duration};
+//! [`drive`] is the ending that every pump shares, the sockmap relay's included.
+use std::{
+    future::Future,
+    io,
+    net::Shutdown,
+    os::fd::{AsFd, BorrowedFd},
+    pin::pin,
+    time::Duration,
+};
 
 use socket2::SockRef;
 use tokio::net::TcpStream;
 
 use super::{Direction, Meter, Mode, RelayError, Transfer, copy, splice};
+
+/// Which direction failed first, and how.
+pub(crate) type Failure = (Direction, io::Error);
 
 /// Relays between `client` and `target` until both directions have seen EOF, or until either
 /// fails. Bytes are counted into `meter` as they move.
@@ -18,26 +29,60 @@ pub async fn relay(
     mode: Mode,
     meter: &Meter,
 ) -> Result<Transfer, RelayError> {
-    let up = pin!(one_way(client, target, Direction::ToTarget, mode, meter));
-    let down = pin!(one_way(target, client, Direction::ToClient, mode, meter));
-    // Whichever direction fails first decides; the other is dropped mid-flight on purpose.
-    let result = match futures::future::select(up, down).await {
-        futures::future::Either::Left((first, other))
-        | futures::future::Either::Right((first, other)) => match first {
-            Ok(()) => other.await,
-            Err(e) => Err(e),
-        },
+    cut_or(client, target, mode, meter, std::future::pending::<()>()).await
+}
+
+/// [`relay`], unless `cut` completes first: then both sides are set to reset.
+pub(crate) async fn cut_or(
+    client: &TcpStream,
+    target: &TcpStream,
+    mode: Mode,
+    meter: &Meter,
+    cut: impl Future,
+) -> Result<Transfer, RelayError> {
+    let up = one_way(client, target, Direction::ToTarget, mode, meter);
+    let down = one_way(target, client, Direction::ToClient, mode, meter);
+    let r = drive([client.as_fd(), target.as_fd()], up, down, cut).await;
+    meter.outcome(r)
+}
+
+/// Runs both directions until both have ended, unless one fails or `cut` completes first.
+/// Then both `sockets` are set to reset when they close, so that a failed or cut transfer
+/// never passes for a complete one at either peer.
+pub(crate) async fn drive(
+    sockets: [BorrowedFd<'_>; 2],
+    up: impl Future<Output = io::Result<()>>,
+    down: impl Future<Output = io::Result<()>>,
+    cut: impl Future,
+) -> Result<(), Failure> {
+    let r = tokio::select! {
+        r = both(up, down) => r,
+        _ = cut => Err((Direction::ToTarget, io::Error::other("drain time over"))),
     };
-    match result {
-        Ok(()) => Ok(meter.transfer()),
-        Err((direction, source)) => {
-            abort(client);
-            abort(target);
-            Err(RelayError {
-                direction,
-                transfer: meter.transfer(),
-                source,
-            })
+    if r.is_err() {
+        for s in sockets {
+            abort(&s);
+        }
+    }
+    r
+}
+
+/// Both directions at once until both have ended; the first failure ends both (the other is
+/// dropped mid-flight on purpose).
+async fn both(
+    up: impl Future<Output = io::Result<()>>,
+    down: impl Future<Output = io::Result<()>>,
+) -> Result<(), Failure> {
+    let up = pin!(async { up.await.map_err(|e| (Direction::ToTarget, e)) });
+    let down = pin!(async { down.await.map_err(|e| (Direction::ToClient, e)) });
+    match futures::future::select(up, down).await {
+        futures::future::Either::Left((first, other)) => {
+            first?;
+            other.await
+        }
+        futures::future::Either::Right((first, other)) => {
+            first?;
+            other.await
         }
     }
 }
@@ -48,21 +93,19 @@ async fn one_way(
     dir: Direction,
     mode: Mode,
     meter: &Meter,
-) -> Result<(), (Direction, io::Error)> {
-    let pumped = match mode {
+) -> io::Result<()> {
+    match mode {
         Mode::Copy => copy::pump(src, dst, dir, meter).await,
         Mode::Splice => splice::pump(src, dst, dir, meter).await,
-    };
-    pumped
-        .and_then(|()| match SockRef::from(dst).shutdown(Shutdown::Write) {
-            // The peer may already be fully gone; the other direction will report that.
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
-            r => r,
-        })
-        .map_err(|e| (dir, e))
+    }?;
+    match SockRef::from(dst).shutdown(Shutdown::Write) {
+        // The peer may already be fully gone; the other direction will report that.
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+        r => r,
+    }
 }
 
 /// Makes the next close of `s` send RST instead of FIN.
-pub(crate) fn abort(s: &TcpStream) {
+pub(crate) fn abort(s: &impl AsFd) {
     let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
 }

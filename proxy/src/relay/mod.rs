@@ -19,6 +19,7 @@ use std::{
 };
 
 pub use bidi::relay;
+pub(crate) use bidi::{Failure, cut_or, drive};
 
 /// Closes `s` with a reset rather than a FIN, to tell its peer at once that the connection failed.
 pub fn abort_stream(s: tokio::net::TcpStream) {
@@ -81,7 +82,7 @@ impl From<Mode> for Pump {
 
 /// Relays one connection with `pump` until both directions are done, one side fails, or `cut`
 /// completes (then both are reset, so that a cut transfer never passes for a complete one).
-/// The one entry point: it dispatches, cuts and aborts for every pump.
+/// The one entry point: every pump ends through [`drive`], which cuts and aborts.
 pub async fn run(
     client: tokio::net::TcpStream,
     target: tokio::net::TcpStream,
@@ -90,31 +91,9 @@ pub async fn run(
     cut: impl std::future::Future,
 ) -> Result<Transfer, RelayError> {
     match pump {
-        Pump::Copy => cut_or(client, target, Mode::Copy, meter, cut).await,
-        Pump::Splice => cut_or(client, target, Mode::Splice, meter, cut).await,
+        Pump::Copy => cut_or(&client, &target, Mode::Copy, meter, cut).await,
+        Pump::Splice => cut_or(&client, &target, Mode::Splice, meter, cut).await,
         Pump::Sockmap(sm) => crate::sockmap::relay(client, target, sm, meter, cut).await,
-    }
-}
-
-/// [`relay`] in `mode`, unless `cut` completes first: then both sides are reset.
-pub(crate) async fn cut_or(
-    client: tokio::net::TcpStream,
-    target: tokio::net::TcpStream,
-    mode: Mode,
-    meter: &Meter,
-    cut: impl std::future::Future,
-) -> Result<Transfer, RelayError> {
-    tokio::select! {
-        r = relay(&client, &target, mode, meter) => r,
-        _ = cut => {
-            abort_stream(client);
-            abort_stream(target);
-            Err(RelayError {
-                direction: Direction::ToTarget,
-                transfer: meter.transfer(),
-                source: io::Error::other("drain time over"),
-            })
-        }
     }
 }
 
@@ -188,6 +167,16 @@ impl Meter {
             to_target: self.to_target.load(Ordering::Relaxed),
             to_client: self.to_client.load(Ordering::Relaxed),
         }
+    }
+
+    /// A relay's result, with what it moved.
+    pub(crate) fn outcome(&self, r: Result<(), Failure>) -> Result<Transfer, RelayError> {
+        r.map(|()| self.transfer())
+            .map_err(|(direction, source)| RelayError {
+                direction,
+                transfer: self.transfer(),
+                source,
+            })
     }
 }
 

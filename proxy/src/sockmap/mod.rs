@@ -4,7 +4,10 @@
 //! see `berth_common::sockmap`) and watches for the end of the connection.
 //!
 //! - [`Sockmap`]: the loaded programs and maps, shared by every connection of the process.
-//! - `conn`: one connection's life in the kernel: hand-over, half-close, teardown.
+//! - `conn`: one connection's life in the maps: insert or fall back, run, remove.
+//! - `pump`: one direction's protocol with the program: hand-over, allowance, half-close.
+//! - `side`: one socket out of tokio's reactor, woken by `watch`.
+//! - `tcp`: TCP_INFO and SIOCOUTQ, the counts the program's counters are checked against.
 //! - `watch`: an epoll instance that wakes on FIN and errors only, never on data.
 //! - `credit`: the program's reports that a socket's redirect allowance runs low.
 //! - `allowance`: how far the program may redirect, as arithmetic free of I/O.
@@ -12,6 +15,9 @@
 mod allowance;
 mod conn;
 mod credit;
+mod pump;
+mod side;
+mod tcp;
 mod watch;
 
 use std::{
