@@ -1,8 +1,11 @@
-//! SVG charts (plotters): grouped bars of one metric per contender and series.
+//! SVG charts (plotters): throughput, latency and connection rate, as grouped bars of one
+//! metric per contender and series.
 use std::path::Path;
 
 use anyhow::anyhow;
 use plotters::prelude::*;
+
+use crate::{contender::Contender, metric::Metric, plan::Scenario, report::Sample};
 
 /// Draws grouped vertical bars: one group per contender, one bar per series.
 pub(crate) fn grouped_bars(
@@ -74,5 +77,94 @@ pub(crate) fn grouped_bars(
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
     root.present().map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}
+
+/// Throughput, latency and connection-rate charts from the medians.
+pub(crate) fn all(out: &Path, samples: &[Sample]) -> anyhow::Result<()> {
+    let grouped = crate::report::group(samples);
+    let median = |scenario: Scenario, variant: &str, c: Contender, m: Metric| {
+        grouped
+            .iter()
+            .find(|((s, v), _)| *s == scenario && v == variant)
+            .and_then(|(_, per)| per.get(&c))
+            .and_then(|x| x.get(&m))
+            .and_then(|v| crate::report::stat(v))
+            .map(|s| s.median)
+    };
+    let contenders: Vec<Contender> = Contender::ALL
+        .into_iter()
+        .filter(|c| samples.iter().any(|s| s.contender == *c))
+        .collect();
+    let names: Vec<&str> = contenders.iter().map(|c| c.name()).collect();
+    let variants = |scenario: Scenario| -> Vec<String> {
+        let mut v: Vec<String> = grouped
+            .iter()
+            .filter(|((s, _), _)| *s == scenario)
+            .map(|((_, v), _)| v.clone())
+            .collect();
+        v.dedup();
+        v
+    };
+    let series_of = |scenario: Scenario, metric: Metric| -> Vec<(String, Vec<Option<f64>>)> {
+        variants(scenario)
+            .into_iter()
+            .map(|v| {
+                let values = contenders
+                    .iter()
+                    .map(|c| median(scenario, &v, *c, metric))
+                    .collect();
+                (v, values)
+            })
+            .filter(|(_, vals): &(String, Vec<Option<f64>>)| vals.iter().any(Option::is_some))
+            .collect()
+    };
+    grouped_bars(
+        &out.join("throughput.svg"),
+        "Bulk throughput (median)",
+        "Gbit/s",
+        &names,
+        &series_of(Scenario::Bulk, Metric::GbitPerSec),
+    )?;
+    let rr: Vec<(String, Vec<Option<f64>>)> = [
+        (Metric::P50Us, "p50"),
+        (Metric::P99Us, "p99"),
+        (Metric::P999Us, "p99.9"),
+    ]
+    .iter()
+    .map(|(m, label)| {
+        (
+            (*label).to_owned(),
+            contenders
+                .iter()
+                .map(|c| {
+                    variants(Scenario::Rr)
+                        .first()
+                        .and_then(|v| median(Scenario::Rr, v, *c, *m))
+                })
+                .collect(),
+        )
+    })
+    .collect();
+    grouped_bars(
+        &out.join("latency.svg"),
+        "64 B request/response latency (median of runs)",
+        "µs",
+        &names,
+        &rr,
+    )?;
+    let mut crr = series_of(Scenario::Crr, Metric::ConnPerSec);
+    crr.extend(
+        series_of(Scenario::External, Metric::ConnPerSec)
+            .into_iter()
+            .map(|(v, x)| (format!("external: {v}"), x)),
+    );
+    grouped_bars(
+        &out.join("crr.svg"),
+        "Connection rate (median)",
+        "connections/s",
+        &names,
+        &crr,
+    )?;
     Ok(())
 }

@@ -579,7 +579,7 @@ fn haproxy_config(port: u16, server: SocketAddr) -> String {
     // HAProxy needs 2 fds per connection plus 2 per pipe; pin the pipes so that maxconn can
     // cover the idle scenario.
     let maxpipes = 512;
-    let maxconn = crate::fd_limit().saturating_sub(500 + 2 * maxpipes) / 2;
+    let maxconn = crate::host::fd_limit().saturating_sub(500 + 2 * maxpipes) / 2;
     format!(
         "global\n  maxconn {maxconn}\n  maxpipes {maxpipes}\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 600s\n  timeout server 600s\n  option splice-auto\n\n\
          frontend fe\n  bind 0.0.0.0:{port}\n  default_backend be\n\nbackend be\n  server s1 {server}\n"
@@ -717,7 +717,7 @@ mod tests {
             .unwrap()
             .parse()
             .unwrap();
-        assert!(maxconn * 2 + 2 * 512 < crate::fd_limit(), "{cfg}");
+        assert!(maxconn * 2 + 2 * 512 < crate::host::fd_limit(), "{cfg}");
         assert!(cfg.contains("bind 0.0.0.0:10050") && cfg.contains("server s1 198.18.0.1:7005"));
     }
 }

@@ -1,46 +1,26 @@
-//! Turning samples into the Markdown table and the JSON file.
-use std::{collections::BTreeMap, fmt::Write as _};
+//! Turning samples into the Markdown tables and the JSON file.
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 use serde::Serialize;
 
-use crate::contender::Contender;
+use crate::{
+    chart,
+    contender::{Contender, Tools},
+    host,
+    metric::{Metric, Metrics},
+    plan::{Plan, Scenario},
+};
 
 /// One measurement of one contender in one scenario variant.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Sample {
-    pub(crate) scenario: &'static str,
+    pub(crate) scenario: Scenario,
     pub(crate) variant: String,
     pub(crate) contender: Contender,
     pub(crate) rep: u32,
     /// Warm-up samples are recorded in the JSON but left out of every summary.
     pub(crate) warmup: bool,
-    pub(crate) metrics: BTreeMap<&'static str, f64>,
-}
-
-/// How each metric is shown. The first metric of a table is its headline: the one given as a
-/// ratio to `direct`.
-pub(crate) fn metric_label(m: &str) -> &'static str {
-    match m {
-        "kdgram_s" => "k datagrams/s",
-        "gbit_s" => "Gbit/s",
-        "cpu_s_per_gb" => "CPU s/GB",
-        "machine_cpu_s_per_gb" => "machine CPU s/GB",
-        "cpu_us_per_dgram" => "CPU µs/datagram",
-        "loss_pct" => "loss %",
-        "p50_us" => "p50 µs",
-        "p99_us" => "p99 µs",
-        "p999_us" => "p99.9 µs",
-        "conn_s" => "conn/s",
-        "p99_ms" => "p99 ms",
-        "pss_mib" => "PSS MiB",
-        "rss_mib" => "RSS MiB",
-        "startup_s" => "start-up s",
-        "processes" => "processes",
-        "pss_kib_per_proxy" => "PSS KiB per process",
-        "mem_available_drop_mib" => "MemAvailable drop MiB",
-        "ready_ms" => "spawn to ready ms (median)",
-        _ => "?",
-    }
+    pub(crate) metrics: Metrics,
 }
 
 /// Median and spread of one metric.
@@ -74,8 +54,8 @@ pub(crate) fn stat(values: &[f64]) -> Option<Stat> {
 
 /// `(scenario, variant) → contender → metric → values`, in first-seen order.
 pub(crate) type Grouped = Vec<(
-    (&'static str, String),
-    BTreeMap<Contender, BTreeMap<&'static str, Vec<f64>>>,
+    (Scenario, String),
+    BTreeMap<Contender, BTreeMap<Metric, Vec<f64>>>,
 )>;
 
 pub(crate) fn group(samples: &[Sample]) -> Grouped {
@@ -91,10 +71,89 @@ pub(crate) fn group(samples: &[Sample]) -> Grouped {
         };
         let per = out[idx].1.entry(s.contender).or_default();
         for (m, v) in &s.metrics {
-            per.entry(m).or_default().push(*v);
+            per.entry(*m).or_default().push(*v);
         }
     }
     out
+}
+
+/// Everything a run produced, for the report.
+#[derive(Debug, Default)]
+pub(crate) struct Outcome {
+    pub(crate) samples: Vec<Sample>,
+    pub(crate) skipped: Vec<(String, String)>,
+    pub(crate) retried: Vec<String>,
+    pub(crate) failures: Vec<String>,
+    /// Failed samples of berth or direct: a bug here or in berth, which fails the run.
+    pub(crate) own_failures: usize,
+}
+
+/// Writes results.md (also printed), results.json and the charts into `out`.
+pub(crate) fn write(
+    out: &Path,
+    quick: bool,
+    plan: &Plan,
+    tools: &Tools,
+    outcome: &Outcome,
+) -> anyhow::Result<()> {
+    let Outcome {
+        samples,
+        skipped,
+        retried,
+        failures,
+        ..
+    } = outcome;
+    let machine = host::machine();
+    let versions = host::versions(tools);
+    let mut md = format!(
+        "## berth-bench results ({})\n\nMachine: {}. Date: {}.\n\nVersions: {}.\n\nEach cell is the median of {} run(s), with min–max when there are several; `× direct` is the ratio to `direct` measured in the same run.\n",
+        if quick {
+            "quick run: rough numbers"
+        } else {
+            "full run"
+        },
+        machine
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        host::today(),
+        versions
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join("; "),
+        plan.reps,
+    );
+    md.push_str(&markdown(samples));
+    if !skipped.is_empty() {
+        md.push_str("\nSkipped:\n");
+        for (who, why) in skipped {
+            md.push_str(&format!("- {who}: {why}\n"));
+        }
+    }
+    if !retried.is_empty() {
+        md.push_str("\nSamples that failed once and succeeded on retry:\n");
+        for r in retried {
+            md.push_str(&format!("- {r}\n"));
+        }
+    }
+    if !failures.is_empty() {
+        md.push_str("\nFailed samples (a contender that cannot do the job fails its sample; berth or direct failing fails the run):\n");
+        for f in failures {
+            md.push_str(&format!("- {f}\n"));
+        }
+    }
+    println!("{md}");
+    std::fs::write(out.join("results.md"), &md)?;
+    let json = serde_json::json!({ "machine": machine, "versions": versions, "plan": plan, "samples": samples, "skipped": skipped, "retried": retried, "failures": failures });
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    chart::all(out, samples)?;
+    eprintln!("wrote {}/results.md, results.json and *.svg", out.display());
+    Ok(())
 }
 
 fn fmt_num(v: f64) -> String {
@@ -111,38 +170,33 @@ fn fmt_num(v: f64) -> String {
 }
 
 /// The Markdown report: one table per scenario variant.
-pub(crate) fn markdown(samples: &[Sample], metric_order: &[&'static str]) -> String {
+pub(crate) fn markdown(samples: &[Sample]) -> String {
     let mut md = String::new();
     for ((scenario, variant), per) in group(samples) {
-        let mut metrics: Vec<&'static str> = metric_order
-            .iter()
-            .copied()
+        let metrics: Vec<Metric> = Metric::ALL
+            .into_iter()
             .filter(|m| per.values().any(|c| c.contains_key(m)))
             .collect();
-        metrics.dedup();
         let Some(&headline) = metrics.first() else {
             continue;
         };
         let direct = per
             .get(&Contender::Direct)
-            .and_then(|c| c.get(headline))
+            .and_then(|c| c.get(&headline))
             .and_then(|v| stat(v))
             .map(|s| s.median);
         let _ = writeln!(md, "\n### {scenario}: {variant}\n");
-        let mut header = format!(
-            "| contender | {} (median, min–max) |",
-            metric_label(headline)
-        );
+        let mut header = format!("| contender | {} (median, min–max) |", headline.label());
         if direct.is_some() {
             header.push_str(" × direct |");
         }
         for m in &metrics[1..] {
-            let _ = write!(header, " {} |", metric_label(m));
+            let _ = write!(header, " {} |", m.label());
         }
         let cols = header.matches('|').count() - 1;
         let _ = writeln!(md, "{header}\n|{}", "---|".repeat(cols));
         for (contender, values) in &per {
-            let cell = |m: &str| match values.get(m).and_then(|v| stat(v)) {
+            let cell = |m: Metric| match values.get(&m).and_then(|v| stat(v)) {
                 Some(s) if s.n > 1 => format!(
                     "{} ({}–{})",
                     fmt_num(s.median),
@@ -155,7 +209,7 @@ pub(crate) fn markdown(samples: &[Sample], metric_order: &[&'static str]) -> Str
             let mut row = format!("| {} | {} |", contender.name(), cell(headline));
             if let Some(d) = direct {
                 let ratio = values
-                    .get(headline)
+                    .get(&headline)
                     .and_then(|v| stat(v))
                     .map(|s| s.median / d);
                 let _ = write!(
@@ -165,7 +219,7 @@ pub(crate) fn markdown(samples: &[Sample], metric_order: &[&'static str]) -> Str
                 );
             }
             for m in &metrics[1..] {
-                let _ = write!(row, " {} |", cell(m));
+                let _ = write!(row, " {} |", cell(*m));
             }
             let _ = writeln!(md, "{row}");
         }
@@ -179,12 +233,12 @@ mod tests {
 
     fn sample(c: Contender, v: f64, warmup: bool) -> Sample {
         Sample {
-            scenario: "bulk",
+            scenario: Scenario::Bulk,
             variant: "1 stream".into(),
             contender: c,
             rep: 1,
             warmup,
-            metrics: BTreeMap::from([("gbit_s", v)]),
+            metrics: Metrics::from([(Metric::GbitPerSec, v)]),
         }
     }
 
@@ -204,7 +258,7 @@ mod tests {
             sample(Contender::BerthSplice, 15.0, false),
             sample(Contender::BerthSplice, 999.0, true),
         ];
-        let md = markdown(&samples, &["gbit_s"]);
+        let md = markdown(&samples);
         assert!(md.contains("| direct | 20.00 | 1.00 |"), "{md}");
         assert!(
             md.contains("| berth-splice | 12.50 (10.00–15.00) | 0.62 |"),
@@ -215,7 +269,7 @@ mod tests {
 
     #[test]
     fn markdown_omits_the_ratio_without_direct() {
-        let md = markdown(&[sample(Contender::Socat, 1.0, false)], &["gbit_s"]);
+        let md = markdown(&[sample(Contender::Socat, 1.0, false)]);
         assert!(!md.contains("× direct"), "{md}");
     }
 }

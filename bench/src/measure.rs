@@ -1,0 +1,234 @@
+//! Taking one sample: start a contender, put the job's load through it, and turn what the
+//! load and /proc saw into metrics.
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use berth::addr::Proto;
+
+use crate::{
+    contender::{self, Contender, Tools},
+    load,
+    metric::{Metric, Metrics},
+    plan::{Job, Plan},
+    procstat, report, topo,
+};
+
+/// What every sample needs: the contenders' binaries, the topology, the plan, where logs go,
+/// and the runtime the local clients run on.
+#[derive(Clone, Copy)]
+pub(crate) struct Env<'a> {
+    pub(crate) tools: &'a Tools,
+    pub(crate) topology: &'a topo::Topo,
+    pub(crate) plan: &'a Plan,
+    pub(crate) logs: &'a Path,
+    pub(crate) rt: &'a tokio::runtime::Runtime,
+}
+
+/// One sample of `job` with contender `c`.
+pub(crate) fn take(job: Job, c: Contender, env: &Env<'_>) -> anyhow::Result<Metrics> {
+    if let Job::Mappings = job {
+        mappings(c, env)
+    } else {
+        sample(job, c, env)
+    }
+}
+
+/// Runs `f` on a runtime whose threads live in the client's namespace: the host namespace for
+/// local clients, the external namespace for remote ones.
+fn on_client<T: Send, Fut: Future<Output = anyhow::Result<T>>>(
+    rt: &tokio::runtime::Runtime,
+    topology: &topo::Topo,
+    external: bool,
+    f: impl FnOnce() -> Fut + Send,
+) -> anyhow::Result<T> {
+    if !external {
+        return rt.block_on(f());
+    }
+    topology.ext_ns.run(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        rt.block_on(f())
+    })?
+}
+
+fn sample(job: Job, c: Contender, env: &Env<'_>) -> anyhow::Result<Metrics> {
+    let Env {
+        tools,
+        topology,
+        plan,
+        logs,
+        rt,
+    } = *env;
+    let port = 10_000 + c as u16 * 10;
+    let running = c.start(
+        tools,
+        job.proto(),
+        port,
+        topology.server_for(c as u16),
+        logs,
+    )?;
+    let pids = running.pids();
+    let mut m = Metrics::new();
+    match job {
+        Job::Bulk {
+            streams,
+            dir,
+            external,
+        } => {
+            let addr = if external {
+                running.external
+            } else {
+                running.local
+            };
+            let cpu0 = procstat::cpu_seconds(&pids);
+            let machine0 = procstat::machine_cpu_seconds();
+            let (bytes, elapsed) = on_client(rt, topology, external, || {
+                load::bulk(addr, streams, dir, Duration::from_secs_f64(plan.bulk_secs))
+            })?;
+            let cpu = procstat::cpu_seconds(&pids) - cpu0;
+            let machine = procstat::machine_cpu_seconds() - machine0;
+            m.insert(
+                Metric::GbitPerSec,
+                bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e9,
+            );
+            if c.has_process() && bytes > 0 {
+                m.insert(Metric::CpuSecsPerGb, cpu / (bytes as f64 / 1e9));
+            }
+            if bytes > 0 {
+                m.insert(Metric::MachineCpuSecsPerGb, machine / (bytes as f64 / 1e9));
+            }
+        }
+        Job::Rr => {
+            let hist = rt.block_on(load::rr(
+                running.local,
+                Duration::from_secs_f64(plan.rr_secs),
+                plan.rr_max_rounds,
+            ))?;
+            for (key, q) in [
+                (Metric::P50Us, 0.5),
+                (Metric::P99Us, 0.99),
+                (Metric::P999Us, 0.999),
+            ] {
+                m.insert(key, hist.value_at_quantile(q) as f64 / 1000.0);
+            }
+        }
+        Job::Crr { external } => {
+            let addr = if external {
+                running.external
+            } else {
+                running.local
+            };
+            let (n, elapsed, hist) = on_client(rt, topology, external, || {
+                load::crr(
+                    addr,
+                    plan.crr_clients,
+                    Duration::from_secs_f64(plan.crr_secs),
+                )
+            })?;
+            m.insert(Metric::ConnPerSec, n as f64 / elapsed.as_secs_f64());
+            m.insert(Metric::P99Ms, hist.value_at_quantile(0.99) as f64 / 1e6);
+        }
+        Job::Idle => {
+            let conns = rt.block_on(load::open_idle(running.local, plan.idle_conns))?;
+            let (pss, rss) = procstat::memory_mib(&pids);
+            m.insert(Metric::PssMib, pss);
+            m.insert(Metric::RssMib, rss);
+            m.insert(Metric::Processes, procstat::tree(&pids).len() as f64);
+            drop(conns);
+        }
+        Job::Udp { size } => {
+            let cpu0 = procstat::cpu_seconds(&pids);
+            let run = rt.block_on(load::udp_echo(
+                running.local,
+                plan.udp_flows,
+                plan.udp_window,
+                size,
+                Duration::from_secs_f64(plan.udp_secs),
+            ))?;
+            let cpu = procstat::cpu_seconds(&pids) - cpu0;
+            anyhow::ensure!(run.replies > 0, "no datagram came back");
+            let secs = run.elapsed.as_secs_f64();
+            m.insert(Metric::KdgramPerSec, run.replies as f64 / secs / 1e3);
+            m.insert(
+                Metric::GbitPerSec,
+                (run.replies * size as u64) as f64 * 8.0 / secs / 1e9,
+            );
+            m.insert(
+                Metric::LossPct,
+                100.0 * run.lost as f64 / (run.replies + run.lost) as f64,
+            );
+            if c.has_process() {
+                // Each echoed datagram crossed the proxy twice.
+                m.insert(
+                    Metric::CpuUsPerDgram,
+                    cpu / (2.0 * run.replies as f64) * 1e6,
+                );
+            }
+        }
+        Job::Mappings => unreachable!("handled by mappings()"),
+    }
+    Ok(m)
+}
+
+/// Starts `plan.mappings` mappings one after another, each waited for as dockerd waits for
+/// docker-proxy, then measures their memory: PSS in all and per proxy process, and how much
+/// the machine's MemAvailable dropped (what the host really gave up); and each proxy's time
+/// from spawn to its `0` on the status pipe.
+fn mappings(c: Contender, env: &Env<'_>) -> anyhow::Result<Metrics> {
+    let Env {
+        tools,
+        topology,
+        plan,
+        logs,
+        ..
+    } = *env;
+    let available_before = procstat::mem_available_mib();
+    let start = Instant::now();
+    let mut running = Vec::with_capacity(plan.mappings);
+    let ports: Vec<u16> = (0..plan.mappings)
+        .map(|i| u16::try_from(i).map(|i| 11_000 + i))
+        .collect::<Result<_, _>>()?;
+    let server = topology.server_for(c as u16);
+    let mut ready = Vec::new();
+    match c {
+        // One daemon for every port, from its file: what berth is for.
+        Contender::BerthSplice => {
+            running.push(contender::start_berth_daemon(tools, &ports, server, logs)?);
+        }
+        Contender::BerthShim | Contender::BerthShimDaemon => {
+            let delegate = c == Contender::BerthShimDaemon;
+            let (shims, times) = contender::start_shims(tools, &ports, server, logs, delegate)?;
+            running.push(shims);
+            ready = times;
+        }
+        _ => {
+            for &port in &ports {
+                let started = Instant::now();
+                running.push(c.start(tools, Proto::Tcp, port, server, logs)?);
+                ready.push(started.elapsed());
+            }
+        }
+    }
+    let startup = start.elapsed().as_secs_f64();
+    let pids: Vec<u32> = running.iter().flat_map(contender::Running::pids).collect();
+    let (pss, rss) = procstat::memory_mib(&pids);
+    let drop_mib = available_before - procstat::mem_available_mib();
+    drop(running);
+    let mut m = Metrics::from([
+        (Metric::StartupSecs, startup),
+        (Metric::PssMib, pss),
+        (Metric::RssMib, rss),
+        (Metric::Processes, pids.len() as f64),
+        (Metric::MemAvailableDropMib, drop_mib),
+    ]);
+    if !ready.is_empty() {
+        m.insert(Metric::PssKibPerProxy, pss * 1024.0 / pids.len() as f64);
+        let ms: Vec<f64> = ready.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        m.insert(Metric::ReadyMs, report::stat(&ms).map_or(0.0, |s| s.median));
+    }
+    Ok(m)
+}

@@ -1,0 +1,332 @@
+//! What a run measures: the scenarios, the jobs each needs, which contenders take part in
+//! each, and the durations and sizes (quick or full).
+use berth::addr::Proto;
+use clap::ValueEnum;
+
+use crate::{contender::Contender, host::fd_limit, load::Dir};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Scenario {
+    /// Throughput of 1 and 4 streams, each direction.
+    Bulk,
+    /// 64-byte request/response latency over one connection.
+    Rr,
+    /// Connection rate: connect, 64 B request, 64 B response, close.
+    Crr,
+    /// Memory with many idle connections held open.
+    Idle,
+    /// Memory and start-up time for many mapped ports.
+    Mappings,
+    /// Proxy CPU seconds per GB moved (from the bulk runs).
+    Cpu,
+    /// Bulk and connection rate from the external-client namespace.
+    External,
+    /// UDP datagrams per second and throughput at 64 B and 1,400 B (echo, 4 clients).
+    Udp,
+}
+
+impl Scenario {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Bulk => "bulk",
+            Self::Rr => "rr",
+            Self::Crr => "crr",
+            Self::Idle => "idle",
+            Self::Mappings => "mappings",
+            Self::Cpu => "cpu",
+            Self::External => "external",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+impl std::fmt::Display for Scenario {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl serde::Serialize for Scenario {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+/// Durations and sizes for a run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct Plan {
+    pub(crate) reps: u32,
+    pub(crate) warmup: bool,
+    pub(crate) bulk_secs: f64,
+    pub(crate) rr_secs: f64,
+    pub(crate) rr_max_rounds: u64,
+    pub(crate) crr_secs: f64,
+    pub(crate) crr_clients: usize,
+    pub(crate) idle_conns: usize,
+    pub(crate) mappings: usize,
+    pub(crate) udp_secs: f64,
+    pub(crate) udp_flows: usize,
+    pub(crate) udp_window: usize,
+}
+
+impl Plan {
+    /// The plan for a run; `idle_conns` overrides the idle scenario's size.
+    pub(crate) fn new(quick: bool, idle_conns: Option<usize>) -> Self {
+        let plan = Self::unclamped(quick);
+        Self {
+            idle_conns: idle_conns.unwrap_or(plan.idle_conns).min(Self::fd_cap()),
+            ..plan
+        }
+    }
+
+    /// One proxy process holds 2 sockets per idle connection, and so does this process
+    /// (client + server thread): stay under the hard RLIMIT_NOFILE, which may be fixed, with
+    /// headroom for each proxy's own pipes and runtime descriptors.
+    pub(crate) fn fd_cap() -> usize {
+        usize::try_from(fd_limit().saturating_sub(4000) / 2).unwrap_or(usize::MAX)
+    }
+
+    pub(crate) fn unclamped(quick: bool) -> Self {
+        if quick {
+            Self {
+                reps: 1,
+                warmup: false,
+                bulk_secs: 1.0,
+                rr_secs: 1.0,
+                rr_max_rounds: 200_000,
+                crr_secs: 1.0,
+                crr_clients: 8,
+                idle_conns: 500,
+                mappings: 100,
+                udp_secs: 1.0,
+                udp_flows: 4,
+                udp_window: 32,
+            }
+        } else {
+            Self {
+                reps: 3,
+                warmup: true,
+                bulk_secs: 5.0,
+                rr_secs: 5.0,
+                rr_max_rounds: 2_000_000,
+                crr_secs: 5.0,
+                crr_clients: 8,
+                idle_conns: 10_000,
+                mappings: 1_000,
+                udp_secs: 5.0,
+                udp_flows: 4,
+                udp_window: 32,
+            }
+        }
+    }
+}
+
+impl Plan {
+    fn quick_run(&self) -> bool {
+        self.reps == 1 && !self.warmup
+    }
+}
+
+/// One measurement to take, for each eligible contender and repetition.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Job {
+    Bulk {
+        streams: usize,
+        dir: Dir,
+        external: bool,
+    },
+    Rr,
+    Crr {
+        external: bool,
+    },
+    Idle,
+    Mappings,
+    Udp {
+        size: usize,
+    },
+}
+
+impl Job {
+    pub(crate) fn scenario(self) -> Scenario {
+        match self {
+            Self::Bulk {
+                external: false, ..
+            } => Scenario::Bulk,
+            Self::Bulk { external: true, .. } | Self::Crr { external: true } => Scenario::External,
+            Self::Rr => Scenario::Rr,
+            Self::Crr { external: false } => Scenario::Crr,
+            Self::Idle => Scenario::Idle,
+            Self::Mappings => Scenario::Mappings,
+            Self::Udp { .. } => Scenario::Udp,
+        }
+    }
+
+    /// The protocol the job's mapping serves.
+    pub(crate) fn proto(self) -> Proto {
+        if matches!(self, Self::Udp { .. }) {
+            Proto::Udp
+        } else {
+            Proto::Tcp
+        }
+    }
+
+    pub(crate) fn variant(self, plan: &Plan) -> String {
+        match self {
+            Self::Bulk { streams, dir, .. } => {
+                format!(
+                    "{streams} stream{} {}",
+                    if streams > 1 { "s" } else { "" },
+                    if dir == Dir::Up {
+                        "client→container"
+                    } else {
+                        "container→client"
+                    }
+                )
+            }
+            Self::Rr => "64 B ping-pong, 1 connection".into(),
+            Self::Crr { .. } => format!("connect+64 B+64 B+close, {} clients", plan.crr_clients),
+            Self::Idle if plan.idle_conns == Plan::fd_cap() && !plan.quick_run() => {
+                format!(
+                    "{} idle connections (capped by the hard RLIMIT_NOFILE of {})",
+                    plan.idle_conns,
+                    fd_limit()
+                )
+            }
+            Self::Idle => format!("{} idle connections", plan.idle_conns),
+            Self::Mappings => format!(
+                "{} mapped ports (berth: one `berth run` daemon; docker-proxy: a process per port)",
+                plan.mappings
+            ),
+            Self::Udp { size } => format!(
+                "{size} B datagrams, echo, {} clients x {} in flight",
+                plan.udp_flows, plan.udp_window
+            ),
+        }
+    }
+
+    /// Which contenders take part, given the selection.
+    pub(crate) fn eligible(self, c: Contender) -> Result<(), &'static str> {
+        use Contender as C;
+        let proto = self.proto();
+        if !c.serves(proto) {
+            return Err(if proto == Proto::Udp {
+                "TCP only"
+            } else {
+                "UDP only"
+            });
+        }
+        if matches!(c, C::BerthShim | C::BerthShimDaemon) && !matches!(self, Self::Mappings) {
+            return Err("berth-docker-proxy is measured in the mappings scenario");
+        }
+        match self {
+            Self::Bulk { external: true, .. } | Self::Crr { external: true } => {
+                if matches!(
+                    c,
+                    C::Direct
+                        | C::DockerProxy
+                        | C::IptablesDnat
+                        | C::BerthCopy
+                        | C::BerthSplice
+                        | C::BerthSockmap
+                        | C::BerthDnat
+                ) {
+                    Ok(())
+                } else {
+                    Err("not part of the external comparison")
+                }
+            }
+            Self::Idle => {
+                if c.has_process() {
+                    Ok(())
+                } else {
+                    Err("no proxy process to measure")
+                }
+            }
+            Self::Mappings => {
+                if matches!(
+                    c,
+                    C::BerthSplice | C::DockerProxy | C::BerthShim | C::BerthShimDaemon
+                ) {
+                    Ok(())
+                } else {
+                    Err("the mappings comparison is berth against docker-proxy")
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub(crate) fn estimate_secs(self, plan: &Plan) -> f64 {
+        match self {
+            Self::Bulk { .. } => plan.bulk_secs + 0.3,
+            Self::Rr => plan.rr_secs + 0.3,
+            Self::Crr { .. } => plan.crr_secs + 0.3,
+            Self::Idle => plan.idle_conns as f64 / 2000.0 + 1.0,
+            Self::Mappings => plan.mappings as f64 * 0.01 + 1.0,
+            Self::Udp { .. } => plan.udp_secs + 0.3,
+        }
+    }
+}
+
+/// The selected scenarios, and the jobs they need.
+pub(crate) struct ScenarioSet(pub(crate) Vec<Scenario>);
+
+impl ScenarioSet {
+    pub(crate) fn all() -> Self {
+        Self(Scenario::value_variants().to_vec())
+    }
+
+    pub(crate) fn has(&self, s: Scenario) -> bool {
+        self.0.contains(&s)
+    }
+
+    pub(crate) fn jobs(&self) -> Vec<Job> {
+        let mut jobs = Vec::new();
+        let bulk = |streams, dir| Job::Bulk {
+            streams,
+            dir,
+            external: false,
+        };
+        if self.has(Scenario::Bulk) {
+            jobs.extend([
+                bulk(1, Dir::Up),
+                bulk(1, Dir::Down),
+                bulk(4, Dir::Up),
+                bulk(4, Dir::Down),
+            ]);
+        } else if self.has(Scenario::Cpu) {
+            jobs.extend([bulk(1, Dir::Up), bulk(1, Dir::Down)]);
+        }
+        if self.has(Scenario::Rr) {
+            jobs.push(Job::Rr);
+        }
+        if self.has(Scenario::Crr) {
+            jobs.push(Job::Crr { external: false });
+        }
+        if self.has(Scenario::External) {
+            jobs.extend([
+                Job::Bulk {
+                    streams: 1,
+                    dir: Dir::Up,
+                    external: true,
+                },
+                Job::Bulk {
+                    streams: 1,
+                    dir: Dir::Down,
+                    external: true,
+                },
+                Job::Crr { external: true },
+            ]);
+        }
+        if self.has(Scenario::Idle) {
+            jobs.push(Job::Idle);
+        }
+        if self.has(Scenario::Mappings) {
+            jobs.push(Job::Mappings);
+        }
+        if self.has(Scenario::Udp) {
+            jobs.extend([Job::Udp { size: 64 }, Job::Udp { size: 1400 }]);
+        }
+        jobs
+    }
+}
