@@ -55,6 +55,7 @@ fn add(listen: SocketAddr, target: SocketAddr, lease: bool) -> Call {
         mapping: Box::new(Draft::new(Proto::Tcp, listen.into(), target.into())),
         owner: Some("test".into()),
         lease,
+        persist: false,
     }
 }
 
@@ -272,7 +273,8 @@ async fn runtime_mappings_are_added_listed_removed_and_bad_requests_change_nothi
     let r = once(
         &admin,
         &Call::Remove {
-            name: "file".into(),
+            name: Some("file".into()),
+            owner: None,
         },
         None,
     );
@@ -284,7 +286,8 @@ async fn runtime_mappings_are_added_listed_removed_and_bad_requests_change_nothi
     let r = once(
         &admin,
         &Call::Remove {
-            name: a.name.clone(),
+            name: Some(a.name.clone()),
+            owner: None,
         },
         None,
     );
@@ -293,7 +296,8 @@ async fn runtime_mappings_are_added_listed_removed_and_bad_requests_change_nothi
     let r = once(
         &admin,
         &Call::Remove {
-            name: a.name.clone(),
+            name: Some(a.name.clone()),
+            owner: None,
         },
         None,
     );

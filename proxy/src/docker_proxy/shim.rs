@@ -111,6 +111,7 @@ fn delegate(
         mapping: Box::new(draft),
         owner: Some(OWNER.into()),
         lease: true,
+        persist: false,
     };
     let name = match client.call(&add, Some(socket.as_fd())) {
         Ok(r) if r.ok => r.mappings.first().map(|m| m.name.clone()),
@@ -180,7 +181,13 @@ enum Woken {
 /// Removes the shim's mapping and exits once the daemon has closed its copy of the socket
 /// (dockerd may publish the port again at once).
 fn remove(client: &mut Client, name: &str) -> ExitCode {
-    match client.call(&Call::Remove { name: name.into() }, None) {
+    match client.call(
+        &Call::Remove {
+            name: Some(name.into()),
+            owner: None,
+        },
+        None,
+    ) {
         Ok(r) if r.ok => ExitCode::SUCCESS,
         Ok(r) => {
             logging();

@@ -24,19 +24,27 @@ pub enum AdoptError {
     WrongAddress { bound: String, want: ListenAddr },
     #[error("the passed socket cannot be used: {0}")]
     Io(#[from] io::Error),
+    #[error("the mapping has no relay (relay = false), so it takes no socket")]
+    NoRelay,
 }
 
-/// A mapping's socket, bound (or adopted) but not yet served. Every mode serves one: in
-/// kernel mode the relay takes whatever the programs pass through.
+/// A mapping's socket, bound (or adopted) but not yet served. Every mode serves one (in
+/// kernel mode the relay takes whatever the programs pass through) unless a kernel-mode
+/// mapping asks for no relay.
 #[derive(Debug)]
 pub enum Bound {
     Tcp(TcpListener),
     Udp(UdpSocket),
+    /// Kernel mode with `relay = false`: no socket; the programs alone map the port.
+    KernelOnly,
 }
 
 impl Bound {
-    /// Binds `spec`'s listen address.
+    /// Binds `spec`'s listen address (nothing, for a mapping without a relay).
     pub fn bind(spec: &Spec) -> Result<Self, ListenError> {
+        if !spec.relay {
+            return Ok(Self::KernelOnly);
+        }
         Ok(match spec.proto {
             Proto::Tcp => Self::Tcp(listen::bind_tcp(spec.listen)?),
             Proto::Udp => Self::Udp(listen::bind_udp(spec.listen)?),
@@ -47,6 +55,9 @@ impl Bound {
     /// says (any port, when the spec asks for port 0). A TCP socket that only is bound is
     /// made to listen.
     pub fn adopt(fd: OwnedFd, spec: &Spec) -> Result<Self, AdoptError> {
+        if !spec.relay {
+            return Err(AdoptError::NoRelay);
+        }
         let sock = Socket::from(fd);
         let want = match spec.proto {
             Proto::Tcp => socket2::Type::STREAM,
@@ -78,14 +89,16 @@ impl Bound {
         match self {
             Self::Tcp(l) => l.local_addr().ok(),
             Self::Udp(s) => s.local_addr().ok(),
+            Self::KernelOnly => None,
         }
     }
 
-    /// Another descriptor of the same socket.
-    pub fn dup(&self) -> io::Result<OwnedFd> {
+    /// Another descriptor of the same socket, if there is one.
+    pub fn dup(&self) -> io::Result<Option<OwnedFd>> {
         match self {
-            Self::Tcp(l) => l.as_fd().try_clone_to_owned(),
-            Self::Udp(s) => s.as_fd().try_clone_to_owned(),
+            Self::Tcp(l) => l.as_fd().try_clone_to_owned().map(Some),
+            Self::Udp(s) => s.as_fd().try_clone_to_owned().map(Some),
+            Self::KernelOnly => Ok(None),
         }
     }
 }

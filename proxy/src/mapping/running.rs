@@ -39,6 +39,9 @@ pub enum StartError {
     NoSockmap,
     #[error("cannot duplicate the mapping's socket: {0}")]
     Dup(#[source] io::Error),
+    /// Without a relay, nothing would serve the port.
+    #[error("kernel mode cannot map the port, and the mapping has no relay: {0}")]
+    Kernel(#[source] KernelModeError),
 }
 
 /// A mapping being served (or, once removed, draining).
@@ -100,6 +103,7 @@ impl Running {
             });
             match added {
                 Ok(m) => (Some(m), None),
+                Err(why) if !spec.relay => return Err(StartError::Kernel(why)),
                 Err(why) => {
                     error!(mapping = %spec.name, reason = %why, "kernel mode cannot map this port; the relay serves it");
                     (None, Some(why))
@@ -163,6 +167,20 @@ impl Running {
                 let task = spawn_serving(serve, kernel_part, span);
                 (RelayCounters::Udp(stats), task)
             }
+            Bound::KernelOnly => {
+                // No relay: the counters stay at zero, the task is kernel mode's drain.
+                let counters = match (reuse.map(|c| c.relay), spec.proto) {
+                    (Some(c), _) => c,
+                    (None, Proto::Tcp) => RelayCounters::Tcp(Arc::default()),
+                    (None, Proto::Udp) => RelayCounters::Udp(Arc::default()),
+                };
+                let mut stop = rx.clone();
+                let serve = async move {
+                    let _ = stop.wait_for(|p| *p != Phase::Serve).await;
+                    let _ = released_tx.send(());
+                };
+                (counters, spawn_serving(serve, kernel_part, span))
+            }
         };
         Ok(Self {
             spec,
@@ -174,7 +192,7 @@ impl Running {
                 dnat,
             },
             kernel_error,
-            socket: Some(socket),
+            socket,
             phase,
             released: Some(released),
             task,
@@ -185,6 +203,7 @@ impl Running {
     pub fn handover(&self) -> io::Result<OwnedFd> {
         match &self.socket {
             Some(s) => s.try_clone(),
+            None if !self.spec.relay => Err(io::Error::other("the mapping has no socket")),
             None => Err(io::Error::other(
                 "the mapping is draining; its socket is closed",
             )),

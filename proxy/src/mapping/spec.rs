@@ -101,6 +101,10 @@ pub struct Spec {
     pub max_flows: usize,
     /// UDP: datagrams per system call.
     pub udp_batch: usize,
+    /// Whether berth binds the port and relays what the kernel programs pass through. Only
+    /// kernel mode may do without (`relay = false`): the port is then mapped in the kernel
+    /// alone, as CNI's portmap maps it, and stays free for a runtime that reserves it.
+    pub relay: bool,
 }
 
 impl Spec {
@@ -134,6 +138,8 @@ pub struct Draft {
     pub max_flows: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub udp_batch: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay: Option<bool>,
 }
 
 /// The fields a mapping may leave to `[defaults]` (serde cannot flatten them into [`Draft`]
@@ -176,6 +182,7 @@ impl FieldError {
     pub fn flag(&self) -> String {
         match self.field {
             "listen" | "target" => self.field.to_uppercase(),
+            "relay" => "--no-relay".to_owned(),
             f => format!("--{}", f.replace('_', "-")),
         }
     }
@@ -270,6 +277,16 @@ impl Draft {
         let defaults = Defaults::only_for(&defaults.options, proto);
         let merged = merge(&own, &defaults);
         let checked = check_options(&merged, proto)?;
+        let relay = self.relay.unwrap_or(true);
+        if !relay && !checked.mode.is_kernel() {
+            return Err(FieldError::new(
+                "relay",
+                format!(
+                    "false applies to mode \"dnat\" only (mode \"{}\" is a relay)",
+                    checked.mode
+                ),
+            ));
+        }
         if checked.mode.is_kernel() {
             // The same checks as kernel mode itself, reported under the field.
             let reason = |e: crate::dnat::DnatError| match e {
@@ -292,6 +309,7 @@ impl Draft {
             udp_idle_timeout: checked.udp_idle_timeout,
             max_flows: checked.max_flows,
             udp_batch: checked.udp_batch,
+            relay,
         })
     }
 }
@@ -502,6 +520,24 @@ mod tests {
         let e = err(r#"{"name":"w","listen":"x","target":"10.0.0.1:1"}"#.into());
         assert_eq!(e.flag(), "LISTEN");
         assert!(err(r#"{"listen":"0.0.0.0:1"}"#.into()).to_string() == "name: missing");
+    }
+
+    #[test]
+    fn only_kernel_mode_may_go_without_a_relay() {
+        let none = Defaults::default();
+        let e = draft(&format!("{{{TCP},\"relay\":false}}"))
+            .resolve(&none)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "relay: false applies to mode \"dnat\" only (mode \"auto\" is a relay)"
+        );
+        assert_eq!(e.flag(), "--no-relay");
+        let kernel = draft(&format!("{{{UDP},\"mode\":\"dnat\",\"relay\":false}}"))
+            .resolve(&none)
+            .unwrap();
+        assert!(!kernel.relay);
+        assert!(draft(&format!("{{{TCP}}}")).resolve(&none).unwrap().relay);
     }
 
     #[test]

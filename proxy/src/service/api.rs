@@ -2,7 +2,9 @@
 //!
 //! A request is one line: a bare word (`status`, `reload`, `list`) or a JSON object with an
 //! `op`. Each gets one JSON line back ([`Reply`]). A connection may send many requests; the
-//! mappings it added with `"lease": true` (the default) are removed when it closes.
+//! mappings it added with `"lease": true` (the default) are removed when it closes. Those
+//! added with `"persist": true` outlive the connection and the daemon: they are kept in its
+//! state file until removed, by name or by owner.
 //!
 //! ```text
 //! > {"op":"add","owner":"docker","mapping":{"proto":"tcp","listen":"0.0.0.0:9091","target":"172.17.0.2:80"}}
@@ -71,12 +73,25 @@ pub enum Call {
         /// Who adds it (`docker`, `cni:<id>:<ifname>`); shown in status. Default `api`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         owner: Option<String>,
-        /// Removed when this connection closes. Default true.
+        /// Removed when this connection closes. Default true; ignored with `persist`.
         #[serde(default = "yes")]
         lease: bool,
+        /// Kept in the daemon's state file and served again after a restart, until removed
+        /// (the CNI plugin's mappings: its process exits at once). Takes no socket. Default
+        /// false.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        persist: bool,
     },
-    /// Remove a runtime mapping by name; the answer comes once its socket is closed.
-    Remove { name: String },
+    /// Remove runtime mappings: one by `name` (the answer comes once its socket is closed),
+    /// or every mapping of `owner` (a container that is gone: their connections, flows and
+    /// kernel conntrack entries are cut, and the answer comes once they are). Removing an
+    /// owner that has none succeeds.
+    Remove {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
+    },
 }
 
 fn yes() -> bool {
@@ -164,6 +179,7 @@ mod tests {
             mapping,
             owner,
             lease,
+            persist: false,
         } = add
         else {
             panic!("{add:?}")
@@ -174,7 +190,17 @@ mod tests {
         );
         assert_eq!(
             Call::parse(r#"{"op":"remove","name":"x"}"#),
-            Ok(Call::Remove { name: "x".into() })
+            Ok(Call::Remove {
+                name: Some("x".into()),
+                owner: None
+            })
+        );
+        assert_eq!(
+            Call::parse(r#"{"op":"remove","owner":"cni:1:eth0"}"#),
+            Ok(Call::Remove {
+                name: None,
+                owner: Some("cni:1:eth0".into())
+            })
         );
     }
 

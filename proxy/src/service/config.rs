@@ -62,6 +62,9 @@ pub struct Config {
     pub defaults: Defaults,
     /// `[admin] max_runtime_mappings`: how many mappings the runtime API may add.
     pub max_runtime_mappings: usize,
+    /// `[admin] state_file`: where persistent runtime mappings are kept; by default beside
+    /// the admin socket (`admin.sock` → `admin.state.json`).
+    pub state_file: Option<PathBuf>,
     pub mappings: Vec<Spec>,
 }
 
@@ -116,6 +119,7 @@ struct RawMetrics {
 struct RawAdmin {
     socket: Option<PathBuf>,
     max_runtime_mappings: Option<i64>,
+    state_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -172,9 +176,16 @@ impl Config {
             ),
             _ => DEFAULT_METRICS_LISTEN.parse().ok(),
         };
-        let (admin_socket, max_runtime) = raw
-            .admin
-            .map_or((None, None), |a| (a.socket, a.max_runtime_mappings));
+        let (admin_socket, max_runtime, state_file) = raw.admin.map_or((None, None, None), |a| {
+            (a.socket, a.max_runtime_mappings, a.state_file)
+        });
+        if let Some(f) = state_file.as_ref().filter(|f| !f.is_absolute()) {
+            return Err(section(
+                "admin",
+                "state_file",
+                format!("{} is not an absolute path", f.display()),
+            ));
+        }
         let admin_socket = admin_socket.unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into());
         let max_runtime_mappings = match max_runtime {
             None => DEFAULT_MAX_RUNTIME_MAPPINGS,
@@ -255,6 +266,7 @@ impl Config {
             dnat,
             defaults,
             max_runtime_mappings,
+            state_file,
             mappings,
         };
         config.check_conflicts(file)?;

@@ -6,6 +6,7 @@
 //! - [`api`]: the admin socket's line protocol (status, reload, add, remove, list).
 //! - [`admin`]: the admin socket itself, and its clients.
 //! - `plan`: what a reload changes, decided without I/O.
+//! - `persist`: the state file of persistent runtime mappings (the CNI plugin's).
 //! - `metrics`: the `/metrics` endpoint.
 //! - `systemd`: notify, watchdog and socket activation, as wire protocols.
 //! - [`status`]: the status table.
@@ -16,6 +17,7 @@ pub mod admin;
 pub mod api;
 pub mod config;
 mod metrics;
+mod persist;
 mod plan;
 pub mod status;
 mod systemd;
@@ -39,6 +41,7 @@ use self::{
     admin::{AdminError, Request},
     api::{CONFIG_OWNER, Call, Reply},
     config::{Config, ConfigError},
+    persist::{Saved, Store},
     status::Row,
     systemd::Notifier,
 };
@@ -155,6 +158,15 @@ impl State {
     }
 }
 
+/// What keeps a runtime mapping: an admin connection (a lease), the state file, or nothing
+/// but a `remove`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Holder {
+    Lease(u64),
+    Persist,
+    None,
+}
+
 /// The daemon between requests.
 struct Service {
     path: PathBuf,
@@ -163,6 +175,8 @@ struct Service {
     /// Sockets systemd passed, by mapping name, not yet used.
     inherited: HashMap<String, OwnedFd>,
     kernel: Kernel,
+    /// The persistent runtime mappings, as written to the state file.
+    store: Store,
 }
 
 /// What the daemon starts from: everything `berth run` takes from its command line, its
@@ -239,8 +253,13 @@ pub async fn serve(
         None => None,
     };
     let admin_listener = admin::bind(&admin_path)?;
+    let state_file = config
+        .state_file
+        .clone()
+        .unwrap_or_else(|| admin_path.with_extension("state.json"));
 
     let mut service = Service {
+        store: Store::new(state_file),
         path: config_path.clone(),
         kernel: Kernel::new(config.sockmap, config.dnat.clone()),
         config: Config {
@@ -255,6 +274,7 @@ pub async fn serve(
         let _ = std::fs::remove_file(&admin_path);
         return Err(e);
     }
+    service.restore().await;
     let state = service.state.clone();
     let mut background = tokio::task::JoinSet::new();
     if let Some(l) = metrics_listener {
@@ -377,17 +397,56 @@ impl Service {
                 mapping,
                 owner,
                 lease,
+                persist,
             } => {
                 let owner = owner.unwrap_or_else(|| "api".into());
-                let r = self
-                    .add(mapping, owner, lease.then_some(conn), socket)
-                    .await;
+                let r = if persist && socket.is_some() {
+                    Reply::error(
+                        "socket: a persistent mapping takes no socket (the daemon binds it, \
+                         now and after a restart)",
+                    )
+                } else {
+                    let holder = if persist {
+                        Holder::Persist
+                    } else if lease {
+                        Holder::Lease(conn)
+                    } else {
+                        Holder::None
+                    };
+                    self.add(mapping, owner, holder, socket).await
+                };
                 if !r.ok {
                     warn!(reason = %r.message, "runtime mapping refused");
                 }
                 r
             }
-            Call::Remove { name } => match self.remove(&name) {
+            Call::Remove {
+                name: None,
+                owner: Some(owner),
+            } => {
+                let gone = self.remove_owner(&owner);
+                tokio::spawn(async move {
+                    let n = gone.await;
+                    info!(%owner, mappings = n, "runtime mappings of an owner removed");
+                    let _ = reply.send(Reply::ok(
+                        format!("removed {n} mapping(s) of {owner}; their connections, flows and conntrack entries are gone"),
+                        Vec::new(),
+                    ));
+                });
+                return;
+            }
+            Call::Remove {
+                name: Some(_),
+                owner: Some(_),
+            }
+            | Call::Remove {
+                name: None,
+                owner: None,
+            } => Reply::error("remove: give a name or an owner, not both"),
+            Call::Remove {
+                name: Some(name),
+                owner: None,
+            } => match self.remove(&name) {
                 Ok(released) => {
                     tokio::spawn(async move {
                         released.await;
@@ -405,12 +464,44 @@ impl Service {
         let _ = reply.send(answer);
     }
 
+    /// Serves the state file's persistent mappings again (after a restart). One that cannot
+    /// start (its port taken meanwhile) is logged and forgotten; a file that does not parse
+    /// is moved aside.
+    async fn restore(&mut self) {
+        let saved = match Store::load(self.store.path()) {
+            Ok(s) => s,
+            Err(e) => {
+                error!(error = %e, "persistent runtime mappings not restored");
+                return;
+            }
+        };
+        let n = saved.len();
+        let mut restored = 0;
+        for Saved { owner, mapping } in saved {
+            let name = mapping.name.clone().unwrap_or_default();
+            let r = self
+                .add(Box::new(mapping), owner.clone(), Holder::Persist, None)
+                .await;
+            if r.ok {
+                restored += 1;
+            } else {
+                error!(mapping = %name, %owner, reason = %r.message, "persistent runtime mapping not restored; forgotten");
+            }
+        }
+        if let Err(e) = self.store.save() {
+            error!(error = %e, "the state file of persistent runtime mappings is not writable");
+        }
+        if n > 0 {
+            info!(restored, of = n, file = %self.store.path().display(), "persistent runtime mappings restored");
+        }
+    }
+
     /// Adds a runtime mapping. A request that fails changes nothing.
     async fn add(
         &mut self,
         draft: Box<Draft>,
         owner: String,
-        lease: Option<u64>,
+        holder: Holder,
         socket: Option<OwnedFd>,
     ) -> Reply {
         let mut draft = *draft;
@@ -473,14 +564,62 @@ impl Service {
             Ok(r) => r,
             Err(e) => return Reply::error(format!("mapping {name:?}: {e}")),
         };
+        if holder == Holder::Persist {
+            let saved = Saved {
+                owner: owner.clone(),
+                mapping: Draft {
+                    name: Some(name.clone()),
+                    ..draft
+                },
+            };
+            if let Err(e) = self.store.insert(name.clone(), saved) {
+                // It would not survive a restart: refuse rather than promise that.
+                drop(running);
+                return Reply::error(format!("mapping {name:?}: {e}"));
+            }
+        }
         let row = Row::of(&running);
         let mut st = lock(&self.state);
         st.active.insert(name.clone(), running);
-        if let Some(conn) = lease {
+        if let Holder::Lease(conn) = holder {
             st.leases.insert(name.clone(), conn);
         }
-        info!(mapping = %name, %owner, lease = lease.is_some(), "runtime mapping added");
+        info!(mapping = %name, %owner, ?holder, "runtime mapping added");
         Reply::ok(format!("added {name}"), vec![row])
+    }
+
+    /// Removes every runtime mapping of `owner` at once, cutting what they still carry (the
+    /// owner, a container, is gone). The future resolves, with how many there were, once
+    /// their tasks have ended and their kernel-mode entries (conntrack included) are deleted.
+    fn remove_owner(&mut self, owner: &str) -> impl Future<Output = usize> + Send + use<> {
+        let mut st = lock(&self.state);
+        let names: Vec<String> = st
+            .runtime()
+            .filter(|m| m.owner == owner)
+            .map(|m| m.spec.name.clone())
+            .collect();
+        let mut gone: Vec<Running> = Vec::with_capacity(names.len());
+        for name in &names {
+            st.leases.remove(name);
+            if let Some(mut m) = st.active.remove(name) {
+                m.drain();
+                m.cut();
+                gone.push(m);
+            }
+        }
+        drop(st);
+        if let Err(e) = self.store.remove(names.iter().map(String::as_str)) {
+            error!(error = %e, %owner, "removed mappings may come back after a restart");
+        }
+        async move {
+            let n = gone.len();
+            for m in &mut gone {
+                m.finished().await;
+            }
+            // Dropping them deletes their kernel-mode entries.
+            drop(gone);
+            n
+        }
     }
 
     /// Starts removing a runtime mapping; the future resolves once its socket is closed.
@@ -494,6 +633,9 @@ impl Service {
                 ));
             }
             Some(_) => {}
+        }
+        if let Err(e) = self.store.remove([name]) {
+            error!(error = %e, mapping = %name, "the removed mapping may come back after a restart");
         }
         Ok(st.retire(name).expect("checked above"))
     }
@@ -630,7 +772,9 @@ fn bind_all(
     let mut out = Vec::with_capacity(specs.len());
     for &spec in specs {
         let name = spec.name.clone();
-        let bound = if let Some(fd) = inherited.remove(&spec.name) {
+        let bound = if !spec.relay {
+            Bound::KernelOnly
+        } else if let Some(fd) = inherited.remove(&spec.name) {
             Bound::adopt(fd, spec).map_err(|source| ServiceError::Adopt { name, source })?
         } else if let Some(r) = running.active.values().find(|r| {
             // Port 0 means "any free port": only the same mapping's own socket fits.

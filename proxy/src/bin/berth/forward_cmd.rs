@@ -78,6 +78,11 @@ pub(crate) struct ForwardArgs {
     /// [default: 32].
     #[arg(long)]
     udp_batch: Option<i64>,
+    /// Kernel mode only (`--mode dnat`): map the port in the kernel alone and bind no
+    /// socket, as CNI's portmap does. What the programs pass through (hairpin, fragments)
+    /// is then not served.
+    #[arg(long)]
+    no_relay: bool,
     /// Address to accept on, e.g. 0.0.0.0:9090 or [::]:9090 (port 0 picks a free port).
     listen: String,
     /// Address to forward to, e.g. 172.16.1.1:8080.
@@ -129,6 +134,7 @@ pub(crate) async fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
         udp_idle_timeout: args.udp_idle_timeout,
         max_flows: args.max_flows,
         udp_batch: args.udp_batch,
+        relay: args.no_relay.then_some(false),
     };
     let spec = match draft.resolve(&Defaults::default()) {
         Ok(s) => s,
