@@ -8,6 +8,7 @@
 //! - [`mapping`]: one mapping's spec, validation, socket and lifecycle, for every front end.
 //! - [`forward`]: the TCP accept loop that connects clients to a target and relays.
 //! - [`docker_proxy`]: docker-proxy's command line and fd 3 status pipe.
+//! - [`cni`]: `berth-cni`, the chained CNI plugin that replaces portmap.
 //! - [`ebpf`]: the embedded kernel programs and their loader.
 //! - [`sockmap`]: the sockmap relay mode (bytes moved by the kernel).
 //! - [`dnat`]: kernel mode: mappings served by TC and cgroup programs, no relay at all.
@@ -16,6 +17,7 @@
 
 pub mod addr;
 pub mod caps;
+pub mod cni;
 pub mod dnat;
 pub mod docker_proxy;
 pub mod ebpf;

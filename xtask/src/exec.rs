@@ -54,7 +54,7 @@ pub(crate) fn build_release(packages: &[&str]) -> anyhow::Result<()> {
 }
 
 /// `berth` linked statically and not position-independent, as installed, in
-/// `target/release/static/` with `berth-docker-proxy` beside it as a link to it (berth
+/// `target/release/static/` with `berth-docker-proxy` and `berth-cni` beside it as links (berth
 /// dispatches on its name). With no dynamic relocations to apply at start, a waiting shim
 /// dirties almost nothing (64 kB private here, against 112 kB dynamically linked), and one
 /// binary for both lets a thousand shims share their code pages with the daemon. Only the
@@ -83,8 +83,11 @@ pub(crate) fn build_static() -> anyhow::Result<PathBuf> {
     std::fs::copy(root().join("target/release/berth"), &tmp)
         .context("cannot copy the static berth")?;
     std::fs::rename(&tmp, &berth)?;
-    let shim = dir.join("berth-docker-proxy");
-    let _ = std::fs::remove_file(&shim);
-    std::os::unix::fs::symlink("berth", &shim).context("cannot link berth-docker-proxy")?;
+    for name in ["berth-docker-proxy", "berth-cni"] {
+        let link = dir.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink("berth", &link)
+            .with_context(|| format!("cannot link {name}"))?;
+    }
     Ok(dir)
 }

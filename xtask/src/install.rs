@@ -17,6 +17,10 @@ pub(crate) struct InstallArgs {
     /// A staging root prepended to every path (for packaging); the units still name PREFIX.
     #[arg(long)]
     destdir: Option<PathBuf>,
+    /// CNI plugin directories that get `berth-cni` (repeatable) [default: /usr/lib/cni
+    /// (Debian's) and /opt/cni/bin (upstream's)].
+    #[arg(long = "cni-bin-dir")]
+    cni_bin_dirs: Vec<PathBuf>,
 }
 
 pub(crate) fn run(args: &InstallArgs) -> anyhow::Result<()> {
@@ -39,6 +43,26 @@ pub(crate) fn run(args: &InstallArgs) -> anyhow::Result<()> {
     std::os::unix::fs::symlink("berth", &shim)
         .with_context(|| format!("cannot link {}", shim.display()))?;
     println!("xtask: installed {} -> berth", shim.display());
+    // The CNI plugin: runtimes look plugins up by name in their plugin directories.
+    let cni_dirs = if args.cni_bin_dirs.is_empty() {
+        vec![PathBuf::from("/usr/lib/cni"), PathBuf::from("/opt/cni/bin")]
+    } else {
+        args.cni_bin_dirs.clone()
+    };
+    for dir in cni_dirs {
+        let link = stage(&dir.join("berth-cni"));
+        if let Some(parent) = link.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(bindir.join("berth"), &link)
+            .with_context(|| format!("cannot link {}", link.display()))?;
+        println!(
+            "xtask: installed {} -> {}",
+            link.display(),
+            bindir.join("berth").display()
+        );
+    }
     let dist = root.join("proxy/dist");
     let units = stage(Path::new("/etc/systemd/system"));
     let service = fs::read_to_string(dist.join("berth.service"))?

@@ -36,12 +36,17 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    // Installed as `berth-docker-proxy`, a link to this binary: dockerd's proxy. One binary
-    // for both lets a thousand shims share their code pages with the daemon.
-    if std::env::args_os().next().is_some_and(|a| {
-        std::path::Path::new(&a).file_name() == Some("berth-docker-proxy".as_ref())
-    }) {
-        return berth::docker_proxy::main();
+    // Installed as `berth-docker-proxy` and `berth-cni`, links to this binary: dockerd's
+    // proxy and the CNI plugin. One binary for all lets a thousand shims share their code
+    // pages with the daemon.
+    let invoked = std::env::args_os().next().unwrap_or_default();
+    match std::path::Path::new(&invoked)
+        .file_name()
+        .and_then(|n| n.to_str())
+    {
+        Some("berth-docker-proxy") => return berth::docker_proxy::main(),
+        Some("berth-cni") => return berth::cni::main(),
+        _ => {}
     }
     let cli = Cli::parse();
     berth::sys::init_logging(&cli.log);
