@@ -18,7 +18,7 @@ use std::{
     path::Path,
 };
 
-use berth::net::{self, ContainerSpec, Netlink, Topology};
+use berth::net::{self, ContainerSpec, Topology};
 use common::{
     HANG, Tally, TestCgroup, TestNs, assert_mirrored,
     daemon::{Berth, Dir},
@@ -30,8 +30,7 @@ use tokio::{
     time::timeout,
 };
 
-const EXT_HOST: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
-const EXT_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+use common::{EXT_CLIENT, EXT_HOST};
 
 /// The host namespace with its bridge, containers, external client and cgroup.
 struct Lab {
@@ -60,34 +59,15 @@ impl Lab {
             ext,
             cgroup,
         };
-        let (topo, ext_ns) = (lab.topo.clone(), lab.ext.ns.clone());
-        let host_ns = lab.host.ns.clone();
+        let (topo, host_ns) = (lab.topo.clone(), lab.host.ns.clone());
         tokio::task::spawn_blocking(move || {
-            let ext_fd = ext_ns.open().unwrap();
             host_ns
-                .run_async(|| async move {
-                    net::up(&topo).await.unwrap();
-                    let nl = Netlink::connect().unwrap();
-                    nl.add_veth(&"ext0".parse().unwrap(), &"extp".parse().unwrap())
-                        .await
-                        .unwrap();
-                    nl.add_addr("ext0", EXT_HOST.into(), 24).await.unwrap();
-                    nl.set_up("ext0").await.unwrap();
-                    nl.move_to_ns("extp", &ext_fd).await.unwrap();
-                })
-                .unwrap();
-            ext_ns
-                .run_async(|| async {
-                    let nl = Netlink::connect().unwrap();
-                    nl.rename("extp", "eth0").await.unwrap();
-                    nl.add_addr("eth0", EXT_CLIENT.into(), 24).await.unwrap();
-                    nl.set_up("eth0").await.unwrap();
-                    nl.add_default_route(EXT_HOST).await.unwrap();
-                })
+                .run_async(|| async move { net::up(&topo).await.unwrap() })
                 .unwrap();
         })
         .await
         .unwrap();
+        common::link_external(&lab.host, &lab.ext).await;
         lab
     }
 

@@ -14,7 +14,8 @@ const CARGO_DENY_VERSION: &str = "0.20.2";
 /// python3 for the demo's file server, curl to fetch through the proxy, systemd for
 /// `systemd-analyze verify` of the shipped units, and for the real-dockerd test dockerd 20.10
 /// (docker.io, with containerd and runc), iptables for its rules, and busybox-static for the
-/// image it imports.
+/// image it imports; the reference CNI plugins (bridge, host-local) that berth-cni chains
+/// after in its tests.
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "python3",
@@ -23,6 +24,7 @@ const APT_PACKAGES: &[&str] = &[
     "docker.io",
     "iptables",
     "busybox-static",
+    "containernetworking-plugins",
 ];
 
 pub(crate) fn run() -> anyhow::Result<()> {

@@ -209,9 +209,11 @@ impl NetConf {
         }
     }
 
-    /// The mappings this attachment asks for: one per port mapping and container address
-    /// family (`hostIP` unset: the family's wildcard; set: only its family's container
-    /// address). A mapping no container address fits is an error.
+    /// The mappings this attachment asks for. `hostIP` unset: `0.0.0.0` to the container's
+    /// IPv4 address and `[::]` to its IPv6 address, or to its IPv4 address if it has none
+    /// (so that `::1` reaches an IPv4 container). `hostIP` set: its family's container
+    /// address (IPv4 for an IPv6 host address if need be). A mapping no container address
+    /// fits, or a port mapped twice, is an error.
     pub fn drafts(&self, ifname: &str) -> Result<Vec<Draft>, CniError> {
         let mode = self.mode()?;
         let relay = self.relay.unwrap_or(!mode.is_kernel());
@@ -252,21 +254,30 @@ impl NetConf {
                         bad(format!("hostIP {:?} is not an IP address", pm.host_ip))
                     })?)
                 };
-            let mut fitted = false;
-            for ip in &ips {
-                let listen_ip = match host_ip {
-                    Some(h) if h.is_ipv4() == ip.is_ipv4() => h,
-                    Some(_) => continue,
-                    None if ip.is_ipv4() => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                    None => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-                };
-                // One container address per family: the first, as portmap does.
+            let v4 = ips.iter().find(|ip| ip.is_ipv4());
+            let v6 = ips.iter().find(|ip| ip.is_ipv6());
+            // IPv6 clients may reach an IPv4-only container (as through docker-proxy); IPv4
+            // clients cannot reach an IPv6-only one.
+            let pairs: Vec<(IpAddr, IpAddr)> = match host_ip {
+                None => [
+                    v4.map(|t| (IpAddr::V4(Ipv4Addr::UNSPECIFIED), *t)),
+                    v6.or(v4).map(|t| (IpAddr::V6(Ipv6Addr::UNSPECIFIED), *t)),
+                ]
+                .into_iter()
+                .flatten()
+                .collect(),
+                Some(h @ IpAddr::V4(_)) => v4.map(|t| (h, *t)).into_iter().collect(),
+                Some(h @ IpAddr::V6(_)) => v6.or(v4).map(|t| (h, *t)).into_iter().collect(),
+            };
+            let fitted = !pairs.is_empty();
+            for (listen_ip, ip) in pairs {
                 if !seen.insert((proto, listen_ip, host_port)) {
-                    continue;
+                    return Err(bad(format!(
+                        "{listen_ip} port {host_port}/{proto} is mapped twice"
+                    )));
                 }
-                fitted = true;
                 let listen = ListenAddr::from(SocketAddr::new(listen_ip, host_port));
-                let target = TargetAddr::from(SocketAddr::new(*ip, container_port));
+                let target = TargetAddr::from(SocketAddr::new(ip, container_port));
                 let mut d = Draft::new(proto, listen, target);
                 d.mode = Some(mode.to_string());
                 d.relay = Some(relay);
@@ -423,6 +434,10 @@ mod tests {
         assert!(e.details.contains("sctp"), "{e}");
         let e = bad(r#","runtimeConfig":{"portMappings":[{"hostPort":70000,"containerPort":80}]}"#);
         assert!(e.details.contains("70000"), "{e}");
+        let e = bad(
+            r#","runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80},{"hostPort":80,"containerPort":81}]}"#,
+        );
+        assert!(e.details.contains("mapped twice"), "{e}");
         let e = bad(
             r#","runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"hostIP":"nope"}]}"#,
         );

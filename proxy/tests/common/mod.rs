@@ -338,6 +338,42 @@ impl Drop for TestNs {
     }
 }
 
+/// The host side of the link to an external client: `ext0` in the test's host namespace.
+pub const EXT_HOST: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 99, 0, 1);
+/// The external client: `eth0` in its own namespace, routed through [`EXT_HOST`].
+pub const EXT_CLIENT: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 99, 0, 2);
+
+/// Links `ext` to `host` with a veth pair (`ext0` ⇄ `eth0`), so that `ext` is a remote
+/// client of `host` at [`EXT_HOST`], with its default route there.
+pub async fn link_external(host: &TestNs, ext: &TestNs) {
+    let (host_ns, ext_ns) = (host.ns.clone(), ext.ns.clone());
+    tokio::task::spawn_blocking(move || {
+        let ext_fd = ext_ns.open().unwrap();
+        host_ns
+            .run_async(|| async move {
+                let nl = net::Netlink::connect().unwrap();
+                nl.add_veth(&"ext0".parse().unwrap(), &"extp".parse().unwrap())
+                    .await
+                    .unwrap();
+                nl.add_addr("ext0", EXT_HOST.into(), 24).await.unwrap();
+                nl.set_up("ext0").await.unwrap();
+                nl.move_to_ns("extp", &ext_fd).await.unwrap();
+            })
+            .unwrap();
+        ext_ns
+            .run_async(|| async {
+                let nl = net::Netlink::connect().unwrap();
+                nl.rename("extp", "eth0").await.unwrap();
+                nl.add_addr("eth0", EXT_CLIENT.into(), 24).await.unwrap();
+                nl.set_up("eth0").await.unwrap();
+                nl.add_default_route(EXT_HOST).await.unwrap();
+            })
+            .unwrap();
+    })
+    .await
+    .unwrap();
+}
+
 // === A child cgroup, for kernel mode's local programs ===
 
 /// A child of the cgroup v2 root, removed on drop.
