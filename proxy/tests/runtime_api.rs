@@ -190,11 +190,30 @@ async fn runtime_mappings_are_added_listed_removed_and_bad_requests_change_nothi
             mapping: Box::new(named),
             owner: None,
             lease: false,
+            persist: false,
         },
         None,
     );
     assert!(
         !r.ok && r.message.contains("a mapping named \"file\" exists"),
+        "{}",
+        r.message
+    );
+    // A persistent mapping is bound by the daemon, now and after a restart: no socket.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = listener.local_addr().unwrap();
+    let r = once(
+        &admin,
+        &Call::Add {
+            mapping: Box::new(Draft::new(Proto::Tcp, at.into(), target.into())),
+            owner: None,
+            lease: false,
+            persist: true,
+        },
+        Some(&OwnedFd::from(listener)),
+    );
+    assert!(
+        !r.ok && r.message.contains("a persistent mapping takes no socket"),
         "{}",
         r.message
     );

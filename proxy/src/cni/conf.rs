@@ -463,6 +463,26 @@ mod tests {
     }
 
     #[test]
+    fn the_example_conflist_configures_the_plugin() {
+        let list: Value =
+            serde_json::from_str(include_str!("../../../deploy/cni/87-podman-berth.conflist"))
+                .unwrap();
+        let entry = list["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["type"] == "berth-cni")
+            .unwrap();
+        // A runtime sends each plugin its entry with the list's version and name.
+        let mut conf = entry.clone();
+        conf["cniVersion"] = list["cniVersion"].clone();
+        conf["name"] = list["name"].clone();
+        let c = NetConf::parse(conf.to_string().as_bytes()).unwrap();
+        assert_eq!(c.mode().unwrap(), ModeChoice::Dnat);
+        assert_eq!(entry["capabilities"]["portMappings"], true);
+    }
+
+    #[test]
     fn add_passes_the_previous_result_through() {
         let c = conf("");
         let out = add_result(&c);

@@ -11,7 +11,7 @@
 //! - `conf`: the command, the environment and the network configuration, free of I/O.
 use std::{
     io::{IsTerminal as _, Read as _, Write as _},
-    path::PathBuf,
+    path::Path,
     process::ExitCode,
 };
 
@@ -125,7 +125,7 @@ fn run(
     }
 }
 
-fn connect(admin: &PathBuf, code: u32) -> Result<Client, CniError> {
+fn connect(admin: &Path, code: u32) -> Result<Client, CniError> {
     Client::connect(admin).map_err(|e| unavailable(&e, code))
 }
 
@@ -162,7 +162,7 @@ fn remove_owner(c: &mut Client, owner: &str) -> Result<(), CniError> {
 }
 
 /// ADD: replaces whatever the attachment had (a repeated ADD), all or nothing.
-fn add(conf: &NetConf, at: &Attachment, admin: &PathBuf) -> Result<(), CniError> {
+fn add(conf: &NetConf, at: &Attachment, admin: &Path) -> Result<(), CniError> {
     let drafts = conf.drafts(&at.ifname)?;
     let mut c = connect(admin, code::TRY_AGAIN_LATER)?;
     let owner = at.owner();
@@ -183,7 +183,7 @@ fn add(conf: &NetConf, at: &Attachment, admin: &PathBuf) -> Result<(), CniError>
 }
 
 /// CHECK: every mapping the attachment asks for is there and served as asked.
-fn check(conf: &NetConf, at: &Attachment, admin: &PathBuf) -> Result<(), CniError> {
+fn check(conf: &NetConf, at: &Attachment, admin: &Path) -> Result<(), CniError> {
     let want = conf.drafts(&at.ifname)?;
     let mut c = connect(admin, code::TRY_AGAIN_LATER)?;
     let rows = call(&mut c, &Call::List, code::REFUSED)?.mappings;
@@ -227,7 +227,7 @@ fn check(conf: &NetConf, at: &Attachment, admin: &PathBuf) -> Result<(), CniErro
 }
 
 /// GC: removes every CNI attachment's mappings that the runtime no longer knows.
-fn gc(conf: &NetConf, admin: &PathBuf) -> Result<(), CniError> {
+fn gc(conf: &NetConf, admin: &Path) -> Result<(), CniError> {
     let valid: std::collections::BTreeSet<String> = conf
         .valid_attachments
         .iter()
