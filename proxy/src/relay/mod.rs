@@ -82,7 +82,7 @@ impl From<Mode> for Pump {
 
 /// Relays one connection with `pump` until both directions are done, one side fails, or `cut`
 /// completes (then both are reset, so that a cut transfer never passes for a complete one).
-/// The one entry point: every pump ends through [`drive`], which cuts and aborts.
+/// The one entry point: every pump ends through `drive`, which cuts and aborts.
 pub async fn run(
     client: tokio::net::TcpStream,
     target: tokio::net::TcpStream,
