@@ -244,17 +244,6 @@ impl Lab {
             .unwrap();
         text
     }
-
-    /// An external UDP client socket (one source port for its life).
-    fn ext_udp(&self) -> UdpSocket {
-        let std = self
-            .ext
-            .ns
-            .run(|| std::net::UdpSocket::bind("0.0.0.0:0").unwrap())
-            .unwrap();
-        std.set_nonblocking(true).unwrap();
-        UdpSocket::from_std(std).unwrap()
-    }
 }
 
 /// Sends a datagram to `to` and returns the answer and where it came from.
@@ -274,25 +263,6 @@ async fn udp_ask(sock: &UdpSocket, to: SocketAddr) -> (String, SocketAddr) {
         }
     }
     panic!("no answer from {to}");
-}
-
-/// Entries in kernel mode's conntrack maps (every berth's; this test runs one).
-fn conntrack_entries() -> usize {
-    use berth_common::dnat::{Flow, FlowKey};
-    type Raw = aya::maps::HashMap<
-        aya::maps::MapData,
-        [u8; std::mem::size_of::<FlowKey>()],
-        [u8; std::mem::size_of::<Flow>()],
-    >;
-    aya::maps::loaded_maps()
-        .filter_map(Result::ok)
-        .filter(|m| m.name_as_str() == Some("BERTH_DNAT_CT"))
-        .map(|m| {
-            let data = aya::maps::MapData::from_id(m.id()).unwrap();
-            let map = Raw::try_from(aya::maps::Map::LruHashMap(data)).unwrap();
-            map.keys().count()
-        })
-        .sum()
 }
 
 fn owner_rows(rows: &[berth::service::status::Row]) -> Vec<&berth::service::status::Row> {
@@ -378,7 +348,7 @@ async fn berth_cni_publishes_ports_through_restarts_and_cleans_up() {
         let peer = lab.tcp_peer(SocketAddr::new(local, hp), true).await;
         assert!(!peer.is_empty(), "{local}: no answer");
     }
-    let client = lab.ext_udp();
+    let client = lab.ext.udp();
     let (answer, from) = udp_ask(&client, SocketAddr::from((EXT_HOST, up))).await;
     assert_eq!(answer, format!("a {EXT_CLIENT}"));
     assert_eq!(
@@ -389,13 +359,17 @@ async fn berth_cni_publishes_ports_through_restarts_and_cleans_up() {
 
     // DEL: the mappings go with their conntrack, and DEL may repeat, without prevResult.
     assert!(
-        conntrack_entries() > 0,
+        common::bpf::conntrack_entries() > 0,
         "the UDP flow has a conntrack entry"
     );
     let out = lab.berth_cni("DEL", &conf);
     assert!(out.ok, "{}", out.json);
     assert!(owner_rows(&berth.rows().await).is_empty());
-    assert_eq!(conntrack_entries(), 0, "DEL leaves no conntrack entry");
+    assert_eq!(
+        common::bpf::conntrack_entries(),
+        0,
+        "DEL leaves no conntrack entry"
+    );
     let out = lab.berth_cni("DEL", &lab.conf(&mappings(udp_a), None));
     assert!(out.ok, "{}", out.json);
     let out = lab.berth_cni("CHECK", &conf);

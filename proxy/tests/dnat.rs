@@ -12,11 +12,7 @@
 )]
 mod common;
 
-use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
-    os::fd::AsRawFd as _,
-    path::Path,
-};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use berth::net::{self, ContainerSpec, Topology};
 use common::{
@@ -30,7 +26,10 @@ use tokio::{
     time::timeout,
 };
 
-use common::{EXT_CLIENT, EXT_HOST};
+use common::{
+    EXT_CLIENT, EXT_HOST,
+    bpf::{CGROUP_ATTACH_TYPES, cgroup_programs},
+};
 
 /// The host namespace with its bridge, containers, external client and cgroup.
 struct Lab {
@@ -86,17 +85,6 @@ impl Lab {
             .run(|| bind(addr))
             .unwrap()
             .unwrap()
-    }
-
-    /// A UDP socket of the external client, on any port.
-    fn ext_udp(&self) -> UdpSocket {
-        let sock = self
-            .ext
-            .ns
-            .run(|| std::net::UdpSocket::bind("0.0.0.0:0").unwrap())
-            .unwrap();
-        sock.set_nonblocking(true).unwrap();
-        UdpSocket::from_std(sock).unwrap()
     }
 
     /// A TCP server in container `i` that reports, per connection, the peer it saw and the
@@ -188,21 +176,7 @@ impl Lab {
 
     /// Programs attached at `iface`'s TC ingress (TCX) in the host namespace, by name.
     fn tc_programs(&self, iface: &str) -> Vec<String> {
-        let iface = iface.to_owned();
-        self.host
-            .ns
-            .run(move || {
-                let (_, progs) = aya::programs::SchedClassifier::query_tcx(
-                    &iface,
-                    aya::programs::TcAttachType::Ingress,
-                )
-                .unwrap();
-                progs
-                    .iter()
-                    .map(|p| p.name_as_str().unwrap_or("?").to_owned())
-                    .collect()
-            })
-            .unwrap()
+        common::bpf::tc_programs(&self.host.ns, iface)
     }
 }
 
@@ -211,44 +185,6 @@ impl Drop for Lab {
         common::tear_down(&self.topo, Some(self.host.ns.clone()));
     }
 }
-
-/// Programs attached to `cgroup` for `attach_type` (BPF_PROG_QUERY).
-fn cgroup_programs(cgroup: &Path, attach_type: u32) -> u32 {
-    #[repr(C)]
-    #[derive(Default)]
-    struct Query {
-        target_fd: u32,
-        attach_type: u32,
-        query_flags: u32,
-        attach_flags: u32,
-        prog_ids: u64,
-        prog_cnt: u32,
-        _rest: [u32; 11],
-    }
-    const BPF_PROG_QUERY: libc::c_long = 16;
-    let dir = std::fs::File::open(cgroup).unwrap();
-    let mut q = Query {
-        target_fd: dir.as_raw_fd() as u32,
-        attach_type,
-        ..Query::default()
-    };
-    // SAFETY: BPF_PROG_QUERY reads and writes only the attr passed, of the size passed.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_QUERY,
-            &raw mut q,
-            std::mem::size_of::<Query>(),
-        )
-    };
-    assert_eq!(rc, 0, "BPF_PROG_QUERY: {}", std::io::Error::last_os_error());
-    q.prog_cnt
-}
-
-/// The sock_addr attach types berth uses (BPF_CGROUP_INET4_CONNECT … GETPEERNAME6).
-/// (`enum bpf_attach_type`: INET4/6_CONNECT 10, 11; UDP4/6_SENDMSG 14, 15; UDP4/6_RECVMSG
-/// 19, 20; INET4/6_GETPEERNAME 29, 30.)
-const CGROUP_ATTACH_TYPES: [u32; 8] = [10, 11, 14, 15, 19, 20, 29, 30];
 
 fn scratch() -> Dir {
     Dir::new()
@@ -388,7 +324,7 @@ async fn remote_and_local_udp_clients_get_replies_from_the_mapped_address() {
 
     // Remote: the reply comes from the address dialled; the container saw the real client.
     let public = SocketAddr::from((EXT_HOST, port));
-    let sock = lab.ext_udp();
+    let sock = lab.ext.udp();
     let me = SocketAddr::from((EXT_CLIENT, sock.local_addr().unwrap().port()));
     let mut buf = vec![0u8; 65_536];
     // The reply carries " from ADDR" too: it must fit in one frame (kernel mode does not
@@ -560,7 +496,7 @@ async fn two_berth_processes_share_the_interfaces() {
     assert_eq!(lab.tc_programs("ext0"), ["berth_dnat_tc", "berth_dnat_tc"]);
 
     // UDP is the second process's, TCP the first's: both must get through.
-    let sock = lab.ext_udp();
+    let sock = lab.ext.udp();
     let public = SocketAddr::from((EXT_HOST, p1));
     sock.send_to(b"hello", public).await.unwrap();
     let mut buf = [0u8; 256];

@@ -18,7 +18,6 @@ mod common;
 use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr},
-    os::fd::AsFd as _,
     path::Path,
     process::{Child, Command, Stdio},
     time::Duration,
@@ -210,17 +209,7 @@ impl Drop for Dockerd {
             let _ = child.wait();
         }
         // What dockerd mounted under its roots must go before the directory can.
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        let root = self.dir.0.display().to_string();
-        let mut ours: Vec<&str> = mounts
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(1))
-            .filter(|m| m.starts_with(&root))
-            .collect();
-        ours.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in ours {
-            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
-        }
+        self.dir.unmount_all();
     }
 }
 
@@ -243,19 +232,6 @@ async fn wait_docker(berth: &Berth, what: &str, pred: impl Fn(&[Row]) -> bool) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// Runs `f` on a thread inside the network namespace of process `pid` (a container's).
-fn in_netns<T: Send>(pid: u32, f: impl FnOnce() -> T + Send) -> T {
-    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            f()
-        })
-        .join()
-        .unwrap()
-    })
 }
 
 /// The container's published ports, as the host side sees them.
@@ -319,7 +295,7 @@ fn serve_in(d: &Dockerd, container: &str) -> Servers {
         .ok(&["inspect", "-f", "{{.State.Pid}}", container])
         .parse()
         .unwrap();
-    let (who, bulk, udp) = in_netns(pid, || {
+    let (who, bulk, udp) = common::in_netns(pid, || {
         (
             std::net::TcpListener::bind("0.0.0.0:80").unwrap(),
             std::net::TcpListener::bind("0.0.0.0:81").unwrap(),

@@ -281,6 +281,7 @@ pub fn rng() -> SmallRng {
     SmallRng::seed_from_u64(seed)
 }
 
+pub mod bpf;
 pub mod daemon;
 
 // === Bare namespaces ===
@@ -316,6 +317,16 @@ impl TestNs {
                     .port()
             })
             .unwrap()
+    }
+
+    /// A UDP socket of this namespace, on any port (one source port for its life).
+    pub fn udp(&self) -> tokio::net::UdpSocket {
+        let sock = self
+            .ns
+            .run(|| std::net::UdpSocket::bind("0.0.0.0:0").unwrap())
+            .unwrap();
+        sock.set_nonblocking(true).unwrap();
+        tokio::net::UdpSocket::from_std(sock).unwrap()
     }
 
     /// Adds `addr` (a host address, /32 or /128) to this namespace's `lo`.
@@ -372,6 +383,20 @@ pub async fn link_external(host: &TestNs, ext: &TestNs) {
     })
     .await
     .unwrap();
+}
+
+/// Runs `f` on a thread inside the network namespace of process `pid` (a container's).
+pub fn in_netns<T: Send>(pid: u32, f: impl FnOnce() -> T + Send) -> T {
+    use std::os::fd::AsFd as _;
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    })
 }
 
 // === A child cgroup, for kernel mode's local programs ===
