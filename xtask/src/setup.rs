@@ -15,7 +15,7 @@ const CARGO_DENY_VERSION: &str = "0.20.2";
 /// `systemd-analyze verify` of the shipped units, and for the real-dockerd test dockerd 20.10
 /// (docker.io, with containerd and runc), iptables for its rules, and busybox-static for the
 /// image it imports; the reference CNI plugins (bridge, host-local) that berth-cni chains
-/// after in its tests.
+/// after in its tests, and Podman 4.3 (with runc and conmon) for the real-Podman test.
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "python3",
@@ -25,6 +25,7 @@ const APT_PACKAGES: &[&str] = &[
     "iptables",
     "busybox-static",
     "containernetworking-plugins",
+    "podman",
 ];
 
 pub(crate) fn run() -> anyhow::Result<()> {
