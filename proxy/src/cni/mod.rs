@@ -8,7 +8,8 @@
 //! connections, flows and conntrack entries, so a restarted container never inherits a stale
 //! UDP flow.
 //!
-//! - `conf`: the command, the environment and the network configuration, free of I/O.
+//! - [`conf`]: the command, the environment and the network configuration, free of I/O.
+//! - [`install`]: `berth cni install`, into a node's plugin and configuration directories.
 use std::{
     io::{IsTerminal as _, Read as _, Write as _},
     path::Path,
@@ -16,6 +17,7 @@ use std::{
 };
 
 pub mod conf;
+pub mod install;
 
 use conf::{Attachment, CniError, Command, NetConf, OWNER_PREFIX, code};
 use serde_json::Value;

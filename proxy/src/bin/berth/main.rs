@@ -1,4 +1,5 @@
 //! `berth`: the command-line front end. It parses flags, binds, and hands over to the library.
+mod cni_cmd;
 mod forward_cmd;
 mod net_cmd;
 mod service_cmd;
@@ -33,6 +34,9 @@ enum Command {
     /// Build, remove or enter the container network (bridge, namespaces, veth pairs).
     #[command(subcommand)]
     Net(net_cmd::NetCommand),
+    /// The CNI plugin (berth-cni, a name of this binary): install it on a node.
+    #[command(subcommand)]
+    Cni(cni_cmd::CniCommand),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +65,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Forward(args) => forward_cmd::run(args).await,
             Command::Net(cmd) => net_cmd::run(cmd).await,
+            Command::Cni(cmd) => cni_cmd::run(cmd),
             Command::Run(args) => service_cmd::run(args).await,
             Command::Check(args) => service_cmd::check(&args),
             Command::Status(args) => service_cmd::status(&args).await,
