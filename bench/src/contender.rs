@@ -41,6 +41,10 @@ pub(crate) enum Contender {
     BerthShim,
     /// `berth-docker-proxy` handing each port to one `berth run` (the mappings scenario only).
     BerthShimDaemon,
+    /// CNI's reference `portmap` plugin: iptables DNAT rules per attachment (hostPort).
+    CniPortmap,
+    /// `berth-cni` in portmap's place: kernel-mode mappings of a `berth run` daemon.
+    BerthCni,
 }
 
 /// Paths of the external programs; `None` when not installed.
@@ -53,6 +57,12 @@ pub(crate) struct Tools {
     pub(crate) socat: Option<PathBuf>,
     pub(crate) haproxy: Option<PathBuf>,
     pub(crate) iptables: Option<PathBuf>,
+    /// CNI's reference portmap plugin.
+    pub(crate) cni_portmap: Option<PathBuf>,
+    /// berth-cni, as installed (a link to the static berth).
+    pub(crate) berth_cni: PathBuf,
+    /// The server's namespace, for the CNI contenders' `CNI_NETNS` (set once it exists).
+    pub(crate) server_netns: PathBuf,
 }
 
 /// Where a started contender can be reached, and what to measure.
@@ -62,9 +72,24 @@ pub(crate) struct Running {
     pub(crate) external: SocketAddr,
     children: Vec<Child>,
     iptables: Option<(PathBuf, Vec<Vec<String>>)>,
+    /// CNI attachments, deleted (DEL) before the processes stop.
+    cni: Vec<crate::cni::Attachment>,
+    /// Remove the nat tables at the end (what iptables rules leave registered).
+    nat_tables: bool,
 }
 
 impl Running {
+    fn new(local: SocketAddr, external: SocketAddr) -> Self {
+        Self {
+            local,
+            external,
+            children: Vec::new(),
+            iptables: None,
+            cni: Vec::new(),
+            nat_tables: false,
+        }
+    }
+
     /// The proxy processes (empty for direct and kernel DNAT).
     pub(crate) fn pids(&self) -> Vec<u32> {
         self.children.iter().map(Child::id).collect()
@@ -73,6 +98,8 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
+        // DEL while berth-cni's daemon still runs; in reverse, as a runtime tears down.
+        while self.cni.pop().is_some() {}
         for c in &mut self.children {
             // The whole process group: socat's per-client UDP children would otherwise keep
             // the port bound into the next sample.
@@ -90,14 +117,19 @@ impl Drop for Running {
                     .stderr(Stdio::null())
                     .status();
             }
+            self.nat_tables = true;
+        }
+        if self.nat_tables {
             // Deleting the rules leaves the nat table's base chains registered, which keeps
             // conntrack and NAT hooks active for every later sample of every contender (it
-            // cut `direct`'s connection rate by 3x in one run). Delete the table itself.
-            let _ = Command::new("nft")
-                .args(["delete", "table", "ip", "nat"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+            // cut `direct`'s connection rate by 3x in one run). Delete the tables themselves.
+            for family in ["ip", "ip6"] {
+                let _ = Command::new("nft")
+                    .args(["delete", "table", family, "nat"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
         }
     }
 }
@@ -119,7 +151,7 @@ fn undo_rule(rule: &[String]) -> Vec<Vec<String>> {
 const CHAIN: &str = "BERTH-BENCH";
 
 impl Contender {
-    pub(crate) const ALL: [Self; 13] = [
+    pub(crate) const ALL: [Self; 15] = [
         Self::Direct,
         Self::BerthCopy,
         Self::BerthSplice,
@@ -133,6 +165,8 @@ impl Contender {
         Self::BerthDnat,
         Self::BerthShim,
         Self::BerthShimDaemon,
+        Self::CniPortmap,
+        Self::BerthCni,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -150,6 +184,8 @@ impl Contender {
             Self::BerthDnat => "berth-dnat",
             Self::BerthShim => "berth-docker-proxy",
             Self::BerthShimDaemon => "berth-docker-proxy+daemon",
+            Self::CniPortmap => "cni-portmap",
+            Self::BerthCni => "berth-cni",
         }
     }
 
@@ -166,6 +202,7 @@ impl Contender {
                 | Self::BerthDnat
                 | Self::BerthShim
                 | Self::BerthShimDaemon
+                | Self::BerthCni
         )
     }
 
@@ -183,13 +220,18 @@ impl Contender {
             | Self::DockerProxy
             | Self::Socat
             | Self::IptablesDnat
-            | Self::BerthDnat => true,
+            | Self::BerthDnat
+            | Self::CniPortmap
+            | Self::BerthCni => true,
         }
     }
 
     /// True when a userspace process carries the bytes (so CPU and memory can be measured).
     pub(crate) fn has_process(self) -> bool {
-        !matches!(self, Self::Direct | Self::IptablesDnat | Self::BerthDnat)
+        !matches!(
+            self,
+            Self::Direct | Self::IptablesDnat | Self::BerthDnat | Self::CniPortmap | Self::BerthCni
+        )
     }
 
     /// Why this contender cannot run here, if it cannot.
@@ -212,6 +254,10 @@ impl Contender {
             Self::Socat => missing(&tools.socat, "socat"),
             Self::Haproxy => missing(&tools.haproxy, "haproxy"),
             Self::IptablesDnat => missing(&tools.iptables, "iptables"),
+            Self::CniPortmap => missing(&tools.cni_portmap, "the portmap CNI plugin")
+                .or_else(|| missing(&tools.iptables, "iptables")),
+            Self::BerthCni => (!tools.berth_cni.exists())
+                .then(|| format!("{} not found", tools.berth_cni.display())),
         }
     }
 
@@ -230,12 +276,7 @@ impl Contender {
         }
         let local = SocketAddr::from(([127, 0, 0, 1], port));
         let external = SocketAddr::from((HOST_EXT_IP, port));
-        let mut running = Running {
-            local,
-            external,
-            children: Vec::new(),
-            iptables: None,
-        };
+        let mut running = Running::new(local, external);
         match self {
             Self::Direct => {
                 running.local = server;
@@ -325,6 +366,9 @@ impl Contender {
                 wait_mapped(&admin, &mut running.children)?;
                 return Ok(running);
             }
+            Self::CniPortmap | Self::BerthCni => {
+                return start_hostports(self, tools, proto, &[port], server, logs);
+            }
             Self::IptablesDnat => {
                 let iptables = tools.iptables.clone().context("iptables missing")?;
                 let rules = dnat_rules(proto, port, server);
@@ -372,13 +416,67 @@ pub(crate) fn start_berth_daemon(
         logs,
         Contender::BerthSplice,
     )?;
-    let mut running = Running {
-        local: SocketAddr::from(([127, 0, 0, 1], ports.first().copied().unwrap_or(0))),
-        external: SocketAddr::from((HOST_EXT_IP, ports.first().copied().unwrap_or(0))),
-        children: vec![daemon],
-        iptables: None,
-    };
+    let first = ports.first().copied().unwrap_or(0);
+    let mut running = Running::new(
+        SocketAddr::from(([127, 0, 0, 1], first)),
+        SocketAddr::from((HOST_EXT_IP, first)),
+    );
+    running.children.push(daemon);
     wait_all_listening(ports, &mut running.children)?;
+    Ok(running)
+}
+
+/// A CNI contender publishing each of `ports` (one attachment per port, as one pod per
+/// hostPort would) to `server`; the last port is the one to measure: added last, it is the
+/// last rule portmap's chains walk. berth-cni gets a `berth run` in kernel mode first.
+pub(crate) fn start_hostports(
+    who: Contender,
+    tools: &Tools,
+    proto: Proto,
+    ports: &[u16],
+    server: SocketAddr,
+    logs: &Path,
+) -> anyhow::Result<Running> {
+    let last = ports.last().copied().context("no port")?;
+    let mut running = Running::new(
+        SocketAddr::from(([127, 0, 0, 1], last)),
+        SocketAddr::from((HOST_EXT_IP, last)),
+    );
+    let (plugin, extra) = match who {
+        Contender::CniPortmap => {
+            running.nat_tables = true;
+            let plugin = tools.cni_portmap.clone().context("portmap missing")?;
+            (plugin, serde_json::json!({}))
+        }
+        Contender::BerthCni => {
+            // Remote clients arrive on bxh; local ones are this process, in the bench's
+            // cgroup (see topo::enter_bench_cgroup).
+            let config = format!(
+                "[metrics]\nenabled = false\n[dnat]\ninterfaces = [\"{}\"]\ncgroup = \"{}\"\n",
+                crate::topo::EXT_IFACE,
+                crate::topo::cgroup().display()
+            );
+            let (daemon, admin) = spawn_berth_run(tools, &config, "berth-cni", logs, who)?;
+            running.children.push(daemon);
+            wait_admin(&admin, &mut running.children)?;
+            let extra = serde_json::json!({"adminSocket": admin});
+            (tools.berth_cni.clone(), extra)
+        }
+        _ => bail!("{} is not a CNI plugin", who.name()),
+    };
+    for (i, port) in ports.iter().enumerate() {
+        let id = format!("bench-{}-{i}", who.name());
+        let a = crate::cni::Attachment::add(
+            &plugin,
+            &id,
+            proto,
+            &[*port],
+            server,
+            &tools.server_netns,
+            &extra,
+        )?;
+        running.cni.push(a);
+    }
     Ok(running)
 }
 
@@ -395,6 +493,8 @@ fn spawn_berth_run(
     std::fs::write(&file, config)?;
     let admin = logs.join(format!("{name}.sock"));
     let _ = std::fs::remove_file(&admin);
+    // Persistent runtime mappings (berth-cni's) of an earlier sample must not come back.
+    let _ = std::fs::remove_file(admin.with_extension("state.json"));
     let mut cmd = Command::new(&tools.berth);
     cmd.args(["run", "--config"])
         .arg(&file)
@@ -419,12 +519,11 @@ pub(crate) fn start_shims(
     } else {
         Contender::BerthShim
     };
-    let mut running = Running {
-        local: SocketAddr::from(([127, 0, 0, 1], ports.first().copied().unwrap_or(0))),
-        external: SocketAddr::from((HOST_EXT_IP, ports.first().copied().unwrap_or(0))),
-        children: Vec::new(),
-        iptables: None,
-    };
+    let first = ports.first().copied().unwrap_or(0);
+    let mut running = Running::new(
+        SocketAddr::from(([127, 0, 0, 1], first)),
+        SocketAddr::from((HOST_EXT_IP, first)),
+    );
     let mut admin = PathBuf::from("/nonexistent/berth-admin.sock");
     if delegate {
         let (daemon, socket) = spawn_berth_run(

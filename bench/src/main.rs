@@ -6,10 +6,11 @@
 //! does touches the machine's own network namespace.
 //!
 //! - `plan`: scenarios, jobs and sizes; `schedule`: the interleaved run; `measure`: one sample;
-//! - `contender`: starting each proxy; `load`: the clients; `server`: the container's server;
+//! - `contender`: starting each proxy; `cni`: driving the CNI plugins; `load`: the clients; `server`: the container's server;
 //! - `topo`: namespaces and bridge; `procstat`: CPU and memory from /proc; `host`: probing;
 //! - `metric`, `report`, `chart`: typed figures, Markdown and JSON, SVG.
 mod chart;
+mod cni;
 mod contender;
 mod host;
 mod load;
@@ -98,7 +99,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     let logs = cli.out.join("logs");
     std::fs::create_dir_all(&logs)
         .with_context(|| format!("failed to create {}", logs.display()))?;
-    let tools = Tools {
+    let mut tools = Tools {
         berth: cli.berth.clone(),
         berth_docker_proxy: cli
             .berth_docker_proxy
@@ -108,6 +109,10 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         socat: host::which("socat"),
         haproxy: host::which("haproxy"),
         iptables: host::which("iptables"),
+        cni_portmap: Some(std::path::Path::new(cni::PLUGIN_DIR).join("portmap"))
+            .filter(|p| p.exists()),
+        berth_cni: cli.berth.with_file_name("berth-cni"),
+        server_netns: PathBuf::new(),
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -127,6 +132,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         .map(|c| topo::SERVER_PORT + *c as u16)
         .collect();
     server::spawn(&topology.server_ns, topology.server.ip(), &ports)?;
+    tools.server_netns = topology.server_ns.path().to_owned();
 
     let selected_scenarios = if cli.scenarios.is_empty() {
         ScenarioSet::all()

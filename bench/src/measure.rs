@@ -116,7 +116,7 @@ fn sample(job: Job, c: Contender, env: &Env<'_>) -> anyhow::Result<Metrics> {
                 m.insert(key, hist.value_at_quantile(q) as f64 / 1000.0);
             }
         }
-        Job::Crr { external } => {
+        Job::Crr { external } | Job::Hostport { external } => {
             let addr = if external {
                 running.external
             } else {

@@ -23,6 +23,9 @@ pub(crate) enum Scenario {
     External,
     /// UDP datagrams per second and throughput at 64 B and 1,400 B (echo, 4 clients).
     Udp,
+    /// Connection rate with many hostPorts published (CNI: portmap against berth-cni), the
+    /// one measured published last.
+    Hostport,
 }
 
 impl Scenario {
@@ -36,6 +39,7 @@ impl Scenario {
             Self::Cpu => "cpu",
             Self::External => "external",
             Self::Udp => "udp",
+            Self::Hostport => "hostport",
         }
     }
 }
@@ -144,6 +148,10 @@ pub(crate) enum Job {
     Udp {
         size: usize,
     },
+    /// Connection rate through the last of `plan.mappings` published hostPorts.
+    Hostport {
+        external: bool,
+    },
 }
 
 impl Job {
@@ -158,6 +166,7 @@ impl Job {
             Self::Idle => Scenario::Idle,
             Self::Mappings => Scenario::Mappings,
             Self::Udp { .. } => Scenario::Udp,
+            Self::Hostport { .. } => Scenario::Hostport,
         }
     }
 
@@ -197,6 +206,12 @@ impl Job {
                 "{} mapped ports (berth: one `berth run` daemon; docker-proxy: a process per port)",
                 plan.mappings
             ),
+            Self::Hostport { external } => format!(
+                "connect+64 B+64 B+close through the last of {} hostPorts, {} clients, {}",
+                plan.mappings,
+                plan.crr_clients,
+                if external { "external" } else { "local" }
+            ),
             Self::Udp { size } => format!(
                 "{size} B datagrams, echo, {} clients x {} in flight",
                 plan.udp_flows, plan.udp_window
@@ -229,6 +244,8 @@ impl Job {
                         | C::BerthSplice
                         | C::BerthSockmap
                         | C::BerthDnat
+                        | C::CniPortmap
+                        | C::BerthCni
                 ) {
                     Ok(())
                 } else {
@@ -240,6 +257,13 @@ impl Job {
                     Ok(())
                 } else {
                     Err("no proxy process to measure")
+                }
+            }
+            Self::Hostport { .. } => {
+                if matches!(c, C::Direct | C::CniPortmap | C::BerthCni) {
+                    Ok(())
+                } else {
+                    Err("the hostport comparison is berth-cni against portmap")
                 }
             }
             Self::Mappings => {
@@ -264,6 +288,7 @@ impl Job {
             Self::Idle => plan.idle_conns as f64 / 2000.0 + 1.0,
             Self::Mappings => plan.mappings as f64 * 0.01 + 1.0,
             Self::Udp { .. } => plan.udp_secs + 0.3,
+            Self::Hostport { .. } => plan.crr_secs + plan.mappings as f64 * 0.05 + 1.0,
         }
     }
 }
@@ -326,6 +351,12 @@ impl ScenarioSet {
         }
         if self.has(Scenario::Udp) {
             jobs.extend([Job::Udp { size: 64 }, Job::Udp { size: 1400 }]);
+        }
+        if self.has(Scenario::Hostport) {
+            jobs.extend([
+                Job::Hostport { external: false },
+                Job::Hostport { external: true },
+            ]);
         }
         jobs
     }

@@ -7,20 +7,28 @@ use anyhow::{Context as _, bail};
 use crate::{exec, setup};
 
 /// Debian packages the contenders come from (docker-proxy is extracted separately); nft
-/// removes the nat table after each kernel-DNAT sample.
-const APT_PACKAGES: &[&str] = &["socat", "haproxy", "iptables", "nftables"];
+/// removes the nat table after each kernel-DNAT sample; CNI's portmap plugin is the hostport
+/// baseline.
+const APT_PACKAGES: &[&str] = &[
+    "socat",
+    "haproxy",
+    "iptables",
+    "nftables",
+    "containernetworking-plugins",
+];
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct BenchArgs {
     /// A short run (about 2 minutes) that proves the harness; its numbers are rough.
     #[arg(long)]
     quick: bool,
-    /// bulk, rr, crr, idle, mappings, cpu, external, udp (repeatable; all by default).
+    /// bulk, rr, crr, idle, mappings, cpu, external, udp, hostport (repeatable; all by
+    /// default).
     #[arg(long = "scenario")]
     scenarios: Vec<String>,
     /// direct, berth-copy, berth-splice, berth-sockmap, berth-dnat, berth-udp,
     /// berth-udp-b1, docker-proxy, socat, haproxy, iptables-dnat, berth-shim,
-    /// berth-shim-daemon (repeatable; all by default).
+    /// berth-shim-daemon, cni-portmap, berth-cni (repeatable; all by default).
     #[arg(long = "contender")]
     contenders: Vec<String>,
     /// Output directory [default: target/bench].
