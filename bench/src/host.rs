@@ -74,6 +74,17 @@ pub(crate) fn versions(tools: &Tools) -> BTreeMap<&'static str, String> {
     if let Some(p) = &tools.iptables {
         v.insert("iptables", first_line(p, &["-V"]));
     }
+    if tools.cni_portmap.is_some() {
+        // The plugin itself says "version unknown": the package knows.
+        let version = first_line(
+            Path::new("dpkg-query"),
+            &["-W", "-f", "${Version}", "containernetworking-plugins"],
+        );
+        v.insert(
+            "cni-portmap",
+            format!("containernetworking-plugins {version}"),
+        );
+    }
     v
 }
 

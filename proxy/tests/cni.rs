@@ -5,8 +5,9 @@
 //! `prevResult` through; a daemon restart between ADD and traffic; remote TCP and UDP
 //! clients reach the container with their own address, local ones through 127.0.0.1 and
 //! [::1]; CHECK; DEL (repeated, without `prevResult`) removes the mappings and their
-//! conntrack, so a re-added mapping never inherits a stale UDP flow; GC; STATUS with and
-//! without a daemon; ADD without a daemon.
+//! conntrack, so a re-added mapping never inherits a stale UDP flow; GC; DEL while the
+//! daemon is down (the mappings do not come back); STATUS with and without a daemon; ADD
+//! without a daemon.
 #![allow(
     clippy::unwrap_used,
     reason = "a test fails by panicking, with the stack trace"
@@ -396,8 +397,13 @@ async fn berth_cni_publishes_ports_through_restarts_and_cleans_up() {
     assert!(lab.berth_cni("GC", &gc).ok);
     assert!(owner_rows(&berth.rows().await).is_empty());
 
-    // Nothing comes back after a restart once removed.
+    // DEL while the daemon is down: the state file forgets the owner, so nothing comes back
+    // when the daemon starts.
+    assert!(lab.berth_cni("ADD", &conf_b).ok);
+    assert_eq!(owner_rows(&berth.rows().await).len(), 4);
     berth.stop().await;
+    let out = lab.berth_cni("DEL", &conf_b);
+    assert!(out.ok, "DEL without a daemon: {}", out.json);
     let berth = lab.daemon();
     berth.up().await;
     assert!(owner_rows(&berth.rows().await).is_empty());

@@ -175,6 +175,10 @@ pub struct NetConf {
     /// berth: the daemon's admin socket.
     #[serde(default)]
     pub admin_socket: Option<PathBuf>,
+    /// berth: the daemon's state file, for a DEL while the daemon is down (default: beside
+    /// the admin socket, as the daemon's own default).
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
     #[serde(default, rename = "cni.dev/valid-attachments")]
     pub valid_attachments: Option<Vec<ValidAttachment>>,
 }

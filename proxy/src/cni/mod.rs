@@ -105,8 +105,23 @@ fn run(
         }
         Command::Del => {
             let at = Attachment::from_env(&get)?;
-            let mut c = connect(&admin, code::TRY_AGAIN_LATER)?;
-            remove_owner(&mut c, &at.owner())?;
+            match Client::connect(&admin) {
+                Ok(mut c) => remove_owner(&mut c, &at.owner())?,
+                // The daemon is down: its state file must not bring the mappings back.
+                Err(e) => {
+                    let state = conf
+                        .state_file
+                        .clone()
+                        .unwrap_or_else(|| admin.with_extension("state.json"));
+                    crate::service::forget_owner(&state, &at.owner()).map_err(|p| {
+                        CniError::new(
+                            code::TRY_AGAIN_LATER,
+                            "the berth daemon cannot be reached, and its state file cannot be updated",
+                            format!("{e}; {p}"),
+                        )
+                    })?;
+                }
+            }
             Ok(None)
         }
         Command::Check => {

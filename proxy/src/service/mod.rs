@@ -19,6 +19,8 @@ pub mod config;
 mod metrics;
 mod persist;
 mod plan;
+
+pub(crate) use self::persist::forget_owner;
 pub mod status;
 mod systemd;
 

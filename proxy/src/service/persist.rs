@@ -32,7 +32,7 @@ struct File {
 
 /// The state file could not be read or written.
 #[derive(Debug, thiserror::Error)]
-pub(super) enum PersistError {
+pub(crate) enum PersistError {
     #[error("cannot read {}: {source}", path.display())]
     Read { path: PathBuf, source: io::Error },
     #[error("{} is not a berth state file (moved aside to {}): {why}", path.display(), aside.display())]
@@ -139,6 +139,24 @@ impl Store {
     }
 }
 
+/// Removes `owner`'s mappings from the state file at `path` while no daemon runs (CNI's DEL
+/// when the daemon is down: they must not come back when it starts). Returns how many there
+/// were; a missing file holds none.
+pub(crate) fn forget_owner(path: &Path, owner: &str) -> Result<usize, PersistError> {
+    let saved = Store::load(path)?;
+    let before = saved.len();
+    let mut store = Store::new(path.to_owned());
+    for s in saved.into_iter().filter(|s| s.owner != owner) {
+        let name = s.mapping.name.clone().unwrap_or_default();
+        store.mappings.insert(name, s);
+    }
+    let gone = before - store.mappings.len();
+    if gone > 0 {
+        store.save()?;
+    }
+    Ok(gone)
+}
+
 fn parse(text: &str) -> Result<Vec<Saved>, String> {
     let file: File = serde_json::from_str(text).map_err(|e| e.to_string())?;
     if file.version != VERSION {
@@ -206,6 +224,22 @@ mod tests {
         store.remove(["a", "nothing"]).unwrap();
         assert_eq!(Store::load(&path).unwrap(), vec![saved("b")]);
         assert!(!path.with_extension("tmp").exists());
+    }
+
+    #[test]
+    fn an_owner_is_forgotten_offline() {
+        let dir = Scratch::new("forget");
+        let path = dir.path().join("admin.state.json");
+        assert_eq!(forget_owner(&path, "cni:abc:eth0").unwrap(), 0);
+        let mut store = Store::new(path.clone());
+        store.insert("a".into(), saved("a")).unwrap();
+        let other = Saved {
+            owner: "cni:other:eth0".into(),
+            ..saved("b")
+        };
+        store.insert("b".into(), other.clone()).unwrap();
+        assert_eq!(forget_owner(&path, "cni:abc:eth0").unwrap(), 1);
+        assert_eq!(Store::load(&path).unwrap(), vec![other]);
     }
 
     #[test]
