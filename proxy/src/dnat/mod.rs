@@ -146,7 +146,8 @@ pub struct Dnat {
     next_id: AtomicU32,
     settings: Settings,
     cgroup: PathBuf,
-    background: Vec<JoinHandle<()>>,
+    /// The sweeper and the address watcher, started once the instance exists.
+    background: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Dnat {
@@ -160,7 +161,11 @@ impl std::fmt::Debug for Dnat {
 
 impl Drop for Dnat {
     fn drop(&mut self) {
-        for t in &self.background {
+        let tasks = self
+            .background
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        for t in tasks.iter() {
             t.abort();
         }
         info!("kernel mode unloaded: programs detached, maps freed");
@@ -252,19 +257,26 @@ impl Dnat {
             conntrack = settings.conntrack_entries,
             "kernel mode loaded"
         );
-        let dnat = Arc::new_cyclic(|weak: &std::sync::Weak<Self>| {
-            let background = vec![
-                tokio::spawn(sweeper(weak.clone(), settings.timeouts)),
-                tokio::spawn(local_watcher(weak.clone())),
-            ];
-            Self {
-                inner: Mutex::new(inner),
-                next_id: AtomicU32::new(1),
-                settings,
-                cgroup,
-                background,
-            }
+        let timeouts = settings.timeouts;
+        let dnat = Arc::new(Self {
+            inner: Mutex::new(inner),
+            next_id: AtomicU32::new(1),
+            settings,
+            cgroup,
+            background: Mutex::new(Vec::new()),
         });
+        // Spawned only now: a task spawned while the instance was being built (as with
+        // `Arc::new_cyclic`) could run first, find no instance to upgrade to, and end for
+        // good. That stopped the sweeper now and then: entries were never counted or expired.
+        let weak = Arc::downgrade(&dnat);
+        let tasks = vec![
+            tokio::spawn(sweeper(weak.clone(), timeouts)),
+            tokio::spawn(local_watcher(weak)),
+        ];
+        *dnat
+            .background
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = tasks;
         Ok(dnat)
     }
 
