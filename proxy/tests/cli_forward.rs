@@ -14,10 +14,7 @@ use std::{
 };
 
 use common::{HANG, TestNet};
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::Pid,
-};
+use nix::sys::signal::Signal;
 use sha2::{Digest as _, Sha256};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -30,11 +27,7 @@ use tokio::{
 async fn start(
     options: &[&str],
     target: SocketAddr,
-) -> (
-    std::process::Child,
-    SocketAddr,
-    std::sync::mpsc::Receiver<String>,
-) {
+) -> (common::Guard, SocketAddr, std::sync::mpsc::Receiver<String>) {
     // UDP picks its port from UDP's own port space.
     let udp = options.contains(&"udp");
     let addr = if udp {
@@ -66,7 +59,7 @@ async fn start(
     } else {
         common::wait_listening(addr).await;
     }
-    (child, addr, rx)
+    (common::Guard(child), addr, rx)
 }
 
 /// Waits for a log line containing `needle`.
@@ -96,7 +89,7 @@ async fn forwards_and_drains_on_sigterm() {
     let net = TestNet::up(1).await;
     for mode in ["copy", "splice"] {
         let listener = net.listen(0);
-        let (mut child, addr, log) = start(
+        let (child, addr, log) = start(
             &["--mode", mode, "--drain-timeout", "30"],
             listener.local_addr().unwrap(),
         )
@@ -122,8 +115,13 @@ async fn forwards_and_drains_on_sigterm() {
         timeout(HANG, got_first_rx).await.unwrap().unwrap();
         // SIGTERM while the connection is open and most of its data is still to come; send
         // the rest only once berth says it is draining (it has stopped accepting by then).
-        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+        child.signal(Signal::SIGTERM);
         let _log = wait_for_log(log, "draining connections").await;
+        // During the drain, with the transfer still open: no new client gets in.
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "{mode}: still accepting during the drain"
+        );
         let rest: Vec<u8> = (0..REST).map(|i| (i % 253) as u8).collect();
         c.write_all(&rest).await.unwrap();
         c.shutdown().await.unwrap();
@@ -148,9 +146,7 @@ async fn forwards_and_drains_on_sigterm() {
             "{mode}: data corrupted"
         );
         timeout(HANG, backend).await.unwrap().unwrap();
-        let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-            .await
-            .unwrap();
+        let status = child.exited().await;
         assert!(status.success(), "{mode}: exit {status}");
         assert!(
             TcpStream::connect(addr).await.is_err(),
@@ -162,7 +158,7 @@ async fn forwards_and_drains_on_sigterm() {
 #[tokio::test]
 async fn forwards_udp_and_exits_0_on_sigterm() {
     let (echo, _server) = common::spawn_udp_echo("127.0.0.1:0".parse().unwrap());
-    let (mut child, addr, _log) = start(&["--proto", "udp", "--udp-idle-timeout", "5"], echo).await;
+    let (child, addr, _log) = start(&["--proto", "udp", "--udp-idle-timeout", "5"], echo).await;
     let c = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     for len in [1usize, 1472, 65_507] {
         let payload: Vec<u8> = (0..len).map(|i| (i % 239) as u8).collect();
@@ -172,10 +168,8 @@ async fn forwards_udp_and_exits_0_on_sigterm() {
         assert_eq!(from, addr);
         assert!(buf[..n] == payload[..], "{len}-byte datagram differs");
     }
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
+    child.signal(Signal::SIGTERM);
+    let status = child.exited().await;
     assert!(status.success(), "exit {status}");
 }
 

@@ -13,34 +13,31 @@ use std::{
         fd::{AsRawFd as _, OwnedFd, RawFd},
         unix::process::CommandExt as _,
     },
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
 };
 
 use common::{
-    HANG, TestNet, assert_mirrored, daemon::shim_with_status, exchange, spawn_exchange_server,
+    Guard, HANG, TestNet, assert_mirrored, daemon::shim_with_status, exchange,
+    spawn_exchange_server,
 };
-use nix::{
-    fcntl::OFlag,
-    sys::signal::{Signal, kill},
-    unistd::{Pid, pipe2},
-};
+use nix::{fcntl::OFlag, sys::signal::Signal, unistd::pipe2};
 use tokio::{net::TcpStream, time::timeout};
 
 /// An admin socket no daemon serves: these tests are about the shim on its own, whatever
 /// runs on the host.
 const STANDALONE: &str = "/nonexistent/berth-admin.sock";
 
-fn spawn_with_status(args: &[&str], extra: Vec<(OwnedFd, RawFd)>) -> (Child, String) {
+fn spawn_with_status(args: &[&str], extra: Vec<(OwnedFd, RawFd)>) -> (Guard, String) {
     shim_with_status(args, std::path::Path::new(STANDALONE), extra)
 }
 
-fn stop(child: Child) {
+fn stop(child: Guard) {
     stop_with(child, Signal::SIGTERM);
 }
 
-fn stop_with(mut child: Child, signal: Signal) {
-    kill(Pid::from_raw(child.id() as i32), signal).unwrap();
-    let status = child.wait().unwrap();
+fn stop_with(mut child: Guard, signal: Signal) {
+    child.signal(signal);
+    let status = child.wait();
     assert!(status.success(), "{signal} should exit 0, got {status}");
 }
 
@@ -177,7 +174,7 @@ fn failures_are_reported_on_fd3_with_exit_1() {
     ];
     for (args, expected) in cases {
         let (mut child, status) = spawn_with_status(args, vec![]);
-        let code = child.wait().unwrap().code();
+        let code = child.wait().code();
         assert!(
             status.starts_with("1\n") && status.contains(expected),
             "{args:?}: status {status:?}"
@@ -216,7 +213,7 @@ fn a_non_socket_on_fd4_is_refused() {
         status.starts_with("1\n") && status.contains("not a TCP socket"),
         "{status:?}"
     );
-    assert_eq!(child.wait().unwrap().code(), Some(1));
+    assert_eq!(child.wait().code(), Some(1));
 }
 
 #[test]
@@ -230,7 +227,7 @@ fn a_socket_of_the_wrong_protocol_on_fd4_is_refused() {
         status.starts_with("1\n") && status.contains("not a UDP socket"),
         "{status:?}"
     );
-    assert_eq!(child.wait().unwrap().code(), Some(1));
+    assert_eq!(child.wait().code(), Some(1));
 }
 
 /// `-proto udp`, both as dockerd runs it (a bound socket on fd 4) and with an address to bind.
@@ -316,7 +313,7 @@ fn listen_fds_in_the_environment_do_not_touch_the_status_pipe() {
             Ok(())
         });
     }
-    let child = cmd.spawn().unwrap();
+    let child = Guard(cmd.spawn().unwrap());
     drop(w);
     let mut status = String::new();
     std::fs::File::from(r).read_to_string(&mut status).unwrap();

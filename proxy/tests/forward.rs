@@ -304,9 +304,11 @@ async fn ipv6_loopback_forwarding() {
     }
 }
 
+/// berth binds first, as a second berth would find it: a listener that allowed sharing
+/// (SO_REUSEPORT on both) would let the second bind succeed.
 #[tokio::test]
 async fn occupied_port_is_a_clear_error() {
-    let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let taken = listen::bind_tcp(ListenAddr("127.0.0.1:0".parse().unwrap())).unwrap();
     let addr = ListenAddr(taken.local_addr().unwrap());
     let err = listen::bind_tcp(addr).unwrap_err();
     assert!(matches!(err, ListenError::InUse(_)), "{err:?}");

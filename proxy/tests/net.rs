@@ -163,7 +163,8 @@ async fn failed_up_rolls_back_everything() {
             addr: None,
         },
     ];
-    let topo = Topology::resolve(Some(&bridge), Some("198.19.250.0/24"), None, &specs).unwrap();
+    let (subnet, _) = common::unique_subnet();
+    let topo = Topology::resolve(Some(&bridge), Some(&subnet), None, &specs).unwrap();
     let err = net::up(&topo).await.unwrap_err();
     assert!(err.to_string().contains(&taken), "{err}");
     assert!(
@@ -260,14 +261,22 @@ fn cli_up_and_down_from_a_topology_file() {
     let bridge = unique("tb");
     let c = unique("tc");
     let file = std::env::temp_dir().join(format!("{bridge}.toml"));
-    std::fs::write(&file, format!("bridge = \"{bridge}\"\nsubnet = \"198.19.251.0/24\"\n[[container]]\nname = \"{c}\"\nip = \"198.19.251.7\"\n")).unwrap();
+    let (subnet, [a, b, n]) = common::unique_subnet();
+    let ip = format!("{a}.{b}.{n}.7");
+    std::fs::write(
+        &file,
+        format!(
+            "bridge = \"{bridge}\"\nsubnet = \"{subnet}\"\n[[container]]\nname = \"{c}\"\nip = \"{ip}\"\n"
+        ),
+    )
+    .unwrap();
     let up = berth()
         .args(["net", "up", "--config"])
         .arg(&file)
         .output()
         .unwrap();
     let shown = String::from_utf8_lossy(&up.stdout);
-    let ok = up.status.success() && shown.contains("198.19.251.7/24");
+    let ok = up.status.success() && shown.contains(&format!("{ip}/24"));
     let down = berth()
         .args(["net", "down", "--config"])
         .arg(&file)

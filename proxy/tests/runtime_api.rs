@@ -17,12 +17,10 @@ use std::{
         unix::net::UnixStream,
     },
     path::Path,
-    process::Child,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
 };
 
 use berth::{
@@ -34,14 +32,11 @@ use berth::{
     },
 };
 use common::{
-    HANG, assert_mirrored,
+    Guard, HANG, assert_mirrored,
     daemon::{Berth, Dir, free_addr, mapping, sample, scrape, shim_with_status},
     exchange, spawn_exchange_server, wait_until,
 };
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::Pid,
-};
+use nix::sys::signal::Signal;
 use tokio::{
     net::{TcpListener, TcpStream},
     time::timeout,
@@ -377,41 +372,9 @@ fn shim_args(listen: SocketAddr, target: SocketAddr, proto: &str) -> Vec<String>
     .to_vec()
 }
 
-fn start_shim(args: &[String], admin: &Path, fds: Vec<(OwnedFd, i32)>) -> (ShimGuard, String) {
+fn start_shim(args: &[String], admin: &Path, fds: Vec<(OwnedFd, i32)>) -> (Guard, String) {
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (child, status) = shim_with_status(&argv, admin, fds);
-    (ShimGuard(child), status)
-}
-
-/// Kills its shim when dropped (a failed test must not leave one behind).
-struct ShimGuard(Child);
-
-impl ShimGuard {
-    fn signal(&self, s: Signal) {
-        kill(Pid::from_raw(self.0.id() as i32), s).unwrap();
-    }
-
-    /// Waits (with a deadline) for the shim to exit; returns its exit code.
-    async fn exited(mut self) -> Option<i32> {
-        let deadline = tokio::time::Instant::now() + HANG;
-        loop {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                return status.code();
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the shim did not exit"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-}
-
-impl Drop for ShimGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    shim_with_status(&argv, admin, fds)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -447,7 +410,7 @@ async fn the_docker_shim_hands_its_port_to_the_daemon_as_a_lease() {
     assert!(row.bytes_to_target >= 1 << 20, "{row:?}");
     // SIGINT: the mapping goes, and the port is free once the shim has exited.
     shim.signal(Signal::SIGINT);
-    assert_eq!(shim.exited().await, Some(0));
+    assert_eq!(shim.exited().await.code(), Some(0));
     assert!(rows(&admin).iter().all(|m| m.owner != "docker"));
     std::net::TcpListener::bind(listen).expect("the port is free after the shim exits");
 
@@ -468,7 +431,7 @@ async fn the_docker_shim_hands_its_port_to_the_daemon_as_a_lease() {
         status.starts_with("1\n") && status.contains("already in use"),
         "{status:?}"
     );
-    assert_eq!(shim.exited().await, Some(1));
+    assert_eq!(shim.exited().await.code(), Some(1));
     let mut args = shim_args(free_addr(), "[::1]:80".parse().unwrap(), "tcp");
     args.extend(["-mode".into(), "dnat".into()]);
     let (shim, status) = start_shim(&args, &admin, vec![]);
@@ -476,7 +439,7 @@ async fn the_docker_shim_hands_its_port_to_the_daemon_as_a_lease() {
         status.starts_with("1\nmapping: target:") && status.contains("IPv4"),
         "{status:?}"
     );
-    assert_eq!(shim.exited().await, Some(1));
+    assert_eq!(shim.exited().await.code(), Some(1));
 }
 
 /// dockerd 28 binds and listens itself, passes the socket as fd 4 with `-use-listen-fd`,
@@ -516,7 +479,7 @@ async fn dockerd_28s_listen_fd_contract_delegated_and_standalone() {
                 .any(|m| m.listen == listen.to_string());
             assert_eq!(delegated, admin == berth.admin.as_path(), "{listen}");
             shim.signal(Signal::SIGINT);
-            assert_eq!(shim.exited().await, Some(0));
+            assert_eq!(shim.exited().await.code(), Some(0));
             drop(dockerd_bind(listen, proto));
         }
     }
@@ -668,7 +631,7 @@ async fn fifty_delegated_ports_survive_daemon_crash_and_restart_under_load() {
     assert_eq!(delegated(&admin), PORTS);
     for shim in shims {
         shim.signal(Signal::SIGTERM);
-        assert_eq!(shim.exited().await, Some(0));
+        assert_eq!(shim.exited().await.code(), Some(0));
     }
     wait_until("every mapping to be removed", || delegated(&admin) == 0).await;
 }

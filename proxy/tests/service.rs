@@ -154,7 +154,33 @@ async fn reload_keeps_live_transfers_and_metrics_count_every_byte() {
     );
     assert!(m.contains("berth_build_info{version=\""), "{m}");
     assert!(m.contains("process_resident_memory_bytes"), "{m}");
-    assert!(!m.contains("127.0.0.1:0"), "no client address as a label");
+    // No client address or port becomes a label (one series per client would grow without
+    // bound): a client of a known address makes one connection, then the scrape is searched.
+    let client = tokio::net::TcpSocket::new_v4().unwrap();
+    client.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let client_addr = client.local_addr().unwrap();
+    let s = timeout(HANG, client.connect(web_addr))
+        .await
+        .unwrap()
+        .unwrap();
+    berth.wait_status(|m| m.name == "web" && m.active > 0).await;
+    let m = scrape(metrics).await;
+    assert!(
+        !m.contains(&client_addr.to_string())
+            && !m.contains(&format!("\"{}\"", client_addr.port())),
+        "a client address as a label: {m}"
+    );
+    let c = timeout(HANG, exchange(s, 3, 1024, 1024))
+        .await
+        .unwrap()
+        .unwrap();
+    let (id, server) = timeout(HANG, tallies.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(id, 3);
+    assert_mirrored(3, &c, &server);
 
     // SIGTERM under load: the open transfer finishes intact, then berth exits 0.
     let live = tokio::spawn(transfer(web_addr, 4, 64 << 20, 64 << 20));

@@ -324,9 +324,11 @@ fn ipv6_in_a_namespace_with_two_addresses() {
         .unwrap();
 }
 
+/// berth binds first, as a second berth would find it: a berth socket that allowed sharing
+/// (SO_REUSEADDR / SO_REUSEPORT on both) would let the second bind succeed.
 #[tokio::test]
 async fn an_occupied_port_is_reported_plainly() {
-    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let taken = listen::bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
     let err = listen::bind_udp(taken.local_addr().unwrap().into()).unwrap_err();
     assert!(matches!(err, listen::ListenError::InUse(_)), "{err:?}");
     assert!(err.to_string().contains("already in use"), "{err}");

@@ -9,6 +9,10 @@ use crate::{exec, setup};
 /// The tier `--quick` skips: long transfers (4 GiB, 2 GiB, 64 × 64 MiB), by name.
 const STRESS_PREFIX: &str = "stress_";
 
+/// The longest one test binary may run (the slowest, with the stress tier, takes about 2
+/// minutes here): a test that hangs fails the run instead of holding CI until its limit.
+const BINARY_LIMIT_SECS: u32 = 900;
+
 pub(crate) fn run(quick: bool, cargo_test_args: &[String]) -> anyhow::Result<()> {
     setup::run()?;
     if !setup::is_root() {
@@ -62,7 +66,13 @@ pub(crate) fn run(quick: bool, cargo_test_args: &[String]) -> anyhow::Result<()>
     )?;
     let mut test = Command::new("cargo");
     test.current_dir(&root)
-        .args(["test", "--locked"])
+        .args(["test", "--locked", "--config"])
+        // Every test binary runs under timeout(1), which kills it (and so fails the run)
+        // past the limit; its Drop guards do not run then, but its namespaces and cgroups
+        // carry unique names and the next run is not disturbed by them.
+        .arg(format!(
+            "target.'cfg(target_os = \"linux\")'.runner = ['timeout', '--kill-after=30', '{BINARY_LIMIT_SECS}']"
+        ))
         .arg("--")
         .args(cargo_test_args);
     if quick {

@@ -285,7 +285,7 @@ pub fn sample(metrics: &str, name_and_labels: &str) -> f64 {
 
 /// Spawns berth-docker-proxy with `fds` placed at the given numbers (fd 3, fd 4, …), looking
 /// for its daemon at `admin`.
-pub fn shim(args: &[&str], admin: &Path, fds: Vec<(OwnedFd, std::os::fd::RawFd)>) -> Child {
+pub fn shim(args: &[&str], admin: &Path, fds: Vec<(OwnedFd, std::os::fd::RawFd)>) -> super::Guard {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth-docker-proxy"));
     cmd.args(args)
         .env("BERTH_ADMIN_SOCKET", admin)
@@ -296,7 +296,7 @@ pub fn shim(args: &[&str], admin: &Path, fds: Vec<(OwnedFd, std::os::fd::RawFd)>
         &mut cmd,
         fds.iter().map(|(fd, to)| (fd.as_raw_fd(), *to)).collect(),
     );
-    let child = cmd.spawn().unwrap();
+    let child = super::Guard(cmd.spawn().unwrap());
     drop(fds); // the parent's copies: the status pipe must see EOF once the child closes it
     child
 }
@@ -306,7 +306,7 @@ pub fn shim_with_status(
     args: &[&str],
     admin: &Path,
     mut extra: Vec<(OwnedFd, std::os::fd::RawFd)>,
-) -> (Child, String) {
+) -> (super::Guard, String) {
     use std::io::Read as _;
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
     extra.push((w, 3));

@@ -46,6 +46,18 @@ pub fn unique(prefix: &str) -> String {
     name
 }
 
+/// A /24 of 198.18.0.0/15 (the range RFC 2544 sets aside for benchmark tests) of this
+/// process and call: `198.18.0.0/24`-style text and the first three octets. Every test that
+/// needs a bridge subnet takes one here, so that none overlaps another's.
+pub fn unique_subnet() -> (String, [u8; 3]) {
+    let idx = (std::process::id() * 8 + COUNTER.fetch_add(1, Ordering::Relaxed)) % 512;
+    let octets = [198, (18 + idx / 256) as u8, (idx % 256) as u8];
+    (
+        format!("{}.{}.{}.0/24", octets[0], octets[1], octets[2]),
+        octets,
+    )
+}
+
 /// A topology in the root namespace with its own bridge and a /24 of 198.18.0.0/15 (the
 /// range RFC 2544 sets aside for benchmark tests), torn down on drop even when a test fails.
 pub struct TestNet {
@@ -56,8 +68,7 @@ impl TestNet {
     pub async fn up(containers: usize) -> Self {
         require_root();
         let bridge = unique("tb");
-        let idx = (std::process::id() * 8 + COUNTER.fetch_add(1, Ordering::Relaxed)) % 512;
-        let subnet = format!("198.{}.{}.0/24", 18 + idx / 256, idx % 256);
+        let (subnet, _) = unique_subnet();
         let specs: Vec<ContainerSpec> = (0..containers)
             .map(|_| ContainerSpec {
                 name: unique("tc"),
@@ -283,6 +294,61 @@ pub fn rng() -> SmallRng {
 
 pub mod bpf;
 pub mod daemon;
+
+// === Spawned processes ===
+
+/// A spawned process that is killed (and reaped) when the guard goes, so that a failing
+/// test never leaves it running; every wait has a deadline.
+pub struct Guard(pub std::process::Child);
+
+impl Guard {
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+
+    pub fn signal(&self, s: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), s).unwrap();
+    }
+
+    /// Waits (at most [`HANG`]) for the process to exit, without blocking the runtime.
+    pub async fn exited(mut self) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + HANG;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "process {} did not exit",
+                self.0.id()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The same for synchronous tests.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + HANG;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "process {} did not exit",
+                self.0.id()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 // === Bare namespaces ===
 
