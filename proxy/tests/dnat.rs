@@ -5,7 +5,8 @@
 //! (gigabytes checksummed, 128 connections) and UDP reach the container, which sees their real
 //! address; local clients (127.0.0.1 and ::1, in the cgroup) reach it too and see the address
 //! they dialled; conntrack entries appear and end; two mappings do not interfere; removing
-//! the mappings detaches every program; a missing feature fails only its mapping.
+//! the mappings detaches every program; a missing feature fails only its mapping; a process
+//! of another namespace in the cgroup keeps its own loopback; SIGKILL leaves nothing attached.
 #![allow(
     clippy::unwrap_used,
     reason = "a test fails by panicking, with the stack trace"
@@ -510,6 +511,66 @@ async fn two_berth_processes_share_the_interfaces() {
     let t = exchange(c, 1, 1 << 20, 1 << 20).await.unwrap();
     let (_, _, srv) = seen.recv().await.unwrap();
     assert_mirrored(1, &t, &srv);
+}
+
+/// The local programs rewrite only the host namespace's sockets: a process of another
+/// namespace in the same cgroup (a container's) dialling 127.0.0.1:P reaches its own
+/// loopback. And a berth killed with SIGKILL leaves nothing attached: its programs go with
+/// its descriptors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_namespaces_are_not_rewritten_and_sigkill_leaves_nothing() {
+    let lab = Lab::up(1).await;
+    let (server, _seen) = lab.tcp_server(0);
+    let port = lab.host.free_port();
+    let dir = scratch();
+    let any = SocketAddr::from(([0, 0, 0, 0], port));
+    let mut berth = lab.berth(&dir, &lab.config("", &[("web", "tcp", any, server)]));
+    berth.up().await;
+    // The host's own local client is mapped (the control: the rewrite is on).
+    let sock = lab.local_socket(false);
+    timeout(HANG, sock.connect(SocketAddr::from(([127, 0, 0, 1], port))))
+        .await
+        .unwrap()
+        .expect("a host process in the cgroup is mapped");
+
+    // In the external client's namespace, in the same cgroup: 127.0.0.1:P is its own.
+    let own = lab
+        .ext
+        .ns
+        .run(|| std::net::TcpListener::bind(("127.0.0.1", port)).unwrap())
+        .unwrap();
+    own.set_nonblocking(true).unwrap();
+    let own = TcpListener::from_std(own).unwrap();
+    let sock = lab
+        .ext
+        .ns
+        .run(|| lab.cgroup.run(|| tokio::net::TcpSocket::new_v4().unwrap()))
+        .unwrap();
+    let c = timeout(HANG, sock.connect(SocketAddr::from(([127, 0, 0, 1], port))))
+        .await
+        .unwrap()
+        .unwrap();
+    let (_, peer) = timeout(HANG, own.accept())
+        .await
+        .expect("rewritten to the container instead of its own loopback")
+        .unwrap();
+    assert_eq!(peer, c.local_addr().unwrap(), "reached its own loopback");
+
+    // SIGKILL: no chance to clean up, and still nothing stays attached.
+    assert!(!lab.tc_programs("ext0").is_empty());
+    berth.child.kill().unwrap();
+    berth.child.wait().unwrap();
+    wait_until("the TC programs to go with the process", || {
+        lab.tc_programs("ext0").is_empty()
+            && lab.tc_programs(&lab.topo.bridge.to_string()).is_empty()
+    })
+    .await;
+    for t in CGROUP_ATTACH_TYPES {
+        wait_until("the cgroup programs to go with the process", || {
+            cgroup_programs(&lab.cgroup.0, t) == 0
+        })
+        .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -532,3 +532,81 @@ async fn the_daemon_runs_in_process_with_reload_and_shutdown_as_arguments() {
     }
     assert!(!admin.exists(), "the admin socket is removed at stop");
 }
+
+/// SIGHUP reloads as `berth reload` does; `berth reload` exits 1 with the reason on a bad
+/// file (and the running mappings stay); a mapping removed while a connection is open stays
+/// `draining` until that connection ends, then goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_and_berth_reload_and_draining_until_the_last_connection() {
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = backend.local_addr().unwrap();
+    let (a, b) = (free_addr(), free_addr());
+    let dir = Dir::new();
+    let base = "[metrics]\nenabled = false\n";
+    let berth = Berth::spawn(
+        &dir,
+        &format!("{base}{}", mapping("a", a, target, "")),
+        None,
+        vec![],
+    );
+    berth.up().await;
+
+    // An open connection through "a", held by the backend.
+    let client = timeout(HANG, TcpStream::connect(a.to_string()))
+        .await
+        .unwrap()
+        .unwrap();
+    let (held, _) = timeout(HANG, backend.accept()).await.unwrap().unwrap();
+    berth
+        .wait_row("a", "its connection", |r| r.active == 1)
+        .await;
+
+    // SIGHUP with "a" replaced by "b": "b" serves, "a" drains while its connection lives.
+    std::fs::write(
+        &berth.file,
+        format!("{base}{}", mapping("b", b, target, "")),
+    )
+    .unwrap();
+    berth.signal(Signal::SIGHUP);
+    berth
+        .wait_row("b", "to serve", |r| r.state == "active")
+        .await;
+    let rows = berth.rows().await;
+    let a_row = rows
+        .iter()
+        .find(|r| r.name == "a")
+        .expect("a drains, still listed");
+    assert_eq!(
+        (a_row.state.as_str(), a_row.active),
+        ("draining", 1),
+        "{rows:?}"
+    );
+    assert!(
+        TcpStream::connect(a.to_string()).await.is_err(),
+        "a still accepts"
+    );
+
+    // `berth reload` on a bad file: exit 1, the reason, and nothing changes.
+    std::fs::write(&berth.file, "[[mapping]]\nname = 5\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["reload", "--admin-socket"])
+        .arg(&berth.admin)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("berth.toml"), "{err}");
+    berth
+        .wait_row("b", "to keep serving", |r| r.state == "active")
+        .await;
+
+    // The last connection of "a" ends: "a" is gone.
+    drop(held);
+    drop(client);
+    let deadline = tokio::time::Instant::now() + HANG;
+    while berth.rows().await.iter().any(|r| r.name == "a") {
+        assert!(tokio::time::Instant::now() < deadline, "a never went");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    berth.stop().await;
+}
