@@ -18,7 +18,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use berth::net::{self, ContainerSpec, Topology};
 use common::{
     HANG, Tally, TestCgroup, TestNs, assert_mirrored,
-    daemon::{Berth, Dir},
+    daemon::{Berth, Dir, find_sample, scrape_in},
     exchange, random_sizes, rng, serve_exchange, unique, wait_until,
 };
 use tokio::{
@@ -317,9 +317,14 @@ async fn remote_and_local_udp_clients_get_replies_from_the_mapped_address() {
     let listen = SocketAddr::from(([0, 0, 0, 0], port));
     // A UDP timeout long enough that a loaded machine's status poll still sees the entry
     // before it expires.
+    let metrics = SocketAddr::from(([127, 0, 0, 1], lab.host.free_port()));
     let config = lab
         .config("", &[("dns", "udp", listen, server)])
-        .replace("udp_timeout = 0.5", "udp_timeout = 3");
+        .replace("udp_timeout = 0.5", "udp_timeout = 3")
+        .replace(
+            "[metrics]\nenabled = false\n",
+            &format!("[metrics]\nlisten = \"{metrics}\"\n"),
+        );
     let berth = lab.berth(&dir, &config);
     berth.up().await;
 
@@ -345,6 +350,22 @@ async fn remote_and_local_udp_clients_get_replies_from_the_mapped_address() {
     berth
         .wait_row("dns", "a conntrack entry", |r| r.active == 1)
         .await;
+    // The kernel-mode families count the flow: one flow, 3 packets each way, its entry.
+    let m = scrape_in(&lab.host.ns, metrics).await;
+    let dns = r#"mapping="dns""#;
+    let value = |name: &str, labels: &[&str]| {
+        find_sample(&m, name, labels).unwrap_or_else(|| panic!("no {name}{labels:?} in:\n{m}"))
+    };
+    assert_eq!(value("berth_dnat_flows_total", &[dns]), 1.0);
+    for dir in [r#"direction="to_target""#, r#"direction="to_client""#] {
+        assert_eq!(value("berth_dnat_packets_total", &[dns, dir]), 3.0, "{dir}");
+        assert!(
+            value("berth_dnat_bytes_total", &[dns, dir]) > 2400.0,
+            "{dir}"
+        );
+    }
+    assert_eq!(value("berth_dnat_conntrack_entries", &[dns]), 1.0);
+    assert_eq!(value("berth_dnat_local_rewrites_total", &[dns]), 0.0);
     berth
         .wait_row("dns", "its entry expired", |r| r.active == 0)
         .await;
@@ -367,6 +388,12 @@ async fn remote_and_local_udp_clients_get_replies_from_the_mapped_address() {
         .unwrap()
         .unwrap();
     assert_eq!(from, dial, "recvfrom shows the address dialled");
+    let m = scrape_in(&lab.host.ns, metrics).await;
+    assert_eq!(
+        find_sample(&m, "berth_dnat_local_rewrites_total", &[r#"mapping="dns""#]),
+        Some(1.0),
+        "{m}"
+    );
     let text = String::from_utf8_lossy(&buf[..n]).into_owned();
     assert!(
         text.starts_with(&format!("ping from {}:", lab.topo.gateway)),
@@ -597,8 +624,27 @@ async fn a_missing_feature_fails_only_its_mapping() {
     config.push_str(&format!(
         "[[mapping]]\nname = \"relay\"\nlisten = \"0.0.0.0:{p1}\"\ntarget = \"{server}\"\n"
     ));
+    let metrics = SocketAddr::from(([127, 0, 0, 1], lab.host.free_port()));
+    config = config.replace(
+        "[metrics]\nenabled = false\n",
+        &format!("[metrics]\nlisten = \"{metrics}\"\n"),
+    );
     let berth = lab.berth(&dir, &config);
     berth.up().await;
+    let m = scrape_in(&lab.host.ns, metrics).await;
+    assert_eq!(
+        find_sample(
+            &m,
+            "berth_mapping_failed",
+            &[r#"mapping="kernel""#, r#"mode="dnat""#]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        find_sample(&m, "berth_mapping_failed", &[r#"mapping="relay""#]).unwrap_or(0.0),
+        0.0
+    );
     let row = berth.row("kernel").await;
     assert!(
         row.state

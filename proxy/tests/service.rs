@@ -610,3 +610,155 @@ async fn sighup_and_berth_reload_and_draining_until_the_last_connection() {
     }
     berth.stop().await;
 }
+
+/// Every metric family of the relays counts what happened: connect errors by reason, open
+/// connections, the mapping's info, and the UDP families (flows opened, expired, evicted,
+/// datagrams each way, ICMP unreachable).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_relay_metric_family_counts_what_happened() {
+    use common::daemon::find_sample;
+    // A target that refuses: a port that was free a moment ago.
+    let refused = free_addr();
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = backend.local_addr().unwrap();
+    let (echo, _echo) = common::spawn_udp_echo("127.0.0.1:0".parse().unwrap());
+    let dead_udp = {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap()
+    };
+    let (metrics, t, live, u, dead) = (
+        free_addr(),
+        free_addr(),
+        free_addr(),
+        free_addr(),
+        free_addr(),
+    );
+    let config = format!(
+        "[metrics]\nlisten = \"{metrics}\"\n{}{}{}{}",
+        mapping("t", t, refused, ""),
+        mapping("live", live, target, ""),
+        mapping(
+            "u",
+            u,
+            echo,
+            "proto = \"udp\"\nmax_flows = 1\nudp_idle_timeout = 1\n"
+        ),
+        mapping("dead", dead, dead_udp, "proto = \"udp\"\n"),
+    );
+    let dir = Dir::new();
+    let berth = Berth::spawn(&dir, &config, None, vec![]);
+    berth.up().await;
+    let value = |m: &str, name: &str, labels: &[&str]| {
+        find_sample(m, name, labels).unwrap_or_else(|| panic!("no {name}{labels:?} in:\n{m}"))
+    };
+
+    // TCP: a refused connect is counted by reason; an open connection is active.
+    let mut c = TcpStream::connect(t).await.unwrap();
+    let mut buf = [0u8; 1];
+    let _ = timeout(HANG, tokio::io::AsyncReadExt::read(&mut c, &mut buf))
+        .await
+        .unwrap();
+    let held = TcpStream::connect(live).await.unwrap();
+    let (server_side, _) = timeout(HANG, backend.accept()).await.unwrap().unwrap();
+    berth
+        .wait_row("live", "its connection", |r| r.active == 1)
+        .await;
+    let m = scrape(metrics).await;
+    assert_eq!(
+        value(
+            &m,
+            "berth_connect_errors_total",
+            &[r#"mapping="t""#, r#"reason="refused""#]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&m, "berth_connections_active", &[r#"mapping="live""#]),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "berth_mapping_info",
+            &[
+                r#"mapping="live""#,
+                r#"mode="splice""#,
+                r#"owner="config""#,
+                r#"state="active""#
+            ]
+        ),
+        1.0
+    );
+    drop((held, server_side));
+
+    // UDP: two clients in a table for one: the second evicts the first; each datagram is
+    // counted both ways; the survivor expires after its idle second.
+    for n in 0..2 {
+        let c = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        c.send_to(b"hi", u).await.unwrap();
+        let mut buf = [0u8; 8];
+        timeout(HANG, c.recv_from(&mut buf)).await.unwrap().unwrap();
+        let m = scrape(metrics).await;
+        assert_eq!(
+            value(&m, "berth_udp_flows_total", &[r#"mapping="u""#]),
+            f64::from(n + 1)
+        );
+    }
+    let m = scrape(metrics).await;
+    assert_eq!(
+        value(&m, "berth_udp_flows_evicted_total", &[r#"mapping="u""#]),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "berth_udp_datagrams_total",
+            &[r#"mapping="u""#, r#"direction="to_target""#]
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "berth_udp_datagrams_total",
+            &[r#"mapping="u""#, r#"direction="to_client""#]
+        ),
+        2.0
+    );
+    berth
+        .wait_row("u", "its flow to expire", |r| r.active == 0)
+        .await;
+    let m = scrape(metrics).await;
+    assert_eq!(
+        value(&m, "berth_udp_flows_expired_total", &[r#"mapping="u""#]),
+        1.0
+    );
+    assert_eq!(
+        value(&m, "berth_udp_flows_active", &[r#"mapping="u""#]),
+        0.0
+    );
+
+    // UDP to a closed port: the ICMP error is counted (it may take a datagram or two).
+    let c = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let deadline = tokio::time::Instant::now() + HANG;
+    loop {
+        c.send_to(b"anyone?", dead).await.unwrap();
+        let m = scrape(metrics).await;
+        if find_sample(
+            &m,
+            "berth_udp_target_unreachable_total",
+            &[r#"mapping="dead""#],
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no unreachable counted:\n{m}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    berth.stop().await;
+}

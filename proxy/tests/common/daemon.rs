@@ -260,7 +260,18 @@ impl Drop for Berth {
 
 /// Scrapes `/metrics` with a plain HTTP/1.1 request.
 pub async fn scrape(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
+    let s = TcpStream::connect(addr).await.unwrap();
+    scrape_over(s).await
+}
+
+/// [`scrape`] from inside network namespace `ns` (a daemon that runs there).
+pub async fn scrape_in(ns: &berth::net::NetNs, addr: SocketAddr) -> String {
+    let sock = ns.run(|| tokio::net::TcpSocket::new_v4().unwrap()).unwrap();
+    let s = timeout(HANG, sock.connect(addr)).await.unwrap().unwrap();
+    scrape_over(s).await
+}
+
+async fn scrape_over(mut s: TcpStream) -> String {
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: berth\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
@@ -279,6 +290,19 @@ pub fn sample(metrics: &str, name_and_labels: &str) -> f64 {
         .lines()
         .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {name_and_labels} in:\n{metrics}"))
+}
+
+/// The value of the first sample of family `name` whose labels contain every one of
+/// `labels` (`mapping="web"`, ...), if there is one: for families with many labels.
+pub fn find_sample(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+        let (set, value) = rest.split_once('}')?;
+        labels
+            .iter()
+            .all(|want| set.split(',').any(|have| have == *want))
+            .then(|| value.trim().parse().ok())?
+    })
 }
 
 // === berth-docker-proxy ===
