@@ -662,6 +662,77 @@ async fn a_missing_feature_fails_only_its_mapping() {
     assert!(lab.tc_programs("ext0").is_empty());
 }
 
+/// `berth forward --mode dnat` with its flags (`--interface`, `--cgroup`, the timeouts,
+/// `--no-relay`): remote and local clients reach the container, the port stays unbound, and
+/// SIGTERM ends it with every program detached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn berth_forward_in_kernel_mode_with_its_flags() {
+    let lab = Lab::up(1).await;
+    let (server, mut seen) = lab.tcp_server(0);
+    let port = lab.host.free_port();
+    let cgroup = lab.cgroup.0.display().to_string();
+    let child = lab
+        .host
+        .ns
+        .command(env!("CARGO_BIN_EXE_berth"))
+        .unwrap()
+        .args([
+            "forward",
+            "--mode",
+            "dnat",
+            "--no-relay",
+            "--interface",
+            "ext0",
+        ])
+        .args(["--cgroup", &cgroup, "--dnat-closing-timeout", "0.2"])
+        .args(["--dnat-udp-timeout", "1", "--dnat-tcp-timeout", "30"])
+        .arg(format!("0.0.0.0:{port}"))
+        .arg(server.to_string())
+        .env("BERTH_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let child = common::Guard(child);
+    let public = SocketAddr::from((EXT_HOST, port));
+    // Ready once a remote client gets through (refused until the mapping exists).
+    let deadline = tokio::time::Instant::now() + HANG;
+    let c = loop {
+        let sock = lab
+            .ext
+            .ns
+            .run(|| tokio::net::TcpSocket::new_v4().unwrap())
+            .unwrap();
+        if let Ok(Ok(c)) = timeout(std::time::Duration::from_secs(1), sock.connect(public)).await {
+            break c;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never mapped");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let t = exchange(c, 1, 1 << 20, 1 << 20).await.unwrap();
+    let (peer, _, srv) = seen.recv().await.unwrap();
+    assert_eq!(peer.ip(), IpAddr::V4(EXT_CLIENT));
+    assert_mirrored(1, &t, &srv);
+    let sock = lab.local_socket(false);
+    let c = timeout(HANG, sock.connect(SocketAddr::from(([127, 0, 0, 1], port))))
+        .await
+        .unwrap()
+        .unwrap();
+    let t = exchange(c, 2, 4096, 4096).await.unwrap();
+    let (_, _, srv) = seen.recv().await.unwrap();
+    assert_mirrored(2, &t, &srv);
+    // No relay: the port is free in the host namespace.
+    lab.host
+        .ns
+        .run(|| std::net::TcpListener::bind(("0.0.0.0", port)).unwrap())
+        .unwrap();
+    child.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(child.exited().await.success());
+    assert!(lab.tc_programs("ext0").is_empty());
+    for t in CGROUP_ATTACH_TYPES {
+        assert_eq!(cgroup_programs(&lab.cgroup.0, t), 0, "attach type {t}");
+    }
+}
+
 #[test]
 fn the_cli_refuses_what_kernel_mode_cannot_map_or_is_not_allowed_to() {
     common::require_root();
