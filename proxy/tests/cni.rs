@@ -22,13 +22,13 @@ use std::{
 };
 
 use common::{
-    EXT_CLIENT, EXT_HOST, HANG, TestCgroup, TestNs,
+    EXT_CLIENT, EXT_HOST, TestCgroup, TestNs,
     daemon::{Berth, Dir},
     unique,
 };
 use serde_json::{Value, json};
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::AsyncWriteExt as _,
     net::{TcpListener, UdpSocket},
     time::timeout,
 };
@@ -216,34 +216,11 @@ impl Lab {
     /// external namespace (`local`: from the host, in the cgroup).
     async fn tcp_peer(&self, addr: SocketAddr, local: bool) -> String {
         let sock = if local {
-            self.host
-                .ns
-                .run(|| {
-                    self.cgroup.run(|| {
-                        if addr.is_ipv6() {
-                            tokio::net::TcpSocket::new_v6().unwrap()
-                        } else {
-                            tokio::net::TcpSocket::new_v4().unwrap()
-                        }
-                    })
-                })
-                .unwrap()
+            common::tcp_socket_in(&self.host.ns, Some(&self.cgroup), addr)
         } else {
-            self.ext
-                .ns
-                .run(|| tokio::net::TcpSocket::new_v4().unwrap())
-                .unwrap()
+            common::tcp_socket_in(&self.ext.ns, None, addr)
         };
-        let mut s = timeout(HANG, sock.connect(addr))
-            .await
-            .unwrap_or_else(|_| panic!("connect {addr} timed out"))
-            .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-        let mut text = String::new();
-        timeout(HANG, s.read_to_string(&mut text))
-            .await
-            .unwrap()
-            .unwrap();
-        text
+        common::answer(sock, addr).await
     }
 }
 

@@ -25,15 +25,12 @@ use std::{
 
 use berth::service::status::Row;
 use common::{
-    EXT_CLIENT, EXT_HOST, HANG, TestCgroup, TestNs,
+    EXT_CLIENT, EXT_HOST, TestCgroup, TestNs,
     bpf::{all_cgroup_programs, conntrack_entries, tc_programs},
     daemon::{Berth, Dir},
     unique,
 };
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    time::timeout,
-};
+use tokio::{io::AsyncWriteExt as _, time::timeout};
 
 const PODMAN: &str = "/usr/bin/podman";
 const IMAGE: &str = "localhost/berth-test:busybox";
@@ -206,34 +203,11 @@ impl Podman {
     /// namespace, or (`local`) from the host in the cgroup.
     async fn who(&self, addr: SocketAddr, local: bool) -> String {
         let sock = if local {
-            self.host
-                .ns
-                .run(|| {
-                    self.cgroup.run(|| {
-                        if addr.is_ipv6() {
-                            tokio::net::TcpSocket::new_v6().unwrap()
-                        } else {
-                            tokio::net::TcpSocket::new_v4().unwrap()
-                        }
-                    })
-                })
-                .unwrap()
+            common::tcp_socket_in(&self.host.ns, Some(&self.cgroup), addr)
         } else {
-            self.ext
-                .ns
-                .run(|| tokio::net::TcpSocket::new_v4().unwrap())
-                .unwrap()
+            common::tcp_socket_in(&self.ext.ns, None, addr)
         };
-        let mut s = timeout(HANG, sock.connect(addr))
-            .await
-            .unwrap_or_else(|_| panic!("connect {addr} timed out"))
-            .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-        let mut text = String::new();
-        timeout(HANG, s.read_to_string(&mut text))
-            .await
-            .unwrap()
-            .unwrap();
-        text
+        common::answer(sock, addr).await
     }
 }
 

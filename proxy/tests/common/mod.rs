@@ -465,6 +465,41 @@ pub fn in_netns<T: Send>(pid: u32, f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
+/// A TCP socket of namespace `ns` for `addr`'s family, created inside `cgroup` if given (so
+/// that kernel mode's local programs see it as the cgroup's).
+pub fn tcp_socket_in(
+    ns: &NetNs,
+    cgroup: Option<&TestCgroup>,
+    addr: SocketAddr,
+) -> tokio::net::TcpSocket {
+    let make = || {
+        if addr.is_ipv6() {
+            tokio::net::TcpSocket::new_v6().unwrap()
+        } else {
+            tokio::net::TcpSocket::new_v4().unwrap()
+        }
+    };
+    ns.run(|| match cgroup {
+        Some(c) => c.run(make),
+        None => make(),
+    })
+    .unwrap()
+}
+
+/// Connects `sock` to `addr` and reads until EOF (a server that answers and closes).
+pub async fn answer(sock: tokio::net::TcpSocket, addr: SocketAddr) -> String {
+    let mut s = tokio::time::timeout(HANG, sock.connect(addr))
+        .await
+        .unwrap_or_else(|_| panic!("connect {addr} timed out"))
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    let mut text = String::new();
+    tokio::time::timeout(HANG, s.read_to_string(&mut text))
+        .await
+        .unwrap()
+        .unwrap();
+    text
+}
+
 // === A child cgroup, for kernel mode's local programs ===
 
 /// A child of the cgroup v2 root, removed on drop.
