@@ -30,7 +30,6 @@ use serde_json::{Value, json};
 use tokio::{
     io::AsyncWriteExt as _,
     net::{TcpListener, UdpSocket},
-    time::timeout,
 };
 
 /// Debian's reference plugins.
@@ -224,25 +223,6 @@ impl Lab {
     }
 }
 
-/// Sends a datagram to `to` and returns the answer and where it came from.
-async fn udp_ask(sock: &UdpSocket, to: SocketAddr) -> (String, SocketAddr) {
-    let mut buf = [0u8; 128];
-    // A datagram may be lost; ask again, a bounded number of times.
-    for _ in 0..50 {
-        sock.send_to(b"ping", to).await.unwrap();
-        if let Ok(r) = timeout(
-            std::time::Duration::from_millis(200),
-            sock.recv_from(&mut buf),
-        )
-        .await
-        {
-            let (n, from) = r.unwrap();
-            return (String::from_utf8_lossy(&buf[..n]).into_owned(), from);
-        }
-    }
-    panic!("no answer from {to}");
-}
-
 fn owner_rows(rows: &[berth::service::status::Row]) -> Vec<&berth::service::status::Row> {
     rows.iter()
         .filter(|r| r.owner == "cni:c0ffee:eth0")
@@ -327,7 +307,7 @@ async fn berth_cni_publishes_ports_through_restarts_and_cleans_up() {
         assert!(!peer.is_empty(), "{local}: no answer");
     }
     let client = lab.ext.udp();
-    let (answer, from) = udp_ask(&client, SocketAddr::from((EXT_HOST, up))).await;
+    let (answer, from) = common::udp_ask(&client, SocketAddr::from((EXT_HOST, up))).await;
     assert_eq!(answer, format!("a {EXT_CLIENT}"));
     assert_eq!(
         from,
@@ -362,7 +342,7 @@ async fn berth_cni_publishes_ports_through_restarts_and_cleans_up() {
     // must reach the new one (a stale conntrack entry would still lead to "a").
     let conf_b = lab.conf(&mappings(udp_b), Some(&prev));
     assert!(lab.berth_cni("ADD", &conf_b).ok);
-    let (answer, _) = udp_ask(&client, SocketAddr::from((EXT_HOST, up))).await;
+    let (answer, _) = common::udp_ask(&client, SocketAddr::from((EXT_HOST, up))).await;
     assert_eq!(answer, format!("b {EXT_CLIENT}"));
 
     // GC keeps valid attachments and removes the rest.

@@ -30,7 +30,7 @@ use common::{
     daemon::{Berth, Dir},
     unique,
 };
-use tokio::{io::AsyncWriteExt as _, time::timeout};
+use tokio::io::AsyncWriteExt as _;
 
 const PODMAN: &str = "/usr/bin/podman";
 const IMAGE: &str = "localhost/berth-test:busybox";
@@ -284,21 +284,12 @@ async fn check_ports(p: &Podman, tcp: u16, udp: u16) {
     );
     let sock = p.ext.udp();
     let to = SocketAddr::from((EXT_HOST, udp));
-    let mut buf = [0u8; 64];
-    for _ in 0..50 {
-        sock.send_to(b"ping", to).await.unwrap();
-        if let Ok(r) = timeout(
-            std::time::Duration::from_millis(200),
-            sock.recv_from(&mut buf),
-        )
-        .await
-        {
-            let (n, from) = r.unwrap();
-            assert_eq!((&buf[..n], from), (&b"ping"[..], to));
-            return;
-        }
-    }
-    panic!("no UDP answer through {to}");
+    let (answer, from) = common::udp_ask(&sock, to).await;
+    assert_eq!(
+        (answer.as_str(), from),
+        ("ping", to),
+        "echoed from the mapped address"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

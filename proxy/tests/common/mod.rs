@@ -500,6 +500,22 @@ pub async fn answer(sock: tokio::net::TcpSocket, addr: SocketAddr) -> String {
     text
 }
 
+/// Sends a datagram to `to` until an answer comes (a datagram may be lost; at most 50 tries,
+/// 200 ms apart) and returns it with where it came from.
+pub async fn udp_ask(sock: &tokio::net::UdpSocket, to: SocketAddr) -> (String, SocketAddr) {
+    let mut buf = [0u8; 512];
+    for _ in 0..50 {
+        sock.send_to(b"ping", to).await.unwrap();
+        if let Ok(r) =
+            tokio::time::timeout(Duration::from_millis(200), sock.recv_from(&mut buf)).await
+        {
+            let (n, from) = r.unwrap();
+            return (String::from_utf8_lossy(&buf[..n]).into_owned(), from);
+        }
+    }
+    panic!("no answer from {to}");
+}
+
 // === A child cgroup, for kernel mode's local programs ===
 
 /// A child of the cgroup v2 root, removed on drop.
