@@ -494,7 +494,7 @@ fn spawn_berth_run(
     let admin = logs.join(format!("{name}.sock"));
     let _ = std::fs::remove_file(&admin);
     // Persistent runtime mappings (berth-cni's) of an earlier sample must not come back.
-    let _ = std::fs::remove_file(admin.with_extension("state.json"));
+    let _ = std::fs::remove_file(berth::service::config::default_state_file(&admin));
     let mut cmd = Command::new(&tools.berth);
     cmd.args(["run", "--config"])
         .arg(&file)

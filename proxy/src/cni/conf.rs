@@ -18,6 +18,15 @@ use crate::{
 /// The CNI versions this plugin speaks.
 pub const SUPPORTED_VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
 
+/// The version the runtime's configuration names (for VERSION's answer and error objects,
+/// even when the rest does not parse); the newest supported if it names none.
+pub fn asked_version(input: &[u8]) -> String {
+    serde_json::from_slice::<Value>(input)
+        .ok()
+        .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_owned))
+        .unwrap_or_else(|| SUPPORTED_VERSIONS[SUPPORTED_VERSIONS.len() - 1].into())
+}
+
 /// The spec's error codes that this plugin uses (1-99 are the spec's own; 100 and up are
 /// the plugin's).
 pub mod code {

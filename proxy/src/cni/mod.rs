@@ -53,10 +53,7 @@ pub fn main() -> ExitCode {
             run(cmd, &input, get)
         }),
     };
-    let version = serde_json::from_slice::<Value>(&input)
-        .ok()
-        .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_owned))
-        .unwrap_or_else(|| "1.1.0".into());
+    let version = conf::asked_version(&input);
     let mut out = std::io::stdout().lock();
     match outcome {
         Ok(Some(v)) => {
@@ -83,12 +80,8 @@ fn run(
     get: impl Fn(&str) -> Option<String>,
 ) -> Result<Option<Value>, CniError> {
     if cmd == Command::Version {
-        let asked = serde_json::from_slice::<Value>(input)
-            .ok()
-            .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_owned))
-            .unwrap_or_else(|| "1.1.0".into());
         return Ok(Some(serde_json::json!({
-            "cniVersion": asked,
+            "cniVersion": conf::asked_version(input),
             "supportedVersions": conf::SUPPORTED_VERSIONS,
         })));
     }
@@ -112,7 +105,7 @@ fn run(
                     let state = conf
                         .state_file
                         .clone()
-                        .unwrap_or_else(|| admin.with_extension("state.json"));
+                        .unwrap_or_else(|| crate::service::config::default_state_file(&admin));
                     crate::service::forget_owner(&state, &at.owner()).map_err(|p| {
                         CniError::new(
                             code::TRY_AGAIN_LATER,

@@ -43,6 +43,13 @@ pub const DEFAULT_ADMIN_SOCKET: &str = "/run/berth/admin.sock";
 /// The environment variable that names the admin socket, for every `berth` command and for
 /// `berth-docker-proxy`.
 pub const ADMIN_SOCKET_ENV: &str = "BERTH_ADMIN_SOCKET";
+/// Where the daemon keeps its persistent runtime mappings unless `[admin] state_file` says
+/// otherwise: beside its admin socket (`admin.sock` → `admin.state.json`). The CNI plugin
+/// looks there too, for a DEL while the daemon is down.
+pub fn default_state_file(admin_socket: &Path) -> PathBuf {
+    admin_socket.with_extension("state.json")
+}
+
 /// How many mappings the runtime API may add unless `[admin] max_runtime_mappings` says.
 pub const DEFAULT_MAX_RUNTIME_MAPPINGS: usize = 4096;
 

@@ -258,7 +258,7 @@ pub async fn serve(
     let state_file = config
         .state_file
         .clone()
-        .unwrap_or_else(|| admin_path.with_extension("state.json"));
+        .unwrap_or_else(|| config::default_state_file(&admin_path));
 
     let mut service = Service {
         store: Store::new(state_file),
@@ -478,19 +478,22 @@ impl Service {
             }
         };
         let n = saved.len();
-        let mut restored = 0;
+        // The store starts as the file: restoring an entry then writes nothing, and the file
+        // is written once, for the entries that could not be restored.
+        self.store = Store::with(self.store.path().to_owned(), saved.clone());
+        let mut forgotten = Vec::new();
         for Saved { owner, mapping } in saved {
             let name = mapping.name.clone().unwrap_or_default();
             let r = self
                 .add(Box::new(mapping), owner.clone(), Holder::Persist, None)
                 .await;
-            if r.ok {
-                restored += 1;
-            } else {
+            if !r.ok {
                 error!(mapping = %name, %owner, reason = %r.message, "persistent runtime mapping not restored; forgotten");
+                forgotten.push(name);
             }
         }
-        if let Err(e) = self.store.save() {
+        let restored = n - forgotten.len();
+        if let Err(e) = self.store.remove(forgotten.iter().map(String::as_str)) {
             error!(error = %e, "the state file of persistent runtime mappings is not writable");
         }
         if n > 0 {

@@ -92,9 +92,21 @@ impl Store {
         }
     }
 
-    /// Records `saved` under `name` and writes the file; on a write error the store is as
-    /// before.
+    /// A store holding `saved` (what [`Store::load`] read) without writing anything.
+    pub(super) fn with(path: PathBuf, saved: Vec<Saved>) -> Self {
+        let mappings = saved
+            .into_iter()
+            .map(|s| (s.mapping.name.clone().unwrap_or_default(), s))
+            .collect();
+        Self { path, mappings }
+    }
+
+    /// Records `saved` under `name` and writes the file (unless it holds that already); on a
+    /// write error the store is as before.
     pub(super) fn insert(&mut self, name: String, saved: Saved) -> Result<(), PersistError> {
+        if self.mappings.get(&name) == Some(&saved) {
+            return Ok(());
+        }
         let old = self.mappings.insert(name.clone(), saved);
         self.save().inspect_err(|_| {
             match old {
@@ -145,11 +157,10 @@ impl Store {
 pub(crate) fn forget_owner(path: &Path, owner: &str) -> Result<usize, PersistError> {
     let saved = Store::load(path)?;
     let before = saved.len();
-    let mut store = Store::new(path.to_owned());
-    for s in saved.into_iter().filter(|s| s.owner != owner) {
-        let name = s.mapping.name.clone().unwrap_or_default();
-        store.mappings.insert(name, s);
-    }
+    let store = Store::with(
+        path.to_owned(),
+        saved.into_iter().filter(|s| s.owner != owner).collect(),
+    );
     let gone = before - store.mappings.len();
     if gone > 0 {
         store.save()?;
@@ -224,6 +235,17 @@ mod tests {
         store.remove(["a", "nothing"]).unwrap();
         assert_eq!(Store::load(&path).unwrap(), vec![saved("b")]);
         assert!(!path.with_extension("tmp").exists());
+    }
+
+    #[test]
+    fn a_store_made_from_the_file_rewrites_nothing_unchanged() {
+        let dir = Scratch::new("with");
+        let path = dir.path().join("admin.state.json");
+        let mut store = Store::with(path.clone(), vec![saved("a")]);
+        store.insert("a".into(), saved("a")).unwrap();
+        assert!(!path.exists(), "an unchanged entry was written");
+        store.insert("b".into(), saved("b")).unwrap();
+        assert_eq!(Store::load(&path).unwrap(), vec![saved("a"), saved("b")]);
     }
 
     #[test]
