@@ -279,15 +279,7 @@ impl Ports {
 /// checksummed data; echo (53/udp) returns each datagram.
 struct Servers {
     tallies: tokio::sync::mpsc::UnboundedReceiver<std::io::Result<(u64, common::Tally)>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
+    _tasks: common::Tasks,
 }
 
 fn serve_in(d: &Dockerd, container: &str) -> Servers {
@@ -324,7 +316,7 @@ fn serve_in(d: &Dockerd, container: &str) -> Servers {
     });
     Servers {
         tallies: spawn_exchange_server(bulk),
-        tasks: vec![who_task, echo_task],
+        _tasks: common::Tasks(vec![who_task, echo_task]),
     }
 }
 

@@ -220,17 +220,7 @@ impl Drop for Podman {
 
 /// Servers made by the test inside the running container's namespace (busybox has no UDP
 /// server): "who" on 80 answers with the peer it sees, an echo on 53/udp.
-struct Servers(Vec<tokio::task::JoinHandle<()>>);
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        for t in &self.0 {
-            t.abort();
-        }
-    }
-}
-
-fn serve_in(p: &Podman, container: &str) -> Servers {
+fn serve_in(p: &Podman, container: &str) -> common::Tasks {
     let pid: u32 = p
         .ok(&["inspect", "-f", "{{.State.Pid}}", container])
         .parse()
@@ -245,7 +235,7 @@ fn serve_in(p: &Podman, container: &str) -> Servers {
     udp.set_nonblocking(true).unwrap();
     let who = tokio::net::TcpListener::from_std(who).unwrap();
     let udp = tokio::net::UdpSocket::from_std(udp).unwrap();
-    Servers(vec![
+    common::Tasks(vec![
         tokio::spawn(async move {
             while let Ok((mut s, peer)) = who.accept().await {
                 let _ = s.write_all(peer.ip().to_string().as_bytes()).await;

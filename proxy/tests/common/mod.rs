@@ -350,6 +350,18 @@ impl Drop for Guard {
     }
 }
 
+/// Tasks (servers inside a container, say) aborted when the test drops them, so that a
+/// container can be stopped and started again with fresh ones.
+pub struct Tasks(pub Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
 // === Bare namespaces ===
 
 /// A network namespace of its own with only `lo` (up), deleted on drop even when a test fails.
