@@ -1,10 +1,20 @@
-//! The accept side: classify accept(2) errors and back off on resource exhaustion.
-use std::{io, time::Duration};
+//! The accept side: classify accept(2) errors; out of descriptors, refuse clients at once.
+use std::{
+    fs::File,
+    io,
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll, Waker},
+    time::Duration,
+};
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use crate::addr::ClientAddr;
+use super::Stats;
+use crate::{addr::ClientAddr, relay};
 
 /// accept(2) failed in a way that retrying cannot fix (e.g. the socket is not listening).
 #[derive(Debug, thiserror::Error)]
@@ -14,43 +24,112 @@ pub struct AcceptError(#[source] pub io::Error);
 const BACKOFF_MIN: Duration = Duration::from_millis(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+/// A descriptor held in reserve, one per process. At EMFILE, closing it makes room to accept
+/// the waiting client and reset it: clients are refused at once instead of hanging in the
+/// backlog until descriptors free up (and a full backlog turns into SYN retries).
+static SPARE: Mutex<Option<File>> = Mutex::new(None);
+
+/// Whether the process is out of descriptors now: one warning per episode, not per client.
+static EXHAUSTED: AtomicBool = AtomicBool::new(false);
+
 /// Wraps a listener; `next()` yields clients and hides transient accept failures.
 #[derive(Debug)]
 pub(super) struct Acceptor<'a> {
     listener: &'a TcpListener,
+    stats: &'a Stats,
     backoff: Duration,
 }
 
 impl<'a> Acceptor<'a> {
-    pub(super) fn new(listener: &'a TcpListener) -> Self {
+    pub(super) fn new(listener: &'a TcpListener, stats: &'a Stats) -> Self {
+        restock_spare();
         Self {
             listener,
+            stats,
             backoff: Duration::ZERO,
         }
     }
 
-    /// The next client. On EMFILE/ENFILE/ENOBUFS/ENOMEM it sleeps with exponential backoff
-    /// (5 ms up to 1 s) instead of spinning: the pending client stays in the backlog.
+    /// The next client. Out of descriptors (EMFILE, ENFILE), pending clients are accepted
+    /// with the spare descriptor's room and reset; when that cannot be done, and on ENOBUFS
+    /// or ENOMEM, it sleeps with exponential backoff (5 ms up to 1 s) instead of spinning.
     pub(super) async fn next(&mut self) -> Result<(TcpStream, ClientAddr), AcceptError> {
         loop {
             match self.listener.accept().await {
                 Ok((stream, addr)) => {
                     self.backoff = Duration::ZERO;
+                    restock_spare();
                     return Ok((stream, ClientAddr(addr)));
                 }
                 Err(e) => match classify(&e) {
                     Class::PerConnection => debug!(error = %e, "client vanished during accept"),
-                    Class::Exhausted => {
-                        self.backoff = (self.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
-                        warn!(error = %e, backoff = ?self.backoff, "accept failed, backing off");
-                        // Boxed: the timer is rare, and a thousand idle listeners would
-                        // each carry its room otherwise.
-                        Box::pin(tokio::time::sleep(self.backoff)).await;
+                    Class::Descriptors => {
+                        out_of_descriptors(&e);
+                        if self.refuse_one() {
+                            self.stats.out_of_descriptors();
+                            continue;
+                        }
+                        self.back_off(&e).await;
                     }
+                    Class::Memory => self.back_off(&e).await,
                     Class::Fatal => return Err(AcceptError(e)),
                 },
             }
         }
+    }
+
+    /// Gives up the spare descriptor to accept one waiting client, resets it, and takes the
+    /// spare back. False if there was no spare or no client (or another thread took the
+    /// freed slot first).
+    fn refuse_one(&self) -> bool {
+        let mut spare = SPARE.lock().unwrap_or_else(PoisonError::into_inner);
+        if spare.take().is_none() {
+            return false;
+        }
+        // One non-blocking try: the listener was readable a moment ago.
+        let mut cx = Context::from_waker(Waker::noop());
+        let refused = match self.listener.poll_accept(&mut cx) {
+            Poll::Ready(Ok((stream, addr))) => {
+                debug!(client.addr = %addr, "refused: out of file descriptors");
+                relay::abort_stream(stream);
+                true
+            }
+            _ => false,
+        };
+        *spare = File::open("/dev/null").ok();
+        refused
+    }
+
+    async fn back_off(&mut self, e: &io::Error) {
+        self.backoff = (self.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
+        debug!(error = %e, backoff = ?self.backoff, "accept failed, backing off");
+        // Boxed: the timer is rare, and a thousand idle listeners would each carry its room
+        // otherwise.
+        Box::pin(tokio::time::sleep(self.backoff)).await;
+    }
+}
+
+/// Logs the start of an episode without descriptors (accept or connect failed with EMFILE
+/// or ENFILE), once.
+pub(super) fn out_of_descriptors(e: &io::Error) {
+    if !EXHAUSTED.swap(true, Ordering::Relaxed) {
+        warn!(error = %e, "out of file descriptors: resetting new clients until some are free");
+    }
+}
+
+/// Logs the end of the episode, once: a client was accepted and connected to its target.
+pub(super) fn served() {
+    if EXHAUSTED.load(Ordering::Relaxed) && EXHAUSTED.swap(false, Ordering::Relaxed) {
+        info!("file descriptors available again, serving new clients");
+    }
+}
+
+/// Takes the spare descriptor if the process has none (at start, or after an episode in
+/// which it could not be taken back).
+fn restock_spare() {
+    let mut spare = SPARE.lock().unwrap_or_else(PoisonError::into_inner);
+    if spare.is_none() {
+        *spare = File::open("/dev/null").ok();
     }
 }
 
@@ -58,14 +137,17 @@ impl<'a> Acceptor<'a> {
 enum Class {
     /// The pending connection died; the listener is fine.
     PerConnection,
-    /// Out of descriptors or memory: retry later.
-    Exhausted,
+    /// Out of descriptors: refuse what waits, retry later.
+    Descriptors,
+    /// Out of memory: retry later.
+    Memory,
     Fatal,
 }
 
 fn classify(e: &io::Error) -> Class {
     match e.raw_os_error() {
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => Class::Exhausted,
+        Some(libc::EMFILE | libc::ENFILE) => Class::Descriptors,
+        Some(libc::ENOBUFS | libc::ENOMEM) => Class::Memory,
         Some(
             libc::ECONNABORTED
             | libc::ECONNRESET
@@ -87,7 +169,8 @@ mod tests {
     #[test]
     fn classifies_accept_errors() {
         let e = |n| io::Error::from_raw_os_error(n);
-        assert_eq!(classify(&e(libc::EMFILE)), Class::Exhausted);
+        assert_eq!(classify(&e(libc::EMFILE)), Class::Descriptors);
+        assert_eq!(classify(&e(libc::ENOMEM)), Class::Memory);
         assert_eq!(classify(&e(libc::ECONNABORTED)), Class::PerConnection);
         assert_eq!(classify(&e(libc::EBADF)), Class::Fatal);
     }
@@ -99,14 +182,14 @@ mod tests {
     /// failed to build its runtime with EMFILE): the test runs in a child process of its own,
     /// this test binary run with only it selected.
     #[test]
-    fn backs_off_on_emfile_instead_of_spinning() {
+    fn resets_clients_at_once_out_of_descriptors_and_recovers() {
         if std::env::var_os(EMFILE_CHILD).is_some() {
             return emfile_in_this_process();
         }
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
-                "forward::accept::tests::backs_off_on_emfile_instead_of_spinning",
+                "forward::accept::tests::resets_clients_at_once_out_of_descriptors_and_recovers",
                 "--test-threads=1",
             ])
             .env(EMFILE_CHILD, "1")
@@ -136,26 +219,34 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            // Exhaust the descriptors so accept() fails with EMFILE, and check that the
-            // acceptor keeps the client pending, then serves it once descriptors are free.
+            // Exhaust the descriptors so that accept() fails with EMFILE: the waiting client
+            // is reset at once (not left in the backlog), and once descriptors are free
+            // again the next client is served.
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
-            let mut acceptor = Acceptor::new(&listener);
-            let _client = std::net::TcpStream::connect(addr).unwrap();
+            let stats = Stats::default();
+            let mut acceptor = Acceptor::new(&listener, &stats);
+            let mut refused = std::net::TcpStream::connect(addr).unwrap();
 
             let mut hog = Vec::new();
             while let Ok(f) = std::fs::File::open("/dev/null") {
                 hog.push(f);
             }
-            let pending = tokio::time::timeout(Duration::from_millis(50), acceptor.next()).await;
-            assert!(
-                pending.is_err(),
-                "accept should not succeed without descriptors"
-            );
-            assert!(acceptor.backoff >= BACKOFF_MIN, "backoff should have grown");
+            let pending = tokio::time::timeout(Duration::from_millis(200), acceptor.next()).await;
+            assert!(pending.is_err(), "accepted without descriptors");
+            assert_eq!(stats.snapshot().errors_total(), 1, "the refusal is counted");
+            refused
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let e = std::io::Read::read(&mut refused, &mut [0; 1]).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
             drop(hog);
+            let _served = std::net::TcpStream::connect(addr).unwrap();
             let (_stream, client) = acceptor.next().await.unwrap();
             assert!(client.get().ip().is_loopback());
+            assert!(EXHAUSTED.load(Ordering::Relaxed), "not served yet");
+            served();
+            assert!(!EXHAUSTED.load(Ordering::Relaxed), "the episode ended");
         });
     }
 }

@@ -14,6 +14,10 @@ pub enum ConnectError {
     Timeout(TargetAddr, Duration),
     #[error("{0} is unreachable: {1}")]
     Unreachable(TargetAddr, #[source] io::Error),
+    /// berth is out of file descriptors (or the host is): the client is refused like one
+    /// beyond the connection limit.
+    #[error("no descriptor left to connect to {0}: {1}")]
+    Descriptors(TargetAddr, #[source] io::Error),
     #[error("failed to connect to {0}: {1}")]
     Other(TargetAddr, #[source] io::Error),
 }
@@ -24,6 +28,7 @@ impl ConnectError {
             Self::Refused(_) => "refused",
             Self::Timeout(..) => "timeout",
             Self::Unreachable(..) => "unreachable",
+            Self::Descriptors(..) => "descriptors",
             Self::Other(..) => "other",
         }
     }
@@ -39,6 +44,7 @@ pub async fn connect(target: TargetAddr, timeout: Duration) -> Result<TcpStream,
                 Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::ETIMEDOUT) => {
                     ConnectError::Unreachable(target, e)
                 }
+                Some(libc::EMFILE | libc::ENFILE) => ConnectError::Descriptors(target, e),
                 _ => ConnectError::Other(target, e),
             });
         }

@@ -6,6 +6,8 @@
 
 mod accept;
 mod connect;
+mod idle;
+mod per_client;
 mod stats;
 
 use std::{future::Future, sync::Arc, time::Duration};
@@ -20,6 +22,7 @@ use tracing::{Instrument as _, debug, debug_span, info, warn};
 pub use connect::{ConnectError, connect};
 pub use stats::{DURATION_BUCKETS, Snapshot, Stats};
 
+use self::per_client::PerClient;
 use crate::{
     addr::{ClientAddr, TargetAddr},
     relay::{self, Meter, Pump},
@@ -35,6 +38,10 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Connections relayed at once; clients beyond it are reset at once.
     pub max_connections: usize,
+    /// Connections one client address may hold at once; clients beyond it are reset at once.
+    pub max_connections_per_client: Option<usize>,
+    /// A connection that moves no byte either way for this long is reset.
+    pub idle_timeout: Option<Duration>,
     /// After shutdown, how long established connections may run before they are closed.
     pub drain_timeout: Duration,
 }
@@ -50,6 +57,8 @@ impl Config {
             pump: Pump::Splice,
             connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
             max_connections: Self::DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_client: None,
+            idle_timeout: None,
             drain_timeout: Self::DEFAULT_DRAIN_TIMEOUT,
         }
     }
@@ -105,8 +114,9 @@ pub async fn serve(
 ) -> Result<(), accept::AcceptError> {
     let config = Arc::new(config);
     let limit = Arc::new(Semaphore::new(config.max_connections));
+    let per_client = config.max_connections_per_client.map(PerClient::new);
     let mut conns = JoinSet::new();
-    let mut accept = accept::Acceptor::new(&listener);
+    let mut accept = accept::Acceptor::new(&listener, &stats);
     // Logged once per episode of being at the limit, not once per refused client.
     let mut at_limit = false;
     // For the connections; `phase` itself is borrowed by the loop's select.
@@ -139,6 +149,20 @@ pub async fn serve(
                     info!(limit = config.max_connections, "below the connection limit again");
                     at_limit = false;
                 }
+                let slot = match &per_client {
+                    None => None,
+                    Some(table) => {
+                        let Some(slot) = table.admit(client.get().ip()) else {
+                            // Per episode would need a log entry per client: debug only,
+                            // the metric counts them.
+                            debug!(client.addr = %client, "refused: connections per client limit");
+                            stats.client_limit_reached();
+                            relay::abort_stream(stream);
+                            continue;
+                        };
+                        Some(slot)
+                    }
+                };
                 let config = config.clone();
                 let stats = stats.clone();
                 let phase = conn_phase.clone();
@@ -149,7 +173,7 @@ pub async fn serve(
                         stats.opened();
                         handle(stream, client, &config, &stats, phase).await;
                         stats.closed(opened.elapsed());
-                        drop(permit);
+                        drop((permit, slot));
                     }
                     .instrument(span),
                 );
@@ -191,7 +215,18 @@ async fn handle(
         }
     };
     let target = match connected {
-        Ok(t) => t,
+        Ok(t) => {
+            accept::served();
+            t
+        }
+        Err(ConnectError::Descriptors(_, e)) => {
+            // One warning per episode, not one per client.
+            accept::out_of_descriptors(&e);
+            debug!(client.addr = %client_addr, error = %e, "refused: out of file descriptors");
+            stats.connect_failed("descriptors");
+            relay::abort_stream(client);
+            return;
+        }
         Err(e) => {
             warn!(client.addr = %client_addr, target = %config.target, error = %e, "cannot reach target, closing client");
             stats.connect_failed(e.reason());
@@ -200,7 +235,22 @@ async fn handle(
         }
     };
     let meter = Meter::with_totals(stats.totals());
-    let cut = until(&mut phase, |p| p == Phase::Cut);
+    let cut = async {
+        let idle = async {
+            match config.idle_timeout {
+                Some(timeout) => {
+                    idle::silent_for(&meter, timeout).await;
+                    debug!(?timeout, "idle, resetting");
+                    stats.idle_closed();
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = until(&mut phase, |p| p == Phase::Cut) => {}
+            () = idle => {}
+        }
+    };
     match relay::run(client, target, &config.pump, &meter, cut).await {
         Ok(t) => debug!(
             to_target = t.to_target,

@@ -22,6 +22,9 @@ pub struct Stats {
     unreachable: AtomicU64,
     other: AtomicU64,
     limit: AtomicU64,
+    client_limit: AtomicU64,
+    descriptors: AtomicU64,
+    idle: AtomicU64,
     /// One count per bucket of [`DURATION_BUCKETS`] plus one for longer ones (not cumulative).
     durations: [AtomicU64; DURATION_BUCKETS.len() + 1],
     duration_micros: AtomicU64,
@@ -37,7 +40,9 @@ pub struct Snapshot {
     pub bytes_to_target: u64,
     pub bytes_to_client: u64,
     /// Clients that could not be served, by reason (the `reason` label of the metric).
-    pub errors: [(&'static str, u64); 5],
+    pub errors: [(&'static str, u64); 7],
+    /// Connections reset by the idle timeout.
+    pub idle_closed: u64,
     /// Cumulative counts for each of [`DURATION_BUCKETS`], the total count and sum (seconds).
     pub duration_buckets: Vec<(f64, u64)>,
     pub duration_count: u64,
@@ -72,8 +77,11 @@ impl Stats {
                 ("timeout", self.timeout.load(Relaxed)),
                 ("unreachable", self.unreachable.load(Relaxed)),
                 ("limit", self.limit.load(Relaxed)),
+                ("client_limit", self.client_limit.load(Relaxed)),
+                ("descriptors", self.descriptors.load(Relaxed)),
                 ("other", self.other.load(Relaxed)),
             ],
+            idle_closed: self.idle.load(Relaxed),
             duration_buckets,
             duration_count,
             duration_sum: self.duration_micros.load(Relaxed) as f64 / 1e6,
@@ -108,11 +116,24 @@ impl Stats {
         self.limit.fetch_add(1, Relaxed);
     }
 
+    pub(super) fn client_limit_reached(&self) {
+        self.client_limit.fetch_add(1, Relaxed);
+    }
+
+    pub(super) fn out_of_descriptors(&self) {
+        self.descriptors.fetch_add(1, Relaxed);
+    }
+
+    pub(super) fn idle_closed(&self) {
+        self.idle.fetch_add(1, Relaxed);
+    }
+
     pub(super) fn connect_failed(&self, reason: &str) {
         let counter = match reason {
             "refused" => &self.refused,
             "timeout" => &self.timeout,
             "unreachable" => &self.unreachable,
+            "descriptors" => &self.descriptors,
             _ => &self.other,
         };
         counter.fetch_add(1, Relaxed);

@@ -135,6 +135,8 @@ impl Running {
                     pump,
                     connect_timeout: spec.connect_timeout,
                     max_connections: spec.max_connections,
+                    max_connections_per_client: spec.max_connections_per_client,
+                    idle_timeout: spec.tcp_idle_timeout,
                     drain_timeout: Duration::ZERO,
                 };
                 let release = move || {

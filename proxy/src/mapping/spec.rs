@@ -95,6 +95,12 @@ pub struct Spec {
     pub max_connections: usize,
     /// TCP: how long to wait for the target to accept.
     pub connect_timeout: Duration,
+    /// TCP: connections one client address may hold at once (`None`: no cap but
+    /// `max_connections`); clients beyond it are reset at once.
+    pub max_connections_per_client: Option<usize>,
+    /// TCP: a connection that moves no byte either way for this long is reset (`None`: never,
+    /// as docker-proxy).
+    pub tcp_idle_timeout: Option<Duration>,
     /// UDP: a flow idle this long closes.
     pub udp_idle_timeout: Duration,
     /// UDP: flows open at once; a new client beyond it evicts the least recently used.
@@ -133,6 +139,10 @@ pub struct Draft {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connect_timeout: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_client: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_idle_timeout: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub udp_idle_timeout: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_flows: Option<i64>,
@@ -153,6 +163,10 @@ pub struct Options {
     pub max_connections: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connect_timeout: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_client: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_idle_timeout: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub udp_idle_timeout: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -223,6 +237,8 @@ impl Defaults {
             mode,
             max_connections: options.max_connections.filter(|_| tcp),
             connect_timeout: options.connect_timeout.filter(|_| tcp),
+            max_connections_per_client: options.max_connections_per_client.filter(|_| tcp),
+            tcp_idle_timeout: options.tcp_idle_timeout.filter(|_| tcp),
             udp_idle_timeout: options.udp_idle_timeout.filter(|_| !tcp),
             max_flows: options.max_flows.filter(|_| !tcp),
             udp_batch: options.udp_batch.filter(|_| !tcp),
@@ -247,6 +263,8 @@ impl Draft {
             mode: self.mode.clone(),
             max_connections: self.max_connections,
             connect_timeout: self.connect_timeout,
+            max_connections_per_client: self.max_connections_per_client,
+            tcp_idle_timeout: self.tcp_idle_timeout,
             udp_idle_timeout: self.udp_idle_timeout,
             max_flows: self.max_flows,
             udp_batch: self.udp_batch,
@@ -306,6 +324,8 @@ impl Draft {
             mode: checked.mode,
             max_connections: checked.max_connections,
             connect_timeout: checked.connect_timeout,
+            max_connections_per_client: checked.max_connections_per_client,
+            tcp_idle_timeout: checked.tcp_idle_timeout,
             udp_idle_timeout: checked.udp_idle_timeout,
             max_flows: checked.max_flows,
             udp_batch: checked.udp_batch,
@@ -366,6 +386,12 @@ fn check_protocol_fit(o: &Options, proto: Proto) -> Result<(), FieldError> {
     };
     only("max_connections", o.max_connections.is_some(), Proto::Tcp)?;
     only("connect_timeout", o.connect_timeout.is_some(), Proto::Tcp)?;
+    only(
+        "max_connections_per_client",
+        o.max_connections_per_client.is_some(),
+        Proto::Tcp,
+    )?;
+    only("tcp_idle_timeout", o.tcp_idle_timeout.is_some(), Proto::Tcp)?;
     only("udp_idle_timeout", o.udp_idle_timeout.is_some(), Proto::Udp)?;
     only("max_flows", o.max_flows.is_some(), Proto::Udp)?;
     only("udp_batch", o.udp_batch.is_some(), Proto::Udp)
@@ -376,6 +402,10 @@ fn merge(own: &Options, defaults: &Options) -> Options {
         mode: own.mode.clone().or_else(|| defaults.mode.clone()),
         max_connections: own.max_connections.or(defaults.max_connections),
         connect_timeout: own.connect_timeout.or(defaults.connect_timeout),
+        max_connections_per_client: own
+            .max_connections_per_client
+            .or(defaults.max_connections_per_client),
+        tcp_idle_timeout: own.tcp_idle_timeout.or(defaults.tcp_idle_timeout),
         udp_idle_timeout: own.udp_idle_timeout.or(defaults.udp_idle_timeout),
         max_flows: own.max_flows.or(defaults.max_flows),
         udp_batch: own.udp_batch.or(defaults.udp_batch),
@@ -386,6 +416,8 @@ struct Checked {
     mode: ModeChoice,
     max_connections: usize,
     connect_timeout: Duration,
+    max_connections_per_client: Option<usize>,
+    tcp_idle_timeout: Option<Duration>,
     udp_idle_timeout: Duration,
     max_flows: usize,
     udp_batch: usize,
@@ -415,6 +447,11 @@ fn check_options(o: &Options, proto: Proto) -> Result<Checked, FieldError> {
             o.connect_timeout,
             forward::Config::DEFAULT_CONNECT_TIMEOUT,
         )?,
+        max_connections_per_client: o
+            .max_connections_per_client
+            .map(|n| count("max_connections_per_client", Some(n), 0, Spec::MAX_COUNT))
+            .transpose()?,
+        tcp_idle_timeout: idle_timeout(o.tcp_idle_timeout)?,
         udp_idle_timeout: seconds(
             "udp_idle_timeout",
             o.udp_idle_timeout,
@@ -455,6 +492,24 @@ fn seconds(field: &'static str, v: Option<f64>, default: Duration) -> Result<Dur
         None => Ok(default),
         Some(v) => secs(v).map_err(|why| FieldError::new(field, why)),
     }
+}
+
+/// `tcp_idle_timeout`: 0 (the same as leaving it out) turns it off, so that a mapping can
+/// opt out of a default. At least 2 seconds: a sockmap connection's byte counters move once
+/// a second, and a shorter timeout could cut busy connections.
+fn idle_timeout(v: Option<f64>) -> Result<Option<Duration>, FieldError> {
+    let Some(v) = v else { return Ok(None) };
+    let d = secs(v).map_err(|why| FieldError::new("tcp_idle_timeout", why))?;
+    if d.is_zero() {
+        return Ok(None);
+    }
+    if d < Duration::from_secs(2) {
+        return Err(FieldError::new(
+            "tcp_idle_timeout",
+            format!("{v} is under 2 seconds (0 turns the timeout off)"),
+        ));
+    }
+    Ok(Some(d))
 }
 
 /// A number of seconds from 0 to 10^9.
@@ -549,6 +604,40 @@ mod tests {
         // A relay mode as default is fine: UDP mappings simply keep auto.
         Defaults::new(serde_json::from_str(r#"{"mode":"sockmap"}"#).unwrap()).unwrap();
         assert!(serde_json::from_str::<Options>(r#"{"listen":"0.0.0.0:1"}"#).is_err());
+    }
+
+    #[test]
+    fn client_cap_and_idle_timeout_are_tcp_options_off_by_default() {
+        let none = Defaults::default();
+        let tcp = draft(&format!("{{{TCP}}}")).resolve(&none).unwrap();
+        assert_eq!(
+            (tcp.max_connections_per_client, tcp.tcp_idle_timeout),
+            (None, None)
+        );
+        let d = defaults(r#"{"max_connections_per_client":4,"tcp_idle_timeout":300}"#);
+        let tcp = draft(&format!("{{{TCP}}}")).resolve(&d).unwrap();
+        assert_eq!(tcp.max_connections_per_client, Some(4));
+        assert_eq!(tcp.tcp_idle_timeout, Some(Duration::from_secs(300)));
+        // 0 opts out of a default timeout.
+        let off = draft(&format!("{{{TCP},\"tcp_idle_timeout\":0}}"))
+            .resolve(&d)
+            .unwrap();
+        assert_eq!(off.tcp_idle_timeout, None);
+        let err = |json: String| draft(&json).resolve(&none).unwrap_err().to_string();
+        assert_eq!(
+            err(format!("{{{TCP},\"tcp_idle_timeout\":0.5}}")),
+            "tcp_idle_timeout: 0.5 is under 2 seconds (0 turns the timeout off)"
+        );
+        assert_eq!(
+            err(format!("{{{TCP},\"max_connections_per_client\":0}}")),
+            "max_connections_per_client: 0 is not a number from 1 to 10000000"
+        );
+        assert_eq!(
+            err(format!("{{{UDP},\"tcp_idle_timeout\":5}}")),
+            "tcp_idle_timeout: applies to tcp mappings only"
+        );
+        // UDP mappings ignore the TCP defaults.
+        draft(&format!("{{{UDP}}}")).resolve(&d).unwrap();
     }
 
     #[test]

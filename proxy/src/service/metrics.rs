@@ -38,6 +38,7 @@ struct Families {
     active: IntGaugeVec,
     bytes: IntCounterVec,
     errors: IntCounterVec,
+    idle_closed: IntCounterVec,
     flows_active: IntGaugeVec,
     flows_created: IntCounterVec,
     flows_expired: IntCounterVec,
@@ -79,8 +80,13 @@ impl Families {
             ),
             errors: counter(
                 "berth_connect_errors_total",
-                "TCP clients not served, by reason (refused, timeout, unreachable, limit, other).",
+                "TCP clients not served, by reason (refused, timeout, unreachable, limit, client_limit, descriptors, other).",
                 &["reason"],
+            ),
+            idle_closed: counter(
+                "berth_connections_idle_closed_total",
+                "TCP connections reset by the idle timeout.",
+                &[],
             ),
             flows_active: gauge("berth_udp_flows_active", "UDP flows open now.", &[]),
             flows_created: counter("berth_udp_flows_total", "UDP flows opened.", &[]),
@@ -142,13 +148,14 @@ impl Families {
         }
     }
 
-    fn collectors(&self) -> [&dyn Collector; 18] {
+    fn collectors(&self) -> [&dyn Collector; 19] {
         [
             &self.info,
             &self.connections,
             &self.active,
             &self.bytes,
             &self.errors,
+            &self.idle_closed,
             &self.flows_active,
             &self.flows_created,
             &self.flows_expired,
@@ -202,6 +209,7 @@ impl Families {
                 for (reason, n) in s.errors {
                     count(&self.errors, &[reason], n);
                 }
+                count(&self.idle_closed, &[], s.idle_closed);
             }
             RelayCounters::Udp(s) => {
                 let s = s.snapshot();

@@ -63,6 +63,14 @@ pub(crate) struct ForwardArgs {
     /// TCP: connections relayed at once; further clients are reset at once [default: 10000].
     #[arg(long)]
     max_connections: Option<i64>,
+    /// TCP: connections one client address may hold at once; its further clients are reset
+    /// at once [default: no cap but --max-connections].
+    #[arg(long)]
+    max_connections_per_client: Option<i64>,
+    /// TCP: seconds without a byte in either direction after which a connection is reset;
+    /// at least 2, 0 for none [default: none].
+    #[arg(long)]
+    tcp_idle_timeout: Option<f64>,
     /// Seconds that open connections may still run after SIGINT/SIGTERM.
     #[arg(long, default_value_t = forward::Config::DEFAULT_DRAIN_TIMEOUT.as_secs_f64(), value_parser = parse_secs)]
     drain_timeout: f64,
@@ -131,6 +139,8 @@ pub(crate) async fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
         mode: args.mode,
         max_connections: args.max_connections,
         connect_timeout: args.connect_timeout,
+        max_connections_per_client: args.max_connections_per_client,
+        tcp_idle_timeout: args.tcp_idle_timeout,
         udp_idle_timeout: args.udp_idle_timeout,
         max_flows: args.max_flows,
         udp_batch: args.udp_batch,

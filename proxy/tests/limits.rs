@@ -1,0 +1,260 @@
+//! Clients that cannot starve the others: the per-client connection cap, the TCP idle
+//! timeout (relay and sockmap), and a process out of file descriptors that refuses new
+//! clients at once, keeps its connections and recovers by itself.
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking, with the stack trace"
+)]
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::SocketAddr,
+    os::unix::process::CommandExt as _,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use common::{
+    HANG,
+    daemon::{Berth, Dir, find_sample, free_addr, mapping, scrape},
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpSocket, TcpStream},
+    time::{Instant, timeout},
+};
+
+/// An echo server on loopback; it runs until the test's runtime ends.
+async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A client of `to` from source address `from` (any if `None`): `Some` once a round trip went
+/// through the relay, `None` if berth reset the connection instead (at connect already, or
+/// at the first bytes). Anything else fails the test.
+async fn served(from: Option<&str>, to: SocketAddr) -> Option<TcpStream> {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{}:0", from.unwrap_or("0.0.0.0")).parse().unwrap())
+        .unwrap();
+    let mut s = match timeout(HANG, sock.connect(to)).await.unwrap() {
+        Ok(s) => s,
+        Err(e) => return refusal(e),
+    };
+    let sent: [u8; 16] = rand::random();
+    if let Err(e) = s.write_all(&sent).await {
+        return refusal(e);
+    }
+    let mut got = [0; 16];
+    match timeout(HANG, s.read_exact(&mut got)).await {
+        Err(_) => panic!("neither an answer nor a refusal within {HANG:?}"),
+        Ok(Err(e)) => refusal(e),
+        Ok(Ok(_)) => {
+            assert_eq!(got, sent);
+            Some(s)
+        }
+    }
+}
+
+/// berth refuses with a reset: a FIN would look like a served, finished connection.
+fn refusal(e: std::io::Error) -> Option<TcpStream> {
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    None
+}
+
+/// Whether an open connection still answers.
+async fn echoes(s: &mut TcpStream) -> bool {
+    let sent: [u8; 16] = rand::random();
+    if s.write_all(&sent).await.is_err() {
+        return false;
+    }
+    let mut got = [0; 16];
+    matches!(timeout(HANG, s.read_exact(&mut got)).await, Ok(Ok(_))) && got == sent
+}
+
+/// Waits for berth to end `s` with a reset.
+async fn reset(s: &mut TcpStream) {
+    let r = timeout(HANG, s.read(&mut [0; 1])).await.unwrap();
+    match r {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        Ok(n) => panic!("expected a reset, read {n} bytes"),
+    }
+}
+
+#[tokio::test]
+async fn a_client_beyond_its_cap_is_reset_and_other_clients_are_served() {
+    common::require_root();
+    let target = echo_server().await;
+    let (metrics, listen) = (free_addr(), free_addr());
+    let dir = Dir::new();
+    let berth = Berth::spawn(
+        &dir,
+        &format!(
+            "[metrics]\nlisten = \"{metrics}\"\n{}",
+            mapping("capped", listen, target, "max_connections_per_client = 2")
+        ),
+        None,
+        vec![],
+    );
+    berth.up().await;
+
+    let a = Some("127.0.0.2");
+    let a1 = served(a, listen).await.expect("first connection");
+    let mut a2 = served(a, listen).await.expect("second connection");
+    assert!(served(a, listen).await.is_none(), "a third connection");
+    // Another client is not affected by the first one's cap.
+    served(Some("127.0.0.3"), listen)
+        .await
+        .expect("another client");
+    // A slot comes back when a connection ends (berth sees the close a moment later).
+    drop(a1);
+    let mut refused = 1;
+    let deadline = Instant::now() + HANG;
+    loop {
+        if served(a, listen).await.is_some() {
+            break;
+        }
+        refused += 1;
+        assert!(Instant::now() < deadline, "the freed slot never came back");
+    }
+    assert!(echoes(&mut a2).await, "the held connection still works");
+    let m = scrape(metrics).await;
+    let refusals = find_sample(
+        &m,
+        "berth_connect_errors_total",
+        &["mapping=\"capped\"", "reason=\"client_limit\""],
+    );
+    assert_eq!(refusals, Some(f64::from(refused)));
+    berth.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_reset_and_a_busy_one_is_not() {
+    common::require_root();
+    let target = echo_server().await;
+    let metrics = free_addr();
+    let modes = ["splice", "sockmap"];
+    let listens: Vec<SocketAddr> = modes.iter().map(|_| free_addr()).collect();
+    let mut config = format!("[metrics]\nlisten = \"{metrics}\"\n");
+    for (mode, listen) in modes.iter().zip(&listens) {
+        config += &mapping(
+            mode,
+            *listen,
+            target,
+            &format!("mode = \"{mode}\"\ntcp_idle_timeout = 2"),
+        );
+    }
+    let dir = Dir::new();
+    let berth = Berth::spawn(&dir, &config, None, vec![]);
+    berth.up().await;
+
+    let timeout_secs = Duration::from_secs(2);
+    for (mode, listen) in modes.iter().zip(&listens) {
+        let mut idle = served(None, *listen).await.unwrap();
+        let mut busy = served(None, *listen).await.unwrap();
+        let quiet_since = Instant::now();
+        // The busy one talks every 300 ms for twice the timeout and is never cut.
+        let busy_task = tokio::spawn(async move {
+            let until = Instant::now() + 2 * timeout_secs;
+            while Instant::now() < until {
+                assert!(echoes(&mut busy).await, "a busy connection was cut");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        });
+        reset(&mut idle).await;
+        let silent = quiet_since.elapsed();
+        assert!(
+            silent >= timeout_secs,
+            "{mode}: reset after only {silent:?} of silence"
+        );
+        busy_task.await.unwrap();
+    }
+    let m = scrape(metrics).await;
+    for mode in modes {
+        let label = format!("mapping=\"{mode}\"");
+        let closed = find_sample(&m, "berth_connections_idle_closed_total", &[&label]);
+        assert_eq!(closed, Some(1.0), "{mode}");
+    }
+    berth.stop().await;
+}
+
+/// `berth forward` with a hard descriptor limit too low for the clients that come: the
+/// clients beyond it are reset at once (none hangs), the connections it has keep working, the
+/// episode is logged once, and new clients are served once descriptors free up. Here the
+/// descriptors run out when berth connects to the target (a client takes one descriptor to
+/// accept and more to relay); the accept side's reserve descriptor, for a process with none
+/// left at all, is covered by `forward::accept`'s unit test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_new_clients_are_reset_at_once_and_service_recovers() {
+    common::require_root();
+    let target = echo_server().await;
+    let listen = free_addr();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth"));
+    cmd.args(["forward", &listen.to_string(), &target.to_string()])
+        .env("BERTH_LOG", "info")
+        .stderr(Stdio::piped());
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 48, 48)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let log = BufReader::new(child.stderr.take().unwrap());
+    let berth = common::Guard(child);
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in log.lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    common::wait_listening(listen).await;
+
+    // Fill the table: connect until berth refuses.
+    let mut held = Vec::new();
+    while let Some(s) = served(None, listen).await {
+        held.push(s);
+        assert!(
+            held.len() < 48,
+            "berth served more connections than it has descriptors"
+        );
+    }
+    assert!(!held.is_empty(), "no connection fit");
+    // Every further client is refused at once; none is left waiting in the backlog.
+    let started = Instant::now();
+    for _ in 0..30 {
+        assert!(
+            served(None, listen).await.is_none(),
+            "served without descriptors"
+        );
+    }
+    let storm = started.elapsed();
+    assert!(storm < HANG / 2, "refusing 30 clients took {storm:?}");
+    for s in &mut held {
+        assert!(echoes(s).await, "a held connection stopped working");
+    }
+    // Recovery: half the connections end, and a new client is served.
+    held.truncate(held.len() / 2);
+    let deadline = Instant::now() + HANG;
+    while served(None, listen).await.is_none() {
+        assert!(Instant::now() < deadline, "berth never served again");
+    }
+    berth.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = berth.exited().await;
+    assert!(status.success(), "{status}");
+    let log: Vec<String> = lines.try_iter().collect();
+    let count = |needle: &str| log.iter().filter(|l| l.contains(needle)).count();
+    assert_eq!(count("out of file descriptors"), 1, "{log:#?}");
+    assert_eq!(count("file descriptors available again"), 1, "{log:#?}");
+}
