@@ -374,3 +374,51 @@ async fn datagrams_queued_before_the_mapping_starts_are_answered_from_the_bound_
         timeout(HANG, task).await.unwrap().unwrap().unwrap();
     }
 }
+
+/// The flow table's policy under a source-port spray (see `udp::flows`): one address
+/// sending from thousands of new ports churns through its own half of a full table, and the
+/// flows of the other clients are never replaced: each keeps its flow (the target sees the
+/// same source port throughout) and every one of its requests is answered.
+#[tokio::test]
+async fn a_client_spraying_source_ports_cannot_evict_the_other_flows() {
+    // The target answers with the address it sees (the flow's own socket).
+    let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let target = server.local_addr().unwrap();
+    let _server = tokio::spawn(async move {
+        let mut buf = [0u8; 64];
+        while let Ok((_, from)) = server.recv_from(&mut buf).await {
+            let _ = server.send_to(from.to_string().as_bytes(), from).await;
+        }
+    });
+    let mut config = Mapping::to(target);
+    config.max_flows = 32;
+    let m = Mapping::start("127.0.0.1:0", config);
+    let mut legit = Vec::new();
+    for i in 2..6 {
+        let c = client(&format!("127.0.0.{i}:0")).await;
+        let seen = String::from_utf8(round_trip(&c, m.addr, b"who").await.0).unwrap();
+        legit.push((c, seen));
+    }
+    let sprayed = 3_000;
+    for n in 1..=sprayed {
+        let spray = client("127.0.0.9:0").await;
+        spray.send_to(b"x", m.addr).await.unwrap();
+        if n % 250 == 0 {
+            for (c, seen) in &legit {
+                let now = String::from_utf8(round_trip(c, m.addr, b"who").await.0).unwrap();
+                assert_eq!(
+                    &now, seen,
+                    "a legitimate flow was replaced after {n} sprays"
+                );
+            }
+        }
+    }
+    // Some sprayed datagrams may overflow the socket's buffer; most make a flow.
+    let s = m.stats();
+    assert!(
+        s.flows_evicted > sprayed / 2,
+        "the sprayer churned through the table: {s:?}"
+    );
+    assert_eq!(s.flows_active, 32);
+    m.stop().await;
+}

@@ -71,3 +71,33 @@ async fn same_instant_entries_stay_distinct() {
     assert_eq!(t.expire(Instant::now()).len(), 500);
     assert!(t.is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_client_spraying_source_ports_replaces_only_its_own_flows() {
+    let max = 64;
+    let mut t = FlowTable::new(max, Duration::from_secs(90));
+    let legit: Vec<ClientAddr> = (1..=10)
+        .map(|i| ClientAddr(([10, 0, 1, i], 5353).into()))
+        .collect();
+    for &c in &legit {
+        t.insert(c, 0, Instant::now());
+    }
+    // The sprayer's flows are always the most recent: plain LRU would evict every
+    // legitimate flow within 64 datagrams.
+    let mut evicted_legit = 0;
+    for port in 0..10_000 {
+        advance(Duration::from_millis(1)).await;
+        if let Some((gone, _)) = t.insert(client(port), 1, Instant::now()) {
+            evicted_legit += usize::from(legit.contains(&gone));
+        }
+    }
+    assert_eq!(evicted_legit, 0);
+    assert!(legit.iter().all(|&c| t.touch(c, Instant::now()).is_some()));
+    assert_eq!(t.len(), max, "the sprayer filled the rest and churns in it");
+    // A new address still gets in (evicting the table's least recently used flow, a
+    // sprayer's): the table is full, not closed.
+    let newcomer = ClientAddr(([10, 0, 2, 1], 1).into());
+    let (gone, _) = t.insert(newcomer, 0, Instant::now()).unwrap();
+    assert_eq!(gone.get().ip(), client(0).get().ip());
+    assert!(t.share() == max / 2);
+}
