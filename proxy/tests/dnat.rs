@@ -13,179 +13,23 @@
 )]
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
-use berth::net::{self, ContainerSpec, Topology};
 use common::{
-    HANG, Tally, TestCgroup, TestNs, assert_mirrored,
-    daemon::{Berth, Dir, find_sample, scrape_in},
-    exchange, random_sizes, rng, serve_exchange, unique, wait_until,
+    HANG, TestNs, assert_mirrored,
+    daemon::{Dir, find_sample, scrape_in},
+    exchange, random_sizes, rng, wait_until,
 };
 use tokio::{
-    net::{TcpListener, TcpStream, UdpSocket},
-    sync::mpsc,
+    net::{TcpListener, UdpSocket},
     time::timeout,
 };
 
 use common::{
     EXT_CLIENT, EXT_HOST,
     bpf::{CGROUP_ATTACH_TYPES, cgroup_programs},
+    lab::Lab,
 };
-
-/// The host namespace with its bridge, containers, external client and cgroup.
-struct Lab {
-    topo: Topology,
-    host: TestNs,
-    ext: TestNs,
-    cgroup: TestCgroup,
-}
-
-impl Lab {
-    async fn up(containers: usize) -> Self {
-        let host = TestNs::create();
-        let ext = TestNs::create();
-        let cgroup = TestCgroup::create();
-        let specs: Vec<ContainerSpec> = (0..containers)
-            .map(|_| ContainerSpec {
-                name: unique("tc"),
-                addr: None,
-            })
-            .collect();
-        let topo =
-            Topology::resolve(Some(&unique("tb")), Some("10.77.0.0/24"), None, &specs).unwrap();
-        let lab = Self {
-            topo,
-            host,
-            ext,
-            cgroup,
-        };
-        let (topo, host_ns) = (lab.topo.clone(), lab.host.ns.clone());
-        tokio::task::spawn_blocking(move || {
-            host_ns
-                .run_async(|| async move { net::up(&topo).await.unwrap() })
-                .unwrap();
-        })
-        .await
-        .unwrap();
-        common::link_external(&lab.host, &lab.ext).await;
-        lab
-    }
-
-    fn container_ip(&self, i: usize) -> Ipv4Addr {
-        self.topo.containers[i].addr
-    }
-
-    /// `bind(container_ip:0)` run inside container `i`'s namespace.
-    fn bind_in<T: Send>(
-        &self,
-        i: usize,
-        bind: impl FnOnce(SocketAddr) -> std::io::Result<T> + Send,
-    ) -> T {
-        let addr = SocketAddr::from((self.container_ip(i), 0));
-        net::NetNs::named(&self.topo.containers[i].name)
-            .run(|| bind(addr))
-            .unwrap()
-            .unwrap()
-    }
-
-    /// A TCP server in container `i` that reports, per connection, the peer it saw and the
-    /// checksummed exchange.
-    fn tcp_server(
-        &self,
-        i: usize,
-    ) -> (
-        SocketAddr,
-        mpsc::UnboundedReceiver<(SocketAddr, u64, Tally)>,
-    ) {
-        let std = self.bind_in(i, std::net::TcpListener::bind);
-        std.set_nonblocking(true).unwrap();
-        let listener = TcpListener::from_std(std).unwrap();
-        let local = listener.local_addr().unwrap();
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Ok((stream, peer)) = listener.accept().await {
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    if let Ok((id, tally)) = serve_exchange(stream).await {
-                        let _ = tx.send((peer, id, tally));
-                    }
-                });
-            }
-        });
-        (local, rx)
-    }
-
-    /// A UDP server in container `i` that answers each datagram with the sender's address.
-    fn udp_server(&self, i: usize) -> SocketAddr {
-        let std = self.bind_in(i, std::net::UdpSocket::bind);
-        std.set_nonblocking(true).unwrap();
-        let sock = UdpSocket::from_std(std).unwrap();
-        let local = sock.local_addr().unwrap();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 65_536];
-            while let Ok((n, from)) = sock.recv_from(&mut buf).await {
-                let mut reply = buf[..n].to_vec();
-                reply.extend_from_slice(format!(" from {from}").as_bytes());
-                let _ = sock.send_to(&reply, from).await;
-            }
-        });
-        local
-    }
-
-    /// A TCP connection from the external client namespace.
-    async fn ext_connect(&self, addr: SocketAddr) -> TcpStream {
-        let sock = self
-            .ext
-            .ns
-            .run(|| tokio::net::TcpSocket::new_v4().unwrap())
-            .unwrap();
-        timeout(HANG, sock.connect(addr)).await.unwrap().unwrap()
-    }
-
-    /// A TCP socket of a local client: in the host namespace and in the test's cgroup.
-    fn local_socket(&self, v6: bool) -> tokio::net::TcpSocket {
-        self.host
-            .ns
-            .run(|| {
-                self.cgroup.run(|| {
-                    if v6 {
-                        tokio::net::TcpSocket::new_v6().unwrap()
-                    } else {
-                        tokio::net::TcpSocket::new_v4().unwrap()
-                    }
-                })
-            })
-            .unwrap()
-    }
-
-    fn berth(&self, dir: &Dir, config: &str) -> Berth {
-        Berth::spawn_in(&self.host.ns, dir, config)
-    }
-
-    fn config(&self, extra: &str, mappings: &[(&str, &str, SocketAddr, SocketAddr)]) -> String {
-        let mut c = format!(
-            "[metrics]\nenabled = false\n[dnat]\ncgroup = \"{}\"\nclosing_timeout = 0.2\nudp_timeout = 0.5\n{extra}\n",
-            self.cgroup.0.display()
-        );
-        for (name, proto, listen, target) in mappings {
-            c.push_str(&format!(
-                "[[mapping]]\nname = \"{name}\"\nproto = \"{proto}\"\nlisten = \"{listen}\"\ntarget = \"{target}\"\nmode = \"dnat\"\n"
-            ));
-        }
-        c
-    }
-
-    /// Programs attached at `iface`'s TC ingress (TCX) in the host namespace, by name.
-    fn tc_programs(&self, iface: &str) -> Vec<String> {
-        common::bpf::tc_programs(&self.host.ns, iface)
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        common::tear_down(&self.topo, Some(self.host.ns.clone()));
-    }
-}
 
 fn scratch() -> Dir {
     Dir::new()

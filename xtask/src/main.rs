@@ -4,6 +4,7 @@ mod demo;
 mod exec;
 mod install;
 mod setup;
+mod soak;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +33,9 @@ enum Command {
     },
     /// setup, build, then show a port mapped into a container namespace, and tear it down.
     Demo,
+    /// Run berth under a mixed load in test namespaces for a while and fail if its memory,
+    /// descriptors, threads, BPF map entries or socket memory keep growing.
+    Soak(soak::SoakArgs),
     /// Install the contenders, build in release mode, and run the forwarding benchmark.
     Bench(bench::BenchArgs),
     /// Build in release mode and install the binaries, the systemd units and an example
@@ -47,6 +51,7 @@ fn main() -> anyhow::Result<()> {
             cargo_test_args,
         } => test::run(quick, &cargo_test_args),
         Command::Demo => demo::run(),
+        Command::Soak(args) => soak::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Install(args) => install::run(&args),
     }

@@ -1,6 +1,9 @@
 //! What kernel mode left in the kernel, for the tests that check it: programs on a TC hook or
 //! a cgroup, and entries in the conntrack maps.
-use std::{os::fd::AsRawFd as _, path::Path};
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::Path,
+};
 
 use berth::net::NetNs;
 
@@ -67,19 +70,61 @@ pub fn all_cgroup_programs(cgroup: &Path) -> u32 {
 
 /// Entries in kernel mode's conntrack maps (every berth's: a test binary runs alone).
 pub fn conntrack_entries() -> usize {
-    use berth_common::dnat::{Flow, FlowKey};
-    type Raw = aya::maps::HashMap<
-        aya::maps::MapData,
-        [u8; std::mem::size_of::<FlowKey>()],
-        [u8; std::mem::size_of::<Flow>()],
-    >;
+    map_entries("BERTH_DNAT_CT")
+}
+
+/// Entries in every loaded map named `name` (the kernel keeps 15 characters of a name),
+/// counted with BPF_MAP_GET_NEXT_KEY whatever the map's type and key.
+pub fn map_entries(name: &str) -> usize {
     aya::maps::loaded_maps()
         .filter_map(Result::ok)
-        .filter(|m| m.name_as_str() == Some("BERTH_DNAT_CT"))
+        .filter(|m| m.name_as_str() == Some(name))
         .map(|m| {
-            let data = aya::maps::MapData::from_id(m.id()).unwrap();
-            let map = Raw::try_from(aya::maps::Map::LruHashMap(data)).unwrap();
-            map.keys().count()
+            // A map that went away since the listing has no entries.
+            let Ok(data) = aya::maps::MapData::from_id(m.id()) else {
+                return 0;
+            };
+            count_keys(data.fd().as_fd().as_raw_fd(), m.key_size() as usize)
         })
         .sum()
+}
+
+fn count_keys(fd: std::os::fd::RawFd, key_size: usize) -> usize {
+    #[repr(C)]
+    struct NextKey {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        next_key: u64,
+    }
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    let mut key = vec![0u8; key_size];
+    let mut next = vec![0u8; key_size];
+    let mut first = true;
+    let mut n = 0;
+    loop {
+        let mut attr = NextKey {
+            map_fd: fd as u32,
+            _pad: 0,
+            // A null key asks for the first one.
+            key: if first { 0 } else { key.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+        };
+        // SAFETY: the kernel reads `key_size` bytes at `key` and writes as many at `next_key`,
+        // both buffers of that size, alive for the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_GET_NEXT_KEY,
+                &raw mut attr,
+                std::mem::size_of::<NextKey>(),
+            )
+        };
+        if rc != 0 || n > 100_000_000 {
+            return n;
+        }
+        n += 1;
+        first = false;
+        std::mem::swap(&mut key, &mut next);
+    }
 }

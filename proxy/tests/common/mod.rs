@@ -294,6 +294,7 @@ pub fn rng() -> SmallRng {
 
 pub mod bpf;
 pub mod daemon;
+pub mod lab;
 
 // === Spawned processes ===
 
@@ -399,12 +400,7 @@ impl TestNs {
 
     /// A UDP socket of this namespace, on any port (one source port for its life).
     pub fn udp(&self) -> tokio::net::UdpSocket {
-        let sock = self
-            .ns
-            .run(|| std::net::UdpSocket::bind("0.0.0.0:0").unwrap())
-            .unwrap();
-        sock.set_nonblocking(true).unwrap();
-        tokio::net::UdpSocket::from_std(sock).unwrap()
+        udp_socket_in(&self.ns)
     }
 
     /// Adds `addr` (a host address, /32 or /128) to this namespace's `lo`.
@@ -496,6 +492,15 @@ pub fn tcp_socket_in(
         None => make(),
     })
     .unwrap()
+}
+
+/// A UDP socket bound to `0.0.0.0:0` in namespace `ns`.
+pub fn udp_socket_in(ns: &NetNs) -> tokio::net::UdpSocket {
+    let sock = ns
+        .run(|| std::net::UdpSocket::bind("0.0.0.0:0").unwrap())
+        .unwrap();
+    sock.set_nonblocking(true).unwrap();
+    tokio::net::UdpSocket::from_std(sock).unwrap()
 }
 
 /// Connects `sock` to `addr` and reads until EOF (a server that answers and closes).
