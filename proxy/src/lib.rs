@@ -14,6 +14,9 @@
 //! - [`dnat`]: kernel mode: mappings served by TC and cgroup programs, no relay at all.
 //! - [`service`]: `berth run`, the daemon: config, reload, admin socket, metrics, systemd.
 //! - [`udp`]: UDP forwarding with one flow (and socket) per client.
+//!
+//! With the `fuzzing` feature, `fuzzing` holds the entry points of the fuzz targets in
+//! `fuzz/`.
 
 pub mod addr;
 pub mod caps;
@@ -22,6 +25,9 @@ pub mod dnat;
 pub mod docker_proxy;
 pub mod ebpf;
 pub mod forward;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod listen;
 pub mod mapping;
 pub mod net;

@@ -2,6 +2,7 @@
 mod bench;
 mod demo;
 mod exec;
+mod fuzz;
 mod install;
 mod setup;
 mod soak;
@@ -20,8 +21,8 @@ struct Cli {
 enum Command {
     /// Install what a fresh machine lacks: rust-src for nightly, bpf-linker, apt packages.
     Setup,
-    /// setup, then fmt check, clippy -D warnings, rustdoc -D warnings, and every test
-    /// (privileged ones included).
+    /// setup, then fmt check, clippy -D warnings, rustdoc -D warnings, every test
+    /// (privileged ones included), and a short run of each fuzz target.
     Test {
         /// Skip the stress tier (tests named `stress_*`: multi-GiB transfers), to iterate in
         /// minutes; CI runs everything.
@@ -33,6 +34,8 @@ enum Command {
     },
     /// setup, build, then show a port mapped into a container namespace, and tear it down.
     Demo,
+    /// Run every fuzz target (fuzz/, cargo-fuzz on nightly) for a few minutes each.
+    Fuzz(fuzz::FuzzArgs),
     /// Run berth under a mixed load in test namespaces for a while and fail if its memory,
     /// descriptors, threads, BPF map entries or socket memory keep growing.
     Soak(soak::SoakArgs),
@@ -51,6 +54,7 @@ fn main() -> anyhow::Result<()> {
             cargo_test_args,
         } => test::run(quick, &cargo_test_args),
         Command::Demo => demo::run(),
+        Command::Fuzz(args) => fuzz::run(&args),
         Command::Soak(args) => soak::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Install(args) => install::run(&args),

@@ -9,6 +9,8 @@ use crate::exec;
 const BPF_LINKER_VERSION: &str = "0.10.3";
 /// The cargo-deny release `cargo xtask test` checks licenses, bans and sources with.
 const CARGO_DENY_VERSION: &str = "0.20.2";
+/// The cargo-fuzz release that builds and runs the targets in fuzz/.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Debian packages the tests and the demo use: `ip` for inspecting what tests leave behind,
 /// python3 for the demo's file server, curl to fetch through the proxy, systemd for
@@ -35,6 +37,11 @@ pub(crate) fn run() -> anyhow::Result<()> {
         "cargo-deny",
         CARGO_DENY_VERSION,
         &["cargo-deny", "--version"],
+    )?;
+    cargo_tool(
+        "cargo-fuzz",
+        CARGO_FUZZ_VERSION,
+        &["cargo", "fuzz", "--version"],
     )?;
     apt(APT_PACKAGES)?;
     println!("xtask: setup complete");

@@ -1,10 +1,11 @@
 //! `cargo xtask test`: the gate CI runs. Formatting, lints on every target, cargo-deny, docs,
-//! then all tests (`--quick` leaves out the stress tier).
+//! then all tests (`--quick` leaves out the stress tier), then each fuzz target for a few
+//! seconds.
 use std::process::Command;
 
 use anyhow::bail;
 
-use crate::{exec, setup};
+use crate::{exec, fuzz, setup};
 
 /// The tier `--quick` skips: long transfers (4 GiB, 2 GiB, 64 × 64 MiB), by name.
 const STRESS_PREFIX: &str = "stress_";
@@ -25,6 +26,12 @@ pub(crate) fn run(quick: bool, cargo_test_args: &[String]) -> anyhow::Result<()>
         Command::new("cargo")
             .current_dir(&root)
             .args(["fmt", "--all", "--", "--check"]),
+    )?;
+    // The fuzz targets are a workspace of their own.
+    exec::run(
+        Command::new("cargo")
+            .current_dir(root.join("fuzz"))
+            .args(["fmt", "--", "--check"]),
     )?;
     // Without --workspace, cargo uses default-members: everything but the BPF-only crate.
     exec::run(Command::new("cargo").current_dir(&root).args([
@@ -78,5 +85,10 @@ pub(crate) fn run(quick: bool, cargo_test_args: &[String]) -> anyhow::Result<()>
     if quick {
         test.args(["--skip", STRESS_PREFIX]);
     }
-    exec::run(&mut test)
+    exec::run(&mut test)?;
+    // A filtered run is for iterating on some tests; the fuzz targets run with the full one.
+    if cargo_test_args.is_empty() {
+        fuzz::bounded()?;
+    }
+    Ok(())
 }

@@ -18,7 +18,7 @@ pub mod api;
 pub mod config;
 mod metrics;
 mod persist;
-mod plan;
+pub(crate) mod plan;
 
 pub(crate) use self::persist::forget_owner;
 pub mod status;

@@ -29,7 +29,7 @@ impl Allowance {
         Self((sndbuf as u64 / 2).max(MIN_ALLOWANCE))
     }
 
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn bytes(self) -> u64 {
         self.0
     }

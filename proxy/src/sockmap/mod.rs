@@ -12,7 +12,7 @@
 //! - `credit`: the program's reports that a socket's redirect allowance runs low.
 //! - `allowance`: how far the program may redirect, as arithmetic free of I/O.
 
-mod allowance;
+pub(crate) mod allowance;
 mod conn;
 mod credit;
 mod pump;
