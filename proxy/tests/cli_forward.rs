@@ -118,15 +118,8 @@ async fn forwards_and_drains_on_sigterm() {
         child.signal(Signal::SIGTERM);
         let _log = wait_for_log(log, "draining connections").await;
         // During the drain, with the transfer still open: the listener closes (the log line
-        // comes just before it does), and then no new client gets in. Probed by binding the
-        // address, so that no probe is ever accepted and relayed.
-        common::wait_until("the listener to close during the drain", || {
-            let probe =
-                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-            probe.set_reuse_address(true).unwrap();
-            probe.bind(&addr.into()).is_ok()
-        })
-        .await;
+        // comes just before it does), and then no new client gets in.
+        common::wait_closed(addr).await;
         assert!(
             TcpStream::connect(addr).await.is_err(),
             "{mode}: still accepting during the drain"

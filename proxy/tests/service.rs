@@ -12,7 +12,7 @@ use std::{net::SocketAddr, os::fd::OwnedFd, path::Path, process::Command};
 use common::{
     HANG, Tally, assert_mirrored,
     daemon::{Berth, Dir, free_addr, mapping, sample, scrape},
-    exchange, spawn_exchange_server,
+    exchange, spawn_exchange_server, spawn_gated_exchange_server,
 };
 use nix::sys::signal::Signal;
 use tokio::{
@@ -41,7 +41,8 @@ async fn reload_keeps_live_transfers_and_metrics_count_every_byte() {
     let dir = Dir::new();
     let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let target = backend.local_addr().unwrap();
-    let mut tallies = spawn_exchange_server(backend);
+    // Closed while a live transfer must still run when the reload or the signal comes.
+    let (mut tallies, gate) = spawn_gated_exchange_server(backend);
     let notify_path = dir.path("notify");
     let notify = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
     let (web, old, new, metrics) = (free_addr(), free_addr(), free_addr(), free_addr());
@@ -81,7 +82,9 @@ async fn reload_keeps_live_transfers_and_metrics_count_every_byte() {
     assert!(usec > 0);
     assert!(notified(&notify).await.starts_with("READY=1"));
 
-    // The live transfer finishes intact across the reload.
+    // The live transfer was held open across the reload; released, it finishes intact.
+    assert!(!live.is_finished(), "the transfer ended before the reload");
+    gate.send_replace(true);
     let client = timeout(HANG, live).await.unwrap().unwrap();
     let (_, server) = timeout(HANG, tallies.recv())
         .await
@@ -182,11 +185,22 @@ async fn reload_keeps_live_transfers_and_metrics_count_every_byte() {
     assert_eq!(id, 3);
     assert_mirrored(3, &c, &server);
 
-    // SIGTERM under load: the open transfer finishes intact, then berth exits 0.
+    // SIGTERM under load: the transfer, held open until then, finishes intact, no new client
+    // gets in meanwhile, then berth exits 0.
+    gate.send_replace(false);
     let live = tokio::spawn(transfer(web_addr, 4, 64 << 20, 64 << 20));
-    berth.wait_status(|m| m.name == "web" && m.active > 0).await;
+    berth
+        .wait_status(|m| m.name == "web" && m.bytes_to_target > 0)
+        .await;
     berth.signal(Signal::SIGTERM);
     assert!(notified(&notify).await.starts_with("STOPPING=1"));
+    common::wait_closed(web_addr).await;
+    assert!(
+        TcpStream::connect(web_addr).await.is_err(),
+        "still accepting during the drain"
+    );
+    assert!(!live.is_finished(), "the transfer ended before the signal");
+    gate.send_replace(true);
     let c = timeout(HANG, live).await.unwrap().unwrap();
     let (id, server) = timeout(HANG, tallies.recv())
         .await

@@ -103,7 +103,7 @@ pub struct Spec {
     pub tcp_idle_timeout: Option<Duration>,
     /// UDP: a flow idle this long closes.
     pub udp_idle_timeout: Duration,
-    /// UDP: flows open at once; a new client beyond it evicts the least recently used.
+    /// UDP: flows open at once; a new client beyond it evicts a flow (see [`udp::flows`]).
     pub max_flows: usize,
     /// UDP: datagrams per system call.
     pub udp_batch: usize,

@@ -97,7 +97,7 @@ impl Families {
             ),
             flows_evicted: counter(
                 "berth_udp_flows_evicted_total",
-                "UDP flows evicted (least recently used) because the flow table was full.",
+                "UDP flows evicted because the flow table was full: an address holding half the table loses its own least recently used flow, any other the table's.",
                 &[],
             ),
             datagrams: counter(

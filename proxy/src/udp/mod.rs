@@ -250,7 +250,7 @@ fn flow_socket(
             if !alerts.full {
                 warn!(
                     max_flows = config.max_flows,
-                    "UDP flow table full: evicting the least recently used flows"
+                    "UDP flow table full: new flows evict old ones (an address holding half the table replaces its own)"
                 );
                 alerts.full = true;
             }

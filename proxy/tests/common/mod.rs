@@ -239,16 +239,31 @@ pub async fn serve_exchange(stream: TcpStream) -> std::io::Result<(u64, Tally)> 
 pub fn spawn_exchange_server(
     listener: TcpListener,
 ) -> tokio::sync::mpsc::UnboundedReceiver<std::io::Result<(u64, Tally)>> {
+    // No gate: a dropped sender lets every connection through.
+    spawn_gated_exchange_server(listener).0
+}
+
+/// [`spawn_exchange_server`] whose connections wait at a gate (`false`: closed) before they
+/// read or send a byte: a test closes it to keep transfers open across an event (a reload, a
+/// signal), then opens it. It starts closed.
+pub fn spawn_gated_exchange_server(
+    listener: TcpListener,
+) -> (
+    tokio::sync::mpsc::UnboundedReceiver<std::io::Result<(u64, Tally)>>,
+    tokio::sync::watch::Sender<bool>,
+) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (gate, gate_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let tx = tx.clone();
+            let (tx, mut gate) = (tx.clone(), gate_rx.clone());
             tokio::spawn(async move {
+                let _ = gate.wait_for(|open| *open).await;
                 let _ = tx.send(serve_exchange(stream).await);
             });
         }
     });
-    rx
+    (rx, gate)
 }
 
 /// Checks that each side received exactly what the other sent, byte count and SHA-256.
@@ -611,6 +626,18 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 
 /// Waits until a TCP socket of this network namespace listens on `addr`: a child's
 /// readiness without connecting to it and without reading its log.
+/// Waits until nothing listens on TCP `addr` (a drain has closed the listener). Probed by
+/// binding the address, so that no probe is ever accepted and relayed.
+pub async fn wait_closed(addr: SocketAddr) {
+    wait_until("the listener to close", || {
+        let domain = socket2::Domain::for_address(addr);
+        let probe = socket2::Socket::new(domain, socket2::Type::STREAM, None).unwrap();
+        probe.set_reuse_address(true).unwrap();
+        probe.bind(&addr.into()).is_ok()
+    })
+    .await;
+}
+
 pub async fn wait_listening(addr: SocketAddr) {
     wait_socket(addr, "tcp", "0A").await;
 }

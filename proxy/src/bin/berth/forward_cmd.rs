@@ -79,7 +79,7 @@ pub(crate) struct ForwardArgs {
     #[arg(long)]
     udp_idle_timeout: Option<f64>,
     /// UDP: flows (clients) open at once; a new client beyond it evicts the least recently
-    /// used flow [default: 10000].
+    /// used flow, its own address's if that address holds half the table [default: 10000].
     #[arg(long)]
     max_flows: Option<i64>,
     /// UDP: datagrams per system call (recvmmsg/sendmmsg), 1 to 32; 1 turns batching off
