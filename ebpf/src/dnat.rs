@@ -5,11 +5,11 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, bpf_sock_addr},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, bpf_sock, bpf_sock_addr},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_redirect_neigh},
-    macros::{cgroup_sock_addr, classifier, map},
+    macros::{cgroup_sock, cgroup_sock_addr, classifier, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, lpm_trie::Key},
-    programs::{SockAddrContext, TcContext},
+    programs::{SockAddrContext, SockContext, TcContext},
 };
 use berth_common::dnat::{
     Addr, BACKEND_DRAINING, Backend, Config, DEFAULT_CONNTRACK, DEFAULT_LOCAL_ADDRS,
@@ -486,6 +486,40 @@ fn berth_dnat_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 fn berth_dnat_getpeername6(ctx: SockAddrContext) -> i32 {
     undial(&ctx, true);
+    1
+}
+
+/// `AF_INET6` (linux/socket.h).
+const AF_INET6: u32 = 10;
+
+/// A connected local socket's reverse-NAT entry, keyed by the backend it was pointed at
+/// (its peer now), goes when the socket is released. Without it REVNAT keeps an entry per
+/// local connection ever made, and once full its LRU evicts the entries of live sockets.
+/// Unconnected UDP senders have no peer to find their entries by: theirs age out by LRU.
+#[cgroup_sock(sock_release)]
+fn berth_dnat_release(ctx: SockContext) -> i32 {
+    // SAFETY: the context's socket, valid for the whole program.
+    let sk: &bpf_sock = unsafe { &*ctx.sock };
+    let addr = if sk.family == AF_INET6 {
+        let mut a = [0u32; 4];
+        for (i, w) in a.iter_mut().enumerate() {
+            // SAFETY: an in-bounds field of the context, read a word at a time (see
+            // `user_addr`).
+            *w = unsafe { core::ptr::read_volatile(&sk.dst_ip6[i]) };
+        }
+        a
+    } else {
+        v4_mapped(sk.dst_ip4.to_ne_bytes())
+    };
+    // SAFETY: the helper only reads the context's socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
+    let key = SockKey {
+        cookie,
+        addr,
+        port: sk.dst_port,
+        _pad: [0; 6],
+    };
+    let _ = REVNAT.remove(key);
     1
 }
 

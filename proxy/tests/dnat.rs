@@ -27,7 +27,7 @@ use tokio::{
 
 use common::{
     EXT_CLIENT, EXT_HOST,
-    bpf::{CGROUP_ATTACH_TYPES, cgroup_programs},
+    bpf::{CGROUP_ATTACH_TYPES, cgroup_programs, map_entries_of},
     lab::Lab,
 };
 
@@ -102,6 +102,7 @@ async fn stress_remote_and_local_tcp_clients_reach_the_container_with_every_byte
 
     // Local, IPv4 and IPv6 loopback: straight to the container, and the client's socket
     // shows the address it dialled.
+    // Each keeps a reverse-NAT entry while it is open, and only then.
     for (n, dial, v6) in [
         (2u64, SocketAddr::from(([127, 0, 0, 1], port)), false),
         (3, format!("[::1]:{port}").parse().unwrap(), true),
@@ -114,6 +115,8 @@ async fn stress_remote_and_local_tcp_clients_reach_the_container_with_every_byte
             dial,
             "getpeername shows what was dialled"
         );
+        let reverse = || map_entries_of(berth.child.id(), "BERTH_DNAT_REV");
+        assert_eq!(reverse(), 1, "{dial}: an open socket's entry");
         let client = timeout(HANG, exchange(c, n, 256 << 20, 256 << 20))
             .await
             .unwrap()
@@ -126,6 +129,8 @@ async fn stress_remote_and_local_tcp_clients_reach_the_container_with_every_byte
             "a local client comes from the bridge's address"
         );
         assert_mirrored(n, &client, &srv);
+        // The socket is closed (exchange consumed it): its entry went with it.
+        assert_eq!(reverse(), 0, "{dial}: a closed socket's entry");
     }
 
     // Every flow ended with FIN both ways: its entry goes after the closing timeout.

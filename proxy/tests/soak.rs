@@ -24,7 +24,7 @@ use std::{
 
 use common::{
     EXT_HOST, HANG, Tally, assert_mirrored,
-    bpf::map_entries,
+    bpf::map_entries_of,
     daemon::{Dir, scrape_in},
     exchange,
     lab::Lab,
@@ -81,10 +81,12 @@ const WATCHED: [Watched; 8] = [
         abs: 64.0,
         rel: 0.10,
     },
+    // The kernel's TCP memory is the whole machine's, in-flight bulk data included: it
+    // swings by megabytes from one second to the next.
     Watched {
         name: "tcp_mem_pages",
-        abs: 256.0,
-        rel: 0.10,
+        abs: 2048.0,
+        rel: 0.25,
     },
     Watched {
         name: "udp_mem_pages",
@@ -123,7 +125,16 @@ struct Verdict {
 impl Verdict {
     fn of(w: &Watched, times: &[f64], values: &[f64], warmup: f64) -> Self {
         let from = times.iter().position(|&t| t >= warmup).unwrap_or(0);
-        let (t, v) = (&times[from..], &values[from..]);
+        // A 5-sample running median first: one burst at the end of the window must not
+        // tilt the line.
+        let smooth: Vec<f64> = (0..values.len())
+            .map(|i| {
+                let mut w = values[i.saturating_sub(2)..(i + 3).min(values.len())].to_vec();
+                w.sort_by(f64::total_cmp);
+                w[w.len() / 2]
+            })
+            .collect();
+        let (t, v) = (&times[from..], &smooth[from..]);
         let mut sorted = v.to_vec();
         sorted.sort_by(f64::total_cmp);
         let steady = sorted[sorted.len() / 2];
@@ -194,9 +205,9 @@ fn sample(pid: u32) -> [f64; 8] {
         field("VmRSS:"),
         fds,
         field("Threads:"),
-        map_entries("BERTH_SOCKS") as f64,
-        map_entries("BERTH_DNAT_CT") as f64,
-        map_entries("BERTH_DNAT_REV") as f64,
+        map_entries_of(pid, "BERTH_SOCKS") as f64,
+        map_entries_of(pid, "BERTH_DNAT_CT") as f64,
+        map_entries_of(pid, "BERTH_DNAT_REV") as f64,
         mem("TCP:"),
         mem("UDP:"),
     ]
@@ -220,7 +231,10 @@ async fn soak() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(120);
-    let lab = Lab::up(2).await;
+    let lab = Arc::new(Lab::up(2).await);
+    // Runtime mappings bind their ports again and again: outside the ephemeral range, which
+    // berth's own connections to the containers draw from.
+    lab.host.narrow_ephemeral_ports();
     let (tcp, mut seen) = lab.tcp_server(0);
     let (other, mut seen_other) = lab.tcp_server(0);
     let udp = lab.udp_server(1);
@@ -289,6 +303,23 @@ async fn soak() {
                     .await
                     .unwrap()
                     .unwrap_or_else(|e| panic!("transfer {id} through port {p}: {e}"));
+                let _ = done_tx.send((id, tally));
+            }
+        }));
+    }
+    // Local clients of the kernel-mode mapping (in the cgroup, through 127.0.0.1).
+    {
+        let (lab, done_tx, ids) = (lab.clone(), done_tx.clone(), ids.clone());
+        let local = SocketAddr::from(([127, 0, 0, 1], ports[2]));
+        load.0.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                let s = lab.local_socket(false);
+                let s = timeout(HANG, s.connect(local)).await.unwrap().unwrap();
+                let id = ids.fetch_add(1, Relaxed);
+                let tally = timeout(HANG, exchange(s, id, 4096, 4096))
+                    .await
+                    .unwrap()
+                    .unwrap_or_else(|e| panic!("local transfer {id}: {e}"));
                 let _ = done_tx.send((id, tally));
             }
         }));
@@ -363,7 +394,7 @@ async fn soak() {
             ids.clone(),
             done_tx.clone(),
         );
-        let free: Vec<u16> = (0..4).map(|_| lab.host.free_port()).collect();
+        let free: Vec<u16> = (0..4).map(|_| lab.host.fixed_port()).collect();
         load.0.push(tokio::spawn(async move {
             let mut i = 0;
             while Instant::now() < deadline {

@@ -23,6 +23,8 @@ pub const RECVMSG4_PROG: &str = "berth_dnat_recvmsg4";
 pub const RECVMSG6_PROG: &str = "berth_dnat_recvmsg6";
 pub const GETPEERNAME4_PROG: &str = "berth_dnat_getpeername4";
 pub const GETPEERNAME6_PROG: &str = "berth_dnat_getpeername6";
+/// cgroup `sock_release`: a local socket's reverse-NAT entry goes when the socket does.
+pub const RELEASE_PROG: &str = "berth_dnat_release";
 
 /// [`ServiceKey`] → [`Backend`].
 pub const SERVICES_MAP: &str = "BERTH_DNAT_SVC";

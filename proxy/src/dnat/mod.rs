@@ -46,7 +46,7 @@ use aya::{
         Array, HashMap, MapData, PerCpuHashMap, PerCpuValues,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, SchedClassifier, TcAttachType},
 };
 use berth_common::dnat::{
     self as shared, Addr, Backend, Config, Flow, FlowKey, Origin, ServiceKey, SockKey, Stats,
@@ -461,10 +461,27 @@ fn attach_cgroup(ebpf: &mut Ebpf, cgroup: &std::path::Path) -> Result<(), DnatEr
         prog.load().map_err(prog_err(name))?;
         // A bpf link: other programs on the cgroup stay, and closing the link detaches.
         prog.attach(&dir, CgroupAttachMode::Single)
-            .map_err(|e| DnatError::Cgroup {
-                path: cgroup.to_owned(),
-                source: std::io::Error::other(format!("cannot attach {name}: {e}")),
-            })?;
+            .map_err(attach_err(cgroup, name))?;
     }
+    let name = shared::RELEASE_PROG;
+    let release: &mut CgroupSock = ebpf
+        .program_mut(name)
+        .ok_or(LoaderError::Missing(name))?
+        .try_into()
+        .map_err(prog_err(name))?;
+    release.load().map_err(prog_err(name))?;
+    release
+        .attach(&dir, CgroupAttachMode::Single)
+        .map_err(attach_err(cgroup, name))?;
     Ok(())
+}
+
+fn attach_err(
+    cgroup: &std::path::Path,
+    name: &'static str,
+) -> impl FnOnce(aya::programs::ProgramError) -> DnatError {
+    move |e| DnatError::Cgroup {
+        path: cgroup.to_owned(),
+        source: std::io::Error::other(format!("cannot attach {name}: {e}")),
+    }
 }

@@ -22,10 +22,10 @@ pub fn tc_programs(ns: &NetNs, iface: &str) -> Vec<String> {
     .unwrap()
 }
 
-/// The sock_addr attach types berth uses (BPF_CGROUP_INET4_CONNECT … GETPEERNAME6).
-/// (`enum bpf_attach_type`: INET4/6_CONNECT 10, 11; UDP4/6_SENDMSG 14, 15; UDP4/6_RECVMSG
-/// 19, 20; INET4/6_GETPEERNAME 29, 30.)
-pub const CGROUP_ATTACH_TYPES: [u32; 8] = [10, 11, 14, 15, 19, 20, 29, 30];
+/// The cgroup attach types berth uses (BPF_CGROUP_INET4_CONNECT … GETPEERNAME6, and
+/// INET_SOCK_RELEASE). (`enum bpf_attach_type`: INET4/6_CONNECT 10, 11; UDP4/6_SENDMSG 14,
+/// 15; UDP4/6_RECVMSG 19, 20; INET4/6_GETPEERNAME 29, 30; INET_SOCK_RELEASE 34.)
+pub const CGROUP_ATTACH_TYPES: [u32; 9] = [10, 11, 14, 15, 19, 20, 29, 30, 34];
 
 /// Programs attached to `cgroup` for `attach_type` (BPF_PROG_QUERY).
 pub fn cgroup_programs(cgroup: &Path, attach_type: u32) -> u32 {
@@ -76,9 +76,28 @@ pub fn conntrack_entries() -> usize {
 /// Entries in every loaded map named `name` (the kernel keeps 15 characters of a name),
 /// counted with BPF_MAP_GET_NEXT_KEY whatever the map's type and key.
 pub fn map_entries(name: &str) -> usize {
+    entries(name, |_| true)
+}
+
+/// Entries in process `pid`'s maps named `name` (its map descriptors, from
+/// /proc/PID/fdinfo), so that other berths of parallel tests do not count.
+pub fn map_entries_of(pid: u32, name: &str) -> usize {
+    let ids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("map_id:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .collect();
+    entries(name, |id| ids.contains(&id))
+}
+
+fn entries(name: &str, pick: impl Fn(u32) -> bool) -> usize {
     aya::maps::loaded_maps()
         .filter_map(Result::ok)
-        .filter(|m| m.name_as_str() == Some(name))
+        .filter(|m| m.name_as_str() == Some(name) && pick(m.id()))
         .map(|m| {
             // A map that went away since the listing has no entries.
             let Ok(data) = aya::maps::MapData::from_id(m.id()) else {

@@ -413,6 +413,35 @@ impl TestNs {
             .unwrap()
     }
 
+    /// Moves this namespace's ephemeral ports (those the kernel picks for connect and bind
+    /// to port 0) to 40000-60999, so that [`TestNs::fixed_port`]'s are never taken by an
+    /// outgoing connection between the moment it is picked and the moment it is bound.
+    pub fn narrow_ephemeral_ports(&self) {
+        self.ns
+            .run(|| std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "40000 60999"))
+            .unwrap()
+            .unwrap();
+    }
+
+    /// A TCP and UDP port under 40000 free in this namespace now, for something that binds
+    /// it later and more than once (see [`TestNs::narrow_ephemeral_ports`]).
+    pub fn fixed_port(&self) -> u16 {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        self.ns
+            .run(|| {
+                loop {
+                    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+                    let port = 20_000 + ((std::process::id() * 7 + n * 13) % 20_000) as u16;
+                    if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok()
+                        && std::net::UdpSocket::bind(("0.0.0.0", port)).is_ok()
+                    {
+                        return port;
+                    }
+                }
+            })
+            .unwrap()
+    }
+
     /// A UDP socket of this namespace, on any port (one source port for its life).
     pub fn udp(&self) -> tokio::net::UdpSocket {
         udp_socket_in(&self.ns)
