@@ -82,6 +82,14 @@ pub(crate) fn run(args: &InstallArgs) -> anyhow::Result<()> {
     )?;
     // Opt-in: the eBPF modes need capabilities the hardened unit does not grant.
     copy(&dist.join("ebpf.conf"), &doc.join("ebpf.conf"), 0o644)?;
+    // To import into Grafana and load into Prometheus (docs/metrics.md).
+    for f in [
+        "grafana/berth.json",
+        "prometheus/berth-rules.yml",
+        "prometheus/berth-rules.test.yml",
+    ] {
+        copy(&dist.join(f), &doc.join(f), 0o644)?;
+    }
     // Never overwrite an operator's configuration.
     let config = stage(Path::new("/etc/berth/berth.toml"));
     if config.exists() {

@@ -30,6 +30,9 @@ const APT_PACKAGES: &[&str] = &[
     "podman",
 ];
 
+/// Where `promtool` is unpacked (see [`promtool`]), under the repository.
+pub(crate) const PROMTOOL: &str = "target/tools/prometheus/usr/bin/promtool";
+
 pub(crate) fn run() -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
@@ -44,6 +47,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
         &["cargo", "fuzz", "--version"],
     )?;
     apt(APT_PACKAGES)?;
+    promtool()?;
     println!("xtask: setup complete");
     Ok(())
 }
@@ -140,6 +144,47 @@ pub(crate) fn apt(packages: &[&str]) -> anyhow::Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
     .context("apt-get install failed")
+}
+
+/// `promtool` checks and unit-tests the shipped alert rules. Debian ships it only inside the
+/// `prometheus` package, whose installation would also create a user and start a Prometheus
+/// server on a systemd host: the package is downloaded and unpacked under target/ instead.
+fn promtool() -> anyhow::Result<()> {
+    let root = exec::root();
+    if root.join(PROMTOOL).exists() {
+        println!("xtask: promtool is unpacked");
+        return Ok(());
+    }
+    let dir = root.join("target/tools");
+    std::fs::create_dir_all(&dir)?;
+    println!("xtask: unpacking promtool from Debian's prometheus package into target/tools");
+    let download = || {
+        exec::run(
+            Command::new("apt-get")
+                .args(["download", "-q", "prometheus"])
+                .current_dir(&dir),
+        )
+    };
+    if download().is_err() {
+        exec::run(Command::new("apt-get").args(["update", "-q"]))?;
+        download()?;
+    }
+    let deb = std::fs::read_dir(&dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("prometheus_"))
+        })
+        .context("apt-get download left no prometheus_*.deb")?;
+    exec::run(
+        Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(&deb)
+            .arg(dir.join("prometheus")),
+    )?;
+    std::fs::remove_file(&deb)?;
+    Ok(())
 }
 
 pub(crate) fn is_root() -> bool {

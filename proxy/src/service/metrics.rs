@@ -313,8 +313,27 @@ fn duration_metric(mapping: &str, s: &forward::Snapshot) -> proto::Metric {
     m
 }
 
-/// The registry behind `/metrics`.
-pub(crate) fn registry(state: Arc<Mutex<State>>) -> Registry {
+/// Every metric family berth exports, by name (histograms without their `_bucket`, `_sum`
+/// and `_count` series): what a dashboard or an alert rule may query.
+pub fn family_names() -> Vec<String> {
+    let registry = registry(Arc::default(), 1);
+    let families = Families::new();
+    let process = prometheus::process_collector::ProcessCollector::for_self();
+    let mut collectors = families.collectors().to_vec();
+    collectors.push(&process);
+    let mut names: Vec<String> = collectors
+        .iter()
+        .flat_map(|c| c.desc().into_iter().map(|d| d.fq_name.clone()))
+        .chain([DURATION_NAME.to_owned()])
+        .chain(registry.gather().iter().map(|f| f.name().to_owned()))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The registry behind `/metrics`; `conntrack_capacity` is kernel mode's table size.
+pub(crate) fn registry(state: Arc<Mutex<State>>, conntrack_capacity: u32) -> Registry {
     let registry = Registry::new();
     let mut descs: Vec<Desc> = Families::new()
         .collectors()
@@ -344,6 +363,13 @@ pub(crate) fn registry(state: Arc<Mutex<State>>) -> Registry {
     ) {
         info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         register(Box::new(info));
+    }
+    if let Ok(capacity) = prometheus::IntGauge::new(
+        "berth_dnat_conntrack_capacity",
+        "Kernel mode: entries the conntrack table holds, shared by every kernel-mode mapping ([dnat] conntrack_entries).",
+    ) {
+        capacity.set(i64::from(conntrack_capacity));
+        register(Box::new(capacity));
     }
     registry
 }

@@ -17,6 +17,7 @@ pub mod admin;
 pub mod api;
 pub mod config;
 mod metrics;
+pub use metrics::family_names;
 mod persist;
 pub(crate) mod plan;
 
@@ -280,7 +281,8 @@ pub async fn serve(
     let state = service.state.clone();
     let mut background = tokio::task::JoinSet::new();
     if let Some(l) = metrics_listener {
-        background.spawn(metrics::serve(l, metrics::registry(state.clone())));
+        let registry = metrics::registry(state.clone(), service.config.dnat.conntrack_entries);
+        background.spawn(metrics::serve(l, registry));
     }
     let (requests, mut admin_rx) = mpsc::channel(64);
     // Every runtime mapping may be held by a connection of its own (one per Docker shim).
