@@ -440,6 +440,97 @@ async fn watchdog_and_status_of_tcp_and_udp_mappings() {
     assert!(String::from_utf8_lossy(&gone.stderr).contains("is `berth run` running"));
 }
 
+/// `berth status --watch`: samples keep coming with per-second rates beside the totals; the
+/// first has no rates, and the sample in which five new connections first show carries
+/// them as a rate. The table form refreshes too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_watch_shows_rates_of_what_happens_between_samples() {
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = backend.local_addr().unwrap();
+    let mut tallies = spawn_exchange_server(backend);
+    let web = free_addr();
+    let dir = Dir::new();
+    let berth = Berth::spawn(
+        &dir,
+        &format!(
+            "[metrics]\nenabled = false\n{}",
+            mapping("web", web, target, "")
+        ),
+        None,
+        vec![],
+    );
+    berth.up().await;
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_berth"));
+    watch
+        .args(["status", "--json", "--watch", "0.2", "--admin-socket"])
+        .arg(&berth.admin)
+        .stdout(std::process::Stdio::piped());
+    let mut child = watch.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let _watch = common::Guard(child);
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for l in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(l);
+        }
+    });
+    let next = move || -> serde_json::Value {
+        let line = lines
+            .recv_timeout(HANG)
+            .expect("no sample from berth status --watch");
+        serde_json::from_str(&line).unwrap()
+    };
+    let first = next();
+    assert_eq!(first["mappings"][0]["name"], "web");
+    assert!(
+        first["rates"][0].is_null(),
+        "no rates in the first sample: {first}"
+    );
+    for id in 0..5 {
+        let c = transfer(web, id, 1024, 1024).await;
+        let (_, s) = timeout(HANG, tallies.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_mirrored(id, &c, &s);
+    }
+    let sample = tokio::task::spawn_blocking(move || {
+        loop {
+            let s = next();
+            if s["mappings"][0]["connections"] == 5 {
+                return s;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let rate = &sample["rates"][0];
+    assert!(rate["connections"].as_f64().unwrap() > 0.0, "{sample}");
+    assert!(rate["bytes_to_target"].as_f64().unwrap() > 0.0, "{sample}");
+    let table = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["status", "--watch", "0.1", "--count", "2", "--admin-socket"])
+        .arg(&berth.admin)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert_eq!(table.matches("CONN/S").count(), 2, "{table}");
+    let refused = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["status", "--watch", "0", "--admin-socket"])
+        .arg(&berth.admin)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("is not a number of seconds from 0.1"),
+        "{refused:?}"
+    );
+    berth.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_mappings_in_one_process() {
     const N: usize = 1000;

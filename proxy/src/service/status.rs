@@ -24,11 +24,46 @@ pub struct Row {
     /// TCP: clients not served (refused, timeout, unreachable, limit). UDP: ICMP errors and
     /// dropped datagrams.
     pub errors: u64,
+    /// TCP: clients accepted; UDP: flows opened; in kernel mode, plus remote flows begun.
+    #[serde(default)]
+    pub connections: u64,
+}
+
+/// One mapping's per-second rates between two `status` samples (`berth status --watch`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rates {
+    pub name: String,
+    pub connections: f64,
+    pub bytes_to_target: f64,
+    pub bytes_to_client: f64,
+    pub errors: f64,
+}
+
+/// The rates of each row of `now` since `before`, `secs` earlier; `None` for a mapping that
+/// was not there then. A counter that went back (a mapping removed and added again under the
+/// same name) counts from zero.
+pub fn rates(before: &[Row], now: &[Row], secs: f64) -> Vec<Option<Rates>> {
+    now.iter()
+        .map(|r| {
+            let b = before.iter().find(|b| b.name == r.name)?;
+            let per_s = |now: u64, then: u64| {
+                let then = if now < then { 0 } else { then };
+                (now - then) as f64 / secs.max(1e-3)
+            };
+            Some(Rates {
+                name: r.name.clone(),
+                connections: per_s(r.connections, b.connections),
+                bytes_to_target: per_s(r.bytes_to_target, b.bytes_to_target),
+                bytes_to_client: per_s(r.bytes_to_client, b.bytes_to_client),
+                errors: per_s(r.errors, b.errors),
+            })
+        })
+        .collect()
 }
 
 impl Row {
     pub(crate) fn of(m: &Running) -> Self {
-        let (mut active, mut up, mut down, errors) = match &m.counters.relay {
+        let (mut active, mut up, mut down, errors, mut connections) = match &m.counters.relay {
             RelayCounters::Tcp(s) => {
                 let s = s.snapshot();
                 (
@@ -36,6 +71,7 @@ impl Row {
                     s.bytes_to_target,
                     s.bytes_to_client,
                     s.errors_total(),
+                    s.accepted,
                 )
             }
             RelayCounters::Udp(s) => {
@@ -45,6 +81,7 @@ impl Row {
                     s.bytes_to_target,
                     s.bytes_to_client,
                     s.unreachable + s.dropped,
+                    s.flows_created,
                 )
             }
         };
@@ -53,6 +90,7 @@ impl Row {
         if let Some(d) = &m.counters.dnat {
             let s = d.snapshot();
             active += s.conntrack_entries;
+            connections += s.flows;
             up += s.bytes_in;
             down += s.bytes_out;
         }
@@ -75,13 +113,24 @@ impl Row {
             bytes_to_target: up,
             bytes_to_client: down,
             errors,
+            connections,
         }
     }
 }
 
 /// The rows as an aligned text table.
 pub fn table(rows: &[Row]) -> String {
-    let header = [
+    render(rows, None)
+}
+
+/// The rows with their rates (`berth status --watch`): connections, bytes each way and
+/// errors per second; `-` for a mapping new since the last sample.
+pub fn table_with_rates(rows: &[Row], rates: &[Option<Rates>]) -> String {
+    render(rows, Some(rates))
+}
+
+fn render(rows: &[Row], rates: Option<&[Option<Rates>]>) -> String {
+    let mut header = vec![
         "NAME",
         "PROTO",
         "LISTEN",
@@ -94,10 +143,14 @@ pub fn table(rows: &[Row]) -> String {
         "TO CLIENT",
         "ERRORS",
     ];
-    let cells: Vec<[String; 11]> = rows
+    if rates.is_some() {
+        header.extend(["CONN/S", "TO TARGET/S", "TO CLIENT/S", "ERR/S"]);
+    }
+    let cells: Vec<Vec<String>> = rows
         .iter()
-        .map(|r| {
-            [
+        .enumerate()
+        .map(|(i, r)| {
+            let mut cells = vec![
                 r.name.clone(),
                 r.proto.clone(),
                 r.listen.clone(),
@@ -109,7 +162,19 @@ pub fn table(rows: &[Row]) -> String {
                 bytes(r.bytes_to_target),
                 bytes(r.bytes_to_client),
                 r.errors.to_string(),
-            ]
+            ];
+            if let Some(rates) = rates {
+                match rates.get(i).and_then(Option::as_ref) {
+                    Some(x) => cells.extend([
+                        format!("{:.1}", x.connections),
+                        bytes(x.bytes_to_target as u64),
+                        bytes(x.bytes_to_client as u64),
+                        format!("{:.1}", x.errors),
+                    ]),
+                    None => cells.extend(std::iter::repeat_n("-".to_owned(), 4)),
+                }
+            }
+            cells
         })
         .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
@@ -127,7 +192,7 @@ pub fn table(rows: &[Row]) -> String {
             .trim_end()
             .to_owned()
     };
-    let mut out = line(header.to_vec());
+    let mut out = line(header.clone());
     out.push('\n');
     for row in &cells {
         out.push_str(&line(row.iter().map(String::as_str).collect()));
@@ -172,6 +237,7 @@ mod tests {
             bytes_to_target: 1536,
             bytes_to_client: 10,
             errors: 0,
+            connections: 7,
         };
         let t = table(&[row]);
         let lines: Vec<&str> = t.lines().collect();
@@ -182,5 +248,39 @@ mod tests {
         );
         assert_eq!(lines[0].find("LISTEN"), lines[1].find("0.0.0.0"), "{t}");
         assert!(table(&[]).contains("(no mappings)"));
+    }
+
+    #[test]
+    fn rates_per_second_between_two_samples() {
+        let row = |name: &str, connections, up, errors| Row {
+            name: name.into(),
+            proto: "tcp".into(),
+            listen: String::new(),
+            target: String::new(),
+            mode: String::new(),
+            owner: String::new(),
+            state: "active".into(),
+            active: 0,
+            bytes_to_target: up,
+            bytes_to_client: 0,
+            errors,
+            connections,
+        };
+        let before = [row("web", 10, 1 << 20, 1), row("gone", 5, 0, 0)];
+        let now = [row("web", 30, 3 << 20, 1), row("new", 1, 0, 0)];
+        let r = rates(&before, &now, 2.0);
+        let web = r[0].as_ref().unwrap();
+        assert_eq!(
+            (web.connections, web.bytes_to_target, web.errors),
+            (10.0, 1048576.0, 0.0)
+        );
+        assert!(r[1].is_none(), "new since the last sample");
+        // A counter that went back (removed and added again) counts from zero.
+        let again = rates(&[row("web", 50, 0, 0)], &[row("web", 4, 0, 0)], 1.0);
+        assert_eq!(again[0].as_ref().unwrap().connections, 4.0);
+        let t = table_with_rates(&now, &r);
+        assert!(t.lines().next().unwrap().ends_with("ERR/S"), "{t}");
+        assert!(t.contains("1.0 MiB"), "{t}");
+        assert!(t.lines().nth(2).unwrap().ends_with('-'), "{t}");
     }
 }

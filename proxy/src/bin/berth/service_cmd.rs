@@ -39,9 +39,16 @@ pub(crate) struct CheckArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct StatusArgs {
-    /// Print JSON instead of a table.
+    /// Print JSON instead of a table (with --watch: one line per sample, with the rates).
     #[arg(long)]
     json: bool,
+    /// Refresh every SECS seconds (default 2), with per-second rates of connections, bytes
+    /// each way and errors beside the totals; in place on a terminal. Ctrl-C stops.
+    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2", value_parser = parse_interval)]
+    watch: Option<f64>,
+    /// With --watch: stop after this many samples.
+    #[arg(long, value_name = "N", requires = "watch")]
+    count: Option<u64>,
     /// The admin socket of the berth to ask.
     #[arg(long, env = ADMIN_SOCKET_ENV, default_value = DEFAULT_ADMIN_SOCKET)]
     admin_socket: PathBuf,
@@ -75,13 +82,62 @@ pub(crate) fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub(crate) async fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
-    let reply = admin::request(&args.admin_socket, "status").await?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&reply.mappings)?);
-    } else {
-        print!("{}", status::table(&reply.mappings));
+    let Some(every) = args.watch else {
+        let reply = admin::request(&args.admin_socket, "status").await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&reply.mappings)?);
+        } else {
+            print!("{}", status::table(&reply.mappings));
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    watch(args, std::time::Duration::from_secs_f64(every)).await
+}
+
+/// `berth status --watch`: a sample every `every`, with the rates since the one before.
+async fn watch(args: &StatusArgs, every: std::time::Duration) -> anyhow::Result<ExitCode> {
+    use std::io::{IsTerminal as _, Write as _};
+    let terminal = std::io::stdout().is_terminal() && !args.json;
+    let mut before: Option<(tokio::time::Instant, Vec<status::Row>)> = None;
+    let mut tick = tokio::time::interval(every);
+    let mut samples = 0;
+    loop {
+        tick.tick().await;
+        let rows = admin::request(&args.admin_socket, "status").await?.mappings;
+        let now = tokio::time::Instant::now();
+        let rates = match &before {
+            Some((at, rows_then)) => {
+                status::rates(rows_then, &rows, now.duration_since(*at).as_secs_f64())
+            }
+            None => vec![None; rows.len()],
+        };
+        let mut out = std::io::stdout().lock();
+        if args.json {
+            let sample = serde_json::json!({ "mappings": rows, "rates": rates });
+            writeln!(out, "{sample}")?;
+        } else {
+            if terminal {
+                // Home and clear: the table refreshes in place.
+                write!(out, "\x1b[H\x1b[2J")?;
+            } else if samples > 0 {
+                writeln!(out)?;
+            }
+            write!(out, "{}", status::table_with_rates(&rows, &rates))?;
+        }
+        out.flush()?;
+        before = Some((now, rows));
+        samples += 1;
+        if args.count.is_some_and(|n| samples >= n) {
+            return Ok(ExitCode::SUCCESS);
+        }
     }
-    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds from 0.1 to 3600")),
+    }
 }
 
 pub(crate) async fn reload(args: &ReloadArgs) -> anyhow::Result<ExitCode> {
