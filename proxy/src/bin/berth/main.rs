@@ -1,5 +1,6 @@
 //! `berth`: the command-line front end. It parses flags, binds, and hands over to the library.
 mod cni_cmd;
+mod docs_cmd;
 mod forward_cmd;
 mod net_cmd;
 mod service_cmd;
@@ -37,6 +38,11 @@ enum Command {
     /// The CNI plugin (berth-cni, a name of this binary): install it on a node.
     #[command(subcommand)]
     Cni(cni_cmd::CniCommand),
+    /// Print the shell completion script for SHELL.
+    Completions(docs_cmd::CompletionsArgs),
+    /// Write the manual pages (berth(1) and one per subcommand, berth-docker-proxy(1),
+    /// berth.toml(5)).
+    Man(docs_cmd::ManArgs),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +76,8 @@ fn main() -> ExitCode {
             Command::Check(args) => service_cmd::check(&args),
             Command::Status(args) => service_cmd::status(&args).await,
             Command::Reload(args) => service_cmd::reload(&args).await,
+            Command::Completions(args) => Ok(docs_cmd::completions(&args)),
+            Command::Man(args) => docs_cmd::man(&args),
         }
     });
     match result {
