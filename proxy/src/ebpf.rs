@@ -4,7 +4,7 @@ use std::sync::{Mutex, RwLock};
 use aya::{
     Ebpf, EbpfError,
     maps::{HashMap, Map, MapData, MapError, RingBuf, SockHash},
-    programs::{ProgramError, SkSkb},
+    programs::{Program, ProgramError, SkSkb},
 };
 use berth_common::sockmap;
 
@@ -79,14 +79,7 @@ impl SockmapRelay {
         let peers = typed(&mut ebpf, sockmap::PEERS_MAP)?;
         let counters = typed(&mut ebpf, sockmap::COUNTERS_MAP)?;
         let credits = typed(&mut ebpf, sockmap::CREDITS_MAP)?;
-        let prog: &mut SkSkb = ebpf
-            .program_mut(sockmap::VERDICT_PROG)
-            .ok_or(LoaderError::Missing(sockmap::VERDICT_PROG))?
-            .try_into()
-            .map_err(|source| LoaderError::Program {
-                name: sockmap::VERDICT_PROG,
-                source,
-            })?;
+        let prog: &mut SkSkb = program(&mut ebpf, sockmap::VERDICT_PROG)?;
         prog.load().map_err(|source| LoaderError::Program {
             name: sockmap::VERDICT_PROG,
             source,
@@ -119,6 +112,20 @@ impl std::fmt::Debug for SockmapRelay {
             .field("programs", &self._programs)
             .finish_non_exhaustive()
     }
+}
+
+/// Program `name` of `ebpf`, as its type (`SkSkb`, `SchedClassifier`, ...).
+pub(crate) fn program<'a, P: 'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut P, LoaderError>
+where
+    &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    let program = ebpf.program_mut(name).ok_or(LoaderError::Missing(name))?;
+    program
+        .try_into()
+        .map_err(|source| LoaderError::Program { name, source })
 }
 
 /// Takes map `name` out of `ebpf` as its typed form.

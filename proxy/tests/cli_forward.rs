@@ -8,7 +8,6 @@
 mod common;
 
 use std::{
-    io::{BufRead as _, BufReader},
     net::SocketAddr,
     process::{Command, Stdio},
 };
@@ -46,14 +45,7 @@ async fn start(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let (tx, rx) = std::sync::mpsc::channel();
-    // Keep reading so that berth never blocks on a full stderr pipe.
-    std::thread::spawn(move || {
-        for l in lines.map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
+    let rx = common::lines_of(child.stderr.take().unwrap());
     if udp {
         common::wait_udp_bound(addr).await;
     } else {

@@ -8,7 +8,6 @@
 mod common;
 
 use std::{
-    io::{BufRead as _, BufReader},
     net::SocketAddr,
     os::unix::process::CommandExt as _,
     process::{Command, Stdio},
@@ -211,14 +210,8 @@ async fn out_of_descriptors_new_clients_are_reset_at_once_and_service_recovers()
         });
     }
     let mut child = cmd.spawn().unwrap();
-    let log = BufReader::new(child.stderr.take().unwrap());
+    let lines = common::lines_of(child.stderr.take().unwrap());
     let berth = common::Guard(child);
-    let (tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in log.lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
     common::wait_listening(listen).await;
 
     // Fill the table: connect until berth refuses.

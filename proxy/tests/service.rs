@@ -466,18 +466,8 @@ async fn status_watch_shows_rates_of_what_happens_between_samples() {
         .arg(&berth.admin)
         .stdout(std::process::Stdio::piped());
     let mut child = watch.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let lines = common::lines_of(child.stdout.take().unwrap());
     let _watch = common::Guard(child);
-    let (tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead as _;
-        for l in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(l);
-        }
-    });
     let next = move || -> serde_json::Value {
         let line = lines
             .recv_timeout(HANG)

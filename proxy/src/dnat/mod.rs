@@ -232,11 +232,7 @@ impl Dnat {
             _config: config,
         };
 
-        let tc: &mut SchedClassifier = ebpf
-            .program_mut(shared::TC_PROG)
-            .ok_or(LoaderError::Missing(shared::TC_PROG))?
-            .try_into()
-            .map_err(prog_err(shared::TC_PROG))?;
+        let tc: &mut SchedClassifier = crate::ebpf::program(&mut ebpf, shared::TC_PROG)?;
         tc.load().map_err(prog_err(shared::TC_PROG))?;
         attach_cgroup(&mut ebpf, &cgroup)?;
 
@@ -398,12 +394,7 @@ impl Inner {
         if self.attached.contains_key(&iface.index) {
             return Ok(());
         }
-        let tc: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(shared::TC_PROG)
-            .ok_or(LoaderError::Missing(shared::TC_PROG))?
-            .try_into()
-            .map_err(prog_err(shared::TC_PROG))?;
+        let tc: &mut SchedClassifier = crate::ebpf::program(&mut self.ebpf, shared::TC_PROG)?;
         let tcx = aya::util::KernelVersion::current()
             .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
         if !tcx {
@@ -453,22 +444,14 @@ fn attach_cgroup(ebpf: &mut Ebpf, cgroup: &std::path::Path) -> Result<(), DnatEr
         shared::GETPEERNAME4_PROG,
         shared::GETPEERNAME6_PROG,
     ] {
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or(LoaderError::Missing(name))?
-            .try_into()
-            .map_err(prog_err(name))?;
+        let prog: &mut CgroupSockAddr = crate::ebpf::program(ebpf, name)?;
         prog.load().map_err(prog_err(name))?;
         // A bpf link: other programs on the cgroup stay, and closing the link detaches.
         prog.attach(&dir, CgroupAttachMode::Single)
             .map_err(attach_err(cgroup, name))?;
     }
     let name = shared::RELEASE_PROG;
-    let release: &mut CgroupSock = ebpf
-        .program_mut(name)
-        .ok_or(LoaderError::Missing(name))?
-        .try_into()
-        .map_err(prog_err(name))?;
+    let release: &mut CgroupSock = crate::ebpf::program(ebpf, name)?;
     release.load().map_err(prog_err(name))?;
     release
         .attach(&dir, CgroupAttachMode::Single)

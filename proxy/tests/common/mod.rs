@@ -655,6 +655,19 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 
 /// Waits until a TCP socket of this network namespace listens on `addr`: a child's
 /// readiness without connecting to it and without reading its log.
+/// The lines of a child's stdout or stderr, read on a thread of their own so that the child
+/// never blocks on a full pipe.
+pub fn lines_of(pipe: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for l in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    rx
+}
+
 /// Waits until nothing listens on TCP `addr` (a drain has closed the listener). Probed by
 /// binding the address, so that no probe is ever accepted and relayed.
 pub async fn wait_closed(addr: SocketAddr) {
