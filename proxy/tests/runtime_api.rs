@@ -38,6 +38,7 @@ use common::{
 };
 use nix::sys::signal::Signal;
 use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
     time::timeout,
 };
@@ -634,4 +635,43 @@ async fn fifty_delegated_ports_survive_daemon_crash_and_restart_under_load() {
         assert_eq!(shim.exited().await.code(), Some(0));
     }
     wait_until("every mapping to be removed", || delegated(&admin) == 0).await;
+}
+
+/// A mapping can be added on a port that one of berth's own connections to a target uses as
+/// its local port: the kernel picks those from the ephemeral range, where `docker run -P`
+/// picks host ports too. The connection and the new mapping then both work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mapping_binds_a_port_that_a_connection_of_berth_uses() {
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = backend.local_addr().unwrap();
+    let first = free_addr();
+    let dir = Dir::new();
+    let berth = Berth::spawn(
+        &dir,
+        &format!("{NO_METRICS}{}", mapping("first", first, target, "")),
+        None,
+        vec![],
+    );
+    berth.up().await;
+    // A connection through "first": berth's leg to the backend has an ephemeral port.
+    let mut client = timeout(HANG, TcpStream::connect(first))
+        .await
+        .unwrap()
+        .unwrap();
+    let (mut leg, berth_side) = timeout(HANG, backend.accept()).await.unwrap().unwrap();
+    let taken = SocketAddr::from(([127, 0, 0, 1], berth_side.port()));
+    let r = once(&berth.admin, &add(taken, target, false), None);
+    assert!(r.ok, "a port berth's own connection uses: {}", r.message);
+    // Both work: the new mapping, and the connection whose port it shares.
+    let mut seen = spawn_exchange_server(backend);
+    through(taken, 1, &mut seen).await;
+    client.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    timeout(HANG, leg.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got, b"ping");
+    drop((client, leg));
+    berth.stop().await;
 }

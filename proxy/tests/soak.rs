@@ -232,8 +232,8 @@ async fn soak() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(120);
     let lab = Arc::new(Lab::up(2).await);
-    // Runtime mappings bind their ports again and again: outside the ephemeral range, which
-    // berth's own connections to the containers draw from.
+    // Runtime mappings bind their ports again and again: outside the ephemeral range, so
+    // that no other socket of the namespace can hold one in between.
     lab.host.narrow_ephemeral_ports();
     let (tcp, mut seen) = lab.tcp_server(0);
     let (other, mut seen_other) = lab.tcp_server(0);

@@ -1,7 +1,7 @@
 //! Connecting to the target, with a timeout and an error that says which failure it was.
 use std::{io, time::Duration};
 
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::addr::TargetAddr;
 
@@ -36,7 +36,7 @@ impl ConnectError {
 
 /// Connects to `target` within `timeout` (TCP_NODELAY set), classifying any failure.
 pub async fn connect(target: TargetAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(target.get())).await {
+    let stream = match tokio::time::timeout(timeout, dial(target)).await {
         Err(_) => return Err(ConnectError::Timeout(target, timeout)),
         Ok(Err(e)) => {
             return Err(match e.raw_os_error() {
@@ -52,4 +52,20 @@ pub async fn connect(target: TargetAddr, timeout: Duration) -> Result<TcpStream,
     };
     let _ = stream.set_nodelay(true);
     Ok(stream)
+}
+
+/// The connect itself, from a socket with SO_REUSEADDR. The kernel gives it a port from the
+/// ephemeral range, where runtimes also pick host ports (`docker run -P`): without the
+/// option, a mapping added on a port that one of berth's own connections happens to use
+/// would fail to bind (EADDRINUSE) until that connection ends. With it on both sockets the
+/// kernel lets a listener bind beside connected sockets (never beside another listener).
+async fn dial(target: TargetAddr) -> std::io::Result<TcpStream> {
+    let addr = target.get();
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.connect(addr).await
 }
