@@ -21,8 +21,8 @@ pub struct Row {
     pub active: u64,
     pub bytes_to_target: u64,
     pub bytes_to_client: u64,
-    /// TCP: clients not served (refused, timeout, unreachable, limit). UDP: ICMP errors and
-    /// dropped datagrams.
+    /// TCP: clients not served (each reason of `berth_connect_errors_total`). UDP: ICMP
+    /// errors and dropped datagrams.
     pub errors: u64,
     /// TCP: clients accepted; UDP: flows opened; in kernel mode, plus remote flows begun.
     #[serde(default)]
