@@ -153,8 +153,8 @@ pub async fn serve(
                     None => None,
                     Some(table) => {
                         let Some(slot) = table.admit(client.get().ip()) else {
-                            // Per episode would need a log entry per client: debug only,
-                            // the metric counts them.
+                            // Debug only: one client over its own cap is not an event of
+                            // the mapping's; the metric counts each refusal.
                             debug!(client.addr = %client, "refused: connections per client limit");
                             stats.client_limit_reached();
                             relay::abort_stream(stream);
