@@ -32,7 +32,7 @@ use berth::{
     },
 };
 use common::{
-    Guard, HANG, assert_mirrored,
+    Guard, HANG,
     daemon::{Berth, Dir, free_addr, mapping, sample, scrape, shim_with_status},
     exchange, spawn_exchange_server, wait_until,
 };
@@ -81,9 +81,7 @@ async fn through(
         .await
         .unwrap()
         .unwrap();
-    let (sid, srv) = timeout(HANG, seen.recv()).await.unwrap().unwrap().unwrap();
-    assert_eq!(sid, id);
-    assert_mirrored(id, &t, &srv);
+    common::assert_served(seen, id, &t).await;
 }
 
 /// A raw admin connection: what a careless or hostile client can send. Returns the first

@@ -10,7 +10,7 @@ mod common;
 use std::{net::SocketAddr, os::fd::OwnedFd, path::Path, process::Command};
 
 use common::{
-    HANG, Tally, assert_mirrored,
+    HANG, Tally, assert_served,
     daemon::{Berth, Dir, free_addr, mapping, sample, scrape},
     exchange, spawn_exchange_server, spawn_gated_exchange_server,
 };
@@ -86,21 +86,11 @@ async fn reload_keeps_live_transfers_and_metrics_count_every_byte() {
     assert!(!live.is_finished(), "the transfer ended before the reload");
     gate.send_replace(true);
     let client = timeout(HANG, live).await.unwrap().unwrap();
-    let (_, server) = timeout(HANG, tallies.recv())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_mirrored(1, &client, &server);
+    assert_served(&mut tallies, 1, &client).await;
     // The added mapping works, the changed one still does, the removed one is closed.
     for (id, addr) in [(2u64, new), (3, web)] {
         let c = transfer(addr, id, 1 << 20, 1 << 20).await;
-        let (_, s) = timeout(HANG, tallies.recv())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_mirrored(id, &c, &s);
+        assert_served(&mut tallies, id, &c).await;
     }
     assert!(
         TcpStream::connect(old).await.is_err(),
@@ -177,13 +167,7 @@ async fn reload_keeps_live_transfers_and_metrics_count_every_byte() {
         .await
         .unwrap()
         .unwrap();
-    let (id, server) = timeout(HANG, tallies.recv())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(id, 3);
-    assert_mirrored(3, &c, &server);
+    assert_served(&mut tallies, 3, &c).await;
 
     // SIGTERM under load: the transfer, held open until then, finishes intact, no new client
     // gets in meanwhile, then berth exits 0.
@@ -202,13 +186,7 @@ async fn reload_keeps_live_transfers_and_metrics_count_every_byte() {
     assert!(!live.is_finished(), "the transfer ended before the signal");
     gate.send_replace(true);
     let c = timeout(HANG, live).await.unwrap().unwrap();
-    let (id, server) = timeout(HANG, tallies.recv())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(id, 4);
-    assert_mirrored(4, &c, &server);
+    assert_served(&mut tallies, 4, &c).await;
     assert_eq!(berth.exit_code().await, Some(0));
     assert!(
         TcpStream::connect(web_addr).await.is_err(),
@@ -233,12 +211,7 @@ async fn socket_activation_serves_the_passed_socket_across_a_restart() {
     let berth = Berth::spawn(&dir, &config, None, vec![pass()]);
     berth.up().await;
     let c = transfer(addr, 1, 1 << 20, 1 << 20).await;
-    let (_, s) = timeout(HANG, tallies.recv())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_mirrored(1, &c, &s);
+    assert_served(&mut tallies, 1, &c).await;
     berth.signal(Signal::SIGTERM);
     assert_eq!(berth.exit_code().await, Some(0));
     // No berth is running, yet the port accepts: the kernel queues the client on the socket
@@ -246,12 +219,7 @@ async fn socket_activation_serves_the_passed_socket_across_a_restart() {
     let waiting = tokio::spawn(transfer(addr, 2, 1 << 20, 1 << 20));
     let berth = Berth::spawn(&dir, &config, None, vec![pass()]);
     let c = timeout(HANG, waiting).await.unwrap().unwrap();
-    let (_, s) = timeout(HANG, tallies.recv())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_mirrored(2, &c, &s);
+    assert_served(&mut tallies, 2, &c).await;
     drop(berth);
 }
 
@@ -482,12 +450,7 @@ async fn status_watch_shows_rates_of_what_happens_between_samples() {
     );
     for id in 0..5 {
         let c = transfer(web, id, 1024, 1024).await;
-        let (_, s) = timeout(HANG, tallies.recv())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_mirrored(id, &c, &s);
+        assert_served(&mut tallies, id, &c).await;
     }
     let sample = tokio::task::spawn_blocking(move || {
         loop {
@@ -592,8 +555,7 @@ async fn the_daemon_runs_in_process_with_reload_and_shutdown_as_arguments() {
     .await;
     let through = |addr, id| transfer(addr, id, 1 << 20, 1 << 20);
     let t = through(a, 1).await;
-    let (_, srv) = timeout(HANG, seen.recv()).await.unwrap().unwrap().unwrap();
-    assert_mirrored(1, &t, &srv);
+    assert_served(&mut seen, 1, &t).await;
 
     write(&format!(
         "{}{}",
@@ -617,8 +579,7 @@ async fn the_daemon_runs_in_process_with_reload_and_shutdown_as_arguments() {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     let t = through(b, 2).await;
-    let (_, srv) = timeout(HANG, seen.recv()).await.unwrap().unwrap().unwrap();
-    assert_mirrored(2, &t, &srv);
+    assert_served(&mut seen, 2, &t).await;
 
     stop.send(()).unwrap();
     timeout(HANG, daemon).await.unwrap().unwrap().unwrap();

@@ -266,6 +266,22 @@ pub fn spawn_gated_exchange_server(
     (rx, gate)
 }
 
+/// The server's half of transfer `id` from a [`spawn_exchange_server`] channel, checked
+/// against the client's half (the test's only transfer in flight: the ids must match).
+pub async fn assert_served(
+    seen: &mut tokio::sync::mpsc::UnboundedReceiver<std::io::Result<(u64, Tally)>>,
+    id: u64,
+    client: &Tally,
+) {
+    let (sid, server) = tokio::time::timeout(HANG, seen.recv())
+        .await
+        .unwrap_or_else(|_| panic!("transfer {id}: the server never finished"))
+        .expect("the exchange server is gone")
+        .unwrap_or_else(|e| panic!("transfer {id}, server side: {e}"));
+    assert_eq!(sid, id, "another transfer finished first");
+    assert_mirrored(id, client, &server);
+}
+
 /// Checks that each side received exactly what the other sent, byte count and SHA-256.
 pub fn assert_mirrored(id: u64, client: &Tally, server: &Tally) {
     assert_eq!(
