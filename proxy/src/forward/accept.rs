@@ -29,6 +29,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// backlog until descriptors free up (and a full backlog turns into SYN retries).
 static SPARE: Mutex<Option<File>> = Mutex::new(None);
 
+/// Whether [`SPARE`] may be empty (never taken yet, or not taken back after an episode): read
+/// on every accept so that the common case takes no lock.
+static SPARE_MISSING: AtomicBool = AtomicBool::new(true);
+
 /// Whether the process is out of descriptors now: one warning per episode, not per client.
 static EXHAUSTED: AtomicBool = AtomicBool::new(false);
 
@@ -58,7 +62,9 @@ impl<'a> Acceptor<'a> {
             match self.listener.accept().await {
                 Ok((stream, addr)) => {
                     self.backoff = Duration::ZERO;
-                    restock_spare();
+                    if SPARE_MISSING.load(Ordering::Relaxed) {
+                        restock_spare();
+                    }
                     return Ok((stream, ClientAddr(addr)));
                 }
                 Err(e) => match classify(&e) {
@@ -97,6 +103,7 @@ impl<'a> Acceptor<'a> {
             _ => false,
         };
         *spare = File::open("/dev/null").ok();
+        SPARE_MISSING.store(spare.is_none(), Ordering::Relaxed);
         refused
     }
 
@@ -131,6 +138,7 @@ fn restock_spare() {
     if spare.is_none() {
         *spare = File::open("/dev/null").ok();
     }
+    SPARE_MISSING.store(spare.is_none(), Ordering::Relaxed);
 }
 
 #[derive(Debug, PartialEq, Eq)]
