@@ -27,6 +27,12 @@ pub(crate) fn which(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// `program` in the directory this executable is in (an installed berth-bench's berth).
+pub(crate) fn beside_self(program: &str) -> Option<PathBuf> {
+    let path = std::env::current_exe().ok()?.with_file_name(program);
+    path.is_file().then_some(path)
+}
+
 fn first_line(cmd: &Path, args: &[&str]) -> String {
     Command::new(cmd)
         .args(args)

@@ -33,6 +33,7 @@ use plan::{Plan, Scenario, ScenarioSet};
 #[derive(Debug, Parser)]
 #[command(
     name = "berth-bench",
+    version,
     about = "Forwarding benchmark: berth against direct, docker-proxy, socat, HAProxy and kernel DNAT"
 )]
 struct Cli {
@@ -46,17 +47,22 @@ struct Cli {
     #[arg(long = "contender", value_enum)]
     contenders: Vec<Contender>,
     /// Where the Markdown, JSON, SVG charts and logs go.
-    #[arg(long, default_value = "target/bench")]
+    #[arg(long, default_value = "berth-bench-report")]
     out: PathBuf,
-    /// The berth binary to measure.
+    /// The berth binary to measure [default: the `berth` beside this program, else the one
+    /// on PATH].
     #[arg(long)]
-    berth: PathBuf,
-    /// The docker-proxy binary (from Debian's docker.io package).
+    berth: Option<PathBuf>,
+    /// The docker-proxy binary (from Debian's docker.io package) [default: the one on PATH
+    /// or in /usr/sbin, /usr/bin, /usr/libexec/docker; skipped when there is none].
     #[arg(long)]
     docker_proxy: Option<PathBuf>,
     /// The berth-docker-proxy binary [default: beside --berth].
     #[arg(long)]
     berth_docker_proxy: Option<PathBuf>,
+    /// Print the manual page (roff) and exit; the package builds berth-bench(1) with it.
+    #[arg(long, hide = true)]
+    print_man: bool,
     /// Idle connections for the idle scenario [default: 10000, 500 with --quick; capped by
     /// the fd limit].
     #[arg(long)]
@@ -65,6 +71,16 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.print_man {
+        use clap::CommandFactory as _;
+        return match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("berth-bench: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // Before any thread exists: every thread and child from here on lives in the private ns.
     if let Err(e) = topo::enter_private_host_ns().and_then(|()| topo::enter_bench_cgroup()) {
         eprintln!("berth-bench: {e:#}");
@@ -99,19 +115,38 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     let logs = cli.out.join("logs");
     std::fs::create_dir_all(&logs)
         .with_context(|| format!("failed to create {}", logs.display()))?;
+    let berth = match &cli.berth {
+        Some(b) => b.clone(),
+        None => host::beside_self("berth")
+            .or_else(|| host::which("berth"))
+            .context("no berth binary beside berth-bench or on PATH: pass --berth")?,
+    };
+    anyhow::ensure!(
+        berth.is_file(),
+        "--berth {} does not exist",
+        berth.display()
+    );
     let mut tools = Tools {
-        berth: cli.berth.clone(),
         berth_docker_proxy: cli
             .berth_docker_proxy
             .clone()
-            .unwrap_or_else(|| cli.berth.with_file_name("berth-docker-proxy")),
-        docker_proxy: cli.docker_proxy.clone().filter(|p| p.exists()),
+            .unwrap_or_else(|| berth.with_file_name("berth-docker-proxy")),
+        docker_proxy: match &cli.docker_proxy {
+            Some(p) => Some(p.clone()).filter(|p| p.exists()),
+            None => host::which("docker-proxy").or_else(|| {
+                ["/usr/sbin", "/usr/bin", "/usr/libexec/docker"]
+                    .iter()
+                    .map(|d| std::path::Path::new(d).join("docker-proxy"))
+                    .find(|p| p.is_file())
+            }),
+        },
         socat: host::which("socat"),
         haproxy: host::which("haproxy"),
         iptables: host::which("iptables"),
         cni_portmap: Some(std::path::Path::new(cni::PLUGIN_DIR).join("portmap"))
             .filter(|p| p.exists()),
-        berth_cni: cli.berth.with_file_name("berth-cni"),
+        berth_cni: berth.with_file_name("berth-cni"),
+        berth,
         server_netns: PathBuf::new(),
     };
 

@@ -53,36 +53,14 @@ pub(crate) fn build_release(packages: &[&str]) -> anyhow::Result<()> {
     run(&mut cmd)
 }
 
-/// `berth` linked statically and not position-independent, as installed, in
-/// `target/release/static/` with `berth-docker-proxy` and `berth-cni` beside it as links (berth
-/// dispatches on its name). With no dynamic relocations to apply at start, a waiting shim
-/// dirties almost nothing (64 kB private here, against 112 kB dynamically linked), and one
-/// binary for both lets a thousand shims share their code pages with the daemon. Only the
-/// binary gets these flags (`cargo rustc`); the library and tests keep theirs. Returns the
-/// directory.
+/// `berth` as installed, from [`static_binary`], in `target/release/static/` with
+/// `berth-docker-proxy` and `berth-cni` beside it as links (berth dispatches on its name).
+/// With no dynamic relocations to apply at start, a waiting shim dirties almost nothing (64 kB
+/// private here, against 112 kB dynamically linked), and one binary for both lets a thousand
+/// shims share their code pages with the daemon. Returns the directory.
 pub(crate) fn build_static() -> anyhow::Result<PathBuf> {
-    run(Command::new("cargo").current_dir(root()).args([
-        "rustc",
-        "--release",
-        "--locked",
-        "-p",
-        "berth",
-        "--bin",
-        "berth",
-        "--",
-        "-C",
-        "target-feature=+crt-static",
-        "-C",
-        "relocation-model=static",
-    ]))?;
-    let dir = root().join("target/release/static");
-    std::fs::create_dir_all(&dir)?;
-    let berth = dir.join("berth");
-    // Beside, then rename: a running copy (a bench's daemon) is replaced, not rewritten.
-    let tmp = dir.join("berth.new");
-    std::fs::copy(root().join("target/release/berth"), &tmp)
-        .context("cannot copy the static berth")?;
-    std::fs::rename(&tmp, &berth)?;
+    let berth = static_binary("berth", "berth")?;
+    let dir = berth.parent().expect("in a directory").to_owned();
     for name in ["berth-docker-proxy", "berth-cni"] {
         let link = dir.join(name);
         let _ = std::fs::remove_file(&link);
@@ -90,4 +68,47 @@ pub(crate) fn build_static() -> anyhow::Result<PathBuf> {
             .with_context(|| format!("cannot link {name}"))?;
     }
     Ok(dir)
+}
+
+/// Binary `bin` of `package`, linked statically and not position-independent, and stripped
+/// (73 MB of line tables become 10 MB) as `target/release/static/BIN`. Only the binary gets
+/// these flags (`cargo rustc`); the library and tests keep theirs, and `target/release/BIN`
+/// keeps its symbols for profiling.
+pub(crate) fn static_binary(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
+    run(Command::new("cargo").current_dir(root()).args([
+        "rustc",
+        "--release",
+        "--locked",
+        "-p",
+        package,
+        "--bin",
+        bin,
+        "--",
+        "-C",
+        "target-feature=+crt-static",
+        "-C",
+        "relocation-model=static",
+    ]))?;
+    stripped(&root().join("target/release").join(bin), "static")
+}
+
+/// A stripped copy of `binary` in `target/release/SUBDIR/`, as dh_strip makes for a Debian
+/// package.
+pub(crate) fn stripped(binary: &Path, subdir: &str) -> anyhow::Result<PathBuf> {
+    let dir = root().join("target/release").join(subdir);
+    std::fs::create_dir_all(&dir)?;
+    let name = binary.file_name().context("a binary has a file name")?;
+    // Beside, then rename: a running copy (a bench's daemon) is replaced, not rewritten.
+    let tmp = dir.join(name).with_extension("new");
+    std::fs::copy(binary, &tmp).with_context(|| format!("cannot copy {}", binary.display()))?;
+    run(Command::new("strip")
+        .args([
+            "--strip-unneeded",
+            "--remove-section=.comment",
+            "--remove-section=.note",
+        ])
+        .arg(&tmp))?;
+    let out = dir.join(name);
+    std::fs::rename(&tmp, &out)?;
+    Ok(out)
 }

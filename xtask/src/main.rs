@@ -4,6 +4,7 @@ mod demo;
 mod exec;
 mod fuzz;
 mod install;
+mod package;
 mod setup;
 mod soak;
 mod test;
@@ -44,6 +45,9 @@ enum Command {
     /// Build in release mode and install the binaries, the systemd units and an example
     /// config (an existing /etc/berth/berth.toml is kept).
     Install(install::InstallArgs),
+    /// Build the Debian package (target/package/berth_VERSION_ARCH.deb) and check it with
+    /// lintian.
+    Package(package::PackageArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,5 +62,6 @@ fn main() -> anyhow::Result<()> {
         Command::Soak(args) => soak::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Install(args) => install::run(&args),
+        Command::Package(args) => package::run(&args),
     }
 }

@@ -17,7 +17,9 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// `systemd-analyze verify` of the shipped units, and for the real-dockerd test dockerd 20.10
 /// (docker.io, with containerd and runc), iptables for its rules, and busybox-static for the
 /// image it imports; the reference CNI plugins (bridge, host-local) that berth-cni chains
-/// after in its tests, and Podman 4.3 (with runc and conmon) for the real-Podman test.
+/// after in its tests, and Podman 4.3 (with runc and conmon) for the real-Podman test. The
+/// package: dpkg-dev (dpkg-shlibdeps), binutils (strip) and lintian to build and check it,
+/// mmdebstrap and systemd-container (systemd-nspawn) to boot it under a real systemd.
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "python3",
@@ -28,6 +30,11 @@ const APT_PACKAGES: &[&str] = &[
     "busybox-static",
     "containernetworking-plugins",
     "podman",
+    "dpkg-dev",
+    "binutils",
+    "lintian",
+    "mmdebstrap",
+    "systemd-container",
 ];
 
 /// Where `promtool` is unpacked (see [`promtool`]), under the repository.
@@ -185,6 +192,39 @@ fn promtool() -> anyhow::Result<()> {
     )?;
     std::fs::remove_file(&deb)?;
     Ok(())
+}
+
+/// A minimal Debian root with systemd as its init, as a tarball under target/tools (made once
+/// with mmdebstrap from the host's apt sources, about 20 s), for tests/systemd.rs to boot.
+pub(crate) fn debian_root() -> anyhow::Result<std::path::PathBuf> {
+    let release = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+    let suite = release
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|s| s.trim_matches('"').to_owned())
+        .context(
+            "/etc/os-release names no VERSION_CODENAME: the systemd test needs a Debian host",
+        )?;
+    let dir = exec::root().join("target/tools");
+    let tarball = dir.join(format!("debian-{suite}-systemd.tar"));
+    if tarball.exists() {
+        println!("xtask: {} is there", tarball.display());
+        return Ok(tarball);
+    }
+    std::fs::create_dir_all(&dir)?;
+    let tmp = tarball.with_extension("partial.tar");
+    exec::run(
+        Command::new("mmdebstrap")
+            .args([
+                "--variant=minbase",
+                "--include=systemd,systemd-sysv",
+                "--quiet",
+            ])
+            .arg(&suite)
+            .arg(&tmp),
+    )?;
+    std::fs::rename(&tmp, &tarball)?;
+    Ok(tarball)
 }
 
 pub(crate) fn is_root() -> bool {

@@ -5,7 +5,7 @@ use std::process::Command;
 
 use anyhow::bail;
 
-use crate::{exec, fuzz, setup};
+use crate::{exec, fuzz, package, setup};
 
 /// The tier `--quick` skips: long transfers (4 GiB, 2 GiB, 64 × 64 MiB), by name.
 const STRESS_PREFIX: &str = "stress_";
@@ -71,8 +71,15 @@ pub(crate) fn run(quick: bool, cargo_test_args: &[String]) -> anyhow::Result<()>
             .args(["doc", "--no-deps", "--locked"])
             .env("RUSTDOCFLAGS", "-D warnings"),
     )?;
+    // The Debian package, checked by lintian here, installed by tests/package.rs into a
+    // throw-away root and by tests/systemd.rs into a Debian root booted with systemd.
+    let deb = package::build(&root.join("target/package"))?;
+    package::lintian(&deb)?;
+    let debian_root = setup::debian_root()?;
     let mut test = Command::new("cargo");
     test.current_dir(&root)
+        .env("BERTH_DEB", &deb)
+        .env("BERTH_ROOTFS", &debian_root)
         .args(["test", "--locked", "--config"])
         // Every test binary runs under timeout(1), which kills it (and so fails the run)
         // past the limit; its Drop guards do not run then, but its namespaces and cgroups
