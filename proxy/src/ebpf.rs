@@ -39,6 +39,24 @@ pub enum LoaderError {
     },
 }
 
+impl LoaderError {
+    /// The message with every cause below it, the kernel's errno included: aya's errors keep
+    /// the system call's error as a source their own text leaves out ("failed to create
+    /// map"), and that errno is what tells an operator which permission is missing.
+    pub fn detail(&self) -> String {
+        let mut text = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(e) = cause {
+            let part = e.to_string();
+            if !text.contains(&part) {
+                text = format!("{text}: {part}");
+            }
+            cause = e.source();
+        }
+        text
+    }
+}
+
 /// The sockmap relay's programs and maps, loaded and attached. Dropping it detaches and
 /// unloads everything: nothing is pinned, so nothing outlives the process.
 ///
@@ -159,4 +177,22 @@ pub fn load_dnat(sizes: DnatSizes) -> Result<Ebpf, LoaderError> {
         .map_max_entries(dnat::REVNAT_MAP, sizes.conntrack)
         .map_max_entries(dnat::LOCAL_MAP, sizes.local_addrs)
         .load(DNAT_OBJECT)?)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn detail_shows_the_errno_below_aya_s_message() {
+        let e =
+            super::LoaderError::Load(aya::EbpfError::MapError(aya::maps::MapError::CreateError {
+                name: "BERTH_PEERS".into(),
+                io_error: std::io::Error::from_raw_os_error(libc::EPERM),
+            }));
+        let d = e.detail();
+        assert!(
+            d.contains("BERTH_PEERS") && d.contains("Operation not permitted"),
+            "{d}"
+        );
+        assert_eq!(d.matches("failed to create map").count(), 1, "{d}");
+    }
 }

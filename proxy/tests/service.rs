@@ -299,6 +299,7 @@ fn the_shipped_units_pass_systemd_analyze_verify() {
         "CapabilityBoundingSet=CAP_NET_BIND_SERVICE\n",
         "AmbientCapabilities=CAP_NET_BIND_SERVICE\n",
         "RestrictAddressFamilies=",
+        "SystemCallErrorNumber=EPERM\n",
         "LimitNOFILE=",
     ] {
         assert!(service.contains(key), "berth.service lacks {key:?}");

@@ -115,6 +115,11 @@ fn collect_dirs(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
 
 impl Machine {
     fn boot() -> Self {
+        Self::boot_with(&[])
+    }
+
+    /// [`Machine::boot`] with more systemd-nspawn options.
+    fn boot_with(options: &[&str]) -> Self {
         common::require_root();
         let tarball = env_path("BERTH_ROOTFS", "the Debian root");
         let dir = Dir::new();
@@ -145,6 +150,7 @@ impl Machine {
             .arg(&root)
             .args(["--machine", &name, "--register=no", "--keep-unit"])
             .args(["--private-network", "--boot"])
+            .args(options)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -501,4 +507,50 @@ async fn berth_runs_hardened_under_systemd_reloads_restarts_and_is_removed() {
 
 fn write(m: &Machine, config: &str) {
     std::fs::write(m.path("etc/berth/berth.toml"), config).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ebpf_drop_in_lets_the_hardened_unit_load_its_programs() {
+    // The container may hold what the drop-in grants (nspawn keeps CAP_NET_ADMIN already),
+    // and nspawn's own system call filter lets bpf(2) through.
+    let m = Machine::boot_with(&[
+        "--capability=CAP_BPF,CAP_PERFMON",
+        "--system-call-filter=bpf",
+    ]);
+    m.ok("dpkg -i /root/berth.deb");
+    let backend = m.listen();
+    let target = backend.local_addr().unwrap();
+    let mut seen = common::spawn_exchange_server(backend);
+    let sockmap = format!(
+        "[[mapping]]\nname = \"fast\"\nlisten = \"127.0.0.1:8080\"\ntarget = \"{target}\"\nmode = \"sockmap\"\n"
+    );
+    // Without the drop-in the unit's system call filter refuses bpf(2): the reload fails with
+    // the reason, and berth (not killed by SIGSYS) keeps running.
+    let pid = m.prop("berth.service", "MainPID");
+    write(&m, &sockmap);
+    let (ok, out) = m.run("systemctl reload berth");
+    assert!(!ok, "sockmap loaded without the drop-in: {out}");
+    let journal = m.sh("journalctl -u berth.service --no-pager");
+    assert!(
+        journal.contains("mode sockmap") && journal.contains("Operation not permitted"),
+        "{journal}"
+    );
+    assert_eq!(m.prop("berth.service", "ActiveState"), "active");
+    assert_eq!(m.prop("berth.service", "MainPID"), pid);
+    std::fs::create_dir_all(m.path("etc/systemd/system/berth.service.d")).unwrap();
+    std::fs::copy(
+        m.path("usr/share/doc/berth/ebpf.conf"),
+        m.path("etc/systemd/system/berth.service.d/ebpf.conf"),
+    )
+    .unwrap();
+    m.ok("systemctl daemon-reload && systemctl restart berth");
+    let status = m.ok("berth status");
+    assert!(status.contains("sockmap"), "{status}");
+    let pid = m.prop("berth.service", "MainPID");
+    let uid = m.ok(&format!("awk '/^Uid:/ {{print $2}}' /proc/{pid}/status"));
+    assert_ne!(uid.trim(), "0");
+    let client = transfer(&m, 8080, 1).await;
+    common::assert_served(&mut seen, 1, &client).await;
+    let metrics = m.ok("berth status --json");
+    assert!(metrics.contains("fast"), "{metrics}");
 }

@@ -162,8 +162,9 @@ impl Kernel {
                     self.sockmap = Some(sm);
                 }
                 Err(e) => {
-                    warn!(reason = %e, "sockmap mode unavailable");
-                    self.sockmap_error = Some(e.to_string());
+                    let reason = e.detail();
+                    warn!(%reason, "sockmap mode unavailable");
+                    self.sockmap_error = Some(reason);
                 }
             }
         }
