@@ -56,6 +56,8 @@ struct Packet {
     sport: u16,
     dport: u16,
     tcp_flags: u8,
+    /// Time to live, and the protocol beside it: one 16-bit word of the header checksum.
+    ttl: u8,
     /// Offset of the L4 header from the start of the frame.
     l4: usize,
     len: u64,
@@ -89,10 +91,11 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
     }
     let ip = data + ETH_HLEN;
     // SAFETY: bounds-checked against data_end above (the verifier checks it too).
-    let (ver_ihl, frag, proto, saddr, daddr) = unsafe {
+    let (ver_ihl, frag, ttl, proto, saddr, daddr) = unsafe {
         (
             *(ip as *const u8),
             u16::from_be(core::ptr::read_unaligned((ip + 6) as *const u16)),
+            *((ip + 8) as *const u8),
             *((ip + 9) as *const u8),
             core::ptr::read_unaligned((ip + 12) as *const u32),
             core::ptr::read_unaligned((ip + 16) as *const u32),
@@ -125,9 +128,27 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
         sport,
         dport,
         tcp_flags,
+        ttl,
         l4,
         len: u64::from(ctx.len()),
     })
+}
+
+/// Takes one hop off the packet, as the routing it stands in for would, fixing the header
+/// checksum. A packet with no hop left (TTL 1 or 0) is not redirected: the host's stack gets
+/// it (and its relay serves it, or routing answers with an ICMP error).
+#[inline(always)]
+fn hop(ctx: &TcContext, pkt: &Packet) -> Option<()> {
+    if pkt.ttl <= 1 {
+        return None;
+    }
+    // The word as it sits in the packet (TTL, then protocol), read as a native u16, like
+    // the addresses and ports handed to the checksum helpers.
+    let old = u16::from_ne_bytes([pkt.ttl, pkt.proto]);
+    let new = u16::from_ne_bytes([pkt.ttl - 1, pkt.proto]);
+    ctx.l3_csum_replace(ETH_HLEN + 10, u64::from(old), u64::from(new), 2)
+        .ok()?;
+    ctx.store(ETH_HLEN + 8, &(pkt.ttl - 1), 0).ok()
 }
 
 /// A reply from a backend: source back to what the client dialled, then out of the client's
@@ -151,6 +172,7 @@ fn reply(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
     }
     let (orig_ip, orig_port) = (flow.orig[3], flow.orig_port);
     let (client_ifindex, id) = (flow.client_ifindex, flow.id);
+    hop(ctx, pkt)?;
     flow.last_seen = now();
     if pkt.tcp_flags & TCP_FIN != 0 {
         flow.backend_fin = 1;
@@ -192,6 +214,7 @@ fn forward(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
         return None;
     }
     let (new_ip, new_port) = (backend.addr[3], backend.port);
+    hop(ctx, pkt)?;
     rewrite(ctx, pkt, 16, pkt.daddr, new_ip, 2, pkt.dport, new_port).ok()?;
     track(existing, &key, pkt, &backend, dst, ifindex);
     count(backend.id, |s| {

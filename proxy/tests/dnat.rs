@@ -268,6 +268,176 @@ async fn remote_and_local_udp_clients_get_replies_from_the_mapped_address() {
     }
 }
 
+/// Sends `payload` to `to` with `ttl`, and returns the reply's source and TTL.
+fn ask_with_ttl(sock: &std::net::UdpSocket, to: SocketAddr, ttl: i32) -> (SocketAddr, u8) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    setsockopt(sock, sockopt::Ipv4Ttl, &ttl).unwrap();
+    sock.send_to(b"ping", to).unwrap();
+    let (from, got, _) = recv_with_ttl(sock);
+    (from, got)
+}
+
+/// One datagram with the TTL it arrived with (the socket has IP_RECVTTL on).
+fn recv_with_ttl(sock: &std::net::UdpSocket) -> (SocketAddr, u8, Vec<u8>) {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg};
+    use std::os::fd::AsRawFd as _;
+    let mut buf = [0u8; 1500];
+    let mut cmsg = nix::cmsg_space!(libc::c_int);
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<SockaddrIn>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::empty(),
+    )
+    .unwrap();
+    let ttl = msg
+        .cmsgs()
+        .unwrap()
+        .find_map(|c| match c {
+            ControlMessageOwned::Ipv4Ttl(t) => Some(t as u8),
+            _ => None,
+        })
+        .expect("no TTL with the datagram");
+    let from = SocketAddr::from(std::net::SocketAddrV4::from(msg.address.unwrap()));
+    let n = msg.bytes;
+    (from, ttl, buf[..n].to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirected_packets_lose_one_hop_as_routed_ones_do() {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let lab = Lab::up(1).await;
+    // A container server that reports each datagram's source and TTL, and answers with TTL 40.
+    let server = lab.bind_in(0, std::net::UdpSocket::bind);
+    setsockopt(&server, sockopt::Ipv4RecvTtl, &true).unwrap();
+    setsockopt(&server, sockopt::Ipv4Ttl, &40).unwrap();
+    server.set_read_timeout(Some(HANG)).unwrap();
+    let target = server.local_addr().unwrap();
+    let (seen_tx, seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        loop {
+            let (from, ttl, _) = recv_with_ttl(&server);
+            if seen_tx.send((from, ttl)).is_err() || server.send_to(b"pong", from).is_err() {
+                return;
+            }
+        }
+    });
+    let port = lab.host.free_port();
+    let dir = scratch();
+    let listen = SocketAddr::from(([0, 0, 0, 0], port));
+    let berth = lab.berth(&dir, &lab.config("", &[("ttl", "udp", listen, target)]));
+    berth.up().await;
+
+    let client = lab
+        .ext
+        .ns
+        .run(|| std::net::UdpSocket::bind("0.0.0.0:0").unwrap())
+        .unwrap();
+    setsockopt(&client, sockopt::Ipv4RecvTtl, &true).unwrap();
+    client.set_read_timeout(Some(HANG)).unwrap();
+    let me = SocketAddr::from((EXT_CLIENT, client.local_addr().unwrap().port()));
+    let public = SocketAddr::from((EXT_HOST, port));
+    // One hop each way, as if the host had routed the packets.
+    let (from, ttl) = tokio::task::block_in_place(|| ask_with_ttl(&client, public, 50));
+    assert_eq!(
+        seen.recv_timeout(HANG).unwrap(),
+        (me, 49),
+        "client to container"
+    );
+    assert_eq!((from, ttl), (public, 39), "container to client");
+    // A datagram with no hop left is not redirected: berth's relay serves it, so the
+    // container sees it come from the bridge's gateway.
+    let (from, _) = tokio::task::block_in_place(|| ask_with_ttl(&client, public, 1));
+    assert_eq!(from, public);
+    let (source, _) = seen.recv_timeout(HANG).unwrap();
+    assert_eq!(
+        source.ip(),
+        IpAddr::V4(lab.topo.gateway),
+        "the relay's address"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uplink_that_appears_after_start_is_mapped_too() {
+    let lab = Lab::up(1).await;
+    let (server, mut seen) = lab.tcp_server(0);
+    let port = lab.host.free_port();
+    let dir = scratch();
+    let listen = SocketAddr::from(([0, 0, 0, 0], port));
+    let berth = lab.berth(&dir, &lab.config("", &[("web", "tcp", listen, server)]));
+    berth.up().await;
+
+    // A second uplink, with a client behind it, added while berth runs.
+    let (host_ip, client_ip) = (
+        std::net::Ipv4Addr::new(10, 98, 0, 1),
+        std::net::Ipv4Addr::new(10, 98, 0, 2),
+    );
+    let ext2 = TestNs::create();
+    common::link_external_as(&lab.host, &ext2, "ext1", host_ip, client_ip).await;
+    wait_until("the TC program on the new uplink", || {
+        !lab.tc_programs("ext1").is_empty()
+    })
+    .await;
+    // Kernel mode maps it: the container sees the client itself (the relay would show the
+    // bridge's gateway).
+    let sock = ext2
+        .ns
+        .run(|| tokio::net::TcpSocket::new_v4().unwrap())
+        .unwrap();
+    let stream = timeout(HANG, sock.connect(SocketAddr::from((host_ip, port))))
+        .await
+        .unwrap()
+        .unwrap();
+    let client = timeout(HANG, exchange(stream, 1, 1 << 20, 1 << 20))
+        .await
+        .unwrap()
+        .unwrap();
+    let (peer, id, server_side) = timeout(HANG, seen.recv()).await.unwrap().unwrap();
+    assert_eq!(peer.ip(), IpAddr::V4(client_ip));
+    assert_mirrored(id, &client, &server_side);
+
+    // A new container's veth, as `berth net up` adds it: qualifies for a moment, then
+    // becomes a bridge port, which carries no routed traffic of its own: the program comes
+    // off. The uplink that went away is forgotten.
+    let bridge = lab.topo.bridge.to_string();
+    lab.host
+        .ns
+        .run_async(|| async {
+            let nl = berth::net::Netlink::connect().unwrap();
+            nl.add_veth(&"vnew".parse().unwrap(), &"vnewp".parse().unwrap())
+                .await
+                .unwrap();
+            nl.set_up("vnew").await.unwrap();
+        })
+        .unwrap();
+    wait_until("the program on the new veth", || {
+        !lab.tc_programs("vnew").is_empty()
+    })
+    .await;
+    lab.host
+        .ns
+        .run_async(|| async {
+            let nl = berth::net::Netlink::connect().unwrap();
+            nl.set_controller("vnew", &bridge).await.unwrap();
+            nl.delete("ext1").await.unwrap();
+        })
+        .unwrap();
+    wait_until("the program off the bridge port", || {
+        lab.tc_programs("vnew").is_empty()
+    })
+    .await;
+    // Still mapping through the first uplink.
+    let stream = lab.ext_connect(SocketAddr::from((EXT_HOST, port))).await;
+    let client = timeout(HANG, exchange(stream, 2, 1 << 16, 1 << 16))
+        .await
+        .unwrap()
+        .unwrap();
+    let (peer, id, server_side) = timeout(HANG, seen.recv()).await.unwrap().unwrap();
+    assert_eq!(peer.ip(), IpAddr::V4(EXT_CLIENT));
+    assert_mirrored(id, &client, &server_side);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_mappings_stay_apart_and_removing_them_detaches_everything() {
     let lab = Lab::up(2).await;

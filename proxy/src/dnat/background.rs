@@ -1,4 +1,5 @@
-//! Kernel mode's background work: the conntrack sweeper and the local-address watcher.
+//! Kernel mode's background work: the conntrack sweeper and the watcher of the host's
+//! addresses and interfaces.
 use std::time::Duration;
 
 use futures::StreamExt as _;
@@ -19,17 +20,22 @@ pub(super) async fn sweeper(dnat: std::sync::Weak<Dnat>, timeouts: Timeouts) {
     }
 }
 
-/// Keeps the local-address map current: re-reads the local table whenever an address is
+/// Keeps kernel mode in step with the host: re-reads the local addresses, and attaches the
+/// TC program to new client-facing interfaces, whenever an address or an interface is
 /// added or removed.
-pub(super) async fn local_watcher(dnat: std::sync::Weak<Dnat>) {
+pub(super) async fn host_watcher(dnat: std::sync::Weak<Dnat>) {
     use rtnetlink::MulticastGroup;
     let (conn, _handle, mut events) = match rtnetlink::new_multicast_connection(&[
+        MulticastGroup::Link,
         MulticastGroup::Ipv4Ifaddr,
         MulticastGroup::Ipv6Ifaddr,
     ]) {
         Ok(c) => c,
         Err(e) => {
-            warn!(error = %e, "cannot watch address changes; local addresses stay as at start");
+            warn!(
+                error = %e,
+                "cannot watch the host's addresses and interfaces; kernel mode keeps those it found at start"
+            );
             return;
         }
     };
@@ -41,6 +47,9 @@ pub(super) async fn local_watcher(dnat: std::sync::Weak<Dnat>) {
         let Some(d) = dnat.upgrade() else { break };
         if let Err(e) = d.refresh_local().await {
             warn!(error = %e, "cannot refresh local addresses");
+        }
+        if let Err(e) = d.refresh_interfaces().await {
+            warn!(error = %e, "cannot refresh the client-facing interfaces");
         }
     }
     conn.abort();

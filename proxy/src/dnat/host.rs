@@ -67,6 +67,20 @@ pub(crate) async fn default_interfaces(nl: &Netlink) -> Result<Vec<Iface>, DnatE
     Ok(out)
 }
 
+/// The indexes of every interface there is now.
+pub(crate) async fn interface_indexes(nl: &Netlink) -> Result<BTreeSet<u32>, DnatError> {
+    let mut links = nl.handle().link().get().execute();
+    let mut out = BTreeSet::new();
+    while let Some(link) = links
+        .try_next()
+        .await
+        .map_err(|e| DnatError::netlink("list interfaces", e))?
+    {
+        out.insert(link.header.index);
+    }
+    Ok(out)
+}
+
 /// The interface named `name`.
 pub(crate) async fn interface(nl: &Netlink, name: &str) -> Result<Iface, DnatError> {
     match nl.link(name).await {

@@ -17,7 +17,7 @@
 //! - `mapping`: [`DnatMapping`], one mapping's service entry; dropping it removes every trace
 //!   of it.
 //! - `keys`: addresses and keys in the maps' layout; what kernel mode can map.
-//! - `background`: the conntrack sweeper and the local-address watcher.
+//! - `background`: the conntrack sweeper and the watcher of addresses and interfaces.
 //! - `host`: interfaces, routes, local addresses, cgroup v2 and netns, from the kernel.
 //! - [`conntrack`]: when an entry expires.
 //! - `error`: [`DnatError`].
@@ -46,18 +46,21 @@ use aya::{
         Array, HashMap, MapData, PerCpuHashMap, PerCpuValues,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, SchedClassifier, TcAttachType},
+    programs::{
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, SchedClassifier, TcAttachType,
+        tc::SchedClassifierLinkId,
+    },
 };
 use berth_common::dnat::{
     self as shared, Addr, Backend, Config, Flow, FlowKey, Origin, ServiceKey, SockKey, Stats,
 };
 use tokio::task::JoinHandle;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use self::host::Iface;
 pub(crate) use self::keys::addr_of;
 use self::{
-    background::{local_watcher, sweeper},
+    background::{host_watcher, sweeper},
     error::{map_err, prog_err, stats_err},
     keys::service_key,
 };
@@ -127,12 +130,21 @@ struct Maps {
     _config: Array<MapData, Config>,
 }
 
+/// One interface's TC attachment.
+struct Attached {
+    name: String,
+    link: SchedClassifierLinkId,
+    /// Attached because a mapping's container is behind it (its bridge): kept while the
+    /// interface exists, whatever the client-facing policy says.
+    for_mapping: bool,
+}
+
 struct Inner {
     /// The programs and their attachments (links): dropping it detaches everything.
     ebpf: Ebpf,
     maps: Maps,
-    /// Interfaces whose ingress runs the TC program.
-    attached: BTreeMap<u32, String>,
+    /// Interfaces whose ingress runs the TC program, by index.
+    attached: BTreeMap<u32, Attached>,
     local: BTreeSet<(u32, Addr)>,
     /// Conntrack entries per mapping id, as of the last sweep.
     entries: StdHashMap<u32, u64>,
@@ -178,7 +190,7 @@ pub struct Route(Iface);
 
 impl Dnat {
     /// Loads the programs, attaches them (TC to the client-facing interfaces, sock_addr to
-    /// the cgroup) and starts the conntrack sweeper and the local-address watcher. Needs a
+    /// the cgroup) and starts the conntrack sweeper and the host watcher. Needs a
     /// tokio runtime and CAP_BPF, CAP_PERFMON (the verifier forbids pointer arithmetic on
     /// packets without it) and CAP_NET_ADMIN, or root; runs in the host's namespace.
     pub async fn start(settings: Settings) -> Result<Arc<Self>, DnatError> {
@@ -245,7 +257,7 @@ impl Dnat {
         };
         inner.sync_local(local)?;
         for i in &ifaces {
-            inner.attach_tc(i)?;
+            inner.attach_tc(i, false)?;
         }
         info!(
             interfaces = ?ifaces.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
@@ -267,7 +279,7 @@ impl Dnat {
         let weak = Arc::downgrade(&dnat);
         let tasks = vec![
             tokio::spawn(sweeper(weak.clone(), timeouts)),
-            tokio::spawn(local_watcher(weak)),
+            tokio::spawn(host_watcher(weak)),
         ];
         *dnat
             .background
@@ -288,7 +300,11 @@ impl Dnat {
 
     /// Interfaces with the TC program, by name.
     pub fn interfaces(&self) -> Vec<String> {
-        self.lock().attached.values().cloned().collect()
+        self.lock()
+            .attached
+            .values()
+            .map(|a| a.name.clone())
+            .collect()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -329,7 +345,7 @@ impl Dnat {
             id,
         };
         let mut inner = self.lock();
-        inner.attach_tc(via)?;
+        inner.attach_tc(via, true)?;
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| stats_err("nr_cpus", e))?;
         let zero = PerCpuValues::try_from(vec![Stats::default(); cpus])
             .map_err(|e| stats_err("per-cpu values", e))?;
@@ -376,6 +392,55 @@ impl Dnat {
         expired.len()
     }
 
+    /// Brings the client-facing attachments in line with the host: the TC program goes on the
+    /// interfaces that appeared since the last look (under the default policy every new one
+    /// that qualifies; with a list, the listed names that exist now), comes off those that no
+    /// longer qualify (a new veth that became a bridge port), and is forgotten on those that
+    /// are gone (their TCX links went with them). An interface that cannot take the program
+    /// is logged and skipped.
+    async fn refresh_interfaces(&self) -> Result<(), DnatError> {
+        let nl = Netlink::connect().map_err(|e| DnatError::netlink("connect", e))?;
+        let want = match &self.settings.interfaces {
+            None => host::default_interfaces(&nl).await?,
+            Some(names) => {
+                let mut found = Vec::new();
+                for n in names {
+                    // Not there (yet): attached when it appears.
+                    if let Ok(i) = host::interface(&nl, n).await {
+                        found.push(i);
+                    }
+                }
+                found
+            }
+        };
+        let present = host::interface_indexes(&nl).await?;
+        let mut inner = self.lock();
+        let wanted: BTreeSet<u32> = want.iter().map(|i| i.index).collect();
+        let stale: Vec<u32> = inner
+            .attached
+            .iter()
+            .filter(|(i, a)| !present.contains(i) || (!a.for_mapping && !wanted.contains(i)))
+            .map(|(i, _)| *i)
+            .collect();
+        for index in stale {
+            inner.detach_tc(index);
+        }
+        for iface in &want {
+            if inner.attached.contains_key(&iface.index) {
+                continue;
+            }
+            match inner.attach_tc(iface, false) {
+                Ok(()) => {
+                    info!(interface = %iface.name, "TC program attached to a new interface");
+                }
+                Err(e) => {
+                    warn!(interface = %iface.name, error = %e, "cannot attach to a new interface");
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Re-reads the host's local addresses into the map.
     async fn refresh_local(&self) -> Result<(), DnatError> {
         let nl = Netlink::connect().map_err(|e| DnatError::netlink("connect", e))?;
@@ -390,8 +455,9 @@ impl Inner {
         self.maps.services.get(key, 0).is_ok_and(|b| b.id == id)
     }
 
-    fn attach_tc(&mut self, iface: &Iface) -> Result<(), DnatError> {
-        if self.attached.contains_key(&iface.index) {
+    fn attach_tc(&mut self, iface: &Iface, for_mapping: bool) -> Result<(), DnatError> {
+        if let Some(a) = self.attached.get_mut(&iface.index) {
+            a.for_mapping |= for_mapping;
             return Ok(());
         }
         let tc: &mut SchedClassifier = crate::ebpf::program(&mut self.ebpf, shared::TC_PROG)?;
@@ -401,14 +467,34 @@ impl Inner {
             // Before TCX the program hangs off a clsact qdisc (which then stays).
             let _ = aya::programs::tc::qdisc_add_clsact(&iface.name);
         }
-        tc.attach(&iface.name, TcAttachType::Ingress)
-            .map_err(|e| DnatError::Interface {
-                name: iface.name.clone(),
-                why: format!("cannot attach the TC program: {e}"),
-            })?;
+        let link =
+            tc.attach(&iface.name, TcAttachType::Ingress)
+                .map_err(|e| DnatError::Interface {
+                    name: iface.name.clone(),
+                    why: format!("cannot attach the TC program: {e}"),
+                })?;
         debug!(interface = %iface.name, "TC program attached");
-        self.attached.insert(iface.index, iface.name.clone());
+        self.attached.insert(
+            iface.index,
+            Attached {
+                name: iface.name.clone(),
+                link,
+                for_mapping,
+            },
+        );
         Ok(())
+    }
+
+    /// Takes the TC program off interface `index` (or, if it is gone, closes our handle on
+    /// the link the kernel already ended).
+    fn detach_tc(&mut self, index: u32) {
+        let Some(a) = self.attached.remove(&index) else {
+            return;
+        };
+        if let Ok(tc) = crate::ebpf::program::<SchedClassifier>(&mut self.ebpf, shared::TC_PROG) {
+            let _ = tc.detach(a.link);
+        }
+        debug!(interface = %a.name, "TC program detached");
     }
 
     fn sync_local(&mut self, now: BTreeSet<(u32, Addr)>) -> Result<(), DnatError> {

@@ -491,27 +491,39 @@ pub const EXT_CLIENT: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 99, 0, 2)
 /// Links `ext` to `host` with a veth pair (`ext0` ⇄ `eth0`), so that `ext` is a remote
 /// client of `host` at [`EXT_HOST`], with its default route there.
 pub async fn link_external(host: &TestNs, ext: &TestNs) {
+    link_external_as(host, ext, "ext0", EXT_HOST, EXT_CLIENT).await;
+}
+
+/// [`link_external`] with the host side named `host_if` (in the host namespace), `host_ip`
+/// on it and `client_ip` on the client's `eth0`.
+pub async fn link_external_as(
+    host: &TestNs,
+    ext: &TestNs,
+    host_if: &'static str,
+    host_ip: std::net::Ipv4Addr,
+    client_ip: std::net::Ipv4Addr,
+) {
     let (host_ns, ext_ns) = (host.ns.clone(), ext.ns.clone());
     tokio::task::spawn_blocking(move || {
         let ext_fd = ext_ns.open().unwrap();
         host_ns
             .run_async(|| async move {
                 let nl = net::Netlink::connect().unwrap();
-                nl.add_veth(&"ext0".parse().unwrap(), &"extp".parse().unwrap())
+                nl.add_veth(&host_if.parse().unwrap(), &"extp".parse().unwrap())
                     .await
                     .unwrap();
-                nl.add_addr("ext0", EXT_HOST.into(), 24).await.unwrap();
-                nl.set_up("ext0").await.unwrap();
+                nl.add_addr(host_if, host_ip.into(), 24).await.unwrap();
+                nl.set_up(host_if).await.unwrap();
                 nl.move_to_ns("extp", &ext_fd).await.unwrap();
             })
             .unwrap();
         ext_ns
-            .run_async(|| async {
+            .run_async(|| async move {
                 let nl = net::Netlink::connect().unwrap();
                 nl.rename("extp", "eth0").await.unwrap();
-                nl.add_addr("eth0", EXT_CLIENT.into(), 24).await.unwrap();
+                nl.add_addr("eth0", client_ip.into(), 24).await.unwrap();
                 nl.set_up("eth0").await.unwrap();
-                nl.add_default_route(EXT_HOST).await.unwrap();
+                nl.add_default_route(host_ip).await.unwrap();
             })
             .unwrap();
     })
