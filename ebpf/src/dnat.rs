@@ -12,9 +12,9 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext, TcContext},
 };
 use berth_common::dnat::{
-    Addr, BACKEND_DRAINING, Backend, Config, DEFAULT_CONNTRACK, DEFAULT_LOCAL_ADDRS,
-    DEFAULT_SERVICES, Flow, FlowKey, Origin, PROTO_TCP, PROTO_UDP, ServiceKey, SockKey, Stats,
-    is_v4_mapped, v4_mapped,
+    Addr, BACKEND_DRAINING, Backend, Config, DEFAULT_CONNTRACK, DEFAULT_FRAGS, DEFAULT_LOCAL_ADDRS,
+    DEFAULT_SERVICES, Flow, FlowKey, FragKey, FragRoute, Origin, PROTO_TCP, PROTO_UDP, ServiceKey,
+    SockKey, Stats, is_v4_mapped, v4_mapped,
 };
 
 #[map(name = "BERTH_DNAT_SVC")]
@@ -34,6 +34,9 @@ static STATS: PerCpuHashMap<u32, Stats> = PerCpuHashMap::with_max_entries(DEFAUL
 
 #[map(name = "BERTH_DNAT_CFG")]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map(name = "BERTH_DNAT_FRAG")]
+static FRAGS: LruHashMap<FragKey, FragRoute> = LruHashMap::with_max_entries(DEFAULT_FRAGS, 0);
 
 /// "Not mine": with TCX the next program runs (TC_ACT_OK would end the chain and hide the
 /// packet from other programs, other berth processes included); with cls_bpf, the default.
@@ -58,15 +61,34 @@ struct Packet {
     tcp_flags: u8,
     /// Time to live, and the protocol beside it: one 16-bit word of the header checksum.
     ttl: u8,
+    /// IP identification, and whether more fragments follow (the first of several).
+    id: u16,
+    more: bool,
     /// Offset of the L4 header from the start of the frame.
     l4: usize,
     len: u64,
 }
 
+/// A fragment after the first: no ports, only the IP header.
+struct Fragment {
+    key: FragKey,
+    ttl: u8,
+    more: bool,
+    len: u64,
+}
+
+enum Parsed {
+    /// A whole datagram or segment, or the first fragment of one.
+    Packet(Packet),
+    Later(Fragment),
+}
+
 #[classifier]
 fn berth_dnat_tc(ctx: TcContext) -> i32 {
-    let Some(pkt) = parse(&ctx) else {
-        return TC_ACT_UNSPEC;
+    let pkt = match parse(&ctx) {
+        Some(Parsed::Packet(p)) => p,
+        Some(Parsed::Later(f)) => return later(&ctx, &f).unwrap_or(TC_ACT_UNSPEC),
+        None => return TC_ACT_UNSPEC,
     };
     // SAFETY: reading a field of this program's own context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
@@ -77,7 +99,7 @@ fn berth_dnat_tc(ctx: TcContext) -> i32 {
 }
 
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Option<Packet> {
+fn parse(ctx: &TcContext) -> Option<Parsed> {
     if ctx.skb.protocol() != u32::from(ETH_P_IP.to_be()) {
         return None;
     }
@@ -91,9 +113,10 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
     }
     let ip = data + ETH_HLEN;
     // SAFETY: bounds-checked against data_end above (the verifier checks it too).
-    let (ver_ihl, frag, ttl, proto, saddr, daddr) = unsafe {
+    let (ver_ihl, id, frag, ttl, proto, saddr, daddr) = unsafe {
         (
             *(ip as *const u8),
+            core::ptr::read_unaligned((ip + 4) as *const u16),
             u16::from_be(core::ptr::read_unaligned((ip + 6) as *const u16)),
             *((ip + 8) as *const u8),
             *((ip + 9) as *const u8),
@@ -104,9 +127,21 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
     if ver_ihl >> 4 != 4 || (proto != PROTO_TCP && proto != PROTO_UDP) {
         return None;
     }
-    // Later fragments carry no ports, and the first alone cannot be rewritten consistently.
-    if frag & 0x3fff != 0 {
-        return None;
+    let more = frag & 0x2000 != 0;
+    // Later fragments carry no ports: they follow the first (see `later`).
+    if frag & 0x1fff != 0 {
+        return Some(Parsed::Later(Fragment {
+            key: FragKey {
+                saddr,
+                daddr,
+                id,
+                proto,
+                _pad: 0,
+            },
+            ttl,
+            more,
+            len: u64::from(ctx.len()),
+        }));
     }
     let l4 = ETH_HLEN + usize::from(ver_ihl & 0x0f) * 4;
     if l4 < ETH_HLEN + 20 {
@@ -121,7 +156,7 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
         0
     };
     let (sport, dport) = (ports[0], ports[1]);
-    Some(Packet {
+    Some(Parsed::Packet(Packet {
         proto,
         saddr,
         daddr,
@@ -129,26 +164,83 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
         dport,
         tcp_flags,
         ttl,
+        id,
+        more,
         l4,
         len: u64::from(ctx.len()),
-    })
+    }))
+}
+
+/// A later fragment of a datagram whose first fragment was mapped: the same address rewrite
+/// (the L4 checksum, in the first fragment, was already fixed for the whole datagram), the
+/// same interface. A fragment whose first was not mapped (not ours, or overtaken) goes to
+/// the host's stack, which reassembles the datagram for the relay.
+#[inline(always)]
+fn later(ctx: &TcContext, f: &Fragment) -> Option<i32> {
+    // SAFETY: a plain `repr(C)` value, copied out at once.
+    let route = unsafe { FRAGS.get(f.key) }.copied()?;
+    hop(ctx, f.ttl, f.key.proto)?;
+    let (off, old) = if route.to_backend != 0 {
+        (16, f.key.daddr)
+    } else {
+        (12, f.key.saddr)
+    };
+    ctx.l3_csum_replace(ETH_HLEN + 10, u64::from(old), u64::from(route.addr), 4)
+        .ok()?;
+    ctx.store(ETH_HLEN + off, &route.addr, 0).ok()?;
+    if !f.more {
+        let _ = FRAGS.remove(f.key);
+    }
+    count(route.stats_id, |s| {
+        if route.to_backend != 0 {
+            s.packets_in += 1;
+            s.bytes_in += f.len;
+        } else {
+            s.packets_out += 1;
+            s.bytes_out += f.len;
+        }
+    });
+    Some(redirect(route.ifindex))
+}
+
+/// After the first fragment of a datagram was mapped: how to map the rest.
+#[inline(always)]
+fn remember(pkt: &Packet, addr: u32, ifindex: u32, stats_id: u32, to_backend: bool) {
+    if !pkt.more {
+        return;
+    }
+    let key = FragKey {
+        saddr: pkt.saddr,
+        daddr: pkt.daddr,
+        id: pkt.id,
+        proto: pkt.proto,
+        _pad: 0,
+    };
+    let route = FragRoute {
+        addr,
+        ifindex,
+        stats_id,
+        to_backend: u8::from(to_backend),
+        _pad: [0; 3],
+    };
+    let _ = FRAGS.insert(key, route, 0);
 }
 
 /// Takes one hop off the packet, as the routing it stands in for would, fixing the header
 /// checksum. A packet with no hop left (TTL 1 or 0) is not redirected: the host's stack gets
 /// it (and its relay serves it, or routing answers with an ICMP error).
 #[inline(always)]
-fn hop(ctx: &TcContext, pkt: &Packet) -> Option<()> {
-    if pkt.ttl <= 1 {
+fn hop(ctx: &TcContext, ttl: u8, proto: u8) -> Option<()> {
+    if ttl <= 1 {
         return None;
     }
     // The word as it sits in the packet (TTL, then protocol), read as a native u16, like
     // the addresses and ports handed to the checksum helpers.
-    let old = u16::from_ne_bytes([pkt.ttl, pkt.proto]);
-    let new = u16::from_ne_bytes([pkt.ttl - 1, pkt.proto]);
+    let old = u16::from_ne_bytes([ttl, proto]);
+    let new = u16::from_ne_bytes([ttl - 1, proto]);
     ctx.l3_csum_replace(ETH_HLEN + 10, u64::from(old), u64::from(new), 2)
         .ok()?;
-    ctx.store(ETH_HLEN + 8, &(pkt.ttl - 1), 0).ok()
+    ctx.store(ETH_HLEN + 8, &(ttl - 1), 0).ok()
 }
 
 /// A reply from a backend: source back to what the client dialled, then out of the client's
@@ -172,7 +264,7 @@ fn reply(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
     }
     let (orig_ip, orig_port) = (flow.orig[3], flow.orig_port);
     let (client_ifindex, id) = (flow.client_ifindex, flow.id);
-    hop(ctx, pkt)?;
+    hop(ctx, pkt.ttl, pkt.proto)?;
     flow.last_seen = now();
     if pkt.tcp_flags & TCP_FIN != 0 {
         flow.backend_fin = 1;
@@ -181,6 +273,7 @@ fn reply(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
         flow.backend_rst = 1;
     }
     rewrite(ctx, pkt, 12, pkt.saddr, orig_ip, 0, pkt.sport, orig_port).ok()?;
+    remember(pkt, orig_ip, client_ifindex, id, false);
     count(id, |s| {
         s.packets_out += 1;
         s.bytes_out += pkt.len;
@@ -214,8 +307,9 @@ fn forward(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
         return None;
     }
     let (new_ip, new_port) = (backend.addr[3], backend.port);
-    hop(ctx, pkt)?;
+    hop(ctx, pkt.ttl, pkt.proto)?;
     rewrite(ctx, pkt, 16, pkt.daddr, new_ip, 2, pkt.dport, new_port).ok()?;
+    remember(pkt, new_ip, backend.ifindex, backend.id, true);
     track(existing, &key, pkt, &backend, dst, ifindex);
     count(backend.id, |s| {
         s.packets_in += 1;

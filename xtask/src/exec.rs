@@ -53,6 +53,9 @@ pub(crate) fn build_release(packages: &[&str]) -> anyhow::Result<()> {
     run(&mut cmd)
 }
 
+/// Where [`static_binary`] puts its output (the Containerfile copies berth from there).
+const STATIC_DIR: &str = "target/release/static";
+
 /// `berth` as installed, from [`static_binary`], in `target/release/static/` with
 /// `berth-docker-proxy` and `berth-cni` beside it as links (berth dispatches on its name).
 /// With no dynamic relocations to apply at start, a waiting shim dirties almost nothing (64 kB
@@ -89,14 +92,15 @@ pub(crate) fn static_binary(package: &str, bin: &str) -> anyhow::Result<PathBuf>
         "-C",
         "relocation-model=static",
     ]))?;
-    stripped(&root().join("target/release").join(bin), "static")
+    stripped(
+        &root().join("target/release").join(bin),
+        &root().join(STATIC_DIR),
+    )
 }
 
-/// A stripped copy of `binary` in `target/release/SUBDIR/`, as dh_strip makes for a Debian
-/// package.
-pub(crate) fn stripped(binary: &Path, subdir: &str) -> anyhow::Result<PathBuf> {
-    let dir = root().join("target/release").join(subdir);
-    std::fs::create_dir_all(&dir)?;
+/// A stripped copy of `binary` in `dir`, as dh_strip makes for a Debian package.
+pub(crate) fn stripped(binary: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
     let name = binary.file_name().context("a binary has a file name")?;
     // Beside, then rename: a running copy (a bench's daemon) is replaced, not rewritten.
     let tmp = dir.join(name).with_extension("new");

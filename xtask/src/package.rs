@@ -59,7 +59,10 @@ pub(crate) fn build(out: &Path) -> anyhow::Result<PathBuf> {
     let berth = exec::build_static()?.join("berth");
     // berth-bench is an ordinary dynamically linked program (see lintian-overrides for why
     // berth is not).
-    let bench = exec::stripped(&root.join("target/release/berth-bench"), "package")?;
+    let bench = exec::stripped(
+        &root.join("target/release/berth-bench"),
+        &root.join("target/release/package"),
+    )?;
 
     let tree = out.join("root");
     let _ = fs::remove_dir_all(&tree);

@@ -38,11 +38,16 @@ pub const LOCAL_MAP: &str = "BERTH_DNAT_LOCAL";
 pub const STATS_MAP: &str = "BERTH_DNAT_STATS";
 /// One [`Config`] at index 0.
 pub const CONFIG_MAP: &str = "BERTH_DNAT_CFG";
+/// [`FragKey`] → [`FragRoute`], LRU: where the later fragments of a datagram go once its
+/// first fragment (the only one with ports) was mapped. Kernel side only.
+pub const FRAGS_MAP: &str = "BERTH_DNAT_FRAG";
 
 /// Default sizes; user space sets the real ones at load time.
 pub const DEFAULT_SERVICES: u32 = 4_096;
 pub const DEFAULT_CONNTRACK: u32 = 65_536;
 pub const DEFAULT_LOCAL_ADDRS: u32 = 1_024;
+/// Fragmented datagrams in flight at once.
+pub const DEFAULT_FRAGS: u32 = 4_096;
 
 /// `IPPROTO_TCP` and `IPPROTO_UDP`.
 pub const PROTO_TCP: u8 = 6;
@@ -168,6 +173,34 @@ pub struct Stats {
     pub bytes_out: u64,
 }
 
+/// A fragmented IPv4 datagram as each of its fragments shows it on the wire (before any
+/// rewrite): addresses as network-order bytes in native words, IP identification, protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// What the first fragment of a datagram got, for the others.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragRoute {
+    /// The new address: the container's for a client's datagram, the address the client
+    /// dialled for a reply.
+    pub addr: u32,
+    /// The interface the first fragment was redirected to.
+    pub ifindex: u32,
+    /// The mapping the bytes count for.
+    pub stats_id: u32,
+    /// 1: the destination is rewritten (client → container); 0: the source (a reply).
+    pub to_backend: u8,
+    pub _pad: [u8; 3],
+}
+
 /// Settings the programs read.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -233,6 +266,8 @@ mod tests {
         assert_eq!(size_of::<Origin>(), 24);
         assert_eq!(size_of::<Stats>(), 48);
         assert_eq!(size_of::<Config>(), 8);
+        assert_eq!(size_of::<FragKey>(), 12);
+        assert_eq!(size_of::<FragRoute>(), 16);
     }
 
     #[test]
