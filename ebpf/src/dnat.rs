@@ -180,14 +180,15 @@ fn later(ctx: &TcContext, f: &Fragment) -> Option<i32> {
     // SAFETY: a plain `repr(C)` value, copied out at once.
     let route = unsafe { FRAGS.get(f.key) }.copied()?;
     hop(ctx, f.ttl, f.key.proto)?;
-    let (off, old) = if route.to_backend != 0 {
-        (16, f.key.daddr)
+    let ((off, old), (other_off, other_old)) = if route.to_backend != 0 {
+        ((16, f.key.daddr), (12, f.key.saddr))
     } else {
-        (12, f.key.saddr)
+        ((12, f.key.saddr), (16, f.key.daddr))
     };
-    ctx.l3_csum_replace(ETH_HLEN + 10, u64::from(old), u64::from(route.addr), 4)
-        .ok()?;
-    ctx.store(ETH_HLEN + off, &route.addr, 0).ok()?;
+    set_addr(ctx, off, old, route.addr)?;
+    if route.other != 0 {
+        set_addr(ctx, other_off, other_old, route.other)?;
+    }
     if !f.more {
         let _ = FRAGS.remove(f.key);
     }
@@ -203,9 +204,18 @@ fn later(ctx: &TcContext, f: &Fragment) -> Option<i32> {
     Some(redirect(route.ifindex))
 }
 
+/// Replaces the IPv4 address at `off` in the IP header (header checksum only: a later
+/// fragment has no L4 header).
+#[inline(always)]
+fn set_addr(ctx: &TcContext, off: usize, old: u32, new: u32) -> Option<()> {
+    ctx.l3_csum_replace(ETH_HLEN + 10, u64::from(old), u64::from(new), 4)
+        .ok()?;
+    ctx.store(ETH_HLEN + off, &new, 0).ok()
+}
+
 /// After the first fragment of a datagram was mapped: how to map the rest.
 #[inline(always)]
-fn remember(pkt: &Packet, addr: u32, ifindex: u32, stats_id: u32, to_backend: bool) {
+fn remember(pkt: &Packet, addr: u32, other: u32, ifindex: u32, stats_id: u32, to_backend: bool) {
     if !pkt.more {
         return;
     }
@@ -220,6 +230,7 @@ fn remember(pkt: &Packet, addr: u32, ifindex: u32, stats_id: u32, to_backend: bo
         addr,
         ifindex,
         stats_id,
+        other,
         to_backend: u8::from(to_backend),
         _pad: [0; 3],
     };
@@ -263,7 +274,7 @@ fn reply(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
         return None;
     }
     let (orig_ip, orig_port) = (flow.orig[3], flow.orig_port);
-    let (client_ifindex, id) = (flow.client_ifindex, flow.id);
+    let (client_ifindex, id, hairpin_client) = (flow.client_ifindex, flow.id, flow.hairpin_client);
     hop(ctx, pkt.ttl, pkt.proto)?;
     flow.last_seen = now();
     if pkt.tcp_flags & TCP_FIN != 0 {
@@ -273,7 +284,21 @@ fn reply(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
         flow.backend_rst = 1;
     }
     rewrite(ctx, pkt, 12, pkt.saddr, orig_ip, 0, pkt.sport, orig_port).ok()?;
-    remember(pkt, orig_ip, client_ifindex, id, false);
+    if hairpin_client != 0 {
+        // Back from the gateway's address to the container that dialled.
+        rewrite(
+            ctx,
+            pkt,
+            16,
+            pkt.daddr,
+            hairpin_client,
+            2,
+            pkt.dport,
+            pkt.dport,
+        )
+        .ok()?;
+    }
+    remember(pkt, orig_ip, hairpin_client, client_ifindex, id, false);
     count(id, |s| {
         s.packets_out += 1;
         s.bytes_out += pkt.len;
@@ -282,35 +307,63 @@ fn reply(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
 }
 
 /// A client's packet to a mapped local address and port: destination to the backend, then
-/// out of the backend's interface.
+/// out of the backend's interface. A container dialling from the backend's own bridge
+/// (hairpin) also gets the bridge's gateway address as its source, so that the reply comes
+/// back through here.
 #[inline(always)]
 fn forward(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
     let dst = v4_mapped(pkt.daddr.to_ne_bytes());
     let backend = service(pkt.proto, &dst, pkt.dport, v4_mapped([0; 4]))?;
-    // From the backend's own side (a container dialling the host): its reply would not come
-    // back through here (hairpin), so leave the packet to the host.
-    if backend.ifindex == ifindex || !is_v4_mapped(&backend.addr) {
+    if !is_v4_mapped(&backend.addr) {
         return None;
     }
+    let hairpin = backend.ifindex == ifindex;
+    if hairpin && backend.hairpin_src == 0 {
+        return None;
+    }
+    let client = if hairpin {
+        backend.hairpin_src
+    } else {
+        pkt.saddr
+    };
     let key = FlowKey {
         backend: backend.addr,
-        client: v4_mapped(pkt.saddr.to_ne_bytes()),
+        client: v4_mapped(client.to_ne_bytes()),
         backend_port: backend.port,
         client_port: pkt.sport,
         proto: pkt.proto,
         _pad: [0; 3],
     };
-    // One lookup serves both the drain check and the tracking.
+    // One lookup serves the drain check, the hairpin check and the tracking.
     let existing = CONNTRACK.get_ptr_mut(key);
     // A draining mapping carries on its flows but takes no new ones.
     if backend.flags & BACKEND_DRAINING != 0 && existing.is_none() {
         return None;
     }
+    if hairpin {
+        match existing {
+            // Two containers of the bridge with the same source port: the second one's
+            // flow would share the first's key. The relay serves it.
+            // SAFETY: see `reply`.
+            Some(flow) if unsafe { (*flow).hairpin_client } != pkt.saddr => return None,
+            // A connection the relay already serves (its SYN came while the key was taken)
+            // stays with the relay: only a SYN starts a hairpin TCP flow.
+            None if pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN => {
+                return None;
+            }
+            _ => {}
+        }
+    }
     let (new_ip, new_port) = (backend.addr[3], backend.port);
     hop(ctx, pkt.ttl, pkt.proto)?;
     rewrite(ctx, pkt, 16, pkt.daddr, new_ip, 2, pkt.dport, new_port).ok()?;
-    remember(pkt, new_ip, backend.ifindex, backend.id, true);
-    track(existing, &key, pkt, &backend, dst, ifindex);
+    if hairpin {
+        rewrite(ctx, pkt, 12, pkt.saddr, client, 0, pkt.sport, pkt.sport).ok()?;
+    }
+    let hairpin_client = if hairpin { pkt.saddr } else { 0 };
+    let gateway = if hairpin { client } else { 0 };
+    remember(pkt, new_ip, gateway, backend.ifindex, backend.id, true);
+    track(existing, &key, pkt, &backend, dst, ifindex, hairpin_client);
     count(backend.id, |s| {
         s.packets_in += 1;
         s.bytes_in += pkt.len;
@@ -319,6 +372,7 @@ fn forward(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
 }
 
 /// Refreshes the flow's conntrack entry (`existing`, looked up by the caller) or creates it.
+#[allow(clippy::too_many_arguments, reason = "one call site, all plain values")]
 #[inline(always)]
 fn track(
     existing: Option<*mut Flow>,
@@ -327,6 +381,7 @@ fn track(
     backend: &Backend,
     dst: Addr,
     ifindex: u32,
+    hairpin_client: u32,
 ) {
     let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if let Some(flow) = existing {
@@ -341,6 +396,7 @@ fn track(
             flow.orig = dst;
             flow.orig_port = pkt.dport;
             flow.client_ifindex = ifindex;
+            flow.hairpin_client = hairpin_client;
         }
         flow.last_seen = now();
         if pkt.tcp_flags & TCP_FIN != 0 {
@@ -360,6 +416,7 @@ fn track(
         id: backend.id,
         client_fin: u8::from(pkt.tcp_flags & TCP_FIN != 0),
         client_rst: u8::from(pkt.tcp_flags & TCP_RST != 0),
+        hairpin_client,
         ..Flow::default()
     };
     if CONNTRACK.insert(key, flow, 0).is_ok() {

@@ -268,6 +268,58 @@ async fn remote_and_local_udp_clients_get_replies_from_the_mapped_address() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hairpin_from_the_container_and_its_neighbour_is_mapped_in_the_kernel() {
+    let lab = Lab::up(2).await;
+    let (server, mut seen) = lab.tcp_server(0);
+    let port = lab.host.free_port();
+    let dir = scratch();
+    let listen = SocketAddr::from(([0, 0, 0, 0], port));
+    let metrics = SocketAddr::from(([127, 0, 0, 1], lab.host.free_port()));
+    let config = lab.config("", &[("web", "tcp", listen, server)]).replace(
+        "[metrics]\nenabled = false\n",
+        &format!("[metrics]\nlisten = \"{metrics}\"\n"),
+    );
+    let berth = lab.berth(&dir, &config);
+    berth.up().await;
+    // Container 0 dials its own published port, container 1 its neighbour's, both through
+    // the host's uplink address, as a container reaches a published port.
+    let public = SocketAddr::from((EXT_HOST, port));
+    for (id, from) in [(1u64, 0usize), (2, 1)] {
+        let sock = berth::net::NetNs::named(&lab.topo.containers[from].name)
+            .run(|| tokio::net::TcpSocket::new_v4().unwrap())
+            .unwrap();
+        let stream = timeout(HANG, sock.connect(public)).await.unwrap().unwrap();
+        // The client sees the address it dialled, not the container's.
+        assert_eq!(stream.peer_addr().unwrap(), public);
+        let client = timeout(HANG, exchange(stream, id, 1 << 20, 1 << 20))
+            .await
+            .unwrap()
+            .unwrap();
+        let (peer, sid, server_side) = timeout(HANG, seen.recv()).await.unwrap().unwrap();
+        // As Docker's hairpin MASQUERADE: the server sees the bridge's gateway.
+        assert_eq!(
+            peer.ip(),
+            IpAddr::V4(lab.topo.gateway),
+            "from container {from}"
+        );
+        assert_mirrored(sid, &client, &server_side);
+    }
+    // The kernel mapped both (two flows); the relay under it served none.
+    let m = scrape_in(&lab.host.ns, metrics).await;
+    let web = r#"mapping="web""#;
+    assert_eq!(
+        find_sample(&m, "berth_dnat_flows_total", &[web]),
+        Some(2.0),
+        "{m}"
+    );
+    assert_eq!(
+        find_sample(&m, "berth_connections_total", &[web]).unwrap_or(0.0),
+        0.0,
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_datagrams_larger_than_the_mtu_are_mapped_fragment_by_fragment() {
     let lab = Lab::up(1).await;
     let server = lab.udp_server(0);

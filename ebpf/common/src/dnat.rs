@@ -83,6 +83,11 @@ pub struct Backend {
     pub ifindex: u32,
     /// The mapping's id: the key of its [`Stats`].
     pub id: u32,
+    /// The host's address on that interface (the bridge's gateway address), as network-order
+    /// bytes: the source given to a container's own hairpin traffic, so that the reply
+    /// comes back through the host, as Docker's hairpin MASQUERADE does. 0: no hairpin in
+    /// the kernel.
+    pub hairpin_src: u32,
 }
 
 /// The mapping is being removed: flows that have a conntrack entry go on, new ones (and new
@@ -131,7 +136,10 @@ pub struct Flow {
     pub client_rst: u8,
     /// Set when the backend sent RST.
     pub backend_rst: u8,
-    pub _pad2: u32,
+    /// For a hairpin flow (a container dialling a published port through the host from the
+    /// backend's own bridge), the container's real address, network-order bytes: the key's
+    /// `client` is then the bridge's gateway address. 0 otherwise.
+    pub hairpin_client: u32,
 }
 
 /// A local socket and the backend address it was rewritten to.
@@ -196,6 +204,9 @@ pub struct FragRoute {
     pub ifindex: u32,
     /// The mapping the bytes count for.
     pub stats_id: u32,
+    /// A hairpin flow's other address: the new source (the gateway's) of a container's
+    /// datagram, the new destination (the container's) of a reply; 0: unchanged.
+    pub other: u32,
     /// 1: the destination is rewritten (client → container); 0: the source (a reply).
     pub to_backend: u8,
     pub _pad: [u8; 3],
@@ -232,7 +243,7 @@ pub const fn is_v4_mapped(addr: &Addr) -> bool {
 mod pod {
     use super::{Backend, Config, Flow, FlowKey, Origin, ServiceKey, SockKey, Stats};
     // SAFETY: (this and the impls below) `repr(C)` structs of integers whose explicit `_pad`
-    // fields fill every gap (sizes 20, 28, 40, 48, 32, 24, 48, 8 bytes, checked by a test), so
+    // fields fill every gap (sizes 20, 32, 40, 48, 32, 24, 48, 8 bytes, checked by a test), so
     // there is no implicit padding and every bit pattern is valid.
     unsafe impl aya::Pod for ServiceKey {}
     // SAFETY: see above.
@@ -259,7 +270,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 20);
-        assert_eq!(size_of::<Backend>(), 28);
+        assert_eq!(size_of::<Backend>(), 32);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<Flow>(), 48);
         assert_eq!(size_of::<SockKey>(), 32);
@@ -267,7 +278,7 @@ mod tests {
         assert_eq!(size_of::<Stats>(), 48);
         assert_eq!(size_of::<Config>(), 8);
         assert_eq!(size_of::<FragKey>(), 12);
-        assert_eq!(size_of::<FragRoute>(), 16);
+        assert_eq!(size_of::<FragRoute>(), 20);
     }
 
     #[test]

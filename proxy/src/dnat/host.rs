@@ -96,9 +96,13 @@ pub(crate) async fn interface(nl: &Netlink, name: &str) -> Result<Iface, DnatErr
     }
 }
 
-/// The interface the host routes `target` through. A local target (berth's own host) has
-/// no interface in front of it: kernel mode needs a container behind one.
-pub(crate) async fn route_to(nl: &Netlink, target: Ipv4Addr) -> Result<Iface, DnatError> {
+/// The interface the host routes `target` through, and the source address the host uses
+/// there (its address on the container's bridge). A local target (berth's own host) has no
+/// interface in front of it: kernel mode needs a container behind one.
+pub(crate) async fn route_to(
+    nl: &Netlink,
+    target: Ipv4Addr,
+) -> Result<(Iface, Option<Ipv4Addr>), DnatError> {
     let msg = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(target, 32)
         .build();
@@ -124,11 +128,15 @@ pub(crate) async fn route_to(nl: &Netlink, target: Ipv4Addr) -> Result<Iface, Dn
             _ => None,
         })
         .ok_or_else(|| DnatError::Target(format!("the route to {target} has no interface")))?;
+    let src = route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::PrefSource(RouteAddress::Inet(a)) => Some(*a),
+        _ => None,
+    });
     let name = index_to_name(index).map_err(|e| DnatError::Interface {
         name: format!("#{index}"),
         why: e.to_string(),
     })?;
-    Ok(Iface { index, name })
+    Ok((Iface { index, name }, src))
 }
 
 /// The host's local addresses as LPM prefixes (IPv4 as IPv4-mapped): every `local` route of

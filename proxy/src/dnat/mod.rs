@@ -184,9 +184,15 @@ impl Drop for Dnat {
     }
 }
 
-/// The interface in front of a container, found by [`Dnat::route`].
+/// The interface in front of a container, and the host's address there, found by
+/// [`Dnat::route`].
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Route(Iface);
+pub struct Route {
+    via: Iface,
+    /// The source for hairpin flows (the bridge's gateway address); none: the relay serves
+    /// hairpin traffic.
+    src: Option<std::net::Ipv4Addr>,
+}
 
 impl Dnat {
     /// Loads the programs, attaches them (TC to the client-facing interfaces, sock_addr to
@@ -318,7 +324,8 @@ impl Dnat {
             unreachable!("check_target accepts IPv4 only")
         };
         let nl = Netlink::connect().map_err(|e| DnatError::netlink("connect", e))?;
-        Ok(Route(host::route_to(&nl, ip).await?))
+        let (via, src) = host::route_to(&nl, ip).await?;
+        Ok(Route { via, src })
     }
 
     /// Maps `proto` on `listen` to `target`, an IPv4 container reached through `via` (see
@@ -334,7 +341,8 @@ impl Dnat {
     ) -> Result<DnatMapping, DnatError> {
         check_listen(listen)?;
         check_target(target)?;
-        let via = &via.0;
+        let hairpin_src = via.src.map_or(0, |a| u32::from_ne_bytes(a.octets()));
+        let via = &via.via;
         let key = service_key(proto, listen);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let backend = Backend {
@@ -343,6 +351,7 @@ impl Dnat {
             flags: 0,
             ifindex: via.index,
             id,
+            hairpin_src,
         };
         let mut inner = self.lock();
         inner.attach_tc(via, true)?;
