@@ -48,6 +48,9 @@ const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 const SOCK_DGRAM: u32 = 2;
+const PROTO_ICMP: u8 = 1;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
 
 // === TC: remote clients ===
 
@@ -77,10 +80,28 @@ struct Fragment {
     len: u64,
 }
 
+/// An ICMP error (destination unreachable, fragmentation needed included, or time
+/// exceeded) and the TCP/UDP packet it quotes.
+struct IcmpError {
+    saddr: u32,
+    daddr: u32,
+    ttl: u8,
+    len: u64,
+    /// Offset of the ICMP header from the start of the frame.
+    l4: usize,
+    /// The quoted packet's protocol, addresses and ports, as on the wire.
+    proto: u8,
+    in_saddr: u32,
+    in_daddr: u32,
+    in_sport: u16,
+    in_dport: u16,
+}
+
 enum Parsed {
     /// A whole datagram or segment, or the first fragment of one.
     Packet(Packet),
     Later(Fragment),
+    Icmp(IcmpError),
 }
 
 #[classifier]
@@ -88,6 +109,11 @@ fn berth_dnat_tc(ctx: TcContext) -> i32 {
     let pkt = match parse(&ctx) {
         Some(Parsed::Packet(p)) => p,
         Some(Parsed::Later(f)) => return later(&ctx, &f).unwrap_or(TC_ACT_UNSPEC),
+        Some(Parsed::Icmp(e)) => {
+            // SAFETY: reading a field of this program's own context.
+            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+            return icmp_error(&ctx, &e, ifindex).unwrap_or(TC_ACT_UNSPEC);
+        }
         None => return TC_ACT_UNSPEC,
     };
     // SAFETY: reading a field of this program's own context.
@@ -124,7 +150,14 @@ fn parse(ctx: &TcContext) -> Option<Parsed> {
             core::ptr::read_unaligned((ip + 16) as *const u32),
         )
     };
-    if ver_ihl >> 4 != 4 || (proto != PROTO_TCP && proto != PROTO_UDP) {
+    if ver_ihl >> 4 != 4 {
+        return None;
+    }
+    if proto == PROTO_ICMP && frag & 0x3fff == 0 {
+        let l4 = ETH_HLEN + usize::from(ver_ihl & 0x0f) * 4;
+        return parse_icmp(ctx, l4, saddr, daddr, ttl).map(Parsed::Icmp);
+    }
+    if proto != PROTO_TCP && proto != PROTO_UDP {
         return None;
     }
     let more = frag & 0x2000 != 0;
@@ -169,6 +202,129 @@ fn parse(ctx: &TcContext) -> Option<Parsed> {
         l4,
         len: u64::from(ctx.len()),
     }))
+}
+
+/// An ICMP error quoting a TCP or UDP packet (quoted without IP options, as hosts send
+/// them); anything else is not berth's.
+#[inline(always)]
+fn parse_icmp(ctx: &TcContext, l4: usize, saddr: u32, daddr: u32, ttl: u8) -> Option<IcmpError> {
+    if l4 < ETH_HLEN + 20 {
+        return None;
+    }
+    let kind: u8 = ctx.load(l4).ok()?;
+    if kind != ICMP_DEST_UNREACH && kind != ICMP_TIME_EXCEEDED {
+        return None;
+    }
+    let inner = l4 + 8;
+    let ver_ihl: u8 = ctx.load(inner).ok()?;
+    let proto: u8 = ctx.load(inner + 9).ok()?;
+    if ver_ihl != 0x45 || (proto != PROTO_TCP && proto != PROTO_UDP) {
+        return None;
+    }
+    let addrs: [u32; 2] = ctx.load(inner + 12).ok()?;
+    let ports: [u16; 2] = ctx.load(inner + 20).ok()?;
+    Some(IcmpError {
+        saddr,
+        daddr,
+        ttl,
+        len: u64::from(ctx.len()),
+        l4,
+        proto,
+        in_saddr: addrs[0],
+        in_daddr: addrs[1],
+        in_sport: ports[0],
+        in_dport: ports[1],
+    })
+}
+
+/// An ICMP error about a mapped flow, translated as the flow's packets are: about a
+/// client's packet (from the container's side: port unreachable, fragmentation needed), the
+/// quote's destination goes back to what the client dialled, and the error to the client;
+/// about a reply (from the client's side), the quote's source goes to the container, and
+/// the error to it. So that connected sockets see ECONNREFUSED and Path MTU discovery works
+/// through a mapping. The quoted L4 checksum is left as is: receivers do not check it.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, e: &IcmpError, ifindex: u32) -> Option<i32> {
+    let key = FlowKey {
+        backend: v4_mapped(e.in_daddr.to_ne_bytes()),
+        client: v4_mapped(e.in_saddr.to_ne_bytes()),
+        backend_port: e.in_dport,
+        client_port: e.in_sport,
+        proto: e.proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: a plain `repr(C)` value, copied out at once.
+    if let Some(flow) = unsafe { CONNTRACK.get(key) }.copied()
+        && flow.backend_ifindex == ifindex
+        && flow.hairpin_client == 0
+    {
+        let orig = flow.orig[3];
+        hop(ctx, e.ttl, PROTO_ICMP)?;
+        quote_addr(ctx, e, 16, e.in_daddr, orig)?;
+        quote_port(ctx, e, 2, e.in_dport, flow.orig_port)?;
+        if e.saddr == e.in_daddr {
+            // The container itself answered: as the address the client dialled.
+            set_addr(ctx, 12, e.saddr, orig)?;
+        }
+        count(flow.id, |s| {
+            s.packets_out += 1;
+            s.bytes_out += e.len;
+        });
+        return Some(redirect(flow.client_ifindex));
+    }
+    let quoted_src = v4_mapped(e.in_saddr.to_ne_bytes());
+    let backend = service(e.proto, &quoted_src, e.in_sport, v4_mapped([0; 4]))?;
+    if !is_v4_mapped(&backend.addr) {
+        return None;
+    }
+    let key = FlowKey {
+        backend: backend.addr,
+        client: v4_mapped(e.in_daddr.to_ne_bytes()),
+        backend_port: backend.port,
+        client_port: e.in_dport,
+        proto: e.proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: as above.
+    let flow = unsafe { CONNTRACK.get(key) }.copied()?;
+    if flow.client_ifindex != ifindex || flow.hairpin_client != 0 {
+        return None;
+    }
+    let container = backend.addr[3];
+    hop(ctx, e.ttl, PROTO_ICMP)?;
+    quote_addr(ctx, e, 12, e.in_saddr, container)?;
+    quote_port(ctx, e, 0, e.in_sport, backend.port)?;
+    set_addr(ctx, 16, e.daddr, container)?;
+    count(backend.id, |s| {
+        s.packets_in += 1;
+        s.bytes_in += e.len;
+    });
+    Some(redirect(backend.ifindex))
+}
+
+/// Replaces the quoted packet's address at `off` in its IP header, fixing the quoted header
+/// checksum and the ICMP checksum (which covers the quote, that checksum included).
+#[inline(always)]
+fn quote_addr(ctx: &TcContext, e: &IcmpError, off: usize, old: u32, new: u32) -> Option<()> {
+    let (icmp_sum, inner) = (e.l4 + 2, e.l4 + 8);
+    let old_sum: u16 = ctx.load(inner + 10).ok()?;
+    ctx.l3_csum_replace(inner + 10, u64::from(old), u64::from(new), 4)
+        .ok()?;
+    let new_sum: u16 = ctx.load(inner + 10).ok()?;
+    ctx.store(inner + off, &new, 0).ok()?;
+    ctx.l4_csum_replace(icmp_sum, u64::from(old), u64::from(new), 4)
+        .ok()?;
+    ctx.l4_csum_replace(icmp_sum, u64::from(old_sum), u64::from(new_sum), 2)
+        .ok()
+}
+
+/// Replaces the quoted packet's port at `off` in its L4 header (0: source, 2: destination),
+/// fixing the ICMP checksum.
+#[inline(always)]
+fn quote_port(ctx: &TcContext, e: &IcmpError, off: usize, old: u16, new: u16) -> Option<()> {
+    ctx.store(e.l4 + 8 + 20 + off, &new, 0).ok()?;
+    ctx.l4_csum_replace(e.l4 + 2, u64::from(old), u64::from(new), 2)
+        .ok()
 }
 
 /// A later fragment of a datagram whose first fragment was mapped: the same address rewrite

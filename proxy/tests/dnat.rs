@@ -320,6 +320,78 @@ async fn hairpin_from_the_container_and_its_neighbour_is_mapped_in_the_kernel() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn icmp_errors_about_mapped_flows_reach_the_other_side() {
+    let lab = Lab::up(1).await;
+    // A container port with nothing behind it, and one with a server.
+    let closed = lab.bind_in(0, std::net::UdpSocket::bind);
+    let closed_addr = closed.local_addr().unwrap();
+    drop(closed);
+    let server = lab.bind_in(0, std::net::UdpSocket::bind);
+    server.set_read_timeout(Some(HANG)).unwrap();
+    let (p1, p2) = (lab.host.free_port(), lab.host.free_port());
+    let dir = scratch();
+    let config = lab.config(
+        "",
+        &[
+            (
+                "nobody",
+                "udp",
+                SocketAddr::from(([0, 0, 0, 0], p1)),
+                closed_addr,
+            ),
+            (
+                "echo",
+                "udp",
+                SocketAddr::from(([0, 0, 0, 0], p2)),
+                server.local_addr().unwrap(),
+            ),
+        ],
+    );
+    let berth = lab.berth(&dir, &config);
+    berth.up().await;
+    let mut buf = [0u8; 64];
+
+    // The container's "port unreachable" reaches the client's connected socket, quoting the
+    // address the client dialled.
+    let client = lab
+        .ext
+        .ns
+        .run(|| std::net::UdpSocket::bind("0.0.0.0:0").unwrap())
+        .unwrap();
+    client.connect(SocketAddr::from((EXT_HOST, p1))).unwrap();
+    client.set_read_timeout(Some(HANG)).unwrap();
+    client.send(b"anyone?").unwrap();
+    let refused = tokio::task::block_in_place(|| client.recv(&mut buf)).unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{refused}"
+    );
+
+    // The other way: the container answers a client whose socket has gone; the client's
+    // host's "port unreachable" reaches the container's connected socket.
+    let client = lab
+        .ext
+        .ns
+        .run(|| std::net::UdpSocket::bind("0.0.0.0:0").unwrap())
+        .unwrap();
+    client
+        .send_to(b"hello", SocketAddr::from((EXT_HOST, p2)))
+        .unwrap();
+    let (_, from) = tokio::task::block_in_place(|| server.recv_from(&mut buf)).unwrap();
+    assert_eq!(from.ip(), IpAddr::V4(EXT_CLIENT), "mapped in the kernel");
+    server.connect(from).unwrap();
+    drop(client);
+    server.send(b"too late").unwrap();
+    let refused = tokio::task::block_in_place(|| server.recv(&mut buf)).unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{refused}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_datagrams_larger_than_the_mtu_are_mapped_fragment_by_fragment() {
     let lab = Lab::up(1).await;
     let server = lab.udp_server(0);
