@@ -317,8 +317,10 @@ fn the_shipped_units_pass_systemd_analyze_verify() {
     }
     std::fs::create_dir_all(dir.path("berth.service.d")).unwrap();
     std::fs::write(dir.path("berth.service.d/ebpf.conf"), ebpf).unwrap();
+    // --man=no: Documentation= names berth's own pages, which exist once installed (the
+    // package tests check them), not on the machine running the tests.
     let out = Command::new("systemd-analyze")
-        .arg("verify")
+        .args(["verify", "--man=no"])
         .arg(dir.path("berth.service"))
         .arg(dir.path("berth.socket"))
         .output()
