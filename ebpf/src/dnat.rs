@@ -245,14 +245,7 @@ fn parse_icmp(ctx: &TcContext, l4: usize, saddr: u32, daddr: u32, ttl: u8) -> Op
 /// through a mapping. The quoted L4 checksum is left as is: receivers do not check it.
 #[inline(always)]
 fn icmp_error(ctx: &TcContext, e: &IcmpError, ifindex: u32) -> Option<i32> {
-    let key = FlowKey {
-        backend: v4_mapped(e.in_daddr.to_ne_bytes()),
-        client: v4_mapped(e.in_saddr.to_ne_bytes()),
-        backend_port: e.in_dport,
-        client_port: e.in_sport,
-        proto: e.proto,
-        _pad: [0; 3],
-    };
+    let key = FlowKey::v4(e.in_daddr, e.in_saddr, e.in_dport, e.in_sport, e.proto);
     // SAFETY: a plain `repr(C)` value, copied out at once.
     if let Some(flow) = unsafe { CONNTRACK.get(key) }.copied()
         && flow.backend_ifindex == ifindex
@@ -277,14 +270,13 @@ fn icmp_error(ctx: &TcContext, e: &IcmpError, ifindex: u32) -> Option<i32> {
     if !is_v4_mapped(&backend.addr) {
         return None;
     }
-    let key = FlowKey {
-        backend: backend.addr,
-        client: v4_mapped(e.in_daddr.to_ne_bytes()),
-        backend_port: backend.port,
-        client_port: e.in_dport,
-        proto: e.proto,
-        _pad: [0; 3],
-    };
+    let key = FlowKey::v4(
+        backend.addr[3],
+        e.in_daddr,
+        backend.port,
+        e.in_dport,
+        e.proto,
+    );
     // SAFETY: as above.
     let flow = unsafe { CONNTRACK.get(key) }.copied()?;
     if flow.client_ifindex != ifindex || flow.hairpin_client != 0 {
@@ -414,14 +406,7 @@ fn hop(ctx: &TcContext, ttl: u8, proto: u8) -> Option<()> {
 /// interface.
 #[inline(always)]
 fn reply(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
-    let key = FlowKey {
-        backend: v4_mapped(pkt.saddr.to_ne_bytes()),
-        client: v4_mapped(pkt.daddr.to_ne_bytes()),
-        backend_port: pkt.sport,
-        client_port: pkt.dport,
-        proto: pkt.proto,
-        _pad: [0; 3],
-    };
+    let key = FlowKey::v4(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto);
     let flow = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: a map value stays valid while the program runs; the fields written here are
     // written by this direction only.
@@ -482,14 +467,7 @@ fn forward(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
     } else {
         pkt.saddr
     };
-    let key = FlowKey {
-        backend: backend.addr,
-        client: v4_mapped(client.to_ne_bytes()),
-        backend_port: backend.port,
-        client_port: pkt.sport,
-        proto: pkt.proto,
-        _pad: [0; 3],
-    };
+    let key = FlowKey::v4(backend.addr[3], client, backend.port, pkt.sport, pkt.proto);
     // One lookup serves the drain check, the hairpin check and the tracking.
     let existing = CONNTRACK.get_ptr_mut(key);
     // A draining mapping carries on its flows but takes no new ones.

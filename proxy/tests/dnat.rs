@@ -166,14 +166,10 @@ async fn remote_and_local_udp_clients_get_replies_from_the_mapped_address() {
     let listen = SocketAddr::from(([0, 0, 0, 0], port));
     // A UDP timeout long enough that a loaded machine's status poll still sees the entry
     // before it expires.
-    let metrics = SocketAddr::from(([127, 0, 0, 1], lab.host.free_port()));
-    let config = lab
-        .config("", &[("dns", "udp", listen, server)])
-        .replace("udp_timeout = 0.5", "udp_timeout = 3")
-        .replace(
-            "[metrics]\nenabled = false\n",
-            &format!("[metrics]\nlisten = \"{metrics}\"\n"),
-        );
+    let (config, metrics) = lab.with_metrics(
+        &lab.config("", &[("dns", "udp", listen, server)])
+            .replace("udp_timeout = 0.5", "udp_timeout = 3"),
+    );
     let berth = lab.berth(&dir, &config);
     berth.up().await;
 
@@ -274,11 +270,7 @@ async fn hairpin_from_the_container_and_its_neighbour_is_mapped_in_the_kernel() 
     let port = lab.host.free_port();
     let dir = scratch();
     let listen = SocketAddr::from(([0, 0, 0, 0], port));
-    let metrics = SocketAddr::from(([127, 0, 0, 1], lab.host.free_port()));
-    let config = lab.config("", &[("web", "tcp", listen, server)]).replace(
-        "[metrics]\nenabled = false\n",
-        &format!("[metrics]\nlisten = \"{metrics}\"\n"),
-    );
+    let (config, metrics) = lab.with_metrics(&lab.config("", &[("web", "tcp", listen, server)]));
     let berth = lab.berth(&dir, &config);
     berth.up().await;
     // Container 0 dials its own published port, container 1 its neighbour's, both through
@@ -802,11 +794,7 @@ async fn a_missing_feature_fails_only_its_mapping() {
     config.push_str(&format!(
         "[[mapping]]\nname = \"relay\"\nlisten = \"0.0.0.0:{p1}\"\ntarget = \"{server}\"\n"
     ));
-    let metrics = SocketAddr::from(([127, 0, 0, 1], lab.host.free_port()));
-    config = config.replace(
-        "[metrics]\nenabled = false\n",
-        &format!("[metrics]\nlisten = \"{metrics}\"\n"),
-    );
+    let (config, metrics) = lab.with_metrics(&config);
     let berth = lab.berth(&dir, &config);
     berth.up().await;
     let m = scrape_in(&lab.host.ns, metrics).await;

@@ -118,12 +118,7 @@ impl Dockerd {
             .stdin(Stdio::null())
             .output()
             .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
+        common::outcome(&out)
     }
 
     fn ok(&self, args: &[&str]) -> String {

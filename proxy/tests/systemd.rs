@@ -227,12 +227,7 @@ impl Machine {
             .args(["/bin/sh", "-c", script])
             .output()
             .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
+        common::outcome(&out)
     }
 
     /// [`Machine::run`]'s output, whatever the exit status.

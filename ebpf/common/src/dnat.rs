@@ -108,6 +108,27 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
+impl FlowKey {
+    /// The key of an IPv4 flow: addresses as network-order bytes in native words, ports in
+    /// network byte order, as the TC program reads them from packets.
+    pub const fn v4(
+        backend: u32,
+        client: u32,
+        backend_port: u16,
+        client_port: u16,
+        proto: u8,
+    ) -> Self {
+        Self {
+            backend: v4_mapped(backend.to_ne_bytes()),
+            client: v4_mapped(client.to_ne_bytes()),
+            backend_port,
+            client_port,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
 /// What the reply must be rewritten to, and where the flow stands.
 ///
 /// Each flag byte is written by one direction only, so the two directions, running on

@@ -159,6 +159,17 @@ impl Lab {
         c
     }
 
+    /// `config` (from [`Lab::config`]) with /metrics on, at the returned address of the host
+    /// namespace.
+    pub fn with_metrics(&self, config: &str) -> (String, SocketAddr) {
+        let metrics = SocketAddr::from(([127, 0, 0, 1], self.host.free_port()));
+        let config = config.replace(
+            "[metrics]\nenabled = false\n",
+            &format!("[metrics]\nlisten = \"{metrics}\"\n"),
+        );
+        (config, metrics)
+    }
+
     /// Programs attached at `iface`'s TC ingress (TCX) in the host namespace, by name.
     pub fn tc_programs(&self, iface: &str) -> Vec<String> {
         super::bpf::tc_programs(&self.host.ns, iface)

@@ -382,6 +382,16 @@ impl Drop for Guard {
     }
 }
 
+/// A finished command's stdout and stderr, one after the other, and whether it succeeded.
+pub fn outcome(out: &std::process::Output) -> (bool, String) {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// Tasks (servers inside a container, say) aborted when the test drops them, so that a
 /// container can be stopped and started again with fresh ones.
 pub struct Tasks(pub Vec<tokio::task::JoinHandle<()>>);
