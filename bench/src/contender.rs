@@ -236,9 +236,11 @@ impl Contender {
 
     /// Why this contender cannot run here, if it cannot.
     pub(crate) fn unavailable(self, tools: &Tools) -> Option<String> {
-        let missing = |tool: &Option<PathBuf>, what: &str| {
-            tool.is_none()
-                .then(|| format!("{what} not found (run `cargo xtask bench`, which installs it)"))
+        // `package`: the Debian package that has it.
+        let missing = |tool: &Option<PathBuf>, what: &str, package: &str| {
+            tool.is_none().then(|| {
+                format!("{what} not found (apt install {package}; `cargo xtask bench` installs it)")
+            })
         };
         match self {
             Self::Direct
@@ -250,12 +252,16 @@ impl Contender {
             | Self::BerthDnat
             | Self::BerthShim
             | Self::BerthShimDaemon => None,
-            Self::DockerProxy => missing(&tools.docker_proxy, "docker-proxy"),
-            Self::Socat => missing(&tools.socat, "socat"),
-            Self::Haproxy => missing(&tools.haproxy, "haproxy"),
-            Self::IptablesDnat => missing(&tools.iptables, "iptables"),
-            Self::CniPortmap => missing(&tools.cni_portmap, "the portmap CNI plugin")
-                .or_else(|| missing(&tools.iptables, "iptables")),
+            Self::DockerProxy => missing(&tools.docker_proxy, "docker-proxy", "docker.io"),
+            Self::Socat => missing(&tools.socat, "socat", "socat"),
+            Self::Haproxy => missing(&tools.haproxy, "haproxy", "haproxy"),
+            Self::IptablesDnat => missing(&tools.iptables, "iptables", "iptables"),
+            Self::CniPortmap => missing(
+                &tools.cni_portmap,
+                "the portmap CNI plugin",
+                "containernetworking-plugins",
+            )
+            .or_else(|| missing(&tools.iptables, "iptables", "iptables")),
             Self::BerthCni => (!tools.berth_cni.exists())
                 .then(|| format!("{} not found", tools.berth_cni.display())),
         }

@@ -259,3 +259,33 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+#[test]
+fn the_packaged_bench_finds_its_berth_and_says_what_it_skipped() {
+    let root = Root::new();
+    root.install();
+    let out = root.path("report");
+    // A PATH with nothing on it: socat cannot be found, berth must be (beside the bench).
+    let run = Command::new(root.path("usr/bin/berth-bench"))
+        .args(["--quick", "--scenario", "rr"])
+        .args(["--contender", "direct", "--contender", "berth-splice"])
+        .args(["--contender", "socat", "--out"])
+        .arg(&out)
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "berth-bench failed: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(report.contains("| berth-splice |"), "{report}");
+    assert!(
+        report.contains("Skipped:\n- socat: socat not found (apt install socat"),
+        "{report}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(json["skipped"][0][0], "socat", "{json}");
+}
