@@ -6,7 +6,10 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, bpf_sock, bpf_sock_addr},
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_redirect_neigh},
+    helpers::{
+        bpf_csum_diff, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_redirect_neigh,
+    },
     macros::{cgroup_sock, cgroup_sock_addr, classifier, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, lpm_trie::Key},
     programs::{SockAddrContext, SockContext, TcContext},
@@ -43,6 +46,9 @@ static FRAGS: LruHashMap<FragKey, FragRoute> = LruHashMap::with_max_entries(DEFA
 const TC_ACT_UNSPEC: i32 = -1;
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+/// The L4 header of an IPv6 packet without extension headers.
+const L4_6: usize = ETH_HLEN + 40;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
@@ -106,6 +112,9 @@ enum Parsed {
 
 #[classifier]
 fn berth_dnat_tc(ctx: TcContext) -> i32 {
+    if ctx.skb.protocol() == u32::from(ETH_P_IPV6.to_be()) {
+        return tc6(&ctx).unwrap_or(TC_ACT_UNSPEC);
+    }
     let pkt = match parse(&ctx) {
         Some(Parsed::Packet(p)) => p,
         Some(Parsed::Later(f)) => return later(&ctx, &f).unwrap_or(TC_ACT_UNSPEC),
@@ -417,13 +426,7 @@ fn reply(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
     let (orig_ip, orig_port) = (flow.orig[3], flow.orig_port);
     let (client_ifindex, id, hairpin_client) = (flow.client_ifindex, flow.id, flow.hairpin_client);
     hop(ctx, pkt.ttl, pkt.proto)?;
-    flow.last_seen = now();
-    if pkt.tcp_flags & TCP_FIN != 0 {
-        flow.backend_fin = 1;
-    }
-    if pkt.tcp_flags & TCP_RST != 0 {
-        flow.backend_rst = 1;
-    }
+    from_backend(flow, pkt.tcp_flags);
     rewrite(ctx, pkt, 12, pkt.saddr, orig_ip, 0, pkt.sport, orig_port).ok()?;
     if hairpin_client != 0 {
         // Back from the gateway's address to the container that dialled.
@@ -497,7 +500,16 @@ fn forward(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
     let hairpin_client = if hairpin { pkt.saddr } else { 0 };
     let gateway = if hairpin { client } else { 0 };
     remember(pkt, new_ip, gateway, backend.ifindex, backend.id, true);
-    track(existing, &key, pkt, &backend, dst, ifindex, hairpin_client);
+    track(
+        existing,
+        &key,
+        pkt.tcp_flags,
+        pkt.dport,
+        &backend,
+        dst,
+        ifindex,
+        hairpin_client,
+    );
     count(backend.id, |s| {
         s.packets_in += 1;
         s.bytes_in += pkt.len;
@@ -511,13 +523,14 @@ fn forward(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
 fn track(
     existing: Option<*mut Flow>,
     key: &FlowKey,
-    pkt: &Packet,
+    tcp_flags: u8,
+    dport: u16,
     backend: &Backend,
     dst: Addr,
     ifindex: u32,
     hairpin_client: u32,
 ) {
-    let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if let Some(flow) = existing {
         // SAFETY: see `reply`.
         let flow = unsafe { &mut *flow };
@@ -528,15 +541,15 @@ fn track(
             flow.client_rst = 0;
             flow.backend_rst = 0;
             flow.orig = dst;
-            flow.orig_port = pkt.dport;
+            flow.orig_port = dport;
             flow.client_ifindex = ifindex;
             flow.hairpin_client = hairpin_client;
         }
         flow.last_seen = now();
-        if pkt.tcp_flags & TCP_FIN != 0 {
+        if tcp_flags & TCP_FIN != 0 {
             flow.client_fin = 1;
         }
-        if pkt.tcp_flags & TCP_RST != 0 {
+        if tcp_flags & TCP_RST != 0 {
             flow.client_rst = 1;
         }
         return;
@@ -544,18 +557,201 @@ fn track(
     let flow = Flow {
         last_seen: now(),
         orig: dst,
-        orig_port: pkt.dport,
+        orig_port: dport,
         client_ifindex: ifindex,
         backend_ifindex: backend.ifindex,
         id: backend.id,
-        client_fin: u8::from(pkt.tcp_flags & TCP_FIN != 0),
-        client_rst: u8::from(pkt.tcp_flags & TCP_RST != 0),
+        client_fin: u8::from(tcp_flags & TCP_FIN != 0),
+        client_rst: u8::from(tcp_flags & TCP_RST != 0),
         hairpin_client,
         ..Flow::default()
     };
     if CONNTRACK.insert(key, flow, 0).is_ok() {
         count(backend.id, |s| s.flows += 1);
     }
+}
+
+/// A backend's packet of `flow` went by: it is alive, and maybe closing.
+#[inline(always)]
+fn from_backend(flow: &mut Flow, tcp_flags: u8) {
+    flow.last_seen = now();
+    if tcp_flags & TCP_FIN != 0 {
+        flow.backend_fin = 1;
+    }
+    if tcp_flags & TCP_RST != 0 {
+        flow.backend_rst = 1;
+    }
+}
+
+// === TC: IPv6 ===
+
+/// The parts of an IPv6 TCP/UDP packet (no extension headers) the program reads.
+struct Packet6 {
+    proto: u8,
+    saddr: Addr,
+    daddr: Addr,
+    sport: u16,
+    dport: u16,
+    tcp_flags: u8,
+    hop_limit: u8,
+    len: u64,
+}
+
+/// IPv6: the same mapping as IPv4's, for IPv6 containers behind `[::]:P` or an IPv6
+/// address. No header checksum; the L4 checksum's pseudo-header gets the 16-byte address
+/// change as a `bpf_csum_diff`. Packets with extension headers (fragments included),
+/// hairpin and IPv6 clients of IPv4 containers are the relay's.
+#[inline(always)]
+fn tc6(ctx: &TcContext) -> Option<i32> {
+    let head: [u8; 8] = ctx.load(ETH_HLEN).ok()?;
+    let proto = head[6];
+    if head[0] >> 4 != 6 || (proto != PROTO_TCP && proto != PROTO_UDP) {
+        return None;
+    }
+    let saddr: Addr = ctx.load(ETH_HLEN + 8).ok()?;
+    let daddr: Addr = ctx.load(ETH_HLEN + 24).ok()?;
+    let ports: [u16; 2] = ctx.load(L4_6).ok()?;
+    let tcp_flags = if proto == PROTO_TCP {
+        ctx.load::<u8>(L4_6 + 13).ok()?
+    } else {
+        0
+    };
+    let pkt = Packet6 {
+        proto,
+        saddr,
+        daddr,
+        sport: ports[0],
+        dport: ports[1],
+        tcp_flags,
+        hop_limit: head[7],
+        len: u64::from(ctx.len()),
+    };
+    // SAFETY: reading a field of this program's own context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if let Some(verdict) = reply6(ctx, &pkt, ifindex) {
+        return Some(verdict);
+    }
+    forward6(ctx, &pkt, ifindex)
+}
+
+#[inline(always)]
+fn reply6(ctx: &TcContext, pkt: &Packet6, ifindex: u32) -> Option<i32> {
+    let key = FlowKey {
+        backend: pkt.saddr,
+        client: pkt.daddr,
+        backend_port: pkt.sport,
+        client_port: pkt.dport,
+        proto: pkt.proto,
+        _pad: [0; 3],
+    };
+    let flow = CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: see `reply`.
+    let flow = unsafe { &mut *flow };
+    if flow.backend_ifindex != ifindex {
+        return None;
+    }
+    let (orig, orig_port) = (flow.orig, flow.orig_port);
+    let (client_ifindex, id) = (flow.client_ifindex, flow.id);
+    hop6(ctx, pkt.hop_limit)?;
+    from_backend(flow, pkt.tcp_flags);
+    rewrite6(ctx, pkt, 8, &pkt.saddr, &orig, 0, pkt.sport, orig_port)?;
+    count(id, |s| {
+        s.packets_out += 1;
+        s.bytes_out += pkt.len;
+    });
+    Some(redirect(client_ifindex))
+}
+
+#[inline(always)]
+fn forward6(ctx: &TcContext, pkt: &Packet6, ifindex: u32) -> Option<i32> {
+    let backend = service(pkt.proto, &pkt.daddr, pkt.dport, [0; 4])?;
+    if is_v4_mapped(&backend.addr) || backend.ifindex == ifindex {
+        return None;
+    }
+    let key = FlowKey {
+        backend: backend.addr,
+        client: pkt.saddr,
+        backend_port: backend.port,
+        client_port: pkt.sport,
+        proto: pkt.proto,
+        _pad: [0; 3],
+    };
+    let existing = CONNTRACK.get_ptr_mut(key);
+    if backend.flags & BACKEND_DRAINING != 0 && existing.is_none() {
+        return None;
+    }
+    hop6(ctx, pkt.hop_limit)?;
+    rewrite6(
+        ctx,
+        pkt,
+        24,
+        &pkt.daddr,
+        &backend.addr,
+        2,
+        pkt.dport,
+        backend.port,
+    )?;
+    track(
+        existing,
+        &key,
+        pkt.tcp_flags,
+        pkt.dport,
+        &backend,
+        pkt.daddr,
+        ifindex,
+        0,
+    );
+    count(backend.id, |s| {
+        s.packets_in += 1;
+        s.bytes_in += pkt.len;
+    });
+    Some(redirect(backend.ifindex))
+}
+
+/// One hop off an IPv6 packet (no header checksum); none left: the host's.
+#[inline(always)]
+fn hop6(ctx: &TcContext, hop_limit: u8) -> Option<()> {
+    if hop_limit <= 1 {
+        return None;
+    }
+    ctx.store(ETH_HLEN + 7, &(hop_limit - 1), 0).ok()
+}
+
+/// Replaces an IPv6 address (at `ip_off` in the header) and a port, fixing the TCP/UDP
+/// checksum: the address change enters as a checksum difference over its 16 bytes.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site per direction, all plain values"
+)]
+#[inline(always)]
+fn rewrite6(
+    ctx: &TcContext,
+    pkt: &Packet6,
+    ip_off: usize,
+    old: &Addr,
+    new: &Addr,
+    port_off: usize,
+    old_port: u16,
+    new_port: u16,
+) -> Option<()> {
+    let csum = if pkt.proto == PROTO_TCP {
+        L4_6 + 16
+    } else {
+        L4_6 + 6
+    };
+    let (mut from, mut to) = (*old, *new);
+    // SAFETY: two 16-byte buffers on this program's stack.
+    let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
+    if diff < 0 {
+        return None;
+    }
+    // Size 0: `to` is a difference from bpf_csum_diff.
+    ctx.l4_csum_replace(csum, 0, diff as u64, u64::from(BPF_F_PSEUDO_HDR))
+        .ok()?;
+    ctx.l4_csum_replace(csum, u64::from(old_port), u64::from(new_port), 2)
+        .ok()?;
+    ctx.store(ETH_HLEN + ip_off, new, 0).ok()?;
+    ctx.store(L4_6 + port_off, &new_port, 0).ok()
 }
 
 /// Replaces an IPv4 address (at `ip_off` in the IP header) and a port (at `port_off` in the

@@ -384,6 +384,150 @@ async fn icmp_errors_about_mapped_flows_reach_the_other_side() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_remote_and_local_clients_reach_an_ipv6_container() {
+    use std::net::Ipv6Addr;
+    let lab = Lab::up(1).await;
+    // IPv6 beside the lab's IPv4: on the bridge and the container, and on the uplink and
+    // its client.
+    let (bridge6, container6): (Ipv6Addr, Ipv6Addr) =
+        ("fd00:77::1".parse().unwrap(), "fd00:77::2".parse().unwrap());
+    let (host6, client6): (Ipv6Addr, Ipv6Addr) =
+        ("fd00:99::1".parse().unwrap(), "fd00:99::2".parse().unwrap());
+    let bridge = lab.topo.bridge.to_string();
+    let container = berth::net::NetNs::named(&lab.topo.containers[0].name);
+    lab.host
+        .ns
+        .run_async(|| async {
+            let nl = berth::net::Netlink::connect().unwrap();
+            nl.add_addr(&bridge, bridge6.into(), 64).await.unwrap();
+            nl.add_addr("ext0", host6.into(), 64).await.unwrap();
+        })
+        .unwrap();
+    for (ns, addr, gateway) in [
+        (&container, container6, bridge6),
+        (&lab.ext.ns, client6, host6),
+    ] {
+        ns.run_async(|| async move {
+            let nl = berth::net::Netlink::connect().unwrap();
+            nl.add_addr("eth0", addr.into(), 64).await.unwrap();
+            nl.add_default_route(gateway).await.unwrap();
+        })
+        .unwrap();
+    }
+    let std = container
+        .run(|| std::net::TcpListener::bind((container6, 0)))
+        .unwrap()
+        .unwrap();
+    std.set_nonblocking(true).unwrap();
+    let listener = TcpListener::from_std(std).unwrap();
+    let server = listener.local_addr().unwrap();
+    let (tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, peer)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                if let Ok((id, tally)) = common::serve_exchange(stream).await {
+                    let _ = tx.send((peer, id, tally));
+                }
+            });
+        }
+    });
+    let udp_server = container
+        .run(|| std::net::UdpSocket::bind((container6, 0)))
+        .unwrap()
+        .unwrap();
+    let udp_target = udp_server.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = udp_server.recv_from(&mut buf) {
+            let mut reply = buf[..n].to_vec();
+            reply.extend_from_slice(format!(" from {from}").as_bytes());
+            let _ = udp_server.send_to(&reply, from);
+        }
+    });
+
+    let (tcp_port, udp_port) = (lab.host.free_port(), lab.host.free_port());
+    let dir = scratch();
+    let (config, metrics) = lab.with_metrics(&lab.config(
+        "",
+        &[
+            (
+                "web6",
+                "tcp",
+                format!("[::]:{tcp_port}").parse().unwrap(),
+                server,
+            ),
+            (
+                "dns6",
+                "udp",
+                format!("[::]:{udp_port}").parse().unwrap(),
+                udp_target,
+            ),
+        ],
+    ));
+    let berth = lab.berth(&dir, &config);
+    berth.up().await;
+    assert_eq!(berth.row("web6").await.mode, "dnat");
+
+    // Remote TCP: the container sees the client's own address; every byte arrives.
+    let public = SocketAddr::from((host6, tcp_port));
+    let sock = lab
+        .ext
+        .ns
+        .run(|| tokio::net::TcpSocket::new_v6().unwrap())
+        .unwrap();
+    let stream = timeout(HANG, sock.connect(public)).await.unwrap().unwrap();
+    let client = timeout(HANG, exchange(stream, 1, 8 << 20, 8 << 20))
+        .await
+        .unwrap()
+        .unwrap();
+    let (peer, id, server_side) = timeout(HANG, seen.recv()).await.unwrap().unwrap();
+    assert_eq!(peer.ip(), IpAddr::V6(client6), "mapped in the kernel");
+    assert_mirrored(id, &client, &server_side);
+
+    // Remote UDP: the reply comes from the address dialled.
+    let sock = lab
+        .ext
+        .ns
+        .run(|| std::net::UdpSocket::bind("[::]:0").unwrap())
+        .unwrap();
+    sock.set_read_timeout(Some(HANG)).unwrap();
+    let public = SocketAddr::from((host6, udp_port));
+    sock.send_to(b"ping", public).unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, from) = tokio::task::block_in_place(|| sock.recv_from(&mut buf)).unwrap();
+    assert_eq!(from, public);
+    let me = SocketAddr::from((client6, sock.local_addr().unwrap().port()));
+    assert_eq!(
+        String::from_utf8_lossy(&buf[..n]),
+        format!("ping from {me}")
+    );
+
+    // Local: ::1 in the cgroup reaches the IPv6 container, and getpeername shows ::1.
+    let dial = SocketAddr::from((Ipv6Addr::LOCALHOST, tcp_port));
+    let stream = timeout(HANG, lab.local_socket(true).connect(dial))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stream.peer_addr().unwrap(), dial);
+    let client = timeout(HANG, exchange(stream, 2, 1 << 20, 1 << 20))
+        .await
+        .unwrap()
+        .unwrap();
+    let (_, id, server_side) = timeout(HANG, seen.recv()).await.unwrap().unwrap();
+    assert_mirrored(id, &client, &server_side);
+    // The kernel mapped all of it: two remote flows, one local rewrite, no relay connection.
+    let m = scrape_in(&lab.host.ns, metrics).await;
+    let value = |name: &str, mapping: &str| {
+        find_sample(&m, name, &[&format!("mapping=\"{mapping}\"")]).unwrap_or(0.0)
+    };
+    assert_eq!(value("berth_dnat_flows_total", "web6"), 1.0, "{m}");
+    assert_eq!(value("berth_dnat_flows_total", "dns6"), 1.0, "{m}");
+    assert_eq!(value("berth_dnat_local_rewrites_total", "web6"), 1.0, "{m}");
+    assert_eq!(value("berth_connections_total", "web6"), 0.0, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_datagrams_larger_than_the_mtu_are_mapped_fragment_by_fragment() {
     let lab = Lab::up(1).await;
     let server = lab.udp_server(0);
@@ -913,8 +1057,8 @@ fn the_cli_refuses_what_kernel_mode_cannot_map_or_is_not_allowed_to() {
     };
     let err = run(&["--mode", "dnat", "127.0.0.1:0", "10.0.0.1:80"]);
     assert!(err.contains("explicit port"), "{err}");
-    let err = run(&["--mode", "dnat", "127.0.0.1:9", "[fd00::1]:80"]);
-    assert!(err.contains("IPv4 container"), "{err}");
+    let err = run(&["--mode", "dnat", "127.0.0.1:9", "[::1]:80"]);
+    assert!(err.contains("a container's address"), "{err}");
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = held.local_addr().unwrap().port().to_string();
     let err = run(&[

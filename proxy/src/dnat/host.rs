@@ -101,11 +101,16 @@ pub(crate) async fn interface(nl: &Netlink, name: &str) -> Result<Iface, DnatErr
 /// interface in front of it: kernel mode needs a container behind one.
 pub(crate) async fn route_to(
     nl: &Netlink,
-    target: Ipv4Addr,
+    target: IpAddr,
 ) -> Result<(Iface, Option<Ipv4Addr>), DnatError> {
-    let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(target, 32)
-        .build();
+    let msg = match target {
+        IpAddr::V4(v4) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(v4, 32)
+            .build(),
+        IpAddr::V6(v6) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(v6, 128)
+            .build(),
+    };
     let route = nl
         .handle()
         .route()

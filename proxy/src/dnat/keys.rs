@@ -7,12 +7,13 @@ use berth_common::dnat::{Addr, PROTO_TCP, PROTO_UDP, ServiceKey};
 use super::DnatError;
 use crate::addr::Proto;
 
-/// Whether kernel mode can map to `target`: an IPv4 address and an explicit port (the TC
-/// path rewrites IPv4 only).
+/// Whether kernel mode can map to `target`: an address of a container (IPv4 or IPv6) and an
+/// explicit port.
 pub fn check_target(target: SocketAddr) -> Result<(), DnatError> {
-    if !target.is_ipv4() {
+    let ip = target.ip();
+    if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
         return Err(DnatError::Target(format!(
-            "{target}: kernel mode maps to IPv4 containers (use a relay mode for IPv6 targets)"
+            "{target}: kernel mode maps to a container's address"
         )));
     }
     if target.port() == 0 {

@@ -32,7 +32,7 @@ mod mapping;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
     fs::File,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     path::PathBuf,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
@@ -320,15 +320,12 @@ impl Dnat {
     /// The interface the host reaches `target` through (its bridge), for [`Self::add`].
     pub async fn route(target: SocketAddr) -> Result<Route, DnatError> {
         check_target(target)?;
-        let IpAddr::V4(ip) = target.ip() else {
-            unreachable!("check_target accepts IPv4 only")
-        };
         let nl = Netlink::connect().map_err(|e| DnatError::netlink("connect", e))?;
-        let (via, src) = host::route_to(&nl, ip).await?;
+        let (via, src) = host::route_to(&nl, target.ip()).await?;
         Ok(Route { via, src })
     }
 
-    /// Maps `proto` on `listen` to `target`, an IPv4 container reached through `via` (see
+    /// Maps `proto` on `listen` to `target`, a container reached through `via` (see
     /// [`Self::route`]). An unspecified `listen` address covers every local address of its
     /// family. A mapping of the same `proto` and `listen` is replaced (a reload changing its
     /// target): the old handle then leaves the new entry alone.

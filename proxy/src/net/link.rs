@@ -193,10 +193,15 @@ impl Netlink {
         }
     }
 
-    pub async fn add_default_route(&self, gateway: Ipv4Addr) -> Result<(), NetError> {
-        let route = RouteMessageBuilder::<Ipv4Addr>::new()
-            .gateway(gateway)
-            .build();
+    /// A default route of `gateway`'s family via `gateway`; one already there is fine.
+    pub async fn add_default_route(&self, gateway: impl Into<IpAddr>) -> Result<(), NetError> {
+        let gateway = gateway.into();
+        let route = match gateway {
+            IpAddr::V4(v4) => RouteMessageBuilder::<Ipv4Addr>::new().gateway(v4).build(),
+            IpAddr::V6(v6) => RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                .gateway(v6)
+                .build(),
+        };
         match self.handle.route().add(route).execute().await {
             Ok(()) => Ok(()),
             Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),

@@ -121,8 +121,8 @@ fn each_mistake_names_file_mapping_and_field() {
             "mapping \"w\": mode: unknown mode \"warp\"",
         ),
         (
-            m("name = \"w\"\nmode = \"dnat\"\nlisten = \"0.0.0.0:1\"\ntarget = \"[fd00::1]:1\""),
-            "target: [fd00::1]:1: kernel mode maps to IPv4 containers",
+            m("name = \"w\"\nmode = \"dnat\"\nlisten = \"0.0.0.0:1\"\ntarget = \"[::1]:1\""),
+            "target: [::1]:1: kernel mode maps to a container's address",
         ),
         (
             m("name = \"w\"\nmode = \"dnat\"\nlisten = \"0.0.0.0:0\"\ntarget = \"10.0.0.1:1\""),

@@ -23,7 +23,7 @@ pub(crate) struct ForwardArgs {
     /// How the mapping is served. auto: the best reliable relay (splice for now). copy: a
     /// userspace buffer. splice: zero-copy through pipes. sockmap (experimental, TCP): the
     /// kernel moves the bytes of each relayed connection. dnat (TCP and UDP): TC and cgroup
-    /// programs rewrite the traffic (IPv4 containers) and a relay serves what they pass
+    /// programs rewrite the traffic (IPv4 and IPv6 containers) and a relay serves what they pass
     /// through. sockmap and dnat need CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN [default: auto].
     #[arg(long)]
     mode: Option<String>,
