@@ -387,33 +387,8 @@ async fn icmp_errors_about_mapped_flows_reach_the_other_side() {
 async fn ipv6_remote_and_local_clients_reach_an_ipv6_container() {
     use std::net::Ipv6Addr;
     let lab = Lab::up(1).await;
-    // IPv6 beside the lab's IPv4: on the bridge and the container, and on the uplink and
-    // its client.
-    let (bridge6, container6): (Ipv6Addr, Ipv6Addr) =
-        ("fd00:77::1".parse().unwrap(), "fd00:77::2".parse().unwrap());
-    let (host6, client6): (Ipv6Addr, Ipv6Addr) =
-        ("fd00:99::1".parse().unwrap(), "fd00:99::2".parse().unwrap());
-    let bridge = lab.topo.bridge.to_string();
+    let (container6, host6, client6) = lab.add_ipv6();
     let container = berth::net::NetNs::named(&lab.topo.containers[0].name);
-    lab.host
-        .ns
-        .run_async(|| async {
-            let nl = berth::net::Netlink::connect().unwrap();
-            nl.add_addr(&bridge, bridge6.into(), 64).await.unwrap();
-            nl.add_addr("ext0", host6.into(), 64).await.unwrap();
-        })
-        .unwrap();
-    for (ns, addr, gateway) in [
-        (&container, container6, bridge6),
-        (&lab.ext.ns, client6, host6),
-    ] {
-        ns.run_async(|| async move {
-            let nl = berth::net::Netlink::connect().unwrap();
-            nl.add_addr("eth0", addr.into(), 64).await.unwrap();
-            nl.add_default_route(gateway).await.unwrap();
-        })
-        .unwrap();
-    }
     let std = container
         .run(|| std::net::TcpListener::bind((container6, 0)))
         .unwrap()

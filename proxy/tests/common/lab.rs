@@ -1,7 +1,7 @@
 //! The kernel-mode lab: a "host" namespace with a bridge and container namespaces, an
 //! external-client namespace linked to it, and a child cgroup for the local programs. Torn
 //! down on drop.
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use berth::net::{self, ContainerSpec, Topology};
 use tokio::{
@@ -157,6 +157,37 @@ impl Lab {
             ));
         }
         c
+    }
+
+    /// Adds IPv6 beside the lab's IPv4: fd00:77::1/64 on the bridge, fd00:77::2 on the
+    /// first container, fd00:99::1/64 on the uplink, fd00:99::2 on the external client,
+    /// each with its default route. Returns (container, host uplink, client) addresses.
+    pub fn add_ipv6(&self) -> (Ipv6Addr, Ipv6Addr, Ipv6Addr) {
+        let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        let (bridge6, container6) = (v6("fd00:77::1"), v6("fd00:77::2"));
+        let (host6, client6) = (v6("fd00:99::1"), v6("fd00:99::2"));
+        let bridge = self.topo.bridge.to_string();
+        self.host
+            .ns
+            .run_async(|| async {
+                let nl = net::Netlink::connect().unwrap();
+                nl.add_addr(&bridge, bridge6.into(), 64).await.unwrap();
+                nl.add_addr("ext0", host6.into(), 64).await.unwrap();
+            })
+            .unwrap();
+        let container = net::NetNs::named(&self.topo.containers[0].name);
+        for (ns, addr, gateway) in [
+            (&container, container6, bridge6),
+            (&self.ext.ns, client6, host6),
+        ] {
+            ns.run_async(|| async move {
+                let nl = net::Netlink::connect().unwrap();
+                nl.add_addr("eth0", addr.into(), 64).await.unwrap();
+                nl.add_default_route(gateway).await.unwrap();
+            })
+            .unwrap();
+        }
+        (container6, host6, client6)
     }
 
     /// `config` (from [`Lab::config`]) with /metrics on, at the returned address of the host
