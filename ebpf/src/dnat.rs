@@ -55,6 +55,9 @@ const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 const SOCK_DGRAM: u32 = 2;
 const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
+/// ICMPv6 errors: destination unreachable (1), packet too big (2), time exceeded (3).
+const ICMPV6_ERRORS: core::ops::RangeInclusive<u8> = 1..=3;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 
@@ -605,7 +608,13 @@ struct Packet6 {
 fn tc6(ctx: &TcContext) -> Option<i32> {
     let head: [u8; 8] = ctx.load(ETH_HLEN).ok()?;
     let proto = head[6];
-    if head[0] >> 4 != 6 || (proto != PROTO_TCP && proto != PROTO_UDP) {
+    if head[0] >> 4 != 6 {
+        return None;
+    }
+    if proto == PROTO_ICMPV6 {
+        return icmp6_error(ctx, head[7]);
+    }
+    if proto != PROTO_TCP && proto != PROTO_UDP {
         return None;
     }
     let saddr: Addr = ctx.load(ETH_HLEN + 8).ok()?;
@@ -708,6 +717,119 @@ fn forward6(ctx: &TcContext, pkt: &Packet6, ifindex: u32) -> Option<i32> {
     Some(redirect(backend.ifindex))
 }
 
+/// An ICMPv6 error about a mapped flow, translated as [`icmp_error`] does for IPv4 (Packet
+/// Too Big included, on which IPv6 Path MTU discovery depends). The ICMPv6 checksum covers
+/// a pseudo-header, so the outer address change enters it too.
+#[inline(always)]
+fn icmp6_error(ctx: &TcContext, hop_limit: u8) -> Option<i32> {
+    let kind: u8 = ctx.load(L4_6).ok()?;
+    if !ICMPV6_ERRORS.contains(&kind) {
+        return None;
+    }
+    let inner = L4_6 + 8;
+    let inner_head: [u8; 8] = ctx.load(inner).ok()?;
+    let proto = inner_head[6];
+    if inner_head[0] >> 4 != 6 || (proto != PROTO_TCP && proto != PROTO_UDP) {
+        return None;
+    }
+    let outer_src: Addr = ctx.load(ETH_HLEN + 8).ok()?;
+    let outer_dst: Addr = ctx.load(ETH_HLEN + 24).ok()?;
+    let in_src: Addr = ctx.load(inner + 8).ok()?;
+    let in_dst: Addr = ctx.load(inner + 24).ok()?;
+    let ports: [u16; 2] = ctx.load(inner + 40).ok()?;
+    let (in_sport, in_dport) = (ports[0], ports[1]);
+    // SAFETY: reading a field of this program's own context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let len = u64::from(ctx.len());
+    let key = FlowKey {
+        backend: in_dst,
+        client: in_src,
+        backend_port: in_dport,
+        client_port: in_sport,
+        proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: a plain `repr(C)` value, copied out at once.
+    if let Some(flow) = unsafe { CONNTRACK.get(key) }.copied()
+        && flow.backend_ifindex == ifindex
+    {
+        // About a client's packet, from the container's side: to the client.
+        hop6(ctx, hop_limit)?;
+        quote6(ctx, inner + 24, &in_dst, &flow.orig)?;
+        quote6_port(ctx, inner + 42, in_dport, flow.orig_port)?;
+        if outer_src == in_dst {
+            outer6(ctx, 8, &outer_src, &flow.orig)?;
+        }
+        count(flow.id, |s| {
+            s.packets_out += 1;
+            s.bytes_out += len;
+        });
+        return Some(redirect(flow.client_ifindex));
+    }
+    // About a reply, from the client's side: to the container.
+    let backend = service(proto, &in_src, in_sport, [0; 4])?;
+    if is_v4_mapped(&backend.addr) {
+        return None;
+    }
+    let key = FlowKey {
+        backend: backend.addr,
+        client: in_dst,
+        backend_port: backend.port,
+        client_port: in_dport,
+        proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: as above.
+    let flow = unsafe { CONNTRACK.get(key) }.copied()?;
+    if flow.client_ifindex != ifindex {
+        return None;
+    }
+    hop6(ctx, hop_limit)?;
+    quote6(ctx, inner + 8, &in_src, &backend.addr)?;
+    quote6_port(ctx, inner + 40, in_sport, backend.port)?;
+    outer6(ctx, 24, &outer_dst, &backend.addr)?;
+    count(backend.id, |s| {
+        s.packets_in += 1;
+        s.bytes_in += len;
+    });
+    Some(redirect(backend.ifindex))
+}
+
+/// The checksum difference of replacing 16 bytes `old` with `new`.
+#[inline(always)]
+fn diff16(old: &Addr, new: &Addr) -> Option<u64> {
+    let (mut from, mut to) = (*old, *new);
+    // SAFETY: two 16-byte buffers on this program's stack.
+    let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
+    (diff >= 0).then_some(diff as u64)
+}
+
+/// Replaces a quoted IPv6 address at `at` (part of the ICMPv6 payload), fixing the ICMPv6
+/// checksum.
+#[inline(always)]
+fn quote6(ctx: &TcContext, at: usize, old: &Addr, new: &Addr) -> Option<()> {
+    let diff = diff16(old, new)?;
+    ctx.l4_csum_replace(L4_6 + 2, 0, diff, 0).ok()?;
+    ctx.store(at, new, 0).ok()
+}
+
+/// Replaces a quoted port at `at`, fixing the ICMPv6 checksum.
+#[inline(always)]
+fn quote6_port(ctx: &TcContext, at: usize, old: u16, new: u16) -> Option<()> {
+    ctx.store(at, &new, 0).ok()?;
+    ctx.l4_csum_replace(L4_6 + 2, u64::from(old), u64::from(new), 2)
+        .ok()
+}
+
+/// Replaces the outer IPv6 address at `ip_off`, fixing the ICMPv6 checksum's pseudo-header.
+#[inline(always)]
+fn outer6(ctx: &TcContext, ip_off: usize, old: &Addr, new: &Addr) -> Option<()> {
+    let diff = diff16(old, new)?;
+    ctx.l4_csum_replace(L4_6 + 2, 0, diff, u64::from(BPF_F_PSEUDO_HDR))
+        .ok()?;
+    ctx.store(ETH_HLEN + ip_off, new, 0).ok()
+}
+
 /// One hop off an IPv6 packet (no header checksum); none left: the host's.
 #[inline(always)]
 fn hop6(ctx: &TcContext, hop_limit: u8) -> Option<()> {
@@ -739,14 +861,8 @@ fn rewrite6(
     } else {
         L4_6 + 6
     };
-    let (mut from, mut to) = (*old, *new);
-    // SAFETY: two 16-byte buffers on this program's stack.
-    let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
-    if diff < 0 {
-        return None;
-    }
     // Size 0: `to` is a difference from bpf_csum_diff.
-    ctx.l4_csum_replace(csum, 0, diff as u64, u64::from(BPF_F_PSEUDO_HDR))
+    ctx.l4_csum_replace(csum, 0, diff16(old, new)?, u64::from(BPF_F_PSEUDO_HDR))
         .ok()?;
     ctx.l4_csum_replace(csum, u64::from(old_port), u64::from(new_port), 2)
         .ok()?;

@@ -503,6 +503,88 @@ async fn ipv6_remote_and_local_clients_reach_an_ipv6_container() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn icmpv6_errors_about_mapped_flows_reach_the_other_side() {
+    let lab = Lab::up(1).await;
+    let (container6, host6, client6) = lab.add_ipv6();
+    let container = berth::net::NetNs::named(&lab.topo.containers[0].name);
+    let bind = |addr: SocketAddr| {
+        container
+            .run(|| std::net::UdpSocket::bind(addr))
+            .unwrap()
+            .unwrap()
+    };
+    let closed = bind(SocketAddr::from((container6, 0)));
+    let closed_addr = closed.local_addr().unwrap();
+    drop(closed);
+    let server = bind(SocketAddr::from((container6, 0)));
+    server.set_read_timeout(Some(HANG)).unwrap();
+    let (p1, p2) = (lab.host.free_port(), lab.host.free_port());
+    let dir = scratch();
+    let config = lab.config(
+        "",
+        &[
+            (
+                "nobody6",
+                "udp",
+                format!("[::]:{p1}").parse().unwrap(),
+                closed_addr,
+            ),
+            (
+                "echo6",
+                "udp",
+                format!("[::]:{p2}").parse().unwrap(),
+                server.local_addr().unwrap(),
+            ),
+        ],
+    );
+    let berth = lab.berth(&dir, &config);
+    berth.up().await;
+    let mut buf = [0u8; 64];
+    let client_socket = || {
+        let s = lab
+            .ext
+            .ns
+            .run(|| std::net::UdpSocket::bind("[::]:0").unwrap())
+            .unwrap();
+        s.set_read_timeout(Some(HANG)).unwrap();
+        s
+    };
+
+    // A round trip: mapped both ways.
+    let client = client_socket();
+    client
+        .send_to(b"hello", SocketAddr::from((host6, p2)))
+        .unwrap();
+    let (_, from) = tokio::task::block_in_place(|| server.recv_from(&mut buf)).unwrap();
+    assert_eq!(from.ip(), IpAddr::V6(client6), "mapped in the kernel");
+    server.send_to(b"hi", from).unwrap();
+    tokio::task::block_in_place(|| client.recv(&mut buf)).unwrap();
+
+    // The container's "port unreachable" reaches the client's connected socket.
+    let other = client_socket();
+    other.connect(SocketAddr::from((host6, p1))).unwrap();
+    other.send(b"anyone?").unwrap();
+    let refused = tokio::task::block_in_place(|| other.recv(&mut buf)).unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{refused}"
+    );
+
+    // The container answers a client whose socket has gone; the client's host's "port
+    // unreachable" reaches the container's connected socket.
+    server.connect(from).unwrap();
+    drop(client);
+    server.send(b"too late").unwrap();
+    let refused = tokio::task::block_in_place(|| server.recv(&mut buf)).unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{refused}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_datagrams_larger_than_the_mtu_are_mapped_fragment_by_fragment() {
     let lab = Lab::up(1).await;
     let server = lab.udp_server(0);

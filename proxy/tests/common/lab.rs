@@ -187,6 +187,33 @@ impl Lab {
             })
             .unwrap();
         }
+        // Until duplicate address detection has finished on the new veths' link-local
+        // addresses, the host cannot send neighbour solicitations from them, and the first
+        // packet redirected towards an unresolved neighbour is lost.
+        let deadline = std::time::Instant::now() + super::HANG;
+        for ns in [&self.host.ns, &container, &self.ext.ns] {
+            loop {
+                let table = ns
+                    .run(|| std::fs::read_to_string("/proc/thread-self/net/if_inet6"))
+                    .unwrap()
+                    .unwrap();
+                // address ifindex prefix scope flags name; IFA_F_TENTATIVE is 0x40.
+                let tentative = table.lines().any(|l| {
+                    l.split_whitespace()
+                        .nth(4)
+                        .and_then(|f| u32::from_str_radix(f, 16).ok())
+                        .is_some_and(|f| f & 0x40 != 0)
+                });
+                if !tentative {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "IPv6 DAD never finished"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
         (container6, host6, client6)
     }
 
