@@ -314,27 +314,48 @@ async fn hairpin_from_the_container_and_its_neighbour_is_mapped_in_the_kernel() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn icmp_errors_about_mapped_flows_reach_the_other_side() {
     let lab = Lab::up(1).await;
-    // A container port with nothing behind it, and one with a server.
-    let closed = lab.bind_in(0, std::net::UdpSocket::bind);
+    let container = lab.container_ip(0).into();
+    icmp_errors_reach_both_ends(&lab, container, EXT_HOST.into(), EXT_CLIENT.into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn icmpv6_errors_about_mapped_flows_reach_the_other_side() {
+    let lab = Lab::up(1).await;
+    let (container6, host6, client6) = lab.add_ipv6();
+    icmp_errors_reach_both_ends(&lab, container6.into(), host6.into(), client6.into()).await;
+}
+
+/// A closed container port's "port unreachable" reaches a connected client, and a vanished
+/// client's host's reaches a connected container, through kernel-mode mappings of the
+/// family of the addresses given: the container's, the host uplink's and the client's.
+async fn icmp_errors_reach_both_ends(
+    lab: &Lab,
+    container: IpAddr,
+    host: IpAddr,
+    client_ip: IpAddr,
+) {
+    let ns = berth::net::NetNs::named(&lab.topo.containers[0].name);
+    let bind = |addr: SocketAddr| ns.run(|| std::net::UdpSocket::bind(addr)).unwrap().unwrap();
+    let closed = bind(SocketAddr::new(container, 0));
     let closed_addr = closed.local_addr().unwrap();
     drop(closed);
-    let server = lab.bind_in(0, std::net::UdpSocket::bind);
+    let server = bind(SocketAddr::new(container, 0));
     server.set_read_timeout(Some(HANG)).unwrap();
+    let any: IpAddr = if container.is_ipv4() {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
     let (p1, p2) = (lab.host.free_port(), lab.host.free_port());
     let dir = scratch();
     let config = lab.config(
         "",
         &[
-            (
-                "nobody",
-                "udp",
-                SocketAddr::from(([0, 0, 0, 0], p1)),
-                closed_addr,
-            ),
+            ("nobody", "udp", SocketAddr::new(any, p1), closed_addr),
             (
                 "echo",
                 "udp",
-                SocketAddr::from(([0, 0, 0, 0], p2)),
+                SocketAddr::new(any, p2),
                 server.local_addr().unwrap(),
             ),
         ],
@@ -342,36 +363,37 @@ async fn icmp_errors_about_mapped_flows_reach_the_other_side() {
     let berth = lab.berth(&dir, &config);
     berth.up().await;
     let mut buf = [0u8; 64];
+    let client_socket = || {
+        let s = lab
+            .ext
+            .ns
+            .run(|| std::net::UdpSocket::bind(SocketAddr::new(any, 0)).unwrap())
+            .unwrap();
+        s.set_read_timeout(Some(HANG)).unwrap();
+        s
+    };
 
-    // The container's "port unreachable" reaches the client's connected socket, quoting the
-    // address the client dialled.
-    let client = lab
-        .ext
-        .ns
-        .run(|| std::net::UdpSocket::bind("0.0.0.0:0").unwrap())
-        .unwrap();
-    client.connect(SocketAddr::from((EXT_HOST, p1))).unwrap();
-    client.set_read_timeout(Some(HANG)).unwrap();
-    client.send(b"anyone?").unwrap();
-    let refused = tokio::task::block_in_place(|| client.recv(&mut buf)).unwrap_err();
+    // A round trip: mapped both ways.
+    let client = client_socket();
+    client.send_to(b"hello", SocketAddr::new(host, p2)).unwrap();
+    let (_, from) = tokio::task::block_in_place(|| server.recv_from(&mut buf)).unwrap();
+    assert_eq!(from.ip(), client_ip, "mapped in the kernel");
+    server.send_to(b"hi", from).unwrap();
+    tokio::task::block_in_place(|| client.recv(&mut buf)).unwrap();
+
+    // The container's "port unreachable" reaches the client's connected socket.
+    let other = client_socket();
+    other.connect(SocketAddr::new(host, p1)).unwrap();
+    other.send(b"anyone?").unwrap();
+    let refused = tokio::task::block_in_place(|| other.recv(&mut buf)).unwrap_err();
     assert_eq!(
         refused.kind(),
         std::io::ErrorKind::ConnectionRefused,
         "{refused}"
     );
 
-    // The other way: the container answers a client whose socket has gone; the client's
-    // host's "port unreachable" reaches the container's connected socket.
-    let client = lab
-        .ext
-        .ns
-        .run(|| std::net::UdpSocket::bind("0.0.0.0:0").unwrap())
-        .unwrap();
-    client
-        .send_to(b"hello", SocketAddr::from((EXT_HOST, p2)))
-        .unwrap();
-    let (_, from) = tokio::task::block_in_place(|| server.recv_from(&mut buf)).unwrap();
-    assert_eq!(from.ip(), IpAddr::V4(EXT_CLIENT), "mapped in the kernel");
+    // The container answers a client whose socket has gone; the client's host's "port
+    // unreachable" reaches the container's connected socket.
     server.connect(from).unwrap();
     drop(client);
     server.send(b"too late").unwrap();
@@ -500,88 +522,6 @@ async fn ipv6_remote_and_local_clients_reach_an_ipv6_container() {
     assert_eq!(value("berth_dnat_flows_total", "dns6"), 1.0, "{m}");
     assert_eq!(value("berth_dnat_local_rewrites_total", "web6"), 1.0, "{m}");
     assert_eq!(value("berth_connections_total", "web6"), 0.0, "{m}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn icmpv6_errors_about_mapped_flows_reach_the_other_side() {
-    let lab = Lab::up(1).await;
-    let (container6, host6, client6) = lab.add_ipv6();
-    let container = berth::net::NetNs::named(&lab.topo.containers[0].name);
-    let bind = |addr: SocketAddr| {
-        container
-            .run(|| std::net::UdpSocket::bind(addr))
-            .unwrap()
-            .unwrap()
-    };
-    let closed = bind(SocketAddr::from((container6, 0)));
-    let closed_addr = closed.local_addr().unwrap();
-    drop(closed);
-    let server = bind(SocketAddr::from((container6, 0)));
-    server.set_read_timeout(Some(HANG)).unwrap();
-    let (p1, p2) = (lab.host.free_port(), lab.host.free_port());
-    let dir = scratch();
-    let config = lab.config(
-        "",
-        &[
-            (
-                "nobody6",
-                "udp",
-                format!("[::]:{p1}").parse().unwrap(),
-                closed_addr,
-            ),
-            (
-                "echo6",
-                "udp",
-                format!("[::]:{p2}").parse().unwrap(),
-                server.local_addr().unwrap(),
-            ),
-        ],
-    );
-    let berth = lab.berth(&dir, &config);
-    berth.up().await;
-    let mut buf = [0u8; 64];
-    let client_socket = || {
-        let s = lab
-            .ext
-            .ns
-            .run(|| std::net::UdpSocket::bind("[::]:0").unwrap())
-            .unwrap();
-        s.set_read_timeout(Some(HANG)).unwrap();
-        s
-    };
-
-    // A round trip: mapped both ways.
-    let client = client_socket();
-    client
-        .send_to(b"hello", SocketAddr::from((host6, p2)))
-        .unwrap();
-    let (_, from) = tokio::task::block_in_place(|| server.recv_from(&mut buf)).unwrap();
-    assert_eq!(from.ip(), IpAddr::V6(client6), "mapped in the kernel");
-    server.send_to(b"hi", from).unwrap();
-    tokio::task::block_in_place(|| client.recv(&mut buf)).unwrap();
-
-    // The container's "port unreachable" reaches the client's connected socket.
-    let other = client_socket();
-    other.connect(SocketAddr::from((host6, p1))).unwrap();
-    other.send(b"anyone?").unwrap();
-    let refused = tokio::task::block_in_place(|| other.recv(&mut buf)).unwrap_err();
-    assert_eq!(
-        refused.kind(),
-        std::io::ErrorKind::ConnectionRefused,
-        "{refused}"
-    );
-
-    // The container answers a client whose socket has gone; the client's host's "port
-    // unreachable" reaches the container's connected socket.
-    server.connect(from).unwrap();
-    drop(client);
-    server.send(b"too late").unwrap();
-    let refused = tokio::task::block_in_place(|| server.recv(&mut buf)).unwrap_err();
-    assert_eq!(
-        refused.kind(),
-        std::io::ErrorKind::ConnectionRefused,
-        "{refused}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
