@@ -645,14 +645,7 @@ fn tc6(ctx: &TcContext) -> Option<i32> {
 
 #[inline(always)]
 fn reply6(ctx: &TcContext, pkt: &Packet6, ifindex: u32) -> Option<i32> {
-    let key = FlowKey {
-        backend: pkt.saddr,
-        client: pkt.daddr,
-        backend_port: pkt.sport,
-        client_port: pkt.dport,
-        proto: pkt.proto,
-        _pad: [0; 3],
-    };
+    let key = FlowKey::new(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto);
     let flow = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: see `reply`.
     let flow = unsafe { &mut *flow };
@@ -677,14 +670,7 @@ fn forward6(ctx: &TcContext, pkt: &Packet6, ifindex: u32) -> Option<i32> {
     if is_v4_mapped(&backend.addr) || backend.ifindex == ifindex {
         return None;
     }
-    let key = FlowKey {
-        backend: backend.addr,
-        client: pkt.saddr,
-        backend_port: backend.port,
-        client_port: pkt.sport,
-        proto: pkt.proto,
-        _pad: [0; 3],
-    };
+    let key = FlowKey::new(backend.addr, pkt.saddr, backend.port, pkt.sport, pkt.proto);
     let existing = CONNTRACK.get_ptr_mut(key);
     if backend.flags & BACKEND_DRAINING != 0 && existing.is_none() {
         return None;
@@ -741,14 +727,7 @@ fn icmp6_error(ctx: &TcContext, hop_limit: u8) -> Option<i32> {
     // SAFETY: reading a field of this program's own context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let len = u64::from(ctx.len());
-    let key = FlowKey {
-        backend: in_dst,
-        client: in_src,
-        backend_port: in_dport,
-        client_port: in_sport,
-        proto,
-        _pad: [0; 3],
-    };
+    let key = FlowKey::new(in_dst, in_src, in_dport, in_sport, proto);
     // SAFETY: a plain `repr(C)` value, copied out at once.
     if let Some(flow) = unsafe { CONNTRACK.get(key) }.copied()
         && flow.backend_ifindex == ifindex
@@ -771,14 +750,7 @@ fn icmp6_error(ctx: &TcContext, hop_limit: u8) -> Option<i32> {
     if is_v4_mapped(&backend.addr) {
         return None;
     }
-    let key = FlowKey {
-        backend: backend.addr,
-        client: in_dst,
-        backend_port: backend.port,
-        client_port: in_dport,
-        proto,
-        _pad: [0; 3],
-    };
+    let key = FlowKey::new(backend.addr, in_dst, backend.port, in_dport, proto);
     // SAFETY: as above.
     let flow = unsafe { CONNTRACK.get(key) }.copied()?;
     if flow.client_ifindex != ifindex {
@@ -900,8 +872,7 @@ fn rewrite(
         u64::from(BPF_F_PSEUDO_HDR) | mangled | 4,
     )?;
     ctx.l4_csum_replace(csum, u64::from(old_port), u64::from(new_port), mangled | 2)?;
-    ctx.l3_csum_replace(ETH_HLEN + 10, u64::from(old_ip), u64::from(new_ip), 4)?;
-    ctx.store(ETH_HLEN + ip_off, &new_ip, 0)?;
+    set_addr(ctx, ip_off, old_ip, new_ip).ok_or(-1)?;
     ctx.store(pkt.l4 + port_off, &new_port, 0)?;
     Ok(())
 }

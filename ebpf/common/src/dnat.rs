@@ -109,6 +109,24 @@ pub struct FlowKey {
 }
 
 impl FlowKey {
+    /// The key of a flow, addresses in the maps' layout, ports in network byte order.
+    pub const fn new(
+        backend: Addr,
+        client: Addr,
+        backend_port: u16,
+        client_port: u16,
+        proto: u8,
+    ) -> Self {
+        Self {
+            backend,
+            client,
+            backend_port,
+            client_port,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+
     /// The key of an IPv4 flow: addresses as network-order bytes in native words, ports in
     /// network byte order, as the TC program reads them from packets.
     pub const fn v4(
@@ -118,14 +136,13 @@ impl FlowKey {
         client_port: u16,
         proto: u8,
     ) -> Self {
-        Self {
-            backend: v4_mapped(backend.to_ne_bytes()),
-            client: v4_mapped(client.to_ne_bytes()),
+        Self::new(
+            v4_mapped(backend.to_ne_bytes()),
+            v4_mapped(client.to_ne_bytes()),
             backend_port,
             client_port,
             proto,
-            _pad: [0; 3],
-        }
+        )
     }
 }
 
