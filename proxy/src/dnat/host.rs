@@ -67,6 +67,27 @@ pub(crate) async fn default_interfaces(nl: &Netlink) -> Result<Vec<Iface>, DnatE
     Ok(out)
 }
 
+/// The client-facing interfaces: those `names` lists (a missing one is an error unless
+/// `missing_ok`), or by default [`default_interfaces`].
+pub(crate) async fn client_interfaces(
+    nl: &Netlink,
+    names: Option<&[String]>,
+    missing_ok: bool,
+) -> Result<Vec<Iface>, DnatError> {
+    let Some(names) = names else {
+        return default_interfaces(nl).await;
+    };
+    let mut found = Vec::new();
+    for n in names {
+        match interface(nl, n).await {
+            Ok(i) => found.push(i),
+            Err(_) if missing_ok => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(found)
+}
+
 /// The indexes of every interface there is now.
 pub(crate) async fn interface_indexes(nl: &Netlink) -> Result<BTreeSet<u32>, DnatError> {
     let mut links = nl.handle().link().get().execute();

@@ -205,16 +205,7 @@ impl Dnat {
 
     async fn load(settings: Settings) -> Result<Arc<Self>, DnatError> {
         let nl = Netlink::connect().map_err(|e| DnatError::netlink("connect", e))?;
-        let ifaces = match &settings.interfaces {
-            None => host::default_interfaces(&nl).await?,
-            Some(names) => {
-                let mut v = Vec::new();
-                for n in names {
-                    v.push(host::interface(&nl, n).await?);
-                }
-                v
-            }
-        };
+        let ifaces = host::client_interfaces(&nl, settings.interfaces.as_deref(), false).await?;
         let cgroup = match &settings.cgroup {
             Some(p) => p.clone(),
             None => host::cgroup2_root()?,
@@ -406,19 +397,8 @@ impl Dnat {
     /// is logged and skipped.
     async fn refresh_interfaces(&self) -> Result<(), DnatError> {
         let nl = Netlink::connect().map_err(|e| DnatError::netlink("connect", e))?;
-        let want = match &self.settings.interfaces {
-            None => host::default_interfaces(&nl).await?,
-            Some(names) => {
-                let mut found = Vec::new();
-                for n in names {
-                    // Not there (yet): attached when it appears.
-                    if let Ok(i) = host::interface(&nl, n).await {
-                        found.push(i);
-                    }
-                }
-                found
-            }
-        };
+        // A listed interface that is not there (now) is attached when it appears.
+        let want = host::client_interfaces(&nl, self.settings.interfaces.as_deref(), true).await?;
         let present = host::interface_indexes(&nl).await?;
         let mut inner = self.lock();
         let wanted: BTreeSet<u32> = want.iter().map(|i| i.index).collect();
