@@ -28,6 +28,7 @@ pub(crate) fn run(args: &FuzzArgs) -> anyhow::Result<()> {
         Some(t) => vec![t.clone()],
         None => targets()?,
     };
+    build()?;
     for t in &targets {
         run_target(t, args.minutes * 60, args.keep_new)?;
     }
@@ -36,6 +37,7 @@ pub(crate) fn run(args: &FuzzArgs) -> anyhow::Result<()> {
 
 /// Every target for [`BOUNDED_SECS`], for `cargo xtask test` (setup already ran).
 pub(crate) fn bounded() -> anyhow::Result<()> {
+    build()?;
     for t in targets()? {
         run_target(&t, BOUNDED_SECS, false)?;
     }
@@ -65,6 +67,15 @@ fn targets() -> anyhow::Result<Vec<String>> {
         .lines()
         .map(str::to_owned)
         .collect())
+}
+
+/// Builds every target first, so that a build failure (a full disk, a toolchain change) is
+/// reported as one and not as a crash with an input to look for.
+fn build() -> anyhow::Result<()> {
+    let fuzz = exec::root().join("fuzz");
+    exec::run(fuzz_cmd(&fuzz).args(["build", "--sanitizer", "none"])).context(
+        "building the fuzz targets (`cargo +nightly fuzz build --sanitizer none` in fuzz/)",
+    )
 }
 
 /// Runs `target` for `secs` from the kept corpus; new inputs go to a scratch directory (the
