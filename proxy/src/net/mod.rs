@@ -16,6 +16,7 @@ mod error;
 mod ifname;
 mod link;
 pub mod netns;
+mod nft;
 mod spec;
 mod state;
 mod topology;
@@ -24,6 +25,7 @@ pub use error::NetError;
 pub use ifname::IfName;
 pub use link::Netlink;
 pub use netns::NetNs;
+pub use nft::{exists as masquerade_installed, table_name as masquerade_table};
 pub use spec::{
     ContainerSpec, DEFAULT_BRIDGE, DEFAULT_GATEWAY, DEFAULT_SUBNET, Topology, TopologyFile,
 };

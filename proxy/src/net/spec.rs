@@ -48,6 +48,9 @@ pub struct TopologyFile {
     pub bridge: Option<String>,
     pub subnet: Option<String>,
     pub gateway: Option<Ipv4Addr>,
+    /// Source-NAT the containers' outbound traffic to the host's address (`--masquerade`).
+    #[serde(default)]
+    pub masquerade: bool,
     #[serde(default, rename = "container")]
     pub containers: Vec<ContainerSpec>,
 }
@@ -98,6 +101,9 @@ pub struct Topology {
     pub subnet: Ipv4Net,
     pub gateway: Ipv4Addr,
     pub containers: Vec<Container>,
+    /// Give the containers outbound access: what leaves the host by any interface but the
+    /// bridge is source-NATed to that interface's address, and forwarding is turned on.
+    pub masquerade: bool,
 }
 
 impl Topology {
@@ -163,7 +169,15 @@ impl Topology {
             subnet,
             gateway,
             containers: resolved,
+            masquerade: false,
         })
+    }
+
+    /// The same topology, with container egress (see [`Topology::masquerade`]) on or off.
+    #[must_use]
+    pub const fn with_masquerade(mut self, on: bool) -> Self {
+        self.masquerade = on;
+        self
     }
 
     pub fn container(&self, name: &str) -> Option<&Container> {
@@ -259,6 +273,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(f.containers, specs(&["web=10.1.0.5"]));
+        assert!(!f.masquerade, "egress is asked for, never implied");
+        let f: TopologyFile = toml::from_str("masquerade = true\n").unwrap();
+        assert!(f.masquerade);
+        assert!(toml::from_str::<TopologyFile>("masquerade = \"yes\"").is_err());
         assert!(toml::from_str::<TopologyFile>("bogus = 1").is_err());
     }
 }

@@ -13,6 +13,13 @@ const STATE_DIR: &str = "/run/berth/net";
 pub(crate) struct State {
     /// The bridge was created by berth (not adopted), so `down` may delete it.
     pub(crate) bridge_created: bool,
+    /// The egress rule was installed for this bridge (`--masquerade`).
+    #[serde(default)]
+    pub(crate) masquerade: bool,
+    /// `net.ipv4.ip_forward` was 0 and berth turned it on; `down` turns it off again once no
+    /// bridge of this namespace masquerades any more.
+    #[serde(default)]
+    pub(crate) enabled_forwarding: bool,
     #[serde(default, rename = "container")]
     pub(crate) containers: Vec<ContainerSpec>,
 }
@@ -37,6 +44,20 @@ impl State {
         let text =
             toml::to_string(self).map_err(|e| NetError::io("encode state", io::Error::other(e)))?;
         fs::write(&path, text).map_err(|e| NetError::io(format!("write {}", path.display()), e))
+    }
+
+    /// Every record, with its bridge's name.
+    pub(crate) fn all() -> Vec<(String, Self)> {
+        let Ok(dir) = fs::read_dir(STATE_DIR) else {
+            return Vec::new();
+        };
+        dir.flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.strip_suffix(".toml")?.to_owned();
+                let state = toml::from_str(&fs::read_to_string(e.path()).ok()?).ok()?;
+                Some((name, state))
+            })
+            .collect()
     }
 
     pub(crate) fn remove(bridge: &IfName) -> Result<(), NetError> {

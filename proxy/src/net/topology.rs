@@ -2,7 +2,7 @@
 use tracing::{debug, info, warn};
 
 use super::{
-    IfName, NetError, NetNs, Netlink, Topology,
+    IfName, NetError, NetNs, Netlink, Topology, nft,
     spec::{Container, ContainerSpec},
     state::State,
 };
@@ -54,6 +54,12 @@ pub async fn up(t: &Topology) -> Result<(), NetError> {
         }
         let mut state = State::load(&t.bridge);
         state.bridge_created |= bridge_created;
+        if t.masquerade {
+            state.enabled_forwarding |= forwarding::enable()?;
+            nft::install(&t.bridge, t.subnet)?;
+            state.masquerade = true;
+            info!(bridge = %t.bridge, subnet = %t.subnet, table = %nft::table_name(&t.bridge), "container egress masqueraded");
+        }
         state
             .containers
             .extend(t.containers.iter().map(|c| ContainerSpec {
@@ -66,6 +72,9 @@ pub async fn up(t: &Topology) -> Result<(), NetError> {
 
     if let Err(e) = result {
         warn!(error = %e, "net up failed, removing what it created");
+        if t.masquerade && !State::load(&t.bridge).masquerade {
+            let _ = nft::remove(&t.bridge);
+        }
         for c in created {
             let _ = remove_container(&nl, &c.name).await;
         }
@@ -124,6 +133,10 @@ pub struct DownReport {
     pub bridge_removed: bool,
     /// Ports still on the bridge that berth did not create; the bridge is kept for them.
     pub foreign_ports: Vec<String>,
+    /// The egress (masquerade) table was deleted.
+    pub masquerade_removed: bool,
+    /// `net.ipv4.ip_forward` was turned off again, as it was before `up`.
+    pub forwarding_restored: bool,
 }
 
 /// Removes the containers recorded for `bridge` plus `extra` ones, then the bridge itself if
@@ -153,8 +166,53 @@ pub async fn down(bridge: &IfName, extra: &[String]) -> Result<DownReport, NetEr
             report.bridge_removed = true;
         }
     }
+    if state.masquerade {
+        nft::remove(bridge)?;
+        report.masquerade_removed = true;
+    }
     State::remove(bridge)?;
+    if state.enabled_forwarding && !other_masquerading_bridge(&nl, bridge).await? {
+        forwarding::restore()?;
+        report.forwarding_restored = true;
+    }
     Ok(report)
+}
+
+/// True when another bridge of this namespace still has berth's egress rule, so forwarding
+/// must stay on. Records are per host, bridges per namespace: only live bridges count.
+async fn other_masquerading_bridge(nl: &Netlink, bridge: &IfName) -> Result<bool, NetError> {
+    for (name, state) in State::all() {
+        if state.masquerade && name != bridge.as_str() && nl.link(&name).await?.is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// `net.ipv4.ip_forward` of the calling thread's namespace, which egress needs on.
+mod forwarding {
+    use super::NetError;
+
+    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+
+    /// Turns forwarding on; true when it was off (so that `down` may turn it off again).
+    pub(super) fn enable() -> Result<bool, NetError> {
+        let was =
+            std::fs::read_to_string(PATH).map_err(|e| NetError::io(format!("read {PATH}"), e))?;
+        if was.trim() == "1" {
+            return Ok(false);
+        }
+        write("1")?;
+        Ok(true)
+    }
+
+    pub(super) fn restore() -> Result<(), NetError> {
+        write("0")
+    }
+
+    fn write(v: &str) -> Result<(), NetError> {
+        std::fs::write(PATH, v).map_err(|e| NetError::io(format!("write {v} to {PATH}"), e))
+    }
 }
 
 fn require_caps() -> Result<(), NetError> {

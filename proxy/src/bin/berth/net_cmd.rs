@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 #[derive(Debug, Subcommand)]
 pub(crate) enum NetCommand {
     /// Create the bridge and the container namespaces.
-    Up(TopologyArgs),
+    Up(UpArgs),
     /// Remove the containers and the bridge that `up` created.
     Down(TopologyArgs),
     /// Run a command inside a container's network namespace.
@@ -22,8 +22,19 @@ pub(crate) enum NetCommand {
 }
 
 #[derive(Debug, Args)]
+pub(crate) struct UpArgs {
+    #[command(flatten)]
+    topology: TopologyArgs,
+    /// Give the containers outbound access: source-NAT what they send beyond the host to the
+    /// host's address (an nf_tables table `berth_BRIDGE`; turns on net.ipv4.ip_forward).
+    #[arg(long)]
+    masquerade: bool,
+}
+
+#[derive(Debug, Args)]
 pub(crate) struct TopologyArgs {
-    /// Topology file (TOML: bridge, subnet, gateway, [[container]] name/ip); flags override it.
+    /// Topology file (TOML: bridge, subnet, gateway, masquerade, [[container]] name/ip); flags
+    /// override it.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Bridge name [default: berth0].
@@ -45,7 +56,7 @@ fn parse_container(s: &str) -> Result<ContainerSpec, String> {
 }
 
 impl TopologyArgs {
-    fn resolve(self) -> anyhow::Result<Topology> {
+    fn resolve(self, masquerade: bool) -> anyhow::Result<Topology> {
         let file = match &self.config {
             Some(path) => TopologyFile::load(path)?,
             None => TopologyFile::default(),
@@ -57,14 +68,15 @@ impl TopologyArgs {
             self.subnet.as_deref().or(file.subnet.as_deref()),
             self.gateway.or(file.gateway),
             &containers,
-        )?)
+        )?
+        .with_masquerade(masquerade || file.masquerade))
     }
 }
 
 pub(crate) async fn run(cmd: NetCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         NetCommand::Up(args) => {
-            let t = args.resolve()?;
+            let t = args.topology.resolve(args.masquerade)?;
             net::up(&t).await?;
             println!(
                 "bridge {} {}/{} up",
@@ -72,6 +84,13 @@ pub(crate) async fn run(cmd: NetCommand) -> anyhow::Result<ExitCode> {
                 t.gateway,
                 t.subnet.prefix_len()
             );
+            if t.masquerade {
+                println!(
+                    "egress from {} masqueraded (nf_tables table ip {})",
+                    t.subnet,
+                    net::masquerade_table(&t.bridge)
+                );
+            }
             for c in &t.containers {
                 println!(
                     "container {} eth0 {}/{} via {} (host side {})",
@@ -85,11 +104,20 @@ pub(crate) async fn run(cmd: NetCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         NetCommand::Down(args) => {
-            let t = args.resolve()?;
+            let t = args.resolve(false)?;
             let names: Vec<String> = t.containers.iter().map(|c| c.name.clone()).collect();
             let report = net::down(&t.bridge, &names).await?;
             for c in &report.containers {
                 println!("container {c} removed");
+            }
+            if report.masquerade_removed {
+                println!(
+                    "egress table ip {} removed",
+                    net::masquerade_table(&t.bridge)
+                );
+            }
+            if report.forwarding_restored {
+                println!("net.ipv4.ip_forward turned off again, as it was before `up`");
             }
             if report.bridge_removed {
                 println!("bridge {} removed", t.bridge);
