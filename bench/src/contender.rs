@@ -34,6 +34,9 @@ pub(crate) enum Contender {
     BerthUdpB1,
     /// `berth forward --mode sockmap`: the kernel moves the bytes (experimental).
     BerthSockmap,
+    /// `berth forward` (mode auto): splice, each connection promoted to the kernel relay
+    /// once it has moved 1 MiB or lived 1 s.
+    BerthAuto,
     /// `mode = "dnat"`: TC and cgroup programs map the port, no process in the data path.
     BerthDnat,
     /// `berth-docker-proxy` on its own, one process per port as dockerd starts them (the
@@ -151,7 +154,7 @@ fn undo_rule(rule: &[String]) -> Vec<Vec<String>> {
 const CHAIN: &str = "BERTH-BENCH";
 
 impl Contender {
-    pub(crate) const ALL: [Self; 15] = [
+    pub(crate) const ALL: [Self; 16] = [
         Self::Direct,
         Self::BerthCopy,
         Self::BerthSplice,
@@ -162,6 +165,7 @@ impl Contender {
         Self::BerthUdp,
         Self::BerthUdpB1,
         Self::BerthSockmap,
+        Self::BerthAuto,
         Self::BerthDnat,
         Self::BerthShim,
         Self::BerthShimDaemon,
@@ -181,6 +185,7 @@ impl Contender {
             Self::BerthUdp => "berth-udp",
             Self::BerthUdpB1 => "berth-udp-batch1",
             Self::BerthSockmap => "berth-sockmap",
+            Self::BerthAuto => "berth-auto",
             Self::BerthDnat => "berth-dnat",
             Self::BerthShim => "berth-docker-proxy",
             Self::BerthShimDaemon => "berth-docker-proxy+daemon",
@@ -197,6 +202,7 @@ impl Contender {
             Self::Direct
                 | Self::BerthCopy
                 | Self::BerthSplice
+                | Self::BerthAuto
                 | Self::BerthUdp
                 | Self::BerthUdpB1
                 | Self::BerthDnat
@@ -212,6 +218,7 @@ impl Contender {
             Self::BerthCopy
             | Self::BerthSplice
             | Self::BerthSockmap
+            | Self::BerthAuto
             | Self::Haproxy
             | Self::BerthShim
             | Self::BerthShimDaemon => proto == Proto::Tcp,
@@ -249,6 +256,7 @@ impl Contender {
             | Self::BerthUdp
             | Self::BerthUdpB1
             | Self::BerthSockmap
+            | Self::BerthAuto
             | Self::BerthDnat
             | Self::BerthShim
             | Self::BerthShimDaemon => None,
@@ -289,10 +297,11 @@ impl Contender {
                 running.external = server;
                 return Ok(running);
             }
-            Self::BerthCopy | Self::BerthSplice | Self::BerthSockmap => {
+            Self::BerthCopy | Self::BerthSplice | Self::BerthSockmap | Self::BerthAuto => {
                 let mode = match self {
                     Self::BerthCopy => "copy",
                     Self::BerthSockmap => "sockmap",
+                    Self::BerthAuto => "auto",
                     _ => "splice",
                 };
                 let mut cmd = Command::new(&tools.berth);

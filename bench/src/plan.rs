@@ -243,6 +243,7 @@ impl Job {
                         | C::BerthCopy
                         | C::BerthSplice
                         | C::BerthSockmap
+                        | C::BerthAuto
                         | C::BerthDnat
                         | C::CniPortmap
                         | C::BerthCni

@@ -961,7 +961,7 @@ async fn a_missing_feature_fails_only_its_mapping() {
     let relay = berth.row("relay").await;
     assert_eq!(
         (relay.mode.as_str(), relay.state.as_str()),
-        ("splice", "active")
+        ("auto", "active")
     );
     let c = lab.ext_connect(SocketAddr::from((EXT_HOST, p1))).await;
     exchange(c, 1, 1 << 16, 1 << 16).await.unwrap();

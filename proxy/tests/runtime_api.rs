@@ -259,7 +259,7 @@ async fn runtime_mappings_are_added_listed_removed_and_bad_requests_change_nothi
     // Runtime mappings show in status and metrics like file mappings, with their owner.
     let m = scrape(metrics).await;
     let info = format!(
-        "berth_mapping_info{{listen=\"{a_listen}\",mapping=\"{}\",mode=\"splice\",owner=\"test\",proto=\"tcp\",state=\"active\",target=\"{target}\"}}",
+        "berth_mapping_info{{listen=\"{a_listen}\",mapping=\"{}\",mode=\"auto\",owner=\"test\",proto=\"tcp\",state=\"active\",target=\"{target}\"}}",
         a.name
     );
     assert_eq!(sample(&m, &info), 1.0, "{m}");

@@ -552,10 +552,15 @@ async fn the_daemon_runs_in_process_with_reload_and_shutdown_as_arguments() {
     let daemon = tokio::spawn(serve(start, reloads, async {
         let _ = stopped.await;
     }));
-    common::wait_until("the daemon to answer", || {
+    // The socket exists before the mappings start; it answers once they run.
+    common::wait_until("the daemon's admin socket", || {
         std::os::unix::net::UnixStream::connect(&admin).is_ok()
     })
     .await;
+    timeout(HANG, berth::service::admin::request(&admin, "status"))
+        .await
+        .unwrap()
+        .unwrap();
     let through = |addr, id| transfer(addr, id, 1 << 20, 1 << 20);
     let t = through(a, 1).await;
     assert_served(&mut seen, 1, &t).await;
@@ -762,7 +767,7 @@ async fn every_relay_metric_family_counts_what_happened() {
             "berth_mapping_info",
             &[
                 r#"mapping="live""#,
-                r#"mode="splice""#,
+                r#"mode="auto""#,
                 r#"owner="config""#,
                 r#"state="active""#
             ]

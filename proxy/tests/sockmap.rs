@@ -172,6 +172,7 @@ fn held_back_settings() -> sockmap::Settings {
     sockmap::Settings {
         max_entries: 64,
         send_buffer: 4 << 20,
+        ..sockmap::Settings::default()
     }
 }
 
@@ -224,6 +225,7 @@ async fn an_echo_server_that_writes_before_it_reads_again_is_served() {
         sockmap::Settings {
             max_entries: 64,
             send_buffer: 1 << 20,
+            ..sockmap::Settings::default()
         },
     );
     let server = tokio::spawn(echo(listener));
@@ -511,5 +513,7 @@ fn sockmap_mode_loads_here_and_fails_clearly_without_the_privileges() {
         denied.contains("exit status: 1") && denied.contains("--mode sockmap:"),
         "{denied}"
     );
+    // auto uses the programs where they load, and splices alone where they cannot.
+    assert_eq!(run(&[], "auto"), Ok("auto".into()));
     assert_eq!(run(&drop_caps, "auto"), Ok("splice".into()));
 }

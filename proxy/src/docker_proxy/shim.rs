@@ -414,7 +414,7 @@ fn standalone(args: &Args, inherited: Option<Socket>, status: &mut StatusPipe) -
         };
         let stop = sys::stop_signal();
         status.ok();
-        let kernel = Kernel::new(Default::default(), Default::default());
+        let kernel = Kernel::new(Default::default(), Default::default()).relay_only();
         // docker-proxy closes everything at once on SIGTERM; dockerd expects exactly that.
         match service::forward(spec, bound, kernel, Duration::ZERO, stop).await {
             Ok(()) => ExitCode::SUCCESS,

@@ -43,6 +43,8 @@ pub struct Snapshot {
     pub errors: [(&'static str, u64); 7],
     /// Connections reset by the idle timeout.
     pub idle_closed: u64,
+    /// Connections `auto` handed from splice to the kernel relay.
+    pub promoted: u64,
     /// Cumulative counts for each of [`DURATION_BUCKETS`], the total count and sum (seconds).
     pub duration_buckets: Vec<(f64, u64)>,
     pub duration_count: u64,
@@ -82,6 +84,7 @@ impl Stats {
                 ("other", self.other.load(Relaxed)),
             ],
             idle_closed: self.idle.load(Relaxed),
+            promoted: self.bytes.promoted(),
             duration_buckets,
             duration_count,
             duration_sum: self.duration_micros.load(Relaxed) as f64 / 1e6,

@@ -89,6 +89,15 @@ impl Kernel {
         }
     }
 
+    /// Never loads the sockmap programs: `auto` splices alone. For a standalone
+    /// berth-docker-proxy, one process per published port, where a set of programs and maps
+    /// per port would cost more than it saves; the daemon is where `auto` promotes.
+    #[must_use]
+    pub fn relay_only(mut self) -> Self {
+        self.sockmap_error = Some("this process relays only (a standalone shim)".into());
+        self
+    }
+
     /// New settings (a reload). Loaded programs keep theirs: sockmap sizes apply at the next
     /// restart, kernel mode's once no kernel-mode mapping is left.
     pub fn configure(
@@ -145,13 +154,23 @@ impl Kernel {
         Ok(out)
     }
 
+    /// Loads the sockmap programs for mappings that ask for them by name (an error if they
+    /// cannot load) or that are `auto` (which splices without them: said once, in the log).
     fn sockmap(&mut self, specs: &[&Spec]) -> Result<Option<Arc<Sockmap>>, SockmapUnavailable> {
         let wanting = || {
             specs
                 .iter()
                 .filter(|s| s.proto == Proto::Tcp && s.mode == ModeChoice::Sockmap)
         };
-        if self.sockmap.is_none() && self.sockmap_error.is_none() && wanting().next().is_some() {
+        let useful = || {
+            specs
+                .iter()
+                .any(|s| s.proto == Proto::Tcp && s.mode == ModeChoice::Auto)
+        };
+        if self.sockmap.is_none()
+            && self.sockmap_error.is_none()
+            && (wanting().next().is_some() || useful())
+        {
             match Sockmap::load(self.sockmap_settings) {
                 Ok(sm) => {
                     info!(
@@ -163,7 +182,7 @@ impl Kernel {
                 }
                 Err(e) => {
                     let reason = e.detail();
-                    warn!(%reason, "sockmap mode unavailable");
+                    warn!(%reason, "sockmap relay unavailable: auto mappings relay by splice only, sockmap mappings cannot start");
                     self.sockmap_error = Some(reason);
                 }
             }

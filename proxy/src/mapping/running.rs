@@ -8,7 +8,7 @@ use tokio::{
 };
 use tracing::{Instrument as _, error, info_span};
 
-use super::{Bound, KernelModeError, Prepared, Spec};
+use super::{Bound, KernelModeError, ModeChoice, Prepared, Spec};
 use crate::{
     addr::Proto,
     dnat::DnatMapping,
@@ -82,6 +82,10 @@ impl Running {
             (Proto::Tcp, None) => {
                 Pump::Sockmap(kernel.sockmap.clone().ok_or(StartError::NoSockmap)?)
             }
+            (Proto::Tcp, Some(_)) if spec.mode == ModeChoice::Auto => match &kernel.sockmap {
+                Some(sm) => Pump::Auto(sm.clone(), sm.promote()),
+                None => Pump::Splice,
+            },
             (_, Some(mode)) => Pump::from(mode),
             (Proto::Udp, None) => Pump::Splice,
         };

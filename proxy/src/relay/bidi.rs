@@ -12,7 +12,9 @@ use std::{
 use socket2::SockRef;
 use tokio::net::TcpStream;
 
-use super::{Direction, Meter, Mode, RelayError, Transfer, copy, splice};
+use super::{
+    Direction, Ended, Meter, Mode, RelayError, Transfer, copy, promote::Promotion, splice,
+};
 
 /// Which direction failed first, and how.
 pub(crate) type Failure = (Direction, io::Error);
@@ -40,21 +42,58 @@ pub(crate) async fn cut_or(
     meter: &Meter,
     cut: impl Future,
 ) -> Result<Transfer, RelayError> {
-    let up = one_way(client, target, Direction::ToTarget, mode, meter);
-    let down = one_way(target, client, Direction::ToClient, mode, meter);
+    let up = one_way(client, target, Direction::ToTarget, mode, meter, None);
+    let down = one_way(target, client, Direction::ToClient, mode, meter, None);
     let r = drive([client.as_fd(), target.as_fd()], up, down, cut).await;
-    meter.outcome(r)
+    meter.outcome(r.map(|_| ()))
+}
+
+/// Splices both directions until both have ended, or until `promo` decides that the
+/// connection goes to the kernel relay and both have stopped at an empty pipe. Which way
+/// each direction ended is returned; a failure or the cut resets both, as [`cut_or`] does.
+pub(crate) async fn splice_promotable(
+    client: &TcpStream,
+    target: &TcpStream,
+    meter: &Meter,
+    promo: &Promotion,
+    cut: impl Future,
+) -> Result<[Ended; 2], RelayError> {
+    let up = one_way(
+        client,
+        target,
+        Direction::ToTarget,
+        Mode::Splice,
+        meter,
+        Some(promo),
+    );
+    let down = one_way(
+        target,
+        client,
+        Direction::ToClient,
+        Mode::Splice,
+        meter,
+        Some(promo),
+    );
+    let r = drive([client.as_fd(), target.as_fd()], up, down, cut).await;
+    match r {
+        Ok(ended) => Ok(ended),
+        Err((direction, source)) => Err(RelayError {
+            direction,
+            transfer: meter.transfer(),
+            source,
+        }),
+    }
 }
 
 /// Runs both directions until both have ended, unless one fails or `cut` completes first.
 /// Then both `sockets` are set to reset when they close, so that a failed or cut transfer
 /// never passes for a complete one at either peer.
-pub(crate) async fn drive(
+pub(crate) async fn drive<T>(
     sockets: [BorrowedFd<'_>; 2],
-    up: impl Future<Output = io::Result<()>>,
-    down: impl Future<Output = io::Result<()>>,
+    up: impl Future<Output = io::Result<T>>,
+    down: impl Future<Output = io::Result<T>>,
     cut: impl Future,
-) -> Result<(), Failure> {
+) -> Result<[T; 2], Failure> {
     let r = tokio::select! {
         r = both(up, down) => r,
         _ = cut => Err((Direction::ToTarget, io::Error::other("drain time over"))),
@@ -69,20 +108,20 @@ pub(crate) async fn drive(
 
 /// Both directions at once until both have ended; the first failure ends both (the other is
 /// dropped mid-flight on purpose).
-async fn both(
-    up: impl Future<Output = io::Result<()>>,
-    down: impl Future<Output = io::Result<()>>,
-) -> Result<(), Failure> {
+async fn both<T>(
+    up: impl Future<Output = io::Result<T>>,
+    down: impl Future<Output = io::Result<T>>,
+) -> Result<[T; 2], Failure> {
     let up = pin!(async { up.await.map_err(|e| (Direction::ToTarget, e)) });
     let down = pin!(async { down.await.map_err(|e| (Direction::ToClient, e)) });
     match futures::future::select(up, down).await {
         futures::future::Either::Left((first, other)) => {
-            first?;
-            other.await
+            let up = first?;
+            Ok([up, other.await?])
         }
         futures::future::Either::Right((first, other)) => {
-            first?;
-            other.await
+            let down = first?;
+            Ok([other.await?, down])
         }
     }
 }
@@ -93,15 +132,19 @@ async fn one_way(
     dir: Direction,
     mode: Mode,
     meter: &Meter,
-) -> io::Result<()> {
-    match mode {
-        Mode::Copy => copy::pump(src, dst, dir, meter).await,
-        Mode::Splice => splice::pump(src, dst, dir, meter).await,
+    promo: Option<&Promotion>,
+) -> io::Result<Ended> {
+    let ended = match mode {
+        Mode::Copy => copy::pump(src, dst, dir, meter).await.map(|()| Ended::Eof),
+        Mode::Splice => splice::pump(src, dst, dir, meter, promo).await,
     }?;
+    if ended == Ended::Promoted {
+        return Ok(ended);
+    }
     match SockRef::from(dst).shutdown(Shutdown::Write) {
         // The peer may already be fully gone; the other direction will report that.
-        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
-        r => r,
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(ended),
+        r => r.map(|()| ended),
     }
 }
 

@@ -7,6 +7,7 @@
 
 mod bidi;
 mod copy;
+pub mod promote;
 mod splice;
 
 use std::{
@@ -19,7 +20,17 @@ use std::{
 };
 
 pub use bidi::relay;
-pub(crate) use bidi::{Failure, cut_or, drive};
+pub(crate) use bidi::{Failure, cut_or, drive, splice_promotable};
+pub use promote::Threshold;
+
+/// How one direction of a userspace relay ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// EOF from the source, passed on as a shutdown of the destination.
+    Eof,
+    /// Stopped at an empty pipe for the kernel relay to take over; nothing shut down.
+    Promoted,
+}
 
 /// Closes `s` with a reset rather than a FIN, to tell its peer at once that the connection failed.
 pub fn abort_stream(s: tokio::net::TcpStream) {
@@ -59,6 +70,9 @@ pub enum Pump {
     /// The kernel moves the bytes (a SOCKHASH and a stream-verdict program, see
     /// [`crate::sockmap`]); connections the maps cannot take are spliced.
     Sockmap(Arc<crate::sockmap::Sockmap>),
+    /// `auto` where the sockmap programs loaded: splice, and the kernel relay for each
+    /// connection once it passes the threshold ([`promote`]).
+    Auto(Arc<crate::sockmap::Sockmap>, Threshold),
 }
 
 impl Pump {
@@ -67,6 +81,7 @@ impl Pump {
             Self::Copy => "copy",
             Self::Splice => "splice",
             Self::Sockmap(_) => "sockmap",
+            Self::Auto(..) => "auto",
         }
     }
 }
@@ -94,6 +109,9 @@ pub async fn run(
         Pump::Copy => cut_or(&client, &target, Mode::Copy, meter, cut).await,
         Pump::Splice => cut_or(&client, &target, Mode::Splice, meter, cut).await,
         Pump::Sockmap(sm) => crate::sockmap::relay(client, target, sm, meter, cut).await,
+        Pump::Auto(sm, threshold) => {
+            crate::sockmap::relay_auto(client, target, sm, *threshold, meter, cut).await
+        }
     }
 }
 
@@ -162,6 +180,13 @@ impl Meter {
         }
     }
 
+    /// This connection was handed from splice to the kernel relay.
+    pub(crate) fn promoted(&self) {
+        if let Some(t) = &self.totals {
+            t.promoted.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     pub fn transfer(&self) -> Transfer {
         Transfer {
             to_target: self.to_target.load(Ordering::Relaxed),
@@ -180,11 +205,13 @@ impl Meter {
     }
 }
 
-/// Bytes moved by all connections of a mapping, each direction.
+/// Bytes moved by all connections of a mapping, each direction, and how many of its
+/// connections `auto` handed to the kernel relay.
 #[derive(Debug, Default)]
 pub struct Totals {
     to_target: AtomicU64,
     to_client: AtomicU64,
+    promoted: AtomicU64,
 }
 
 impl Totals {
@@ -201,6 +228,11 @@ impl Totals {
 
     pub fn to_client(&self) -> u64 {
         self.to_client.load(Ordering::Relaxed)
+    }
+
+    /// Connections promoted from splice to the kernel relay (`auto`).
+    pub fn promoted(&self) -> u64 {
+        self.promoted.load(Ordering::Relaxed)
     }
 }
 

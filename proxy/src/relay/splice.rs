@@ -12,7 +12,7 @@ use nix::{
 use tokio::{io::Interest, net::TcpStream};
 use tracing::debug;
 
-use super::{Direction, Meter, copy};
+use super::{Direction, Ended, Meter, copy, promote::Promotion};
 use crate::pool::Pool;
 
 /// Requested pipe capacity. Bigger than the 64 KiB default to move more per wake-up; the
@@ -43,7 +43,9 @@ impl Pipe {
     }
 }
 
-/// Moves bytes from `src` to `dst` until EOF on `src`. Does not shut `dst` down.
+/// Moves bytes from `src` to `dst` until EOF on `src`, or until `promo` decides that the
+/// connection goes to the kernel relay: then it stops with the pipe empty, every byte read
+/// from `src` written to `dst`. Does not shut `dst` down.
 ///
 /// A pipe is borrowed from the pool while the socket has data and returned, empty, when it
 /// runs dry. The pipe is drained completely after every fill, so an EAGAIN while filling
@@ -55,16 +57,24 @@ pub(super) async fn pump(
     dst: &TcpStream,
     dir: Direction,
     meter: &Meter,
-) -> io::Result<()> {
+    promo: Option<&Promotion>,
+) -> io::Result<Ended> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut moved_any = false;
     loop {
-        src.readable().await?;
+        match promo {
+            Some(p) if p.requested() => return Ok(Ended::Promoted),
+            Some(p) => tokio::select! {
+                r = src.readable() => r?,
+                () = p.decided() => return Ok(Ended::Promoted),
+            },
+            None => src.readable().await?,
+        }
         let pipe = match PIPES.take(Pipe::new) {
             Ok(pipe) => pipe,
             Err(e) => {
                 debug!(error = %e, "no pipe for splice, falling back to copy");
-                return copy::pump(src, dst, dir, meter).await;
+                return copy::pump(src, dst, dir, meter).await.map(|()| Ended::Eof);
             }
         };
         let eof = loop {
@@ -78,7 +88,7 @@ pub(super) async fn pump(
                 Err(e) if e.raw_os_error() == Some(Errno::EINVAL as i32) && !moved_any => {
                     debug!("splice refused, falling back to copy");
                     PIPES.give(pipe);
-                    return copy::pump(src, dst, dir, meter).await;
+                    return copy::pump(src, dst, dir, meter).await.map(|()| Ended::Eof);
                 }
                 Err(e) => return Err(e),
             };
@@ -100,10 +110,15 @@ pub(super) async fn pump(
                     Err(e) => return Err(e),
                 }
             }
+            // The pipe is empty: the one point where the stream can change hands in order.
+            if promo.is_some_and(|p| p.account(filled)) {
+                PIPES.give(pipe);
+                return Ok(Ended::Promoted);
+            }
         };
         PIPES.give(pipe);
         if eof {
-            return Ok(());
+            return Ok(Ended::Eof);
         }
     }
 }

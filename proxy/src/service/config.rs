@@ -135,6 +135,8 @@ struct RawService {
     drain_timeout: Option<f64>,
     sockmap_max_entries: Option<i64>,
     sockmap_send_buffer: Option<i64>,
+    sockmap_promote_bytes: Option<i64>,
+    sockmap_promote_after: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -214,13 +216,35 @@ impl Config {
                 format!("{} is not an absolute path", admin_socket.display()),
             ));
         }
-        let (drain, entries, send_buffer) = raw.service.map_or((None, None, None), |s| {
-            (
-                s.drain_timeout,
-                s.sockmap_max_entries,
-                s.sockmap_send_buffer,
-            )
-        });
+        let (drain, entries, send_buffer, promote_bytes, promote_after) =
+            raw.service.map_or((None, None, None, None, None), |s| {
+                (
+                    s.drain_timeout,
+                    s.sockmap_max_entries,
+                    s.sockmap_send_buffer,
+                    s.sockmap_promote_bytes,
+                    s.sockmap_promote_after,
+                )
+            });
+        let default_promote = crate::relay::Threshold::DEFAULT;
+        let promote = crate::relay::Threshold {
+            bytes: match promote_bytes {
+                None => default_promote.bytes,
+                Some(n) => u64::try_from(n).map_err(|_| {
+                    section(
+                        "service",
+                        "sockmap_promote_bytes",
+                        format!("{n} is not a number of bytes (0 or more)"),
+                    )
+                })?,
+            },
+            age: match promote_after {
+                None => default_promote.age,
+                Some(v) => {
+                    secs(v).map_err(|why| section("service", "sockmap_promote_after", why))?
+                }
+            },
+        };
         let drain_timeout = match drain {
             Some(v) => secs(v).map_err(|why| section("service", "drain_timeout", why))?,
             None => forward::Config::DEFAULT_DRAIN_TIMEOUT,
@@ -269,6 +293,7 @@ impl Config {
             sockmap: crate::sockmap::Settings {
                 max_entries: sockmap_max_entries,
                 send_buffer: sockmap_send_buffer,
+                promote,
             },
             dnat,
             defaults,

@@ -64,9 +64,27 @@ fn the_sockmap_sizes_are_read_and_zero_keeps_autotuning() {
         c.sockmap,
         crate::sockmap::Settings {
             max_entries: 1024,
-            send_buffer: 0
+            send_buffer: 0,
+            promote: crate::relay::Threshold::DEFAULT,
         }
     );
+    let c = parse("[service]\nsockmap_promote_bytes = 0\nsockmap_promote_after = 0.5\n").unwrap();
+    assert_eq!(
+        c.sockmap.promote,
+        crate::relay::Threshold {
+            bytes: 0,
+            age: Duration::from_millis(500)
+        }
+    );
+    for (bad, why) in [
+        ("sockmap_promote_bytes = -1", "-1 is not a number of bytes"),
+        ("sockmap_promote_after = -2.0", "sockmap_promote_after"),
+    ] {
+        let e = parse(&format!("[service]\n{bad}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(why), "{bad}: {e}");
+    }
 }
 
 #[test]

@@ -39,6 +39,7 @@ struct Families {
     bytes: IntCounterVec,
     errors: IntCounterVec,
     idle_closed: IntCounterVec,
+    promoted: IntCounterVec,
     flows_active: IntGaugeVec,
     flows_created: IntCounterVec,
     flows_expired: IntCounterVec,
@@ -86,6 +87,11 @@ impl Families {
             idle_closed: counter(
                 "berth_connections_idle_closed_total",
                 "TCP connections reset by the idle timeout.",
+                &[],
+            ),
+            promoted: counter(
+                "berth_connections_promoted_total",
+                "TCP connections that mode auto handed from splice to the kernel relay (sockmap).",
                 &[],
             ),
             flows_active: gauge("berth_udp_flows_active", "UDP flows open now.", &[]),
@@ -148,7 +154,7 @@ impl Families {
         }
     }
 
-    fn collectors(&self) -> [&dyn Collector; 19] {
+    fn collectors(&self) -> [&dyn Collector; 20] {
         [
             &self.info,
             &self.connections,
@@ -156,6 +162,7 @@ impl Families {
             &self.bytes,
             &self.errors,
             &self.idle_closed,
+            &self.promoted,
             &self.flows_active,
             &self.flows_created,
             &self.flows_expired,
@@ -210,6 +217,7 @@ impl Families {
                     count(&self.errors, &[reason], n);
                 }
                 count(&self.idle_closed, &[], s.idle_closed);
+                count(&self.promoted, &[], s.promoted);
             }
             RelayCounters::Udp(s) => {
                 let s = s.snapshot();

@@ -27,6 +27,9 @@ pub struct Row {
     /// TCP: clients accepted; UDP: flows opened; in kernel mode, plus remote flows begun.
     #[serde(default)]
     pub connections: u64,
+    /// TCP, mode auto: connections handed from splice to the kernel relay.
+    #[serde(default)]
+    pub promoted: u64,
 }
 
 /// One mapping's per-second rates between two `status` samples (`berth status --watch`).
@@ -63,28 +66,31 @@ pub fn rates(before: &[Row], now: &[Row], secs: f64) -> Vec<Option<Rates>> {
 
 impl Row {
     pub(crate) fn of(m: &Running) -> Self {
-        let (mut active, mut up, mut down, errors, mut connections) = match &m.counters.relay {
-            RelayCounters::Tcp(s) => {
-                let s = s.snapshot();
-                (
-                    s.active,
-                    s.bytes_to_target,
-                    s.bytes_to_client,
-                    s.errors_total(),
-                    s.accepted,
-                )
-            }
-            RelayCounters::Udp(s) => {
-                let s = s.snapshot();
-                (
-                    s.flows_active,
-                    s.bytes_to_target,
-                    s.bytes_to_client,
-                    s.unreachable + s.dropped,
-                    s.flows_created,
-                )
-            }
-        };
+        let (mut active, mut up, mut down, errors, mut connections, promoted) =
+            match &m.counters.relay {
+                RelayCounters::Tcp(s) => {
+                    let s = s.snapshot();
+                    (
+                        s.active,
+                        s.bytes_to_target,
+                        s.bytes_to_client,
+                        s.errors_total(),
+                        s.accepted,
+                        s.promoted,
+                    )
+                }
+                RelayCounters::Udp(s) => {
+                    let s = s.snapshot();
+                    (
+                        s.flows_active,
+                        s.bytes_to_target,
+                        s.bytes_to_client,
+                        s.unreachable + s.dropped,
+                        s.flows_created,
+                        0,
+                    )
+                }
+            };
         // Kernel mode: remote flows' frame bytes on top of the relay's (local connections
         // bypass every counter).
         if let Some(d) = &m.counters.dnat {
@@ -114,6 +120,7 @@ impl Row {
             bytes_to_client: down,
             errors,
             connections,
+            promoted,
         }
     }
 }
@@ -142,6 +149,7 @@ fn render(rows: &[Row], rates: Option<&[Option<Rates>]>) -> String {
         "TO TARGET",
         "TO CLIENT",
         "ERRORS",
+        "PROMOTED",
     ];
     if rates.is_some() {
         header.extend(["CONN/S", "TO TARGET/S", "TO CLIENT/S", "ERR/S"]);
@@ -162,6 +170,7 @@ fn render(rows: &[Row], rates: Option<&[Option<Rates>]>) -> String {
                 bytes(r.bytes_to_target),
                 bytes(r.bytes_to_client),
                 r.errors.to_string(),
+                r.promoted.to_string(),
             ];
             if let Some(rates) = rates {
                 match rates.get(i).and_then(Option::as_ref) {
@@ -238,6 +247,7 @@ mod tests {
             bytes_to_client: 10,
             errors: 0,
             connections: 7,
+            promoted: 2,
         };
         let t = table(&[row]);
         let lines: Vec<&str> = t.lines().collect();
@@ -247,6 +257,10 @@ mod tests {
             "{t}"
         );
         assert_eq!(lines[0].find("LISTEN"), lines[1].find("0.0.0.0"), "{t}");
+        assert!(
+            lines[0].ends_with("PROMOTED") && lines[1].ends_with('2'),
+            "{t}"
+        );
         assert!(table(&[]).contains("(no mappings)"));
     }
 
@@ -265,6 +279,7 @@ mod tests {
             bytes_to_client: 0,
             errors,
             connections,
+            promoted: 0,
         };
         let before = [row("web", 10, 1 << 20, 1), row("gone", 5, 0, 0)];
         let now = [row("web", 30, 3 << 20, 1), row("new", 1, 0, 0)];

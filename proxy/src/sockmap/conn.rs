@@ -2,13 +2,15 @@
 //! (or fall back to a userspace relay, counted), run the two directions side by side
 //! (`pump`), and remove every map entry at the end. The ending (first failure ends both, the
 //! drain cut, the reset) is the relay's own [`relay::drive`].
-use std::{future::Future, os::fd::AsFd as _, sync::Arc};
+use std::{future::Future, os::fd::AsFd as _, pin::pin, sync::Arc};
 
 use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::{Sockmap, cookie, pump::OneWay, set_send_buffer, side::Side, tcp::established};
-use crate::relay::{self, Direction, Meter, Mode, RelayError, Transfer};
+use crate::relay::{
+    self, Direction, Ended, Meter, Mode, RelayError, Threshold, Transfer, promote::Promotion,
+};
 
 /// Relays `client` ⇄ `target` in the kernel until both directions have ended, one side
 /// fails, or `cut` completes (then both are reset). Falls back to splice when the maps are
@@ -19,6 +21,41 @@ pub async fn relay(
     sm: &Arc<Sockmap>,
     meter: &Meter,
     cut: impl Future,
+) -> Result<Transfer, RelayError> {
+    kernel(client, target, sm, meter, cut, false).await
+}
+
+/// `auto`: splices `client` ⇄ `target` until the connection passes `threshold`, then hands
+/// it to the kernel relay with both pipes empty (the hand-over of [`relay`] delivers what
+/// waits in the sockets in order). A connection that ends first, or whose one direction has
+/// ended when the other stops, stays on splice; one the maps cannot take falls back to
+/// splice as in [`relay`].
+pub async fn relay_auto(
+    client: TcpStream,
+    target: TcpStream,
+    sm: &Arc<Sockmap>,
+    threshold: Threshold,
+    meter: &Meter,
+    cut: impl Future,
+) -> Result<Transfer, RelayError> {
+    let mut cut = pin!(cut);
+    let promo = Promotion::new(threshold);
+    match relay::splice_promotable(&client, &target, meter, &promo, cut.as_mut()).await? {
+        [Ended::Promoted, Ended::Promoted] => kernel(client, target, sm, meter, cut, true).await,
+        [Ended::Eof, Ended::Eof] => Ok(meter.transfer()),
+        // One way is over (its shutdown passed on): splice the rest. The ended direction
+        // reads its EOF again and repeats the shutdown, which changes nothing.
+        _ => relay::cut_or(&client, &target, Mode::Splice, meter, cut).await,
+    }
+}
+
+async fn kernel(
+    client: TcpStream,
+    target: TcpStream,
+    sm: &Arc<Sockmap>,
+    meter: &Meter,
+    cut: impl Future,
+    promoted: bool,
 ) -> Result<Transfer, RelayError> {
     let Some(_permit) = sm.reserve() else {
         debug!("sockmap full, relaying this connection by splice");
@@ -67,6 +104,10 @@ pub async fn relay(
         drop(entries);
         return r;
     }
+    if promoted {
+        meter.promoted();
+        debug!(moved = ?meter.transfer(), "promoted to the kernel relay");
+    }
     // Out of tokio's reactor: its epoll wants EPOLLIN and would wake on every segment.
     let (client, target) = match (client.into_std(), target.into_std()) {
         (Ok(c), Ok(t)) => (c, t),
@@ -90,7 +131,7 @@ pub async fn relay(
         debug!(up_fwd = up.forwarded, down_fwd = down.forwarded, error = %e, "sockmap relay failed");
     }
     drop(entries);
-    meter.outcome(result)
+    meter.outcome(result.map(|_| ()))
 }
 
 /// The userspace relay, for connections the maps cannot take.

@@ -33,7 +33,7 @@ use berth_common::sockmap::{Counters, Peer, SEQ_UNCHECKED};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::warn;
 
-pub use conn::relay;
+pub use conn::{relay, relay_auto};
 
 use crate::{
     ebpf::{LoaderError, SockmapRelay},
@@ -82,6 +82,8 @@ pub struct Settings {
     /// allowance: how many bytes one direction may have on their way to a receiver that has
     /// not acknowledged them.
     pub send_buffer: u32,
+    /// When `auto` hands a spliced connection to this relay.
+    pub promote: crate::relay::Threshold,
 }
 
 impl Default for Settings {
@@ -89,6 +91,7 @@ impl Default for Settings {
         Self {
             max_entries: DEFAULT_MAX_ENTRIES,
             send_buffer: DEFAULT_SEND_BUFFER,
+            promote: crate::relay::Threshold::DEFAULT,
         }
     }
 }
@@ -110,6 +113,7 @@ pub struct Sockmap {
     /// Whether the kernel's segment layout was found unexpected (logged once).
     unchecked: AtomicBool,
     send_buffer: u32,
+    promote: crate::relay::Threshold,
 }
 
 impl Sockmap {
@@ -119,6 +123,7 @@ impl Sockmap {
         let Settings {
             max_entries,
             send_buffer,
+            promote,
         } = settings;
         let mut relay = SockmapRelay::load(max_entries)?;
         let ring = relay
@@ -135,7 +140,13 @@ impl Sockmap {
             trimmed: AtomicU64::new(0),
             unchecked: AtomicBool::new(false),
             send_buffer,
+            promote,
         }))
+    }
+
+    /// When `auto` promotes a connection to this relay.
+    pub fn promote(&self) -> crate::relay::Threshold {
+        self.promote
     }
 
     /// Connections that were relayed by splice instead because the maps were full or an

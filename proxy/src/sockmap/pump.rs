@@ -55,6 +55,9 @@ pub(super) struct OneWay<'a> {
 }
 
 impl<'a> OneWay<'a> {
+    /// `meter` holds what was already moved this way before the sockets went into the maps
+    /// (by splice, when `auto` promotes a connection): TCP's byte counts, which the hand-over
+    /// and the half-close compare against, include it.
     pub(super) fn new(
         dir: Direction,
         sm: &'a Sockmap,
@@ -62,6 +65,11 @@ impl<'a> OneWay<'a> {
         (src, dst): (&'a Side, &'a Side),
         credit: &'a Credit,
     ) -> Self {
+        let moved = meter.transfer();
+        let forwarded = match dir {
+            Direction::ToTarget => moved.to_target,
+            Direction::ToClient => moved.to_client,
+        };
         Self {
             dir,
             sm,
@@ -70,7 +78,7 @@ impl<'a> OneWay<'a> {
             dst,
             credit,
             allowance: Allowance::of_send_buffer(0),
-            forwarded: 0,
+            forwarded,
             acked: 0,
             published: 0,
             limit: 0,

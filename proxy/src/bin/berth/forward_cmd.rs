@@ -5,6 +5,7 @@ use anyhow::bail;
 use berth::{
     dnat, forward,
     mapping::{Bound, Defaults, Draft, Kernel},
+    relay,
     service::{self, ServiceError},
     sockmap, sys,
 };
@@ -20,7 +21,9 @@ pub(crate) struct ForwardArgs {
     /// Transport protocol: tcp or udp [default: tcp].
     #[arg(long)]
     proto: Option<String>,
-    /// How the mapping is served. auto: the best reliable relay (splice for now). copy: a
+    /// How the mapping is served. auto (TCP): splice, and each connection handed to the
+    /// kernel relay (sockmap) once it has moved --sockmap-promote-bytes or lived
+    /// --sockmap-promote-after, where the sockmap programs load (else splice only). copy: a
     /// userspace buffer. splice: zero-copy through pipes. sockmap (experimental, TCP): the
     /// kernel moves the bytes of each relayed connection. dnat (TCP and UDP): TC and cgroup
     /// programs rewrite the traffic (IPv4 and IPv6 containers) and a relay serves what they pass
@@ -57,6 +60,14 @@ pub(crate) struct ForwardArgs {
     /// the link moves in a few milliseconds.
     #[arg(long, default_value_t = sockmap::DEFAULT_SEND_BUFFER, value_parser = parse_send_buffer)]
     sockmap_send_buffer: u32,
+    /// TCP, auto: bytes (both directions) after which a connection goes from splice to the
+    /// kernel relay.
+    #[arg(long, default_value_t = relay::Threshold::DEFAULT.bytes)]
+    sockmap_promote_bytes: u64,
+    /// TCP, auto: seconds after which a connection still moving bytes goes from splice to the
+    /// kernel relay, however few it moved.
+    #[arg(long, default_value_t = relay::Threshold::DEFAULT.age.as_secs_f64(), value_parser = parse_secs)]
+    sockmap_promote_after: f64,
     /// TCP: seconds to wait for the target to accept a connection [default: 5].
     #[arg(long)]
     connect_timeout: Option<f64>,
@@ -154,6 +165,10 @@ pub(crate) async fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
         sockmap::Settings {
             max_entries: args.sockmap_entries,
             send_buffer: args.sockmap_send_buffer,
+            promote: relay::Threshold {
+                bytes: args.sockmap_promote_bytes,
+                age: Duration::from_secs_f64(args.sockmap_promote_after),
+            },
         },
         dnat::Settings {
             interfaces: (!args.interfaces.is_empty()).then_some(args.interfaces),

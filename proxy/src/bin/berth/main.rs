@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Forward a TCP or UDP port: accept on LISTEN, forward each client to TARGET.
-    Forward(forward_cmd::ForwardArgs),
+    Forward(Box<forward_cmd::ForwardArgs>),
     /// Serve every mapping of a configuration file (the daemon).
     Run(service_cmd::RunArgs),
     /// Validate a configuration file without binding anything.
@@ -69,7 +69,7 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Forward(args) => forward_cmd::run(args).await,
+            Command::Forward(args) => forward_cmd::run(*args).await,
             Command::Net(cmd) => net_cmd::run(cmd).await,
             Command::Cni(cmd) => cni_cmd::run(cmd),
             Command::Run(args) => service_cmd::run(args).await,
