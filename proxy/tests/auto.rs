@@ -18,7 +18,7 @@ use berth::{
     sockmap::{self, Sockmap},
 };
 use common::{
-    HANG, assert_mirrored, exchange, random_sizes, recv_all, rng, send_random,
+    HANG, TestNet, assert_mirrored, exchange, random_sizes, recv_all, rng, send_random,
     spawn_exchange_server,
 };
 use tokio::{
@@ -130,7 +130,10 @@ async fn turns(c: TcpStream, s: TcpStream, client_first: bool, first: u64, secon
 /// that crossed the threshold while both ways were open went to the kernel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hand_over_keeps_every_byte_with_half_close_before_at_and_after() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // A container behind a bridge, not loopback: there, segments arrive coalesced, and a
+    // hand-over with one of them half read delivered its read part twice.
+    let net = TestNet::up(1).await;
+    let listener = net.listen(0);
     let proxy = AutoProxy::by_bytes(listener.local_addr().unwrap(), 64);
     let cases = [
         (0, 8 * T),
@@ -139,27 +142,56 @@ async fn hand_over_keeps_every_byte_with_half_close_before_at_and_after() {
         (8 * T, T / 2),
         (8 * T, 8 * T),
     ];
-    let mut must_promote = 0;
     for client_first in [true, false] {
         for (first, second) in cases {
             let (c, s) = pair(&proxy, &listener).await;
             turns(c, s, client_first, first, second).await;
-            if first >= 8 * T {
-                must_promote += 1;
-            }
         }
     }
-    // A FIN that lands between the splice stopping and the insert keeps the connection on
-    // splice (only established sockets can join a SOCKHASH): counted as a fallback.
+    // A direction is handed over only once its socket is drained (no segment half read), so
+    // a sender faster than splice may finish first; a FIN that lands between the stop and
+    // the insert keeps the connection on splice (counted as a fallback).
     let (promoted, fell_back) = (proxy.promoted(), proxy.sm.fallbacks());
     eprintln!(
         "{promoted} of {} connections promoted, {fell_back} half-closed during the hand-over",
         2 * cases.len()
     );
-    assert!(
-        promoted >= must_promote && promoted + fell_back <= 2 * cases.len() as u64,
-        "{promoted} promoted; {must_promote} crossed the threshold with both ways open"
-    );
+    assert!(promoted + fell_back <= 2 * cases.len() as u64);
+    // One hand-over for certain, with bytes flowing both ways right after it: the client
+    // pauses once past the threshold until the connection is promoted.
+    let (mut c, mut s) = pair(&proxy, &listener).await;
+    tokio::join!(send_random_open(&mut c, 2 * T), async {
+        let mut buf = vec![0u8; (2 * T) as usize];
+        s.read_exact(&mut buf).await.unwrap();
+    });
+    let stats = proxy.stats.clone();
+    common::wait_until("the promotion", move || {
+        stats.snapshot().promoted > promoted
+    })
+    .await;
+    turns(c, s, true, 8 * T, 8 * T).await;
+    proxy.stop().await;
+}
+
+/// Streams handed over mid-flow, through a container's bridge: 8 uploads of 256 MiB, each
+/// checksummed. Handing a stream over with a segment half read by splice delivered the read
+/// part twice (the kernel gives the program whole segments); this caught it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_handed_over_mid_flow_arrive_intact() {
+    const LEN: u64 = 256 << 20;
+    let net = TestNet::up(1).await;
+    let listener = net.listen(0);
+    let proxy = AutoProxy::by_bytes(listener.local_addr().unwrap(), 64);
+    for i in 0..8 {
+        let (mut c, mut s) = pair(&proxy, &listener).await;
+        let (sent, got) = timeout(HANG * 4, async {
+            tokio::join!(send_random(&mut c, LEN, i), recv_all(&mut s))
+        })
+        .await
+        .unwrap();
+        assert_eq!(got.unwrap(), (LEN, sent.unwrap()), "upload {i}");
+    }
+    eprintln!("{} of 8 promoted", proxy.promoted());
     proxy.stop().await;
 }
 
@@ -223,7 +255,8 @@ async fn send_random_open(w: &mut (impl tokio::io::AsyncWrite + Unpin), len: u64
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_lengths_128_at_once() {
     const N: usize = 128;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let net = TestNet::up(1).await;
+    let listener = net.listen(0);
     let target = listener.local_addr().unwrap();
     let mut tallies = spawn_exchange_server(listener);
     let proxy = AutoProxy::by_bytes(target, 1024);
@@ -256,8 +289,8 @@ async fn mixed_lengths_128_at_once() {
     let promoted = proxy.promoted();
     eprintln!("{promoted} of {N} promoted, {short} too short to be");
     assert!(
-        promoted > 0 && promoted <= N as u64 - short,
-        "{promoted} promoted, {short} of {N} never reached the threshold"
+        promoted <= N as u64 - short,
+        "{promoted} promoted, but {short} of {N} never reached the threshold"
     );
     proxy.stop().await;
 }

@@ -26,7 +26,7 @@ pub(crate) struct BenchArgs {
     /// default).
     #[arg(long = "scenario")]
     scenarios: Vec<String>,
-    /// direct, berth-copy, berth-splice, berth-sockmap, berth-dnat, berth-udp,
+    /// direct, berth-copy, berth-splice, berth-sockmap, berth-auto, berth-dnat, berth-udp,
     /// berth-udp-b1, docker-proxy, socat, haproxy, iptables-dnat, berth-shim,
     /// berth-shim-daemon, cni-portmap, berth-cni (repeatable; all by default).
     #[arg(long = "contender")]

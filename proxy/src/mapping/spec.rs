@@ -27,9 +27,9 @@ pub enum ModeChoice {
 
 impl ModeChoice {
     /// The user-space relay mode for TCP, or `None` for sockmap (the kernel relays, with the
-    /// maps a mapping gets when it starts). `auto` is splice for now: the experimental sockmap
-    /// mode is slower than splice here for short connections (see docs/sockmap.md), so it
-    /// is used only when asked for by name. Kernel mode's relay splices.
+    /// maps a mapping gets when it starts). `auto` splices, and hands long connections to the
+    /// kernel relay where its programs loaded (`Pump::Auto`, chosen when the mapping starts).
+    /// Kernel mode's relay splices.
     pub fn relay_mode(self) -> Option<Mode> {
         match self {
             Self::Copy => Some(Mode::Copy),

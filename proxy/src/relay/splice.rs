@@ -110,15 +110,20 @@ pub(super) async fn pump(
                     Err(e) => return Err(e),
                 }
             }
-            // The pipe is empty: the one point where the stream can change hands in order.
-            if promo.is_some_and(|p| p.account(filled)) {
-                PIPES.give(pipe);
-                return Ok(Ended::Promoted);
+            // Counted here; the stream changes hands only once `src` is drained (below).
+            if let Some(p) = promo {
+                p.account(filled);
             }
         };
         PIPES.give(pipe);
         if eof {
             return Ok(Ended::Eof);
+        }
+        // The pipe is empty and so is `src`'s receive queue: no segment is half read. The
+        // kernel relay's program is handed whole segments (`tcp_read_skb`), so one that
+        // splice had read part of would reach `dst` a second time.
+        if promo.is_some_and(Promotion::requested) {
+            return Ok(Ended::Promoted);
         }
     }
 }
