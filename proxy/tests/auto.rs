@@ -9,7 +9,7 @@
 )]
 mod common;
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use berth::{
     addr::TargetAddr,
@@ -17,10 +17,7 @@ use berth::{
     relay::{Pump, Threshold},
     sockmap::{self, Sockmap},
 };
-use common::{
-    HANG, TestNet, assert_mirrored, exchange, random_sizes, recv_all, rng, send_random,
-    spawn_exchange_server,
-};
+use common::{HANG, TestNet, random_sizes, recv_all, rng, send_random, spawn_exchange_server};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
@@ -195,20 +192,6 @@ async fn streams_handed_over_mid_flow_arrive_intact() {
     proxy.stop().await;
 }
 
-async fn expect_reset(s: &mut TcpStream, who: &str) {
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match timeout(HANG, s.read(&mut buf)).await.unwrap() {
-            Ok(0) => panic!("{who}: clean EOF instead of a reset"),
-            Ok(_) => {}
-            Err(e) => {
-                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{who}: {e}");
-                return;
-            }
-        }
-    }
-}
-
 /// A side that sends some bytes and then resets (before the threshold, at it, after it) has
 /// its reset passed to the other side, which never mistakes it for a clean end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,7 +208,7 @@ async fn resets_before_at_and_after_the_hand_over_reach_the_other_side() {
             };
             // The other side reads as it comes, so that the bytes pass the proxy first.
             let reader = tokio::spawn(async move {
-                expect_reset(&mut other, who).await;
+                common::expect_reset(&mut other, who).await;
             });
             let mut w = dying.split().1;
             let _ = send_random_open(&mut w, len).await;
@@ -265,27 +248,12 @@ async fn mixed_lengths_128_at_once() {
     let mut downs = random_sizes(N, 8 << 20, &mut rng);
     downs.reverse();
     let short = ups.iter().zip(&downs).filter(|(u, d)| *u + *d < T).count() as u64;
-    let mut clients = tokio::task::JoinSet::new();
-    for (id, (up, down)) in (0u64..).zip(ups.into_iter().zip(downs)) {
-        let addr = proxy.addr;
-        clients.spawn(async move {
-            let s = TcpStream::connect(addr).await.unwrap();
-            (id, exchange(s, id, up, down).await.unwrap())
-        });
-    }
-    let mut client_side = HashMap::new();
-    while let Some(r) = timeout(HANG * 5, clients.join_next()).await.unwrap() {
-        let (id, tally) = r.unwrap();
-        client_side.insert(id, tally);
-    }
-    for _ in 0..N {
-        let (id, server) = timeout(HANG, tallies.recv())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_mirrored(id, &client_side[&id], &server);
-    }
+    common::exchanges_at_once(
+        proxy.addr,
+        ups.into_iter().zip(downs).collect(),
+        &mut tallies,
+    )
+    .await;
     let promoted = proxy.promoted();
     eprintln!("{promoted} of {N} promoted, {short} too short to be");
     assert!(

@@ -11,7 +11,6 @@
 mod common;
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     process::{Command, Stdio},
     sync::{
@@ -27,9 +26,7 @@ use berth::{
     relay::Pump,
     sockmap::{self, Sockmap},
 };
-use common::{
-    HANG, Proxy, TestNet, assert_mirrored, exchange, random_sizes, rng, spawn_exchange_server,
-};
+use common::{HANG, Proxy, TestNet, random_sizes, rng, spawn_exchange_server};
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
@@ -291,27 +288,12 @@ async fn integrity_128_connections() {
     let may_fall_back = ups.iter().filter(|u| **u <= 256 << 10).count() as u64;
     let mut downs = random_sizes(N, 64 << 20, &mut rng);
     downs.reverse();
-    let mut clients = tokio::task::JoinSet::new();
-    for (id, (up, down)) in (0u64..).zip(ups.into_iter().zip(downs)) {
-        let addr = proxy.addr();
-        clients.spawn(async move {
-            let s = TcpStream::connect(addr).await.unwrap();
-            (id, exchange(s, id, up, down).await.unwrap())
-        });
-    }
-    let mut client_side = HashMap::new();
-    while let Some(r) = timeout(HANG * 5, clients.join_next()).await.unwrap() {
-        let (id, tally) = r.unwrap();
-        client_side.insert(id, tally);
-    }
-    for _ in 0..N {
-        let (id, server) = timeout(HANG, tallies.recv())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_mirrored(id, &client_side[&id], &server);
-    }
+    common::exchanges_at_once(
+        proxy.addr(),
+        ups.into_iter().zip(downs).collect(),
+        &mut tallies,
+    )
+    .await;
     proxy.assert_no_entries_left().await;
     // A connection with a side that had sent everything and its FIN before berth inserted
     // it (the tiny transfers) cannot join a SOCKHASH (only established sockets can) and is
@@ -374,20 +356,6 @@ async fn bytes_sent_before_the_backend_connection_exists_arrive() {
     proxy.stop_clean().await;
 }
 
-async fn expect_reset(s: &mut TcpStream, who: &str) {
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        match timeout(HANG, s.read(&mut buf)).await.unwrap() {
-            Ok(0) => panic!("{who}: clean EOF instead of a reset"),
-            Ok(_) => {}
-            Err(e) => {
-                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{who}: {e}");
-                return;
-            }
-        }
-    }
-}
-
 /// A reset on either side (a client that aborts, a backend that dies mid-stream) aborts the
 /// other side too, and the entries go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -414,7 +382,7 @@ async fn resets_cross_in_both_directions() {
             .set_linger(Some(Duration::ZERO))
             .unwrap();
         drop(dying);
-        expect_reset(&mut other, who).await;
+        common::expect_reset(&mut other, who).await;
     }
     proxy.stop_clean().await;
 }

@@ -303,6 +303,55 @@ pub fn assert_mirrored(id: u64, client: &Tally, server: &Tally) {
 }
 
 /// Sizes for `n` connections: log-uniform from 0 to `max`, with 0, 1 and `max` always present,
+/// Runs one checksummed [`exchange`] per `(up, down)` pair through `addr`, all at once, and
+/// checks each against what the exchange server behind it reported on `tallies`.
+pub async fn exchanges_at_once(
+    addr: SocketAddr,
+    sizes: Vec<(u64, u64)>,
+    tallies: &mut tokio::sync::mpsc::UnboundedReceiver<std::io::Result<(u64, Tally)>>,
+) {
+    let n = sizes.len();
+    let mut clients = tokio::task::JoinSet::new();
+    for (id, (up, down)) in (0u64..).zip(sizes) {
+        clients.spawn(async move {
+            let s = TcpStream::connect(addr).await.unwrap();
+            (id, exchange(s, id, up, down).await.unwrap())
+        });
+    }
+    let mut client_side = std::collections::HashMap::new();
+    while let Some(r) = tokio::time::timeout(HANG * 5, clients.join_next())
+        .await
+        .unwrap()
+    {
+        let (id, tally) = r.unwrap();
+        client_side.insert(id, tally);
+    }
+    for _ in 0..n {
+        let (id, server) = tokio::time::timeout(HANG, tallies.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_mirrored(id, &client_side[&id], &server);
+    }
+}
+
+/// Reads until the connection fails, which must be a reset, never a clean EOF.
+pub async fn expect_reset(s: &mut TcpStream, who: &str) {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match tokio::time::timeout(HANG, s.read(&mut buf)).await.unwrap() {
+            Ok(0) => panic!("{who}: clean EOF instead of a reset"),
+            Ok(_) => {}
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{who}: {e}");
+                return;
+            }
+        }
+    }
+}
+
 /// so that tiny, medium and large transfers all occur.
 pub fn random_sizes(n: usize, max: u64, rng: &mut impl rand::Rng) -> Vec<u64> {
     let mut sizes: Vec<u64> = (0..n)
