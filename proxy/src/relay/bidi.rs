@@ -49,7 +49,7 @@ pub(crate) async fn cut_or(
 }
 
 /// Splices both directions until both have ended, or until `promo` decides that the
-/// connection goes to the kernel relay and both have stopped at an empty pipe. Which way
+/// connection goes to the kernel relay and both have stopped with their socket drained. Which way
 /// each direction ended is returned; a failure or the cut resets both, as [`cut_or`] does.
 pub(crate) async fn splice_promotable(
     client: &TcpStream,

@@ -28,7 +28,8 @@ pub use promote::Threshold;
 pub(crate) enum Ended {
     /// EOF from the source, passed on as a shutdown of the destination.
     Eof,
-    /// Stopped at an empty pipe for the kernel relay to take over; nothing shut down.
+    /// Stopped with the source drained and the pipe empty, for the kernel relay to take
+    /// over; nothing shut down.
     Promoted,
 }
 

@@ -1,7 +1,7 @@
 //! When `auto` hands a spliced connection to the kernel relay (sockmap): once it has moved
 //! enough bytes, or has lived long enough and still moves some. Short connections never pay
 //! the kernel relay's set-up; long ones get its lower CPU per byte. The decision is shared by
-//! both directions, which stop at an empty pipe when it is taken.
+//! both directions, which stop once their socket is drained and their pipe empty.
 use std::{
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
