@@ -26,10 +26,10 @@ pub async fn relay(
 }
 
 /// `auto`: splices `client` ⇄ `target` until the connection passes `threshold`, then hands
-/// it to the kernel relay with both sockets drained and both pipes empty (the hand-over of [`relay`] delivers what
-/// waits in the sockets in order). A connection that ends first, or whose one direction has
-/// ended when the other stops, stays on splice; one the maps cannot take falls back to
-/// splice as in [`relay`].
+/// it to the kernel relay with both sockets drained and both pipes empty (the hand-over of
+/// [`relay()`] delivers what waits in the sockets in order). A connection that ends first,
+/// or whose one direction has ended when the other stops, stays on splice; one the maps
+/// cannot take falls back to splice as in [`relay()`].
 pub async fn relay_auto(
     client: TcpStream,
     target: TcpStream,
