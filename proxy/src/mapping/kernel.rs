@@ -182,7 +182,14 @@ impl Kernel {
                 }
                 Err(e) => {
                     let reason = e.detail();
-                    warn!(%reason, "sockmap relay unavailable: auto mappings relay by splice only, sockmap mappings cannot start");
+                    // Only a mapping that asked for sockmap by name is failed by this; for
+                    // `auto` it is the expected state of a host without the privileges (the
+                    // hardened unit without its drop-in).
+                    if wanting().next().is_some() {
+                        warn!(%reason, "sockmap relay unavailable: sockmap mappings cannot start, auto ones relay by splice only");
+                    } else {
+                        info!(%reason, "sockmap relay unavailable: auto mappings relay by splice only");
+                    }
                     self.sockmap_error = Some(reason);
                 }
             }
