@@ -3,11 +3,12 @@
 //! the kernel relay's set-up; long ones get its lower CPU per byte. The decision is shared by
 //! both directions, which stop once their socket is drained and their pipe empty.
 use std::{
-    sync::atomic::{AtomicU64, Ordering},
+    pin::pin,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::Duration,
 };
 
-use tokio::{sync::watch, time::Instant};
+use tokio::{sync::Notify, time::Instant};
 
 /// When a connection is promoted (`[service] sockmap_promote_bytes` and
 /// `sockmap_promote_after`).
@@ -37,13 +38,15 @@ impl Default for Threshold {
     }
 }
 
-/// One connection's progress towards promotion.
+/// One connection's progress towards promotion. Made for every connection of an `auto`
+/// mapping, so it allocates nothing: a flag, and a `Notify` for a direction that waits.
 #[derive(Debug)]
 pub(crate) struct Promotion {
     threshold: Threshold,
     born: Instant,
     moved: AtomicU64,
-    taken: watch::Sender<bool>,
+    taken: AtomicBool,
+    told: Notify,
 }
 
 impl Promotion {
@@ -52,7 +55,8 @@ impl Promotion {
             threshold,
             born: Instant::now(),
             moved: AtomicU64::new(0),
-            taken: watch::Sender::new(false),
+            taken: AtomicBool::new(false),
+            told: Notify::new(),
         }
     }
 
@@ -63,21 +67,25 @@ impl Promotion {
         }
         let moved = self.moved.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
         if moved >= self.threshold.bytes || self.born.elapsed() >= self.threshold.age {
-            self.taken.send_replace(true);
+            self.taken.store(true, Ordering::Release);
+            self.told.notify_waiters();
             return true;
         }
         false
     }
 
     pub(crate) fn requested(&self) -> bool {
-        *self.taken.borrow()
+        self.taken.load(Ordering::Acquire)
     }
 
     /// Completes once promotion is decided (by the other direction, typically).
     pub(crate) async fn decided(&self) {
-        let mut rx = self.taken.subscribe();
-        // The sender lives in `self`, so the channel cannot close while this waits.
-        let _ = rx.wait_for(|taken| *taken).await;
+        let mut told = pin!(self.told.notified());
+        // Registered before the flag is read, so a decision in between still wakes it.
+        told.as_mut().enable();
+        if !self.requested() {
+            told.await;
+        }
     }
 }
 
