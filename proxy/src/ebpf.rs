@@ -8,6 +8,8 @@ use aya::{
 };
 use berth_common::sockmap;
 
+use crate::dnat::pin::{MapLayout, PinDir};
+
 /// The object file built by `build.rs`; empty when built with `AYA_BUILD_SKIP=1`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/berth-ebpf"));
 
@@ -163,20 +165,75 @@ pub struct DnatSizes {
     pub local_addrs: u32,
 }
 
+impl DnatSizes {
+    /// The capacity of map `name`, where these sizes set it.
+    fn of(&self, name: &str) -> Option<u32> {
+        use berth_common::dnat;
+        match name {
+            dnat::SERVICES_MAP | dnat::STATS_MAP => Some(self.services),
+            dnat::CONNTRACK_MAP | dnat::REVNAT_MAP => Some(self.conntrack),
+            dnat::LOCAL_MAP => Some(self.local_addrs),
+            _ => None,
+        }
+    }
+}
+
 /// Creates the kernel-mode mapping maps (sized by `sizes`) and reads its programs, without
-/// loading or attaching any program: `crate::dnat` does that, each where it belongs.
-pub fn load_dnat(sizes: DnatSizes) -> Result<Ebpf, LoaderError> {
+/// loading or attaching any program: `crate::dnat` does that, each where it belongs. With
+/// `pins`, every map is pinned there, and a map already pinned there is used as it is (check
+/// it with [`dnat_layout`] first: aya does not).
+pub fn load_dnat(sizes: DnatSizes, pins: Option<&PinDir>) -> Result<Ebpf, LoaderError> {
     use berth_common::dnat;
     if DNAT_OBJECT.is_empty() {
         return Err(LoaderError::NotBuilt);
     }
-    Ok(aya::EbpfLoader::new()
-        .map_max_entries(dnat::SERVICES_MAP, sizes.services)
-        .map_max_entries(dnat::STATS_MAP, sizes.services)
-        .map_max_entries(dnat::CONNTRACK_MAP, sizes.conntrack)
-        .map_max_entries(dnat::REVNAT_MAP, sizes.conntrack)
-        .map_max_entries(dnat::LOCAL_MAP, sizes.local_addrs)
-        .load(DNAT_OBJECT)?)
+    let mut loader = aya::EbpfLoader::new();
+    for name in dnat::MAPS {
+        if let Some(n) = sizes.of(name) {
+            loader.map_max_entries(name, n);
+        }
+        if let Some(p) = pins {
+            loader.map_pin_path(name, p.map(name));
+        }
+    }
+    Ok(loader.load(DNAT_OBJECT)?)
+}
+
+/// The kernel-mode maps as [`load_dnat`] creates them with `sizes`, read from the object.
+pub fn dnat_layout(sizes: DnatSizes) -> Result<Vec<MapLayout>, LoaderError> {
+    use berth_common::dnat;
+    if DNAT_OBJECT.is_empty() {
+        return Err(LoaderError::NotBuilt);
+    }
+    let obj = aya_obj::Object::parse(DNAT_OBJECT)
+        .map_err(|e| LoaderError::Load(aya::EbpfError::ParseError(e)))?;
+    dnat::MAPS
+        .iter()
+        .map(|&name| {
+            let m = obj.maps.get(name).ok_or(LoaderError::Missing(name))?;
+            Ok(MapLayout {
+                name: name.to_owned(),
+                map_type: m.map_type(),
+                key_size: m.key_size(),
+                value_size: m.value_size(),
+                max_entries: sizes.of(name).unwrap_or(m.max_entries()),
+                flags: m.map_flags(),
+            })
+        })
+        .collect()
+}
+
+/// Map `name` pinned in `pins`, as found there.
+pub fn pinned_layout(pins: &PinDir, name: &str) -> Option<MapLayout> {
+    let info = aya::maps::MapInfo::from_pin(pins.map(name)).ok()?;
+    Some(MapLayout {
+        name: name.to_owned(),
+        map_type: info.map_type().ok()? as u32,
+        key_size: info.key_size(),
+        value_size: info.value_size(),
+        max_entries: info.max_entries(),
+        flags: info.map_flags(),
+    })
 }
 
 #[cfg(test)]

@@ -41,6 +41,28 @@ pub const CONFIG_MAP: &str = "BERTH_DNAT_CFG";
 /// [`FragKey`] → [`FragRoute`], LRU: where the later fragments of a datagram go once its
 /// first fragment (the only one with ports) was mapped. Kernel side only.
 pub const FRAGS_MAP: &str = "BERTH_DNAT_FRAG";
+/// Every map of the object: what is pinned, and what a successor must find to adopt.
+pub const MAPS: [&str; 7] = [
+    SERVICES_MAP,
+    CONNTRACK_MAP,
+    REVNAT_MAP,
+    LOCAL_MAP,
+    STATS_MAP,
+    CONFIG_MAP,
+    FRAGS_MAP,
+];
+/// The cgroup programs, each with a link of its own.
+pub const CGROUP_PROGS: [&str; 9] = [
+    CONNECT4_PROG,
+    CONNECT6_PROG,
+    SENDMSG4_PROG,
+    SENDMSG6_PROG,
+    RECVMSG4_PROG,
+    RECVMSG6_PROG,
+    GETPEERNAME4_PROG,
+    GETPEERNAME6_PROG,
+    RELEASE_PROG,
+];
 
 /// Default sizes; user space sets the real ones at load time.
 pub const DEFAULT_SERVICES: u32 = 4_096;
@@ -257,7 +279,15 @@ pub struct Config {
     /// Cookie of the host's network namespace: the cgroup programs act only on sockets there,
     /// since a cgroup also holds processes of other namespaces (containers).
     pub host_netns: u64,
+    /// [`LAYOUT`] of the berth that wrote the maps: a successor adopts pinned maps only if it
+    /// is its own.
+    pub layout: u32,
+    pub _pad: u32,
 }
+
+/// The meaning of the maps' entries. Sizes and map types are compared on their own when a
+/// berth adopts pinned maps; bump this when an entry's meaning changes and its size does not.
+pub const LAYOUT: u32 = 1;
 
 /// The prefix length, in bits, of an IPv4-mapped address's IPv4 part inside an LPM key.
 pub const V4_MAPPED_PREFIX: u32 = 96;

@@ -45,6 +45,8 @@ pub enum DnatError {
     Target(String),
     #[error("listen: {0}")]
     Listen(String),
+    #[error(transparent)]
+    Pin(#[from] super::pin::PinError),
     #[error("the kernel-mode service table is full ({0} mappings)")]
     Full(u32),
     #[error("{0} (kernel mode needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN, or root)")]

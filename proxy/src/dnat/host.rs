@@ -90,14 +90,25 @@ pub(crate) async fn client_interfaces(
 
 /// The indexes of every interface there is now.
 pub(crate) async fn interface_indexes(nl: &Netlink) -> Result<BTreeSet<u32>, DnatError> {
+    Ok(interface_names(nl).await?.into_keys().collect())
+}
+
+/// Every interface's name, by index.
+pub(crate) async fn interface_names(
+    nl: &Netlink,
+) -> Result<std::collections::BTreeMap<u32, String>, DnatError> {
     let mut links = nl.handle().link().get().execute();
-    let mut out = BTreeSet::new();
+    let mut out = std::collections::BTreeMap::new();
     while let Some(link) = links
         .try_next()
         .await
         .map_err(|e| DnatError::netlink("list interfaces", e))?
     {
-        out.insert(link.header.index);
+        let name = link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n.clone()),
+            _ => None,
+        });
+        out.insert(link.header.index, name.unwrap_or_default());
     }
     Ok(out)
 }

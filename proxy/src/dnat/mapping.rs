@@ -1,10 +1,10 @@
 //! One kernel-mode mapping: its service entry, and everything of it that goes when it does.
 use std::sync::Arc;
 
-use berth_common::dnat::{BACKEND_DRAINING, Backend, Flow, Origin, ServiceKey};
+use berth_common::dnat::{BACKEND_DRAINING, Backend, ServiceKey};
 use tracing::info;
 
-use super::{Dnat, Snapshot, keys::keys_where};
+use super::{Dnat, Snapshot};
 
 /// One kernel-mode mapping. Dropping it deletes its service entry, its conntrack and
 /// local-socket entries and its counters.
@@ -56,19 +56,16 @@ impl DnatMapping {
 
 impl Drop for DnatMapping {
     fn drop(&mut self) {
+        // A hand-over leaves the entries to the successor, which adopts them.
+        if self.dnat.leaving() {
+            return;
+        }
         let id = self.backend.id;
         let mut inner = self.dnat.lock();
         if inner.owns(&self.key, id) {
             let _ = inner.maps.services.remove(&self.key);
         }
-        for k in keys_where(&inner.maps.conntrack, |f: &Flow| f.id == id) {
-            let _ = inner.maps.conntrack.remove(&k);
-        }
-        for k in keys_where(&inner.maps.revnat, |o: &Origin| o.id == id) {
-            let _ = inner.maps.revnat.remove(&k);
-        }
-        let _ = inner.maps.stats.remove(&id);
-        inner.entries.remove(&id);
+        inner.forget(id);
         info!(id, "kernel-mode mapping removed");
     }
 }

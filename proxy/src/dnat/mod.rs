@@ -19,6 +19,8 @@
 //! - `keys`: addresses and keys in the maps' layout; what kernel mode can map.
 //! - `background`: the conntrack sweeper and the watcher of addresses and interfaces.
 //! - `host`: interfaces, routes, local addresses, cgroup v2 and netns, from the kernel.
+//! - [`pin`]: the state pinned under bpffs so that flows outlive the process, and whether a
+//!   successor can adopt it.
 //! - [`conntrack`]: when an entry expires.
 //! - `error`: [`DnatError`].
 
@@ -28,6 +30,7 @@ mod error;
 mod host;
 mod keys;
 mod mapping;
+pub mod pin;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
@@ -36,7 +39,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
     },
 };
 
@@ -48,7 +51,8 @@ use aya::{
     },
     programs::{
         CgroupAttachMode, CgroupSock, CgroupSockAddr, SchedClassifier, TcAttachType,
-        tc::SchedClassifierLinkId,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, SchedClassifierLinkId},
     },
 };
 use berth_common::dnat::{
@@ -57,7 +61,6 @@ use berth_common::dnat::{
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use self::host::Iface;
 pub(crate) use self::keys::addr_of;
 use self::{
     background::{host_watcher, sweeper},
@@ -71,6 +74,7 @@ pub use self::{
     keys::{check_listen, check_target},
     mapping::DnatMapping,
 };
+use self::{host::Iface, pin::PinDir};
 use crate::{
     addr::Proto,
     ebpf::{DnatSizes, LoaderError},
@@ -89,6 +93,9 @@ pub struct Settings {
     /// Conntrack entries (remote flows), and as many local-socket entries.
     pub conntrack_entries: u32,
     pub timeouts: Timeouts,
+    /// Where the maps and links are pinned (a directory on bpffs, one per daemon), so that
+    /// flows outlive the process and a successor adopts them; `None`: nothing is pinned.
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -98,6 +105,7 @@ impl Default for Settings {
             cgroup: None,
             conntrack_entries: shared::DEFAULT_CONNTRACK,
             timeouts: Timeouts::default(),
+            pin_dir: None,
         }
     }
 }
@@ -130,10 +138,16 @@ struct Maps {
     _config: Array<MapData, Config>,
 }
 
+/// A TC attachment, held by the program (nothing pinned) or pinned.
+enum TcLink {
+    Owned(SchedClassifierLinkId),
+    Pinned(PinnedLink),
+}
+
 /// One interface's TC attachment.
 struct Attached {
     name: String,
-    link: SchedClassifierLinkId,
+    link: TcLink,
     /// Attached because a mapping's container is behind it (its bridge): kept while the
     /// interface exists, whatever the client-facing policy says.
     for_mapping: bool,
@@ -148,14 +162,28 @@ struct Inner {
     local: BTreeSet<(u32, Addr)>,
     /// Conntrack entries per mapping id, as of the last sweep.
     entries: StdHashMap<u32, u64>,
+    /// Where the maps and links are pinned, if they are.
+    pins: Option<PinDir>,
+    /// Service entries a predecessor left (adopted pinned state) that no mapping of this
+    /// process has claimed yet; see [`Dnat::settle`].
+    adopted: StdHashMap<ServiceKey, Backend>,
+    /// Mapping ids of the predecessor's whose entries go at [`Dnat::settle`].
+    orphans: Vec<u32>,
+    /// Adopted mappings that a mapping of this process took over.
+    claimed: usize,
+    /// The TC program runs on TCX links (Linux 6.6), which can be pinned.
+    tcx: bool,
 }
 
 /// The loaded kernel-mode programs and maps. Dropping the last handle detaches every
-/// program and frees every map: nothing is pinned, so nothing outlives the process (the
-/// attachments are bpf links, tied to their file descriptors).
+/// program and frees every map, pinned ones included. Only a process that ends without
+/// dropping it (a crash), or one that hands over ([`Dnat::leave_pinned`]), leaves its pinned
+/// state behind, for its successor to adopt.
 pub struct Dnat {
     inner: Mutex<Inner>,
     next_id: AtomicU32,
+    /// Set for a hand-over: nothing is deleted on the way out.
+    leave: AtomicBool,
     settings: Settings,
     cgroup: PathBuf,
     /// The sweeper and the address watcher, started once the instance exists.
@@ -179,6 +207,17 @@ impl Drop for Dnat {
             .unwrap_or_else(PoisonError::into_inner);
         for t in tasks.iter() {
             t.abort();
+        }
+        let inner = self.inner.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if let Some(pins) = &inner.pins {
+            if self.leave.load(Ordering::Relaxed) {
+                info!(dir = %pins.path().display(), "kernel mode left pinned for a successor");
+                return;
+            }
+            // The pins go first; closing the links' descriptors (with `inner`) then detaches.
+            if let Err(e) = pins.clear() {
+                warn!(dir = %pins.path().display(), error = %e, "cannot remove the pinned kernel-mode state");
+            }
         }
         info!("kernel mode unloaded: programs detached, maps freed");
     }
@@ -212,12 +251,16 @@ impl Dnat {
         };
         let netns = host::netns_cookie().map_err(DnatError::Netns)?;
         let local = host::local_prefixes(&nl).await?;
-
-        let mut ebpf = crate::ebpf::load_dnat(DnatSizes {
+        let tcx = aya::util::KernelVersion::current()
+            .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
+        let sizes = DnatSizes {
             services: MAX_SERVICES,
             conntrack: settings.conntrack_entries.max(1),
             local_addrs: shared::DEFAULT_LOCAL_ADDRS,
-        })?;
+        };
+        let (pins, adopt) = pins_for(settings.pin_dir.as_deref(), tcx, sizes)?;
+
+        let mut ebpf = crate::ebpf::load_dnat(sizes, pins.as_ref())?;
         let mut take = |name: &'static str| {
             ebpf.take_map(name)
                 .ok_or(DnatError::Load(LoaderError::Missing(name)))
@@ -225,7 +268,15 @@ impl Dnat {
         let mut config: Array<MapData, Config> =
             Array::try_from(take(shared::CONFIG_MAP)?).map_err(map_err(shared::CONFIG_MAP))?;
         config
-            .set(0, Config { host_netns: netns }, 0)
+            .set(
+                0,
+                Config {
+                    host_netns: netns,
+                    layout: shared::LAYOUT,
+                    _pad: 0,
+                },
+                0,
+            )
             .map_err(map_err(shared::CONFIG_MAP))?;
         let maps = Maps {
             services: HashMap::try_from(take(shared::SERVICES_MAP)?)
@@ -243,7 +294,7 @@ impl Dnat {
 
         let tc: &mut SchedClassifier = crate::ebpf::program(&mut ebpf, shared::TC_PROG)?;
         tc.load().map_err(prog_err(shared::TC_PROG))?;
-        attach_cgroup(&mut ebpf, &cgroup)?;
+        attach_cgroup(&mut ebpf, &cgroup, pins.as_ref())?;
 
         let mut inner = Inner {
             ebpf,
@@ -251,7 +302,16 @@ impl Dnat {
             attached: BTreeMap::new(),
             local: BTreeSet::new(),
             entries: StdHashMap::new(),
+            pins,
+            adopted: StdHashMap::new(),
+            orphans: Vec::new(),
+            claimed: 0,
+            tcx,
         };
+        let mut next_id = 1;
+        if adopt {
+            next_id = inner.adopt(&nl).await?;
+        }
         inner.sync_local(local)?;
         for i in &ifaces {
             inner.attach_tc(i, false)?;
@@ -260,12 +320,14 @@ impl Dnat {
             interfaces = ?ifaces.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
             cgroup = %cgroup.display(),
             conntrack = settings.conntrack_entries,
+            pinned = ?inner.pins.as_ref().map(PinDir::path),
             "kernel mode loaded"
         );
         let timeouts = settings.timeouts;
         let dnat = Arc::new(Self {
             inner: Mutex::new(inner),
-            next_id: AtomicU32::new(1),
+            next_id: AtomicU32::new(next_id),
+            leave: AtomicBool::new(false),
             settings,
             cgroup,
             background: Mutex::new(Vec::new()),
@@ -283,6 +345,50 @@ impl Dnat {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = tasks;
         Ok(dnat)
+    }
+
+    /// Ends the adoption of a predecessor's pinned state, once this process has added the
+    /// mappings it serves: the predecessor's mappings that none of them claimed (same
+    /// protocol, address, port and container) are deleted with their flows, and its TC links
+    /// on interfaces that no longer need the program are detached. Nothing to do when nothing
+    /// was adopted.
+    pub async fn settle(&self) {
+        let (claimed, dropped) = {
+            let mut inner = self.lock();
+            let adopted = std::mem::take(&mut inner.adopted);
+            let mut ids = std::mem::take(&mut inner.orphans);
+            let dropped = adopted.len() + ids.len();
+            for (key, b) in adopted {
+                if inner.owns(&key, b.id) {
+                    let _ = inner.maps.services.remove(&key);
+                }
+                ids.push(b.id);
+            }
+            for id in ids {
+                inner.forget(id);
+            }
+            (inner.claimed, dropped)
+        };
+        if let Err(e) = self.refresh_interfaces().await {
+            warn!(error = %e, "cannot refresh the client-facing interfaces");
+        }
+        if claimed + dropped > 0 {
+            info!(
+                kept = claimed,
+                dropped, "adopted kernel-mode state reconciled with the configuration"
+            );
+        }
+    }
+
+    /// Leaves every pinned map and link in place when this instance goes, and each
+    /// mapping's entries with them: for a successor that adopts them (a hand-over).
+    pub fn leave_pinned(&self) {
+        self.leave.store(true, Ordering::Relaxed);
+    }
+
+    /// True if a hand-over asked to leave the state in place.
+    fn leaving(&self) -> bool {
+        self.leave.load(Ordering::Relaxed)
     }
 
     /// The settings this instance was started with.
@@ -332,25 +438,46 @@ impl Dnat {
         let hairpin_src = via.src.map_or(0, |a| u32::from_ne_bytes(a.octets()));
         let via = &via.via;
         let key = service_key(proto, listen);
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let backend = Backend {
+        let mut backend = Backend {
             addr: addr_of(target.ip()),
             port: target.port().to_be(),
             flags: 0,
             ifindex: via.index,
-            id,
+            id: 0,
             hairpin_src,
         };
         let mut inner = self.lock();
         inner.attach_tc(via, true)?;
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| stats_err("nr_cpus", e))?;
-        let zero = PerCpuValues::try_from(vec![Stats::default(); cpus])
-            .map_err(|e| stats_err("per-cpu values", e))?;
-        inner
-            .maps
-            .stats
-            .insert(id, zero, 0)
-            .map_err(map_err(shared::STATS_MAP))?;
+        // A predecessor's mapping of the same port to the same container is taken over with
+        // its id: its flows and counters go on as this mapping's.
+        let claimed = match inner.adopted.remove(&key) {
+            Some(old)
+                if (old.addr, old.port, old.ifindex)
+                    == (backend.addr, backend.port, backend.ifindex) =>
+            {
+                Some(old.id)
+            }
+            Some(old) => {
+                inner.orphans.push(old.id);
+                None
+            }
+            None => None,
+        };
+        if let Some(id) = claimed {
+            backend.id = id;
+            inner.claimed += 1;
+        } else {
+            backend.id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let cpus = aya::util::nr_cpus().map_err(|(_, e)| stats_err("nr_cpus", e))?;
+            let zero = PerCpuValues::try_from(vec![Stats::default(); cpus])
+                .map_err(|e| stats_err("per-cpu values", e))?;
+            inner
+                .maps
+                .stats
+                .insert(backend.id, zero, 0)
+                .map_err(map_err(shared::STATS_MAP))?;
+        }
+        let id = backend.id;
         if let Err(e) = inner.maps.services.insert(key, backend, 0) {
             let _ = inner.maps.stats.remove(&id);
             return Err(
@@ -361,7 +488,7 @@ impl Dnat {
                 },
             );
         }
-        info!(%proto, %listen, %target, via = %via.name, id, "kernel-mode mapping added");
+        info!(%proto, %listen, %target, via = %via.name, id, adopted = claimed.is_some(), "kernel-mode mapping added");
         Ok(DnatMapping {
             dnat: self.clone(),
             key,
@@ -436,6 +563,77 @@ impl Dnat {
 }
 
 impl Inner {
+    /// Takes over what a predecessor pinned: its service entries wait for this process's
+    /// mappings to claim them ([`Dnat::settle`] deletes the rest), its local-address entries
+    /// are brought up to date by the next sync, and its TC links now run this process's
+    /// program (replaced in place, atomically: no packet meets an interface without one).
+    /// Returns the first free mapping id.
+    async fn adopt(&mut self, nl: &Netlink) -> Result<u32, DnatError> {
+        self.adopted = self.maps.services.iter().flatten().collect();
+        let ids = self.maps.stats.keys().flatten();
+        let next = ids
+            .chain(self.adopted.values().map(|b| b.id))
+            .max()
+            .map_or(1, |m| m.saturating_add(1));
+        self.local = self
+            .maps
+            .local
+            .keys()
+            .flatten()
+            .map(|k| (k.prefix_len(), k.data()))
+            .collect();
+        let flows = self.maps.conntrack.keys().count();
+        let names = host::interface_names(nl).await?;
+        let Some(pins) = self.pins.clone() else {
+            return Ok(next);
+        };
+        let tc: &mut SchedClassifier = crate::ebpf::program(&mut self.ebpf, shared::TC_PROG)?;
+        for (index, path) in pins.tc_links() {
+            let replaced = match names.get(&index) {
+                Some(name) => replace_tc(tc, &path)
+                    .map(|link| (name.clone(), link))
+                    .map_err(|why| (name.clone(), why)),
+                _ => Err((format!("#{index}"), "the interface is gone".to_owned())),
+            };
+            match replaced {
+                Ok((name, link)) => {
+                    self.attached.insert(
+                        index,
+                        Attached {
+                            name,
+                            link: TcLink::Pinned(link),
+                            for_mapping: false,
+                        },
+                    );
+                }
+                Err((name, why)) => {
+                    debug!(interface = %name, %why, "a predecessor's TC link is dropped");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        info!(
+            dir = %pins.path().display(),
+            mappings = self.adopted.len(),
+            flows,
+            interfaces = self.attached.len(),
+            "pinned kernel-mode state adopted"
+        );
+        Ok(next)
+    }
+
+    /// Deletes mapping `id`'s flows, local-socket entries and counters.
+    fn forget(&mut self, id: u32) {
+        for k in keys::keys_where(&self.maps.conntrack, |f: &Flow| f.id == id) {
+            let _ = self.maps.conntrack.remove(&k);
+        }
+        for k in keys::keys_where(&self.maps.revnat, |o: &Origin| o.id == id) {
+            let _ = self.maps.revnat.remove(&k);
+        }
+        let _ = self.maps.stats.remove(&id);
+        self.entries.remove(&id);
+    }
+
     /// True if the service entry at `key` is still mapping `id` (not yet replaced).
     fn owns(&self, key: &ServiceKey, id: u32) -> bool {
         self.maps.services.get(key, 0).is_ok_and(|b| b.id == id)
@@ -447,18 +645,32 @@ impl Inner {
             return Ok(());
         }
         let tc: &mut SchedClassifier = crate::ebpf::program(&mut self.ebpf, shared::TC_PROG)?;
-        let tcx = aya::util::KernelVersion::current()
-            .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
-        if !tcx {
+        if !self.tcx {
             // Before TCX the program hangs off a clsact qdisc (which then stays).
             let _ = aya::programs::tc::qdisc_add_clsact(&iface.name);
         }
-        let link =
-            tc.attach(&iface.name, TcAttachType::Ingress)
-                .map_err(|e| DnatError::Interface {
-                    name: iface.name.clone(),
-                    why: format!("cannot attach the TC program: {e}"),
-                })?;
+        let cannot = |why: String| DnatError::Interface {
+            name: iface.name.clone(),
+            why,
+        };
+        let id = tc
+            .attach(&iface.name, TcAttachType::Ingress)
+            .map_err(|e| cannot(format!("cannot attach the TC program: {e}")))?;
+        let link = match &self.pins {
+            None => TcLink::Owned(id),
+            Some(pins) => {
+                let fd = tc
+                    .take_link(id)
+                    .map_err(|e| cannot(format!("cannot take the TC link: {e}")))
+                    .and_then(|l| {
+                        FdLink::try_from(l).map_err(|e| cannot(format!("not a TCX link: {e}")))
+                    })?;
+                TcLink::Pinned(
+                    fd.pin(pins.tc_link(iface.index))
+                        .map_err(|e| cannot(format!("cannot pin the TC link: {e}")))?,
+                )
+            }
+        };
         debug!(interface = %iface.name, "TC program attached");
         self.attached.insert(
             iface.index,
@@ -477,8 +689,16 @@ impl Inner {
         let Some(a) = self.attached.remove(&index) else {
             return;
         };
-        if let Ok(tc) = crate::ebpf::program::<SchedClassifier>(&mut self.ebpf, shared::TC_PROG) {
-            let _ = tc.detach(a.link);
+        match a.link {
+            TcLink::Owned(id) => {
+                if let Ok(tc) =
+                    crate::ebpf::program::<SchedClassifier>(&mut self.ebpf, shared::TC_PROG)
+                {
+                    let _ = tc.detach(id);
+                }
+            }
+            // Unpinned and closed: the link detaches.
+            TcLink::Pinned(p) => drop(p.unpin()),
         }
         debug!(interface = %a.name, "TC program detached");
     }
@@ -501,34 +721,161 @@ impl Inner {
     }
 }
 
-fn attach_cgroup(ebpf: &mut Ebpf, cgroup: &std::path::Path) -> Result<(), DnatError> {
+/// The pin directory for `dir`, and whether it holds a predecessor's state to adopt. State
+/// that cannot be adopted (another layout, other sizes) is removed, said once in the log:
+/// its maps are replaced by empty ones (a flow of a mapping that stays goes on, as a new entry
+/// at its next packet from the client). Without a usable directory nothing is pinned.
+fn pins_for(
+    dir: Option<&std::path::Path>,
+    tcx: bool,
+    sizes: DnatSizes,
+) -> Result<(Option<PinDir>, bool), DnatError> {
+    let Some(dir) = dir else {
+        return Ok((None, false));
+    };
+    if !tcx {
+        warn!(
+            "kernel-mode state is not pinned: pinning the TC program needs TCX (Linux 6.6); kernel-mode flows end with the process"
+        );
+        return Ok((None, false));
+    }
+    let pins = match PinDir::prepare(dir) {
+        Ok(p) => p,
+        Err(e) => {
+            warn!(error = %e, "kernel-mode state is not pinned");
+            return Ok((None, false));
+        }
+    };
+    if pins.is_empty() {
+        return Ok((Some(pins), false));
+    }
+    let why = if pins.has_maps() {
+        match adoptable(&pins, sizes) {
+            Ok(()) => return Ok((Some(pins), true)),
+            Err(why) => why.to_string(),
+        }
+    } else {
+        "it holds links without maps".to_owned()
+    };
+    warn!(
+        dir = %dir.display(),
+        reason = %why,
+        "pinned kernel-mode state not adopted: it is removed and kernel mode starts with empty maps"
+    );
+    let gone = |source| {
+        DnatError::Pin(pin::PinError::Io {
+            path: dir.to_owned(),
+            source,
+        })
+    };
+    pins.clear().map_err(gone)?;
+    Ok((Some(PinDir::prepare(dir).map_err(DnatError::Pin)?), false))
+}
+
+/// Whether the maps pinned in `pins` can serve this berth's programs as they are.
+fn adoptable(pins: &PinDir, sizes: DnatSizes) -> Result<(), pin::Incompatible> {
+    let unreadable = |name: &str, why: String| pin::Incompatible::Unreadable {
+        name: name.to_owned(),
+        why,
+    };
+    let wanted = crate::ebpf::dnat_layout(sizes).map_err(|e| unreadable("(object)", e.detail()))?;
+    pin::compatible(&wanted, |name| crate::ebpf::pinned_layout(pins, name))?;
+    let name = shared::CONFIG_MAP;
+    let data = MapData::from_pin(pins.map(name)).map_err(|e| unreadable(name, e.to_string()))?;
+    let config: Array<MapData, Config> = Array::try_from(aya::maps::Map::Array(data))
+        .map_err(|e| unreadable(name, e.to_string()))?;
+    let found = config
+        .get(&0, 0)
+        .map_err(|e| unreadable(name, e.to_string()))?
+        .layout;
+    if found != shared::LAYOUT {
+        return Err(pin::Incompatible::Layout {
+            found,
+            wanted: shared::LAYOUT,
+        });
+    }
+    Ok(())
+}
+
+/// Puts this process's TC program into the TCX link pinned at `path`, in place of the
+/// predecessor's.
+fn replace_tc(tc: &mut SchedClassifier, path: &std::path::Path) -> Result<PinnedLink, String> {
+    let old = PinnedLink::from_pin(path).map_err(|e| e.to_string())?;
+    let link = SchedClassifierLink::try_from(FdLink::from(old)).map_err(|e| e.to_string())?;
+    let id = tc.attach_to_link(link).map_err(|e| e.to_string())?;
+    // The program's own handle is dropped; the pin keeps the link, reopened as ours.
+    drop(tc.take_link(id));
+    PinnedLink::from_pin(path).map_err(|e| e.to_string())
+}
+
+/// Attaches the cgroup programs. With `pins`, their links are pinned (the pins hold them, and
+/// removing the pins detaches them), and links a
+/// predecessor pinned are closed once the new ones are in place: for that moment both sets
+/// run, which changes nothing, since a socket the first rewrote no longer matches a mapping.
+fn attach_cgroup(
+    ebpf: &mut Ebpf,
+    cgroup: &std::path::Path,
+    pins: Option<&PinDir>,
+) -> Result<(), DnatError> {
     let dir = File::open(cgroup).map_err(|source| DnatError::Cgroup {
         path: cgroup.to_owned(),
         source,
     })?;
-    for name in [
-        shared::CONNECT4_PROG,
-        shared::CONNECT6_PROG,
-        shared::SENDMSG4_PROG,
-        shared::SENDMSG6_PROG,
-        shared::RECVMSG4_PROG,
-        shared::RECVMSG6_PROG,
-        shared::GETPEERNAME4_PROG,
-        shared::GETPEERNAME6_PROG,
-    ] {
-        let prog: &mut CgroupSockAddr = crate::ebpf::program(ebpf, name)?;
-        prog.load().map_err(prog_err(name))?;
+    for name in shared::CGROUP_PROGS {
         // A bpf link: other programs on the cgroup stay, and closing the link detaches.
-        prog.attach(&dir, CgroupAttachMode::Single)
-            .map_err(attach_err(cgroup, name))?;
+        let fd: Option<FdLink> = if name == shared::RELEASE_PROG {
+            let prog: &mut CgroupSock = crate::ebpf::program(ebpf, name)?;
+            prog.load().map_err(prog_err(name))?;
+            let id = prog
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(attach_err(cgroup, name))?;
+            match pins {
+                None => None,
+                Some(_) => Some(
+                    prog.take_link(id)
+                        .map_err(attach_err(cgroup, name))
+                        .and_then(|l| FdLink::try_from(l).map_err(link_err(cgroup, name)))?,
+                ),
+            }
+        } else {
+            let prog: &mut CgroupSockAddr = crate::ebpf::program(ebpf, name)?;
+            prog.load().map_err(prog_err(name))?;
+            let id = prog
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(attach_err(cgroup, name))?;
+            match pins {
+                None => None,
+                Some(_) => Some(
+                    prog.take_link(id)
+                        .map_err(attach_err(cgroup, name))
+                        .and_then(|l| FdLink::try_from(l).map_err(link_err(cgroup, name)))?,
+                ),
+            }
+        };
+        if let (Some(fd), Some(pins)) = (fd, pins) {
+            let path = pins.prog_link(name);
+            if let Ok(old) = PinnedLink::from_pin(&path) {
+                drop(old.unpin());
+            }
+            fd.pin(&path).map_err(|e| {
+                DnatError::Pin(pin::PinError::Io {
+                    path,
+                    source: std::io::Error::other(e.to_string()),
+                })
+            })?;
+        }
     }
-    let name = shared::RELEASE_PROG;
-    let release: &mut CgroupSock = crate::ebpf::program(ebpf, name)?;
-    release.load().map_err(prog_err(name))?;
-    release
-        .attach(&dir, CgroupAttachMode::Single)
-        .map_err(attach_err(cgroup, name))?;
     Ok(())
+}
+
+fn link_err(
+    cgroup: &std::path::Path,
+    name: &'static str,
+) -> impl FnOnce(aya::programs::links::LinkError) -> DnatError {
+    move |e| DnatError::Cgroup {
+        path: cgroup.to_owned(),
+        source: std::io::Error::other(format!("cannot hold the link of {name}: {e}")),
+    }
 }
 
 fn attach_err(

@@ -11,7 +11,7 @@ use tracing::{info, warn};
 use super::{ModeChoice, Spec};
 use crate::{
     addr::Proto,
-    dnat::{self, Dnat, DnatError, Route},
+    dnat::{self, Dnat, DnatError, Route, pin::PinDir},
     sockmap::{self, Sockmap},
 };
 
@@ -115,6 +115,39 @@ impl Kernel {
         }
         self.sockmap_settings = sockmap_settings;
         self.dnat_settings = dnat_settings;
+    }
+
+    /// Ends a start: kernel mode, if it adopted a predecessor's pinned state, deletes what no
+    /// mapping took over; without kernel mode, pinned state left by a predecessor (which no
+    /// mapping of this process wants) is removed, detaching its programs.
+    pub async fn settle(&mut self) {
+        if let Some(d) = self.dnat.upgrade() {
+            d.settle().await;
+            return;
+        }
+        let Some(pins) = self
+            .dnat_settings
+            .pin_dir
+            .as_deref()
+            .and_then(PinDir::existing)
+        else {
+            return;
+        };
+        if pins.is_empty() {
+            let _ = pins.clear();
+            return;
+        }
+        match pins.clear() {
+            Ok(()) => info!(
+                dir = %pins.path().display(),
+                "pinned kernel-mode state of an earlier run removed: no kernel-mode mapping is configured"
+            ),
+            Err(e) => warn!(
+                dir = %pins.path().display(),
+                error = %e,
+                "cannot remove the pinned kernel-mode state of an earlier run"
+            ),
+        }
     }
 
     /// Loads what `specs` need. A mapping that asks for sockmap by name when it cannot load is

@@ -63,8 +63,12 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// `[service] sockmap_*`: sizes of the sockmap relay, for mappings in sockmap mode.
     pub sockmap: crate::sockmap::Settings,
-    /// `[dnat]`: where and how big kernel mode is, for mappings with `mode = "dnat"`.
+    /// `[dnat]`: where and how big kernel mode is, for mappings with `mode = "dnat"`. Its
+    /// pin directory is the file's; see [`Config::dnat_for`] for the one used.
     pub dnat: crate::dnat::Settings,
+    /// `[dnat] pin_dir` is not set: the daemon pins under a directory named after its admin
+    /// socket.
+    pub dnat_pin_default: bool,
     /// `[defaults]`: what every mapping that does not set a field gets, runtime ones too.
     pub defaults: Defaults,
     /// `[admin] max_runtime_mappings`: how many mappings the runtime API may add.
@@ -148,9 +152,20 @@ struct RawDnat {
     tcp_timeout: Option<f64>,
     closing_timeout: Option<f64>,
     udp_timeout: Option<f64>,
+    pin_dir: Option<PathBuf>,
 }
 
 impl Config {
+    /// Kernel mode's settings for the daemon whose admin socket is `admin`: with the default
+    /// pin directory, named after that socket, unless the file set one (or none).
+    pub fn dnat_for(&self, admin: &Path) -> crate::dnat::Settings {
+        let mut s = self.dnat.clone();
+        if self.dnat_pin_default {
+            s.pin_dir = Some(crate::dnat::pin::default_dir(admin));
+        }
+        s
+    }
+
     /// Reads and validates `file`.
     pub fn load(file: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
@@ -267,6 +282,7 @@ impl Config {
             Some(n) => crate::sockmap::check_send_buffer(n)
                 .map_err(|why| section("service", "sockmap_send_buffer", why))?,
         };
+        let dnat_pin_default = raw.dnat.as_ref().is_none_or(|d| d.pin_dir.is_none());
         let dnat = match raw.dnat {
             None => crate::dnat::Settings::default(),
             Some(d) => dnat_settings(d).map_err(|(field, why)| section("dnat", field, why))?,
@@ -296,6 +312,7 @@ impl Config {
                 promote,
             },
             dnat,
+            dnat_pin_default,
             defaults,
             max_runtime_mappings,
             state_file,
@@ -387,6 +404,18 @@ fn dnat_settings(d: RawDnat) -> Result<crate::dnat::Settings, (&'static str, Str
                     format!("{n} is not a number from 1 to 16777216"),
                 )
             })?;
+    }
+    match d.pin_dir {
+        // Unset: the daemon's default, resolved with its admin socket; empty: not pinned.
+        None => {}
+        Some(p) if p.as_os_str().is_empty() => {}
+        Some(p) if !p.is_absolute() => {
+            return Err((
+                "pin_dir",
+                format!("{} is not an absolute path", p.display()),
+            ));
+        }
+        Some(p) => out.pin_dir = Some(p),
     }
     for (field, v, slot) in [
         ("tcp_timeout", d.tcp_timeout, &mut out.timeouts.tcp),

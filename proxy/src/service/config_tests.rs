@@ -155,6 +155,10 @@ fn each_mistake_names_file_mapping_and_field() {
             "[dnat] cgroup: relative/path is not an absolute path",
         ),
         (
+            "[dnat]\npin_dir = \"berth\"\n".to_owned(),
+            "[dnat] pin_dir: berth is not an absolute path",
+        ),
+        (
             "[dnat]\nconntrack_entries = 0\n".to_owned(),
             "[dnat] conntrack_entries: 0 is not a number from 1",
         ),
@@ -218,6 +222,23 @@ fn each_mistake_names_file_mapping_and_field() {
         assert!(got.starts_with(FILE), "no file name in {got:?}");
         assert!(got.contains(want), "{text:?}:\n  got  {got}\n  want {want}");
     }
+}
+
+#[test]
+fn kernel_mode_pins_under_its_admin_socket_unless_told_otherwise() {
+    let admin = Path::new("/run/other/admin.sock");
+    let default = parse("").unwrap().dnat_for(admin);
+    assert_eq!(
+        default.pin_dir.as_deref(),
+        Some(Path::new("/sys/fs/bpf/berth/run-other-admin.sock"))
+    );
+    let set = parse("[dnat]\npin_dir = \"/sys/fs/bpf/mine\"\n").unwrap();
+    assert_eq!(
+        set.dnat_for(admin).pin_dir.as_deref(),
+        Some(Path::new("/sys/fs/bpf/mine"))
+    );
+    let off = parse("[dnat]\npin_dir = \"\"\n").unwrap();
+    assert_eq!(off.dnat_for(admin).pin_dir, None);
 }
 
 #[test]

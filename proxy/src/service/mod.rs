@@ -180,6 +180,8 @@ struct Service {
     kernel: Kernel,
     /// The persistent runtime mappings, as written to the state file.
     store: Store,
+    /// The admin socket this daemon serves (which names its kernel-mode pin directory).
+    admin: PathBuf,
 }
 
 /// What the daemon starts from: everything `berth run` takes from its command line, its
@@ -264,7 +266,8 @@ pub async fn serve(
     let mut service = Service {
         store: Store::new(state_file),
         path: config_path.clone(),
-        kernel: Kernel::new(config.sockmap, config.dnat.clone()),
+        kernel: Kernel::new(config.sockmap, config.dnat_for(&admin_path)),
+        admin: admin_path.clone(),
         config: Config {
             mappings: Vec::new(),
             ..config.clone()
@@ -278,6 +281,9 @@ pub async fn serve(
         return Err(e);
     }
     service.restore().await;
+    // Every mapping this process serves is back: what a crashed predecessor pinned and no
+    // mapping took over goes now.
+    service.kernel.settle().await;
     let state = service.state.clone();
     let mut background = tokio::task::JoinSet::new();
     if let Some(l) = metrics_listener {
@@ -708,7 +714,8 @@ impl Service {
                 }
             }
         }
-        self.kernel.configure(new.sockmap, new.dnat.clone());
+        self.kernel
+            .configure(new.sockmap, new.dnat_for(&self.admin));
         let plan = {
             let st = lock(&self.state);
             plan::plan(

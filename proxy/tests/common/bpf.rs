@@ -147,3 +147,43 @@ fn count_keys(fd: std::os::fd::RawFd, key_size: usize) -> usize {
         std::mem::swap(&mut key, &mut next);
     }
 }
+
+/// A bpf filesystem of the test's own, mounted on a scratch directory (each bpffs mount is a
+/// new instance): what berth pins there is the test's alone and goes with the unmount.
+pub struct BpfFs(pub std::path::PathBuf);
+
+impl BpfFs {
+    pub fn mount() -> Self {
+        let dir = std::env::temp_dir().join(format!("berth-bpffs-{}", super::unique("bf")));
+        std::fs::create_dir_all(&dir).unwrap();
+        nix::mount::mount(
+            Some("bpf"),
+            &dir,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        Self(dir)
+    }
+
+    /// What is pinned under `sub`, by name (empty if `sub` does not exist).
+    pub fn pinned(&self, sub: &str) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.0.join(sub))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}

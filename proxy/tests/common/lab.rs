@@ -146,9 +146,17 @@ impl Lab {
         Berth::spawn_in(&self.host.ns, dir, config)
     }
 
+    /// A config file with kernel-mode `mappings` and `extra` lines in its `[dnat]` section.
+    /// Nothing is pinned unless `extra` sets `pin_dir` (a host's /sys/fs/bpf is not the
+    /// test's).
     pub fn config(&self, extra: &str, mappings: &[(&str, &str, SocketAddr, SocketAddr)]) -> String {
+        let pin = if extra.contains("pin_dir") {
+            ""
+        } else {
+            "pin_dir = \"\"\n"
+        };
         let mut c = format!(
-            "[metrics]\nenabled = false\n[dnat]\ncgroup = \"{}\"\nclosing_timeout = 0.2\nudp_timeout = 0.5\n{extra}\n",
+            "[metrics]\nenabled = false\n[dnat]\ncgroup = \"{}\"\nclosing_timeout = 0.2\nudp_timeout = 0.5\n{pin}{extra}\n",
             self.cgroup.0.display()
         );
         for (name, proto, listen, target) in mappings {

@@ -179,6 +179,8 @@ pub(crate) async fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
                 closing: Duration::from_secs_f64(args.dnat_closing_timeout),
                 udp: Duration::from_secs_f64(args.dnat_udp_timeout),
             },
+            // A foreground mapping's flows end with it: it has no successor to adopt them.
+            pin_dir: None,
         },
     );
     let bound = Bound::bind(&spec)?;

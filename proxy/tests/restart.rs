@@ -1,0 +1,267 @@
+//! Kernel-mode flows outlive the process: `berth run` pins its maps and links on a bpf
+//! filesystem (here one the test mounts), a crash (SIGKILL) leaves every flow running, and
+//! the next `berth run` adopts the pinned state. Checked in the kernel-mode lab (a host
+//! namespace with a bridge, a container and an external client, a child cgroup): 64
+//! connections carry checksummed transfers across the crash, with no process at all for
+//! half of them; the successor adopts the rest and serves new ones; a plain stop leaves
+//! nothing pinned or attached. State that cannot be adopted (other sizes) is replaced by a
+//! clean start, and state that no mapping wants any more is removed.
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking, with the stack trace"
+)]
+mod common;
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+};
+
+use common::{
+    EXT_CLIENT, EXT_HOST, HANG, Tally, assert_mirrored,
+    bpf::{BpfFs, all_cgroup_programs},
+    daemon::{Berth, Dir},
+    exchange,
+    lab::Lab,
+    spawn_gated_exchange_server, wait_until,
+};
+use tokio::{net::TcpListener, task::JoinHandle, time::timeout};
+
+/// The pin directory's name inside the test's bpffs.
+const PINS: &str = "berth";
+
+/// Server-side results of exchanges, by connection.
+type Served = tokio::sync::mpsc::UnboundedReceiver<std::io::Result<(u64, Tally)>>;
+
+/// A gated exchange server in container `i`: each connection waits at the gate before it
+/// reads or sends a byte.
+fn gated_server(lab: &Lab, i: usize) -> (SocketAddr, Served, tokio::sync::watch::Sender<bool>) {
+    let std = lab.bind_in(i, std::net::TcpListener::bind);
+    std.set_nonblocking(true).unwrap();
+    let listener = TcpListener::from_std(std).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (seen, gate) = spawn_gated_exchange_server(listener);
+    (addr, seen, gate)
+}
+
+/// `n` exchanges from the external client, ids from `first`, each `size` bytes both ways.
+async fn start_exchanges(
+    lab: &Lab,
+    public: SocketAddr,
+    first: u64,
+    n: u64,
+    size: u64,
+) -> Vec<(u64, JoinHandle<Tally>)> {
+    let mut out = Vec::new();
+    for id in first..first + n {
+        let c = lab.ext_connect(public).await;
+        out.push((
+            id,
+            tokio::spawn(async move {
+                timeout(HANG * 2, exchange(c, id, size, size))
+                    .await
+                    .unwrap_or_else(|_| panic!("transfer {id} hung"))
+                    .unwrap_or_else(|e| panic!("transfer {id}: {e}"))
+            }),
+        ));
+    }
+    out
+}
+
+/// Waits for `n` server results and checks each against its client's tally.
+async fn finish(clients: Vec<(u64, JoinHandle<Tally>)>, seen: &mut Served) {
+    let mut servers = HashMap::new();
+    for _ in 0..clients.len() {
+        let (id, tally) = timeout(HANG * 2, seen.recv())
+            .await
+            .expect("a server never finished")
+            .unwrap()
+            .unwrap();
+        servers.insert(id, tally);
+    }
+    for (id, task) in clients {
+        let client = task.await.unwrap();
+        let server = servers
+            .get(&id)
+            .unwrap_or_else(|| panic!("no server side for {id}"));
+        assert_mirrored(id, &client, server);
+    }
+}
+
+fn sigkill(berth: &mut Berth) {
+    berth.child.kill().unwrap();
+    berth.child.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_mode_flows_survive_a_crash_and_the_successor_adopts_them() {
+    let lab = Lab::up(1).await;
+    let bpffs = BpfFs::mount();
+    let (during, mut seen_during, gate_during) = gated_server(&lab, 0);
+    let (after, mut seen_after, gate_after) = gated_server(&lab, 0);
+    let (p_during, p_after) = (lab.host.free_port(), lab.host.free_port());
+    let any = |p: u16| SocketAddr::from(([0, 0, 0, 0], p));
+    let config = lab.config(
+        &format!("pin_dir = \"{}\"", bpffs.0.join(PINS).display()),
+        &[
+            ("during", "tcp", any(p_during), during),
+            ("after", "tcp", any(p_after), after),
+        ],
+    );
+    let dir = Dir::new();
+    let mut first = lab.berth(&dir, &config);
+    first.up().await;
+    let pinned = bpffs.pinned(PINS);
+    for name in [
+        "BERTH_DNAT_CT",
+        "BERTH_DNAT_SVC",
+        "link_tc_",
+        "link_berth_dnat_connect4",
+    ] {
+        assert!(
+            pinned.iter().any(|p| p.starts_with(name)),
+            "{name} is not pinned: {pinned:?}"
+        );
+    }
+
+    // 64 connections, each held at its server's gate with its buffers full: 32 run while no
+    // berth exists, 32 once the successor has adopted them.
+    const SIZE: u64 = 8 << 20;
+    let public = |p: u16| SocketAddr::from((EXT_HOST, p));
+    let c_during = start_exchanges(&lab, public(p_during), 1, 32, SIZE).await;
+    let c_after = start_exchanges(&lab, public(p_after), 101, 32, SIZE).await;
+    first
+        .wait_row("after", "its 32 flows", |r| r.active == 32)
+        .await;
+    first
+        .wait_row("during", "its 32 flows", |r| r.active == 32)
+        .await;
+    sigkill(&mut first);
+    let bridge = lab.topo.bridge.to_string();
+    assert_eq!(lab.tc_programs("ext0"), ["berth_dnat_tc"], "pinned on");
+    assert_eq!(lab.tc_programs(&bridge), ["berth_dnat_tc"], "pinned on");
+
+    // No berth at all: the first 32 run to the end, every byte checked.
+    gate_during.send(true).unwrap();
+    finish(c_during, &mut seen_during).await;
+
+    // The successor, 2 s after the crash, adopts the pinned state: the last 32 are still
+    // open (their first bytes crossed before the crash) and run to the end through it.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let second = lab.berth(&dir, &config);
+    second.up().await;
+    let row = second.row("after").await;
+    assert_eq!(row.mode, "dnat");
+    assert!(
+        row.active >= 32,
+        "the adopted flows count as the mapping's: {row:?}"
+    );
+    assert!(
+        row.bytes_to_target > 0,
+        "the counters went on from the predecessor's: {row:?}"
+    );
+    assert_eq!(
+        lab.tc_programs("ext0"),
+        ["berth_dnat_tc"],
+        "one program per interface: the link was taken over, not doubled"
+    );
+    gate_after.send(true).unwrap();
+    finish(c_after, &mut seen_after).await;
+
+    // New connections, remote and local, are the successor's as usual.
+    let c = lab.ext_connect(public(p_after)).await;
+    let t = exchange(c, 500, 1 << 20, 1 << 20).await.unwrap();
+    let (id, srv) = seen_after.recv().await.unwrap().unwrap();
+    assert_eq!(id, 500);
+    assert_mirrored(500, &t, &srv);
+    let sock = lab.local_socket(false);
+    let c = timeout(
+        HANG,
+        sock.connect(SocketAddr::from(([127, 0, 0, 1], p_after))),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let t = exchange(c, 501, 1 << 20, 1 << 20).await.unwrap();
+    let (id, srv) = seen_after.recv().await.unwrap().unwrap();
+    assert_eq!(id, 501);
+    assert_mirrored(501, &t, &srv);
+    let c = lab.ext_connect(public(p_during)).await;
+    let t = exchange(c, 502, 1 << 20, 0).await.unwrap();
+    let (_, srv) = seen_during.recv().await.unwrap().unwrap();
+    assert_mirrored(502, &t, &srv);
+
+    // A plain stop leaves nothing pinned, on a TC hook or on the cgroup.
+    second.stop().await;
+    assert_eq!(bpffs.pinned(PINS), Vec::<String>::new(), "nothing pinned");
+    assert!(!bpffs.0.join(PINS).exists(), "the pin directory is gone");
+    wait_until("the TC programs to be detached", || {
+        lab.tc_programs("ext0").is_empty() && lab.tc_programs(&bridge).is_empty()
+    })
+    .await;
+    wait_until("the cgroup programs to be detached", || {
+        all_cgroup_programs(&lab.cgroup.0) == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_that_cannot_be_adopted_or_is_not_wanted_is_removed() {
+    let lab = Lab::up(1).await;
+    let bpffs = BpfFs::mount();
+    let (server, mut seen) = lab.tcp_server(0);
+    let port = lab.host.free_port();
+    let any = SocketAddr::from(([0, 0, 0, 0], port));
+    let public = SocketAddr::from((EXT_HOST, port));
+    let pin_dir = format!("pin_dir = \"{}\"", bpffs.0.join(PINS).display());
+    let dir = Dir::new();
+    let mut first = lab.berth(&dir, &lab.config(&pin_dir, &[("web", "tcp", any, server)]));
+    first.up().await;
+    let open = lab.ext_connect(public).await;
+    first
+        .wait_row("web", "the open flow", |r| r.active == 1)
+        .await;
+    sigkill(&mut first);
+
+    // Another conntrack capacity: the pinned maps cannot serve, so they are replaced by empty
+    // ones. The crashed berth's connection still goes on, as a new flow: kernel mode maps any
+    // packet to a mapped port, not only a SYN, and the container is the same.
+    let resized = format!("{pin_dir}\nconntrack_entries = 4096");
+    let mut second = lab.berth(&dir, &lab.config(&resized, &[("web", "tcp", any, server)]));
+    second.up().await;
+    let ct = aya::maps::MapInfo::from_pin(bpffs.0.join(PINS).join("BERTH_DNAT_CT")).unwrap();
+    assert_eq!(
+        ct.max_entries(),
+        4096,
+        "a fresh conntrack map of the new size"
+    );
+    assert_eq!(second.row("web").await.active, 0, "nothing adopted");
+    assert_eq!(
+        lab.tc_programs("ext0"),
+        ["berth_dnat_tc"],
+        "only the new program"
+    );
+    for (n, c) in [(1u64, open), (2, lab.ext_connect(public).await)] {
+        let t = exchange(c, n, 1 << 20, 1 << 20).await.unwrap();
+        let (peer, id, srv) = seen.recv().await.unwrap();
+        assert_eq!((peer.ip(), id), (IpAddr::V4(EXT_CLIENT), n));
+        assert_mirrored(n, &t, &srv);
+    }
+    sigkill(&mut second);
+
+    // A successor without a kernel-mode mapping removes what was pinned: nothing stays.
+    let third = lab.berth(&dir, &lab.config(&pin_dir, &[]));
+    third.up().await;
+    assert_eq!(bpffs.pinned(PINS), Vec::<String>::new(), "nothing pinned");
+    assert!(!bpffs.0.join(PINS).exists(), "the pin directory is gone");
+    wait_until("the TC programs to be detached", || {
+        lab.tc_programs("ext0").is_empty()
+            && lab.tc_programs(&lab.topo.bridge.to_string()).is_empty()
+    })
+    .await;
+    wait_until("the cgroup programs to be detached", || {
+        all_cgroup_programs(&lab.cgroup.0) == 0
+    })
+    .await;
+    third.stop().await;
+}
