@@ -5,7 +5,10 @@
 //! connections carry checksummed transfers across the crash, with no process at all for
 //! half of them; the successor adopts the rest and serves new ones; a plain stop leaves
 //! nothing pinned or attached. State that cannot be adopted (other sizes) is replaced by a
-//! clean start, and state that no mapping wants any more is removed.
+//! clean start, and state that no mapping wants any more is removed. `berth upgrade` hands a
+//! running daemon over to its successor under load: no connection attempt is refused, the
+//! kernel-mode flows go on through the successor, the relayed ones finish in the old daemon,
+//! and an upgrade whose successor cannot start leaves the old daemon serving.
 #![allow(
     clippy::unwrap_used,
     reason = "a test fails by panicking, with the stack trace"
@@ -19,7 +22,7 @@ use std::{
 
 use common::{
     EXT_CLIENT, EXT_HOST, HANG, Tally, assert_mirrored,
-    bpf::{BpfFs, all_cgroup_programs},
+    bpf::{BpfFs, all_cgroup_programs, map_entries_of},
     daemon::{Berth, Dir},
     exchange,
     lab::Lab,
@@ -264,4 +267,193 @@ async fn state_that_cannot_be_adopted_or_is_not_wanted_is_removed() {
     })
     .await;
     third.stop().await;
+}
+
+/// `berth upgrade` against the daemon at `admin`: its exit status and output.
+async fn upgrade(admin: &std::path::Path) -> (bool, String) {
+    let admin = admin.to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+            .arg("upgrade")
+            .arg("--admin-socket")
+            .arg(admin)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    common::outcome(&out)
+}
+
+/// The successor, which is not the test's child until its parent exits: killed if the test
+/// fails before it stopped it.
+struct Successor(Option<i32>);
+
+impl Successor {
+    /// SIGTERM, then its exit status (it has come to this process, a subreaper, by then).
+    async fn stop(mut self) -> nix::sys::wait::WaitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.0.take().unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        tokio::task::spawn_blocking(move || nix::sys::wait::waitpid(pid, None).unwrap())
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_under_load_refuses_no_connection_and_loses_no_flow() {
+    let lab = Lab::up(1).await;
+    let bpffs = BpfFs::mount();
+    let (kernel, mut seen_kernel, gate_kernel) = gated_server(&lab, 0);
+    let (relayed, mut seen_relayed, gate_relayed) = gated_server(&lab, 0);
+    let (echo, _seen_echo, gate_echo) = gated_server(&lab, 0);
+    gate_echo.send(true).unwrap();
+    // The successor is the old daemon's child; once the old one exits it comes to this
+    // process, which can then wait for it.
+    nix::sys::prctl::set_child_subreaper(true).unwrap();
+    let (p_kernel, p_relayed, p_echo) = (
+        lab.host.free_port(),
+        lab.host.free_port(),
+        lab.host.free_port(),
+    );
+    let any = |p: u16| SocketAddr::from(([0, 0, 0, 0], p));
+    let relay = |name: &str, p: u16, target: SocketAddr| {
+        format!(
+            "[[mapping]]\nname = \"{name}\"\nlisten = \"{}\"\ntarget = \"{target}\"\nmode = \"splice\"\n",
+            any(p)
+        )
+    };
+    let config = lab.config(
+        &format!("pin_dir = \"{}\"", bpffs.0.join(PINS).display()),
+        &[("kernel", "tcp", any(p_kernel), kernel)],
+    ) + &relay("relayed", p_relayed, relayed)
+        + &relay("echo", p_echo, echo);
+    let dir = Dir::new();
+    let mut old = lab.berth(&dir, &config);
+    old.up().await;
+
+    // A successor that cannot start (its configuration is broken) changes nothing.
+    std::fs::write(&old.file, "this is not toml").unwrap();
+    let (ok, out) = upgrade(&old.admin).await;
+    assert!(!ok, "{out}");
+    assert!(out.contains("before it took over"), "{out}");
+    std::fs::write(&old.file, &config).unwrap();
+    assert_eq!(
+        old.row("kernel").await.mode,
+        "dnat",
+        "the old berth serves on"
+    );
+
+    // Held transfers: 32 through kernel mode, 4 relayed by the old process.
+    const SIZE: u64 = 8 << 20;
+    let public = |p: u16| SocketAddr::from((EXT_HOST, p));
+    let c_kernel = start_exchanges(&lab, public(p_kernel), 1, 32, SIZE).await;
+    let c_relayed = start_exchanges(&lab, public(p_relayed), 101, 4, SIZE).await;
+    old.wait_row("kernel", "its 32 flows", |r| r.active == 32)
+        .await;
+    old.wait_row("relayed", "its 4 connections", |r| r.active == 4)
+        .await;
+
+    // New connections all along: none may be refused or lost.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let (stop, ext) = (stop.clone(), lab.ext.ns.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let sock = ext
+                    .run(|| tokio::net::TcpSocket::new_v4().unwrap())
+                    .unwrap();
+                let c = timeout(HANG, sock.connect(public(p_echo)))
+                    .await
+                    .expect("a connection hung")
+                    .unwrap_or_else(|e| panic!("connection {n} refused: {e}"));
+                let t = timeout(HANG, exchange(c, 1000 + n, 4096, 4096))
+                    .await
+                    .unwrap()
+                    .unwrap_or_else(|e| panic!("connection {n}: {e}"));
+                assert_eq!((t.sent, t.received), (4096, 4096), "connection {n}");
+                n += 1;
+            }
+            n
+        })
+    };
+
+    let (ok, out) = upgrade(&old.admin).await;
+    assert!(ok, "{out}");
+    let new_pid: i32 = out
+        .trim()
+        .rsplit(' ')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {out:?}"));
+    assert_ne!(new_pid as u32, old.child.id());
+    let successor = Successor(Some(new_pid));
+    let new = old.admin.clone();
+    let rows = timeout(HANG, berth::service::admin::request(&new, "status"))
+        .await
+        .unwrap()
+        .unwrap()
+        .mappings;
+    let kernel_row = rows.iter().find(|r| r.name == "kernel").unwrap();
+    assert!(
+        kernel_row.active >= 32,
+        "the successor adopted the flows: {kernel_row:?}"
+    );
+    assert_eq!(lab.tc_programs("ext0"), ["berth_dnat_tc"]);
+
+    // Kernel-mode transfers run through the successor; relayed ones finish in the old
+    // process, which then exits cleanly.
+    gate_kernel.send(true).unwrap();
+    gate_relayed.send(true).unwrap();
+    finish(c_kernel, &mut seen_kernel).await;
+    finish(c_relayed, &mut seen_relayed).await;
+    let status = tokio::task::spawn_blocking(move || old.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "the old berth exited with {status}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let probes = prober.await.unwrap();
+    assert!(probes > 0, "no connection was tried during the upgrade");
+    // The old daemon left the kernel-mode state to its successor: still pinned, and the
+    // mapping's entry still there (it went with neither the drain nor the exit).
+    let pinned = bpffs.pinned(PINS);
+    assert!(
+        pinned.iter().any(|p| p == "BERTH_DNAT_SVC")
+            && pinned.iter().any(|p| p.starts_with("link_tc_")),
+        "{pinned:?}"
+    );
+    assert_eq!(map_entries_of(new_pid as u32, "BERTH_DNAT_SVC"), 1);
+
+    // The successor serves new flows, and a plain stop leaves nothing behind.
+    let c = lab.ext_connect(public(p_kernel)).await;
+    let t = exchange(c, 500, 1 << 20, 1 << 20).await.unwrap();
+    let (id, srv) = seen_kernel.recv().await.unwrap().unwrap();
+    assert_eq!(id, 500);
+    assert_mirrored(500, &t, &srv);
+    let status = successor.stop().await;
+    assert!(
+        matches!(status, nix::sys::wait::WaitStatus::Exited(_, 0)),
+        "the successor stopped with {status:?}"
+    );
+    assert_eq!(bpffs.pinned(PINS), Vec::<String>::new(), "nothing pinned");
+    wait_until("the TC programs to be detached", || {
+        lab.tc_programs("ext0").is_empty()
+            && lab.tc_programs(&lab.topo.bridge.to_string()).is_empty()
+    })
+    .await;
+    wait_until("the cgroup programs to be detached", || {
+        all_cgroup_programs(&lab.cgroup.0) == 0
+    })
+    .await;
 }

@@ -541,12 +541,7 @@ async fn the_daemon_runs_in_process_with_reload_and_shutdown_as_arguments() {
     };
     write(&mapping("a", a, target, ""));
     let admin = dir.path("admin.sock");
-    let start = Start {
-        config_path: file.clone(),
-        config: Config::load(&file).unwrap(),
-        admin_socket: admin.clone(),
-        inherited: Default::default(),
-    };
+    let start = Start::new(file.clone(), Config::load(&file).unwrap(), admin.clone());
     let (reload, reloads) = tokio::sync::mpsc::channel(1);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let daemon = tokio::spawn(serve(start, reloads, async {

@@ -25,6 +25,10 @@ impl std::fmt::Debug for DnatMapping {
 impl DnatMapping {
     /// Stops mapping new flows and local connects; flows with a conntrack entry go on.
     pub fn drain(&self) {
+        // Handed over: the successor maps new flows with this very entry.
+        if self.dnat.leaving() {
+            return;
+        }
         let mut inner = self.dnat.lock();
         if inner.owns(&self.key, self.backend.id) {
             let mut b = self.backend;

@@ -380,10 +380,10 @@ impl Dnat {
         }
     }
 
-    /// Leaves every pinned map and link in place when this instance goes, and each
+    /// Whether every pinned map and link stays in place when this instance goes, and each
     /// mapping's entries with them: for a successor that adopts them (a hand-over).
-    pub fn leave_pinned(&self) {
-        self.leave.store(true, Ordering::Relaxed);
+    pub fn leave_pinned(&self, leave: bool) {
+        self.leave.store(leave, Ordering::Relaxed);
     }
 
     /// True if a hand-over asked to leave the state in place.

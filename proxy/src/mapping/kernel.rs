@@ -46,6 +46,8 @@ pub struct Kernel {
     /// Kernel mode, while a mapping uses it: the mappings hold the strong handles, so the
     /// programs are detached as soon as the last kernel-mode mapping is gone.
     dnat: Weak<Dnat>,
+    /// Kernel mode's pinned state stays when it goes (a hand-over under way).
+    leave_pinned: bool,
 }
 
 /// What a batch of mappings about to start needs from the kernel, looked up before they start
@@ -86,6 +88,7 @@ impl Kernel {
             sockmap: None,
             sockmap_error: None,
             dnat: Weak::new(),
+            leave_pinned: false,
         }
     }
 
@@ -115,6 +118,16 @@ impl Kernel {
         }
         self.sockmap_settings = sockmap_settings;
         self.dnat_settings = dnat_settings;
+    }
+
+    /// Whether kernel mode's pinned maps and links stay when it goes, with every mapping's
+    /// entries: while a successor takes over from this process, or while this process takes
+    /// over and its predecessor still counts on them.
+    pub fn leave_pinned(&mut self, leave: bool) {
+        self.leave_pinned = leave;
+        if let Some(d) = self.dnat.upgrade() {
+            d.leave_pinned(leave);
+        }
     }
 
     /// Ends a start: kernel mode, if it adopted a predecessor's pinned state, deletes what no
@@ -167,6 +180,7 @@ impl Kernel {
             Some(d) => Ok(d),
             None => match Dnat::start(self.dnat_settings.clone()).await {
                 Ok(d) => {
+                    d.leave_pinned(self.leave_pinned);
                     self.dnat = Arc::downgrade(&d);
                     Ok(d)
                 }

@@ -27,8 +27,11 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use super::api::MAX_LINE;
 pub use super::api::{Call, Reply};
+use super::{
+    api::MAX_LINE,
+    handover::{Offer, Verdict},
+};
 
 /// How long a client may take to finish a line it has begun.
 pub const LINE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,6 +51,10 @@ pub(crate) enum Request {
     },
     /// The connection closed: its leases end.
     Closed(u64),
+    /// A successor asks for the sockets ([`super::handover`]).
+    Handover {
+        offer: oneshot::Sender<Result<Offer, String>>,
+    },
 }
 
 /// The admin socket cannot be used.
@@ -93,6 +100,17 @@ pub(crate) fn bind(path: &Path) -> Result<UnixListener, AdminError> {
     sock.listen(128).map_err(err)?;
     sock.set_nonblocking(true).map_err(err)?;
     UnixListener::from_std(std::os::unix::net::UnixListener::from(OwnedFd::from(sock))).map_err(err)
+}
+
+/// The admin listener a predecessor passed (a hand-over): the same socket, at `path`.
+pub(crate) fn adopt(fd: OwnedFd, path: &Path) -> Result<UnixListener, AdminError> {
+    let err = |source| AdminError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    let std = std::os::unix::net::UnixListener::from(fd);
+    std.set_nonblocking(true).map_err(err)?;
+    UnixListener::from_std(std).map_err(err)
 }
 
 /// Accepts admin connections (at most `max_conns` at once) and forwards their requests to the
@@ -151,6 +169,10 @@ async fn connection(
             // The sockets that arrived so far came with this line. Answered in a future of
             // its own: an idle connection (a lease, held for days) keeps only its read state.
             let passed = std::mem::take(&mut fds);
+            if line.trim_ascii() == b"handover" {
+                // The connection is the hand-over's from here to its end.
+                return hand_over(stream, std::mem::take(&mut buf), requests).await;
+            }
             let reply = Box::pin(answer(&line, passed, conn, requests)).await;
             write_reply(stream, &reply).await?;
         }
@@ -183,6 +205,81 @@ async fn connection(
         if fds.len() > MAX_FDS + 3 {
             write_reply(stream, &Reply::error("too many sockets passed; closing")).await?;
             return Ok(());
+        }
+    }
+}
+
+/// How long a successor may take between receiving the sockets and serving them.
+const SUCCESSOR_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Serves a successor's hand-over request (see [`super::handover`]): passes the sockets the
+/// service offers, then waits for the successor to say it serves them, and tells the service.
+async fn hand_over(
+    stream: &UnixStream,
+    mut buf: Vec<u8>,
+    requests: &mpsc::Sender<Request>,
+) -> io::Result<()> {
+    let (tx, rx) = oneshot::channel();
+    if requests
+        .send(Request::Handover { offer: tx })
+        .await
+        .is_err()
+    {
+        return write_reply(stream, &Reply::error("berth is stopping")).await;
+    }
+    let offer = match rx.await {
+        Ok(Ok(o)) => o,
+        Ok(Err(why)) => return write_reply(stream, &Reply::error(why)).await,
+        Err(_) => return write_reply(stream, &Reply::error("berth is stopping")).await,
+    };
+    let Offer { sockets, verdict } = offer;
+    if let Err(e) = super::handover::send_sockets(stream, &sockets).await {
+        let _ = verdict.send(Verdict::Aborted(format!("cannot pass the sockets: {e}")));
+        return Err(e);
+    }
+    // Our copies go now: the successor holds its own, and an abort must not leave them here.
+    drop(sockets);
+    let mut fds = Vec::new();
+    let line = tokio::time::timeout(SUCCESSOR_TIMEOUT, async {
+        loop {
+            if let Some(end) = buf.iter().position(|&b| b == b'\n') {
+                return Ok(buf.drain(..=end).collect::<Vec<u8>>());
+            }
+            if recv(stream, &mut buf, &mut fds).await? == 0 {
+                return Ok(Vec::new());
+            }
+        }
+    })
+    .await;
+    let line: io::Result<Vec<u8>> = line.unwrap_or_else(|_| Ok(b"(timed out)".to_vec()));
+    match line {
+        Ok(l) if l.trim_ascii() == b"ready" => {
+            let pid = stream
+                .peer_cred()
+                .ok()
+                .and_then(|c| c.pid())
+                .and_then(|p| u32::try_from(p).ok());
+            let (ack, acked) = oneshot::channel();
+            if verdict.send(Verdict::Ready { pid, ack }).is_ok() && acked.await.is_ok() {
+                write_reply(stream, &Reply::ok("handed over", Vec::new())).await?;
+            }
+            Ok(())
+        }
+        Ok(l) => {
+            let why = if l.is_empty() {
+                "the successor went away".to_owned()
+            } else {
+                format!(
+                    "the successor said {:?}",
+                    String::from_utf8_lossy(l.trim_ascii())
+                )
+            };
+            let _ = verdict.send(Verdict::Aborted(why));
+            Ok(())
+        }
+        Err(e) => {
+            let _ = verdict.send(Verdict::Aborted(e.to_string()));
+            Err(e)
         }
     }
 }

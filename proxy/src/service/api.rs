@@ -36,6 +36,9 @@ pub struct Reply {
     /// The mappings (status, list, after a reload), or the one added.
     #[serde(default)]
     pub mappings: Vec<Row>,
+    /// For a hand-over: the names of the sockets that follow, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sockets: Vec<String>,
 }
 
 impl Reply {
@@ -44,6 +47,7 @@ impl Reply {
             ok: false,
             message: message.into(),
             mappings: Vec::new(),
+            sockets: Vec::new(),
         }
     }
 
@@ -52,6 +56,7 @@ impl Reply {
             ok: true,
             message: message.into(),
             mappings,
+            sockets: Vec::new(),
         }
     }
 }
@@ -66,6 +71,11 @@ pub enum Call {
     List,
     /// Re-read the configuration file.
     Reload,
+    /// Start the successor (the `berth` binary now at this daemon's path) and hand every
+    /// socket and kernel mode's pinned state over to it; answered once it serves them.
+    Upgrade,
+    /// A successor asks for the sockets ([`super::handover`]); not for clients.
+    Handover,
     /// Add a mapping. The listening socket may come along with the line (SCM_RIGHTS);
     /// otherwise the daemon binds.
     Add {
@@ -106,12 +116,14 @@ impl Call {
             "status" => return Ok(Self::Status),
             "list" => return Ok(Self::List),
             "reload" => return Ok(Self::Reload),
+            "upgrade" => return Ok(Self::Upgrade),
+            "handover" => return Ok(Self::Handover),
             _ => {}
         }
         if !line.starts_with('{') {
             let shown: String = line.chars().take(64).collect();
             return Err(format!(
-                "unknown command {shown:?}: expected status, list, reload, or a JSON request such as {{\"op\":\"add\",...}}"
+                "unknown command {shown:?}: expected status, list, reload, upgrade, or a JSON request such as {{\"op\":\"add\",...}}"
             ));
         }
         serde_json::from_str(line).map_err(|e| format!("invalid request: {e}"))

@@ -382,6 +382,24 @@ pub(crate) fn registry(state: Arc<Mutex<State>>, conntrack_capacity: u32) -> Reg
     registry
 }
 
+/// The metrics listener at `addr`: the one a predecessor passed if it is bound there (a
+/// hand-over keeps the port open throughout), else a fresh bind.
+pub(crate) fn listener(
+    addr: SocketAddr,
+    passed: Option<std::os::fd::OwnedFd>,
+) -> Result<TcpListener, crate::listen::ListenError> {
+    if let Some(fd) = passed {
+        let std = std::net::TcpListener::from(fd);
+        if std.local_addr().ok() == Some(addr)
+            && std.set_nonblocking(true).is_ok()
+            && let Ok(l) = TcpListener::from_std(std)
+        {
+            return Ok(l);
+        }
+    }
+    crate::listen::bind_tcp(addr.into())
+}
+
 /// Serves `registry` at `/metrics` on `listener` until the task is dropped.
 pub(crate) async fn serve(listener: TcpListener, registry: Registry) {
     let addr: Option<SocketAddr> = listener.local_addr().ok();

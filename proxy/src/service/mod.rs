@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod api;
 pub mod config;
+pub mod handover;
 mod metrics;
 pub use metrics::family_names;
 mod persist;
@@ -28,7 +29,7 @@ mod systemd;
 use std::{
     collections::{BTreeMap, HashMap},
     io,
-    os::fd::OwnedFd,
+    os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
@@ -44,6 +45,7 @@ use self::{
     admin::{AdminError, Request},
     api::{CONFIG_OWNER, Call, Reply},
     config::{Config, ConfigError},
+    handover::{Outgoing, Successor, TakeOver},
     persist::{Saved, Store},
     status::Row,
     systemd::Notifier,
@@ -69,6 +71,8 @@ pub enum ServiceError {
     Start { name: String, source: StartError },
     #[error("mapping {name:?}: cannot hand its socket to its replacement: {source}")]
     Handover { name: String, source: io::Error },
+    #[error("cannot take over from the running berth: {0}")]
+    TakeOver(String),
     #[error(transparent)]
     Sockmap(#[from] SockmapUnavailable),
     #[error("mapping {name:?}: {why}")]
@@ -92,6 +96,9 @@ pub struct Options {
     pub config: PathBuf,
     /// Overrides the file's `[admin] socket`.
     pub admin_socket: Option<PathBuf>,
+    /// Take every socket and kernel mode's state over from the berth serving the admin
+    /// socket (an upgrade), instead of binding.
+    pub take_over: bool,
 }
 
 /// The mappings being served, and those removed that are still draining.
@@ -193,8 +200,33 @@ pub struct Start {
     /// Its contents, validated.
     pub config: Config,
     pub admin_socket: PathBuf,
-    /// Sockets the service manager passed, by mapping name.
+    /// Sockets the service manager (or the predecessor, in a hand-over) passed, by mapping
+    /// name; the predecessor's admin and metrics listeners under [`handover::ADMIN`] and
+    /// [`handover::METRICS`].
     pub inherited: HashMap<String, OwnedFd>,
+    /// The predecessor to tell once everything is served, in a hand-over.
+    pub take_over: Option<TakeOver>,
+    /// How `berth upgrade` starts this daemon's successor.
+    pub successor: Successor,
+}
+
+impl Start {
+    /// A start with nothing passed in: no sockets, no predecessor; `berth upgrade` would start
+    /// the binary running now.
+    pub fn new(config_path: PathBuf, config: Config, admin_socket: PathBuf) -> Self {
+        Self {
+            successor: Successor {
+                exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("berth")),
+                config: config_path.clone(),
+                admin_socket: admin_socket.clone(),
+            },
+            config_path,
+            config,
+            admin_socket,
+            inherited: HashMap::new(),
+            take_over: None,
+        }
+    }
 }
 
 /// `berth run`: loads `opts.config`, takes systemd's sockets, and serves until SIGTERM or
@@ -205,11 +237,25 @@ pub async fn run(opts: Options) -> Result<(), ServiceError> {
         .admin_socket
         .clone()
         .unwrap_or_else(|| config.admin_socket.clone());
-    let inherited = systemd::listen_fds();
+    let mut inherited = systemd::listen_fds();
     if !inherited.is_empty() {
         let names: Vec<&String> = inherited.keys().collect();
         info!(sockets = ?names, "sockets passed by systemd");
     }
+    let take_over = if opts.take_over {
+        let path = admin_socket.clone();
+        let (t, sockets) = tokio::task::spawn_blocking(move || TakeOver::request(&path))
+            .await
+            .map_err(|e| ServiceError::TakeOver(e.to_string()))?
+            .map_err(|e| ServiceError::TakeOver(e.to_string()))?;
+        info!(sockets = sockets.len(), admin = %admin_socket.display(), "taking over from the running berth");
+        inherited.extend(sockets);
+        Some(t)
+    } else {
+        None
+    };
+    // Where this binary was started from: `berth upgrade` starts what is there then.
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("berth"));
     let mut hup = signal(SignalKind::hangup()).map_err(ServiceError::Signals)?;
     let mut term = signal(SignalKind::terminate()).map_err(ServiceError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(ServiceError::Signals)?;
@@ -228,10 +274,16 @@ pub async fn run(opts: Options) -> Result<(), ServiceError> {
         }
     };
     let start = Start {
+        successor: Successor {
+            exe,
+            config: opts.config.clone(),
+            admin_socket: admin_socket.clone(),
+        },
         config_path: opts.config,
         config,
         admin_socket,
         inherited,
+        take_over,
     };
     let served = serve(start, reload, shutdown).await;
     hups.abort();
@@ -250,14 +302,27 @@ pub async fn serve(
         config_path,
         config,
         admin_socket: admin_path,
-        inherited,
+        mut inherited,
+        take_over,
+        successor,
     } = start;
     let notifier = Notifier::from_env();
+    let passed_metrics = inherited.remove(handover::METRICS);
     let metrics_listener = match config.metrics_listen {
-        Some(addr) => Some(crate::listen::bind_tcp(addr.into()).map_err(ServiceError::Metrics)?),
+        Some(addr) => Some(metrics::listener(addr, passed_metrics).map_err(ServiceError::Metrics)?),
         None => None,
     };
-    let admin_listener = admin::bind(&admin_path)?;
+    let admin_listener = match inherited.remove(handover::ADMIN) {
+        Some(fd) => admin::adopt(fd, &admin_path)?,
+        None => admin::bind(&admin_path)?,
+    };
+    // Copies for a successor: the tasks that serve them own the originals.
+    let listeners = Listeners {
+        admin: admin_listener.as_fd().try_clone_to_owned().ok(),
+        metrics: metrics_listener
+            .as_ref()
+            .and_then(|l| l.as_fd().try_clone_to_owned().ok()),
+    };
     let state_file = config
         .state_file
         .clone()
@@ -275,15 +340,33 @@ pub async fn serve(
         state: Arc::new(Mutex::new(State::default())),
         inherited,
     };
+    // Until the predecessor has handed over, its pinned state is not ours to remove.
+    service.kernel.leave_pinned(take_over.is_some());
     // Everything is bound before anything starts: a bad mapping leaves nothing half-running.
     if let Err(e) = service.apply(config).await {
-        let _ = std::fs::remove_file(&admin_path);
+        if take_over.is_none() {
+            let _ = std::fs::remove_file(&admin_path);
+        }
         return Err(e);
     }
     service.restore().await;
     // Every mapping this process serves is back: what a crashed predecessor pinned and no
     // mapping took over goes now.
     service.kernel.settle().await;
+    if let Some(t) = take_over {
+        // The predecessor's sockets that no mapping took close with it: their mappings are
+        // gone from the configuration.
+        let unused: Vec<String> = service.inherited.drain().map(|(name, _)| name).collect();
+        if !unused.is_empty() {
+            info!(sockets = ?unused, "sockets of mappings no longer configured are closed");
+        }
+        match tokio::task::spawn_blocking(move || t.ready()).await {
+            Ok(Ok(())) => info!("took over from the previous berth"),
+            Ok(Err(e)) => warn!(error = %e, "the previous berth did not confirm the hand-over"),
+            Err(e) => warn!(error = %e, "the previous berth did not confirm the hand-over"),
+        }
+        service.kernel.leave_pinned(false);
+    }
     let state = service.state.clone();
     let mut background = tokio::task::JoinSet::new();
     if let Some(l) = metrics_listener {
@@ -311,20 +394,63 @@ pub async fn serve(
     // Finished retired mappings are dropped promptly: a kernel-mode one holds the programs.
     let mut reap = tokio::time::interval(Duration::from_secs(1));
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut outgoing = Outgoing::default();
+    // Set once a successor serves everything: (its pid, the `berth upgrade` connection
+    // still to be answered, and until when to wait for it to read the answer).
+    let mut handed: Option<(Option<u32>, Option<u64>)> = None;
+    let linger = tokio::time::sleep(Duration::ZERO);
+    let mut linger = std::pin::pin!(linger);
     loop {
         tokio::select! {
             _ = reap.tick() => lock(&state).reap(),
-            Some(()) = reload.recv() => {
+            Some(()) = reload.recv(), if handed.is_none() => {
                 let reply = service.reload(&notifier).await;
                 log_reload(&reply);
             }
             Some(req) = admin_rx.recv() => match req {
+                Request::Call { call, reply, conn, .. } if matches!(*call, Call::Upgrade) => {
+                    outgoing.upgrade(&successor, reply, conn);
+                }
                 Request::Call { call, socket, conn, reply } => {
                     service.call(*call, socket, conn, reply, &notifier).await;
                 }
-                Request::Closed(conn) => service.closed(conn),
+                Request::Closed(conn) => {
+                    if handed.is_some_and(|(_, c)| c == Some(conn)) {
+                        break;
+                    }
+                    service.closed(conn);
+                }
+                Request::Handover { offer } => {
+                    let _ = offer.send(outgoing.offer(service.handover_sockets(&listeners)));
+                }
             },
-            () = &mut shutdown => break,
+            event = outgoing.next(), if outgoing.busy() => match event {
+                handover::Event::Ready { pid, ack } => {
+                    // The successor is the main process from now on; the pinned state is its.
+                    if let Some(pid) = pid {
+                        notifier.notify(&format!("MAINPID={pid}"));
+                    }
+                    service.kernel.leave_pinned(true);
+                    let _ = ack.send(());
+                    info!(successor = ?pid, "handed over: stopping accepting and draining");
+                    let conn = outgoing.answer(Reply::ok(
+                        format!("handed over to pid {}", pid.map_or("?".into(), |p| p.to_string())),
+                        Vec::new(),
+                    ));
+                    handed = Some((pid, conn));
+                    if conn.is_none() {
+                        break;
+                    }
+                    // Long enough for `berth upgrade` to read its answer and hang up.
+                    linger.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(2));
+                }
+                handover::Event::Aborted(why) => {
+                    warn!(reason = %why, "hand-over aborted; serving on");
+                    outgoing.answer(Reply::error(format!("upgrade aborted: {why}")));
+                }
+            },
+            () = &mut linger, if handed.is_some() => break,
+            () = &mut shutdown, if handed.is_none() => break,
         }
     }
 
@@ -332,11 +458,20 @@ pub async fn serve(
     // itself, so its clients see no gap while this process drains.
     admin_task.abort();
     let _ = (&mut admin_task).await;
-    let _ = std::fs::remove_file(&admin_path);
+    if handed.is_none() {
+        let _ = std::fs::remove_file(&admin_path);
+    }
+    drop(listeners);
     stop(&state, service.config.drain_timeout, &notifier).await;
     background.abort_all();
     info!("berth stopped");
     Ok(())
+}
+
+/// Copies of the daemon's own listeners, for a successor.
+struct Listeners {
+    admin: Option<OwnedFd>,
+    metrics: Option<OwnedFd>,
 }
 
 /// `berth forward` and a standalone `berth-docker-proxy`: serves one mapping on `bound` in
@@ -386,6 +521,29 @@ fn log_reload(reply: &Reply) {
 }
 
 impl Service {
+    /// What a successor takes over: the socket of every mapping this daemon binds (those of
+    /// the file and the persistent runtime ones; a Docker shim's lease goes back to its
+    /// shim when this daemon goes, and comes to the successor from there), and its own
+    /// admin and metrics listeners.
+    fn handover_sockets(&self, own: &Listeners) -> Vec<(String, OwnedFd)> {
+        let st = lock(&self.state);
+        let mut out: Vec<(String, OwnedFd)> = st
+            .active
+            .values()
+            .filter(|r| !st.leases.contains_key(&r.spec.name))
+            .filter_map(|r| Some((r.spec.name.clone(), r.handover().ok()?)))
+            .collect();
+        for (name, fd) in [
+            (handover::ADMIN, &own.admin),
+            (handover::METRICS, &own.metrics),
+        ] {
+            if let Some(fd) = fd.as_ref().and_then(|f| f.try_clone().ok()) {
+                out.push((name.to_owned(), fd));
+            }
+        }
+        out
+    }
+
     /// Answers one admin request. Removal answers once the socket is closed, without holding
     /// up the loop.
     async fn call(
@@ -398,6 +556,8 @@ impl Service {
     ) {
         let answer = match call {
             Call::Status | Call::List => Reply::ok("", lock(&self.state).rows()),
+            // The service loop and the connection take these before they come here.
+            Call::Upgrade | Call::Handover => Reply::error("not here"),
             Call::Reload => {
                 let r = self.reload(notifier).await;
                 log_reload(&r);
@@ -560,6 +720,12 @@ impl Service {
             }
             spec
         };
+        // A persistent mapping restored in a hand-over comes with its predecessor's socket.
+        let socket = socket.or_else(|| {
+            (holder == Holder::Persist)
+                .then(|| self.inherited.remove(&spec.name))
+                .flatten()
+        });
         let bound = match socket {
             Some(fd) => Bound::adopt(fd, &spec).map_err(|e| format!("socket: {e}")),
             None => Bound::bind(&spec).map_err(|e| format!("mapping: listen: {e}")),
@@ -683,9 +849,8 @@ impl Service {
         match result {
             Ok(message) => Reply::ok(message, rows),
             Err(e) => Reply {
-                ok: false,
-                message: e.to_string(),
                 mappings: rows,
+                ..Reply::error(e.to_string())
             },
         }
     }

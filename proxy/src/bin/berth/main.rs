@@ -32,6 +32,9 @@ enum Command {
     Status(service_cmd::StatusArgs),
     /// Make a running berth re-read its configuration file (as SIGHUP does).
     Reload(service_cmd::ReloadArgs),
+    /// Hand a running berth over to the binary now installed (an upgrade), without closing a
+    /// port or ending a kernel-mode flow.
+    Upgrade(service_cmd::UpgradeArgs),
     /// Build, remove or enter the container network (bridge, namespaces, veth pairs).
     #[command(subcommand)]
     Net(net_cmd::NetCommand),
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
             Command::Check(args) => service_cmd::check(&args),
             Command::Status(args) => service_cmd::status(&args).await,
             Command::Reload(args) => service_cmd::reload(&args).await,
+            Command::Upgrade(args) => service_cmd::upgrade(&args).await,
             Command::Completions(args) => Ok(docs_cmd::completions(&args)),
             Command::Man(args) => docs_cmd::man(&args),
         }

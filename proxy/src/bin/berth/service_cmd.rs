@@ -28,6 +28,27 @@ pub(crate) struct RunArgs {
     /// The admin socket, overriding the file's [admin] socket.
     #[arg(long, env = ADMIN_SOCKET_ENV)]
     admin_socket: Option<PathBuf>,
+    /// Take over from the berth serving the admin socket (an upgrade): its listening sockets
+    /// and kernel mode's pinned state come to this process, which starts serving them before
+    /// the old one stops accepting; the old one then lets its connections finish and exits.
+    /// `berth upgrade` does this from the running daemon, under systemd too.
+    #[arg(long)]
+    take_over: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+The running daemon starts the berth binary found at the path it was started from (the one a
+package upgrade just replaced) as `berth run --take-over`, with its configuration file and
+admin socket. The successor takes every listening socket and kernel mode's pinned state over,
+serves them, and only then does the old daemon stop accepting, let its open connections finish
+([service] drain_timeout) and exit. No port closes meanwhile, and kernel-mode flows go on.
+Under systemd the successor becomes the unit's main process (MAINPID=). If the successor fails
+to start, the old daemon serves on and this command fails.")]
+pub(crate) struct UpgradeArgs {
+    /// The admin socket of the berth to upgrade.
+    #[arg(long, env = ADMIN_SOCKET_ENV, default_value = DEFAULT_ADMIN_SOCKET)]
+    admin_socket: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -66,6 +87,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     service::run(service::Options {
         config: args.config,
         admin_socket: args.admin_socket,
+        take_over: args.take_over,
     })
     .await?;
     Ok(ExitCode::SUCCESS)
@@ -150,6 +172,17 @@ pub(crate) async fn reload(args: &ReloadArgs) -> anyhow::Result<ExitCode> {
             "berth: reload refused, the running configuration stays: {}",
             reply.message
         );
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+pub(crate) async fn upgrade(args: &UpgradeArgs) -> anyhow::Result<ExitCode> {
+    let reply = admin::request(&args.admin_socket, "upgrade").await?;
+    if reply.ok {
+        println!("upgraded: {}", reply.message);
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("berth: {}; the running berth serves on", reply.message);
         Ok(ExitCode::FAILURE)
     }
 }
