@@ -490,6 +490,31 @@ async fn berth_runs_hardened_under_systemd_reloads_restarts_and_is_removed() {
     let client = transfer(&m, 9091, 6).await;
     common::assert_served(&mut open_seen, 6, &client).await;
 
+    // `berth upgrade`: the running berth starts its successor, which systemd then knows as
+    // the main process and whose watchdog pings it takes; the port never closes.
+    let before = m.prop("berth.service", "MainPID");
+    let out = tokio::task::block_in_place(|| m.ok("berth upgrade"));
+    assert!(out.contains("handed over to pid"), "{out}");
+    let after = m
+        .wait_prop("berth.service", "MainPID", |p| p != before && p != "0")
+        .await;
+    assert!(
+        out.contains(&after),
+        "systemd's main process is the successor: {out} / {after}"
+    );
+    let client = transfer(&m, 9091, 7).await;
+    common::assert_served(&mut open_seen, 7, &client).await;
+    // Past two watchdog periods: the successor feeds it (no event marks that; the wait is
+    // bounded and only proves an absence).
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    assert_eq!(
+        m.prop("berth.service", "NRestarts"),
+        "1",
+        "the watchdog fired"
+    );
+    assert_eq!(m.prop("berth.service", "MainPID"), after);
+    assert_eq!(m.prop("berth.service", "ActiveState"), "active");
+
     // Removing the package stops berth and its socket.
     m.ok("dpkg --remove berth");
     for unit in ["berth.service", "berth.socket"] {
