@@ -818,6 +818,83 @@ async fn two_mappings_stay_apart_and_removing_them_detaches_everything() {
     }
 }
 
+/// A container bridge deleted and made again (same name and address, a new interface index,
+/// the container's veth enslaved again): the mapping follows it from the netlink events, and a
+/// flow opened before goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_made_again_is_followed_with_its_open_flows() {
+    let lab = Lab::up(1).await;
+    let (server, mut seen) = lab.tcp_server(0);
+    let port = lab.host.free_port();
+    let dir = scratch();
+    let listen = SocketAddr::from(([0, 0, 0, 0], port));
+    let berth = lab.berth(&dir, &lab.config("", &[("web", "tcp", listen, server)]));
+    berth.up().await;
+    let public = SocketAddr::from((EXT_HOST, port));
+    let open = lab.ext_connect(public).await;
+    berth
+        .wait_row("web", "the open flow", |r| r.active == 1)
+        .await;
+
+    let (bridge, veth) = (
+        lab.topo.bridge.clone(),
+        lab.topo.containers[0].host_veth.to_string(),
+    );
+    let (gateway, prefix) = (lab.topo.gateway, lab.topo.subnet.prefix_len());
+    let name = bridge.to_string();
+    lab.host
+        .ns
+        .run_async(|| async {
+            let nl = berth::net::Netlink::connect().unwrap();
+            nl.delete(&name).await.unwrap();
+            nl.add_bridge(&bridge).await.unwrap();
+            nl.add_addr(&name, gateway.into(), prefix).await.unwrap();
+            nl.set_up(&name).await.unwrap();
+            nl.set_controller(&veth, &name).await.unwrap();
+        })
+        .unwrap();
+
+    // New connections are mapped again once berth has followed (no event tells the test
+    // when: each try is bounded, and so is the whole).
+    let deadline = tokio::time::Instant::now() + HANG;
+    let mut n = 10u64;
+    loop {
+        let sock = lab
+            .ext
+            .ns
+            .run(|| tokio::net::TcpSocket::new_v4().unwrap())
+            .unwrap();
+        if let Ok(Ok(c)) = timeout(std::time::Duration::from_secs(1), sock.connect(public)).await {
+            let t = timeout(HANG, exchange(c, n, 1 << 20, 1 << 20))
+                .await
+                .unwrap()
+                .unwrap();
+            let (peer, id, srv) = seen.recv().await.unwrap();
+            assert_eq!(
+                (peer.ip(), id),
+                (IpAddr::V4(EXT_CLIENT), n),
+                "mapped in the kernel"
+            );
+            assert_mirrored(n, &t, &srv);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the mapping never followed the new bridge"
+        );
+        n += 1;
+    }
+    assert_eq!(lab.tc_programs(&name), ["berth_dnat_tc"]);
+    // The flow opened before the bridge went: its replies come from the new bridge now.
+    let t = timeout(HANG, exchange(open, 1, 1 << 20, 1 << 20))
+        .await
+        .unwrap()
+        .unwrap();
+    let (peer, id, srv) = seen.recv().await.unwrap();
+    assert_eq!((peer.ip(), id), (IpAddr::V4(EXT_CLIENT), 1));
+    assert_mirrored(1, &t, &srv);
+}
+
 /// Each berth process attaches its own TC program; a packet that one does not map must reach
 /// the next (TCX runs them in turn only while each returns "not mine").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,10 +15,7 @@
 )]
 mod common;
 
-use std::{
-    collections::HashMap,
-    net::{IpAddr, SocketAddr},
-};
+use std::net::{IpAddr, SocketAddr};
 
 use common::{
     EXT_CLIENT, EXT_HOST, HANG, Tally, assert_mirrored,
@@ -71,24 +68,13 @@ async fn start_exchanges(
     out
 }
 
-/// Waits for `n` server results and checks each against its client's tally.
+/// Waits for every transfer of `clients` and checks each against its server side.
 async fn finish(clients: Vec<(u64, JoinHandle<Tally>)>, seen: &mut Served) {
-    let mut servers = HashMap::new();
-    for _ in 0..clients.len() {
-        let (id, tally) = timeout(HANG * 2, seen.recv())
-            .await
-            .expect("a server never finished")
-            .unwrap()
-            .unwrap();
-        servers.insert(id, tally);
-    }
+    let mut done = Vec::new();
     for (id, task) in clients {
-        let client = task.await.unwrap();
-        let server = servers
-            .get(&id)
-            .unwrap_or_else(|| panic!("no server side for {id}"));
-        assert_mirrored(id, &client, server);
+        done.push((id, task.await.unwrap()));
     }
+    common::assert_all_served(seen, &done).await;
 }
 
 fn sigkill(berth: &mut Berth) {

@@ -61,6 +61,16 @@ pub(super) fn service_key(proto: Proto, listen: SocketAddr) -> ServiceKey {
     }
 }
 
+/// The address of `addr` (the maps' 16-byte layout): IPv4 if IPv4-mapped.
+pub(crate) fn ip_of(addr: &Addr) -> IpAddr {
+    let mut octets = [0u8; 16];
+    for (i, w) in addr.iter().enumerate() {
+        octets[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    let v6 = std::net::Ipv6Addr::from(octets);
+    v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+}
+
 /// `ip` in the maps' 16-byte layout (IPv4 as IPv4-mapped; `0.0.0.0` becomes the IPv4
 /// wildcard `::ffff:0.0.0.0`, `::` stays the IPv6 one).
 pub(crate) fn addr_of(ip: IpAddr) -> Addr {

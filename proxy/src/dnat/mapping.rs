@@ -30,8 +30,10 @@ impl DnatMapping {
             return;
         }
         let mut inner = self.dnat.lock();
-        if inner.owns(&self.key, self.backend.id) {
-            let mut b = self.backend;
+        // The entry as it is now (its interface may have changed since it was added).
+        if let Ok(mut b) = inner.maps.services.get(&self.key, 0)
+            && b.id == self.backend.id
+        {
             b.flags |= BACKEND_DRAINING;
             let _ = inner.maps.services.insert(self.key, b, 0);
         }

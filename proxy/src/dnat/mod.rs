@@ -527,17 +527,21 @@ impl Dnat {
         // A listed interface that is not there (now) is attached when it appears.
         let want = host::client_interfaces(&nl, self.settings.interfaces.as_deref(), true).await?;
         let present = host::interface_indexes(&nl).await?;
-        let mut inner = self.lock();
         let wanted: BTreeSet<u32> = want.iter().map(|i| i.index).collect();
-        let stale: Vec<u32> = inner
-            .attached
-            .iter()
-            .filter(|(i, a)| !present.contains(i) || (!a.for_mapping && !wanted.contains(i)))
-            .map(|(i, _)| *i)
-            .collect();
-        for index in stale {
-            inner.detach_tc(index);
+        {
+            let mut inner = self.lock();
+            let stale: Vec<u32> = inner
+                .attached
+                .iter()
+                .filter(|(i, a)| !present.contains(i) || (!a.for_mapping && !wanted.contains(i)))
+                .map(|(i, _)| *i)
+                .collect();
+            for index in stale {
+                inner.detach_tc(index);
+            }
         }
+        self.follow_containers(&nl, &present).await;
+        let mut inner = self.lock();
         for iface in &want {
             if inner.attached.contains_key(&iface.index) {
                 continue;
@@ -552,6 +556,64 @@ impl Dnat {
             }
         }
         Ok(())
+    }
+
+    /// Points the mappings whose container's interface is gone (its bridge deleted and made
+    /// again: a new index) at the interface the route now goes through, their open flows
+    /// included. A container with no route yet is looked for again at the next change.
+    async fn follow_containers(&self, nl: &Netlink, present: &BTreeSet<u32>) {
+        let lost: Vec<(ServiceKey, Backend)> = self
+            .lock()
+            .maps
+            .services
+            .iter()
+            .flatten()
+            .filter(|(_, b)| !present.contains(&b.ifindex))
+            .collect();
+        for (key, old) in lost {
+            let target = keys::ip_of(&old.addr);
+            let (via, src) = match host::route_to(nl, target).await {
+                Ok(r) => r,
+                Err(e) => {
+                    debug!(%target, error = %e, "a mapping's container is not reachable yet");
+                    continue;
+                }
+            };
+            self.follow(key, old, &via, src);
+        }
+    }
+
+    /// [`Self::follow_containers`] for one mapping, now reached through `via`.
+    fn follow(&self, key: ServiceKey, old: Backend, via: &Iface, src: Option<std::net::Ipv4Addr>) {
+        let target = keys::ip_of(&old.addr);
+        {
+            let mut inner = self.lock();
+            if !inner.owns(&key, old.id) {
+                return;
+            }
+            if let Err(e) = inner.attach_tc(via, true) {
+                warn!(interface = %via.name, error = %e, "cannot follow a container to its new interface");
+                return;
+            }
+            let mut b = inner.maps.services.get(&key, 0).unwrap_or(old);
+            b.ifindex = via.index;
+            b.hairpin_src = src.map_or(0, |a| u32::from_ne_bytes(a.octets()));
+            if inner.maps.services.insert(key, b, 0).is_err() {
+                return;
+            }
+            let flows: Vec<(FlowKey, Flow)> = inner
+                .maps
+                .conntrack
+                .iter()
+                .flatten()
+                .filter(|(_, f)| f.id == old.id && f.backend_ifindex == old.ifindex)
+                .collect();
+            for (k, mut f) in flows {
+                f.backend_ifindex = via.index;
+                let _ = inner.maps.conntrack.insert(k, f, 0);
+            }
+        }
+        info!(%target, id = old.id, interface = %via.name, "kernel-mode mapping follows its container to a new interface");
     }
 
     /// Re-reads the host's local addresses into the map.

@@ -282,6 +282,29 @@ pub async fn assert_served(
     assert_mirrored(id, client, &server);
 }
 
+/// The server halves of the transfers `clients` (in any order: servers finish in their own),
+/// each checked against its client's half.
+pub async fn assert_all_served(
+    seen: &mut tokio::sync::mpsc::UnboundedReceiver<std::io::Result<(u64, Tally)>>,
+    clients: &[(u64, Tally)],
+) {
+    let mut servers = std::collections::HashMap::new();
+    for _ in clients {
+        let (id, tally) = tokio::time::timeout(HANG, seen.recv())
+            .await
+            .expect("a server never finished")
+            .expect("the exchange server is gone")
+            .unwrap_or_else(|e| panic!("a transfer's server side: {e}"));
+        servers.insert(id, tally);
+    }
+    for (id, client) in clients {
+        let server = servers
+            .get(id)
+            .unwrap_or_else(|| panic!("transfer {id}: no server side"));
+        assert_mirrored(*id, client, server);
+    }
+}
+
 /// Checks that each side received exactly what the other sent, byte count and SHA-256.
 pub fn assert_mirrored(id: u64, client: &Tally, server: &Tally) {
     assert_eq!(
