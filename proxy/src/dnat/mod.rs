@@ -885,34 +885,29 @@ fn attach_cgroup(
     })?;
     for name in shared::CGROUP_PROGS {
         // A bpf link: other programs on the cgroup stay, and closing the link detaches.
+        // Two program types, the same steps; with pins the link is taken out of the
+        // program, to be pinned.
+        macro_rules! attach {
+            ($ty:ty) => {{
+                let prog: &mut $ty = crate::ebpf::program(ebpf, name)?;
+                prog.load().map_err(prog_err(name))?;
+                let id = prog
+                    .attach(&dir, CgroupAttachMode::Single)
+                    .map_err(attach_err(cgroup, name))?;
+                match pins {
+                    None => None,
+                    Some(_) => Some(
+                        prog.take_link(id)
+                            .map_err(attach_err(cgroup, name))
+                            .and_then(|l| FdLink::try_from(l).map_err(link_err(cgroup, name)))?,
+                    ),
+                }
+            }};
+        }
         let fd: Option<FdLink> = if name == shared::RELEASE_PROG {
-            let prog: &mut CgroupSock = crate::ebpf::program(ebpf, name)?;
-            prog.load().map_err(prog_err(name))?;
-            let id = prog
-                .attach(&dir, CgroupAttachMode::Single)
-                .map_err(attach_err(cgroup, name))?;
-            match pins {
-                None => None,
-                Some(_) => Some(
-                    prog.take_link(id)
-                        .map_err(attach_err(cgroup, name))
-                        .and_then(|l| FdLink::try_from(l).map_err(link_err(cgroup, name)))?,
-                ),
-            }
+            attach!(CgroupSock)
         } else {
-            let prog: &mut CgroupSockAddr = crate::ebpf::program(ebpf, name)?;
-            prog.load().map_err(prog_err(name))?;
-            let id = prog
-                .attach(&dir, CgroupAttachMode::Single)
-                .map_err(attach_err(cgroup, name))?;
-            match pins {
-                None => None,
-                Some(_) => Some(
-                    prog.take_link(id)
-                        .map_err(attach_err(cgroup, name))
-                        .and_then(|l| FdLink::try_from(l).map_err(link_err(cgroup, name)))?,
-                ),
-            }
+            attach!(CgroupSockAddr)
         };
         if let (Some(fd), Some(pins)) = (fd, pins) {
             let path = pins.prog_link(name);

@@ -326,42 +326,37 @@ async fn answer(
 async fn recv(stream: &UnixStream, buf: &mut Vec<u8>, fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
     loop {
         stream.readable().await?;
-        let got = stream.try_io(Interest::READABLE, || {
-            // On the worker's stack, not in the future: a thousand idle connections (one per
-            // Docker shim) must not hold a read buffer each.
-            let mut chunk = [0u8; 4096];
-            let mut iov = [IoSliceMut::new(&mut chunk)];
-            let mut space = nix::cmsg_space!([RawFd; 4]);
-            let msg = recvmsg::<()>(
-                stream.as_raw_fd(),
-                &mut iov,
-                Some(&mut space),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            )
-            .map_err(io::Error::from)?;
-            let mut passed = Vec::new();
-            for c in msg.cmsgs().map_err(io::Error::from)? {
-                if let ControlMessageOwned::ScmRights(raw) = c {
-                    // SAFETY: the kernel just installed these descriptors for us alone.
-                    passed.extend(
-                        raw.into_iter()
-                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                    );
-                }
-            }
-            let n = msg.bytes;
-            buf.extend_from_slice(&chunk[..n]);
-            Ok((n, passed))
-        });
-        match got {
-            Ok((n, passed)) => {
-                fds.extend(passed);
-                return Ok(n);
-            }
+        // The read buffer lives on the worker's stack (inside `receive`), not in the future:
+        // a thousand idle connections (one per Docker shim) must not hold one each.
+        match stream.try_io(Interest::READABLE, || receive(stream.as_raw_fd(), buf, fds)) {
+            Ok(n) => return Ok(n),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
     }
+}
+
+/// One `recvmsg` on the Unix stream socket `fd`: bytes into `bytes`, passed descriptors into
+/// `fds`; 0 at end of stream.
+pub(crate) fn receive(fd: RawFd, bytes: &mut Vec<u8>, fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    let mut chunk = [0u8; 4096];
+    let mut iov = [IoSliceMut::new(&mut chunk)];
+    // A hand-over passes up to 64 descriptors per message.
+    let mut space = nix::cmsg_space!([RawFd; 64]);
+    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
+        .map_err(io::Error::from)?;
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            // SAFETY: the kernel just installed these descriptors for this process alone.
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    let n = msg.bytes;
+    bytes.extend_from_slice(&chunk[..n]);
+    Ok(n)
 }
 
 /// Boxed: it is rare next to waiting, and an idle connection should not carry its room.

@@ -14,13 +14,13 @@
 //! ```
 use std::{
     collections::HashMap,
-    io::{self, IoSlice, IoSliceMut, Write as _},
+    io::{self, IoSlice, Write as _},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 
 use super::admin::{AdminError, Reply};
 
@@ -208,34 +208,13 @@ impl TakeOver {
     }
 }
 
-/// One `recvmsg`: bytes into `bytes`, descriptors into `fds`; 0 at end of stream.
+/// One `recvmsg` on the hand-over's connection.
 fn receive(
     stream: &std::os::unix::net::UnixStream,
     bytes: &mut Vec<u8>,
     fds: &mut Vec<OwnedFd>,
 ) -> io::Result<usize> {
-    let mut chunk = [0u8; 4096];
-    let mut iov = [IoSliceMut::new(&mut chunk)];
-    let mut space = nix::cmsg_space!([RawFd; CHUNK]);
-    let msg = recvmsg::<()>(
-        stream.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .map_err(io::Error::from)?;
-    for c in msg.cmsgs().map_err(io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(raw) = c {
-            // SAFETY: the kernel just installed these descriptors for this process alone.
-            fds.extend(
-                raw.into_iter()
-                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-            );
-        }
-    }
-    let n = msg.bytes;
-    bytes.extend_from_slice(&chunk[..n]);
-    Ok(n)
+    super::admin::receive(stream.as_raw_fd(), bytes, fds)
 }
 
 /// How the running daemon starts its successor for `berth upgrade`: the binary at the path
