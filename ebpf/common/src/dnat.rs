@@ -311,7 +311,7 @@ pub const fn is_v4_mapped(addr: &Addr) -> bool {
 mod pod {
     use super::{Backend, Config, Flow, FlowKey, Origin, ServiceKey, SockKey, Stats};
     // SAFETY: (this and the impls below) `repr(C)` structs of integers whose explicit `_pad`
-    // fields fill every gap (sizes 20, 32, 40, 48, 32, 24, 48, 8 bytes, checked by a test), so
+    // fields fill every gap (sizes 20, 32, 40, 48, 32, 24, 48, 16 bytes, checked by a test), so
     // there is no implicit padding and every bit pattern is valid.
     unsafe impl aya::Pod for ServiceKey {}
     // SAFETY: see above.
@@ -344,7 +344,7 @@ mod tests {
         assert_eq!(size_of::<SockKey>(), 32);
         assert_eq!(size_of::<Origin>(), 24);
         assert_eq!(size_of::<Stats>(), 48);
-        assert_eq!(size_of::<Config>(), 8);
+        assert_eq!(size_of::<Config>(), 16);
         assert_eq!(size_of::<FragKey>(), 12);
         assert_eq!(size_of::<FragRoute>(), 20);
     }
