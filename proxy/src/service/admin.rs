@@ -115,18 +115,33 @@ pub(crate) fn adopt(fd: OwnedFd, path: &Path) -> Result<UnixListener, AdminError
 
 /// Accepts admin connections (at most `max_conns` at once) and forwards their requests to the
 /// service loop. Dropping the future closes every connection.
+///
+/// Once `handed_over` is notified it stops accepting (a successor accepts on the same
+/// socket from then on) and serves the connections it has until it is dropped.
 pub(crate) async fn serve(
     listener: UnixListener,
     requests: mpsc::Sender<Request>,
     max_conns: usize,
+    handed_over: Arc<tokio::sync::Notify>,
 ) {
     let slots = Arc::new(Semaphore::new(max_conns));
     let ids = AtomicU64::new(1);
     let mut conns = JoinSet::new();
+    let mut listener = Some(listener);
     loop {
+        let accept = async {
+            match &listener {
+                Some(l) => l.accept().await,
+                None => std::future::pending().await,
+            }
+        };
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            a = accept => a,
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            () = handed_over.notified(), if listener.is_some() => {
+                listener = None;
+                continue;
+            }
         };
         let stream = match accepted {
             Ok((s, _)) => s,

@@ -388,7 +388,13 @@ pub async fn serve(
     let (requests, mut admin_rx) = mpsc::channel(64);
     // Every runtime mapping may be held by a connection of its own (one per Docker shim).
     let max_conns = service.config.max_runtime_mappings + 64;
-    let mut admin_task = tokio::spawn(admin::serve(admin_listener, requests, max_conns));
+    let handed_over = Arc::new(tokio::sync::Notify::new());
+    let mut admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        requests,
+        max_conns,
+        handed_over.clone(),
+    ));
     if let Some(every) = systemd::watchdog_interval() {
         let dog = Notifier::from_env();
         background.spawn(async move {
@@ -443,6 +449,10 @@ pub async fn serve(
                         notifier.notify(&format!("MAINPID={pid}"));
                     }
                     service.kernel.leave_pinned(true);
+                    // The successor accepts admin and metrics connections from now on, and
+                    // feeds the watchdog.
+                    handed_over.notify_one();
+                    background.abort_all();
                     let _ = ack.send(());
                     info!(successor = ?pid, "handed over: stopping accepting and draining");
                     let conn = outgoing.answer(Reply::ok(
