@@ -15,7 +15,7 @@
 use std::{
     collections::HashMap,
     io::{self, IoSlice, Write as _},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    os::fd::{AsRawFd as _, OwnedFd, RawFd},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -169,13 +169,6 @@ impl TakeOver {
             },
             sockets,
         ))
-    }
-
-    /// The old daemon's process id.
-    pub fn predecessor(&self) -> Option<u32> {
-        nix::sys::socket::getsockopt(&self.stream, nix::sys::socket::sockopt::PeerCredentials)
-            .ok()
-            .and_then(|c| u32::try_from(c.pid()).ok())
     }
 
     /// Tells the old daemon that this process serves everything, and waits for its answer:
@@ -356,22 +349,4 @@ impl Outgoing {
         let _ = u.reply.send(reply);
         Some(u.conn)
     }
-}
-
-/// Waits until process `pid` has exited (a pidfd becomes readable then).
-pub(crate) async fn exited(pid: u32) -> io::Result<()> {
-    let pid = libc::pid_t::try_from(pid).map_err(io::Error::other)?;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this descriptor, ours alone.
-    let fd = unsafe { OwnedFd::from_raw_fd(RawFd::try_from(fd).map_err(io::Error::other)?) };
-    // SAFETY: the AsyncFd owns the pidfd, so its descriptor stays open and the same.
-    let fd = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
-    }?;
-    let _ = fd.readable().await?;
-    Ok(())
 }

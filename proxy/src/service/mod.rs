@@ -355,18 +355,6 @@ pub async fn serve(
     service.kernel.settle().await;
     let mut background = tokio::task::JoinSet::new();
     if let Some(t) = take_over {
-        // The predecessor told systemd that this process is the main one while it was still
-        // its parent, and systemd does not wait for a main process that is not its child:
-        // said again once the predecessor is gone (this process is then systemd's child),
-        // a stop gets its drain instead of an immediate SIGKILL.
-        if let Some(pid) = t.predecessor() {
-            let again = Notifier::from_env();
-            background.spawn(async move {
-                if handover::exited(pid).await.is_ok() {
-                    again.notify(&format!("MAINPID={}", std::process::id()));
-                }
-            });
-        }
         // The predecessor's sockets that no mapping took close with it: their mappings are
         // gone from the configuration.
         let unused: Vec<String> = service.inherited.drain().map(|(name, _)| name).collect();
