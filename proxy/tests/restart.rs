@@ -77,6 +77,19 @@ async fn finish(clients: Vec<(u64, JoinHandle<Tally>)>, seen: &mut Served) {
     common::assert_all_served(seen, &done).await;
 }
 
+/// Waits until no berth program is left on the lab's uplink, its bridge or its cgroup.
+async fn nothing_attached(lab: &Lab) {
+    let bridge = lab.topo.bridge.to_string();
+    wait_until("the TC programs to be detached", || {
+        lab.tc_programs("ext0").is_empty() && lab.tc_programs(&bridge).is_empty()
+    })
+    .await;
+    wait_until("the cgroup programs to be detached", || {
+        all_cgroup_programs(&lab.cgroup.0) == 0
+    })
+    .await;
+}
+
 fn sigkill(berth: &mut Berth) {
     berth.child.kill().unwrap();
     berth.child.wait().unwrap();
@@ -184,14 +197,7 @@ async fn kernel_mode_flows_survive_a_crash_and_the_successor_adopts_them() {
     second.stop().await;
     assert_eq!(bpffs.pinned(PINS), Vec::<String>::new(), "nothing pinned");
     assert!(!bpffs.0.join(PINS).exists(), "the pin directory is gone");
-    wait_until("the TC programs to be detached", || {
-        lab.tc_programs("ext0").is_empty() && lab.tc_programs(&bridge).is_empty()
-    })
-    .await;
-    wait_until("the cgroup programs to be detached", || {
-        all_cgroup_programs(&lab.cgroup.0) == 0
-    })
-    .await;
+    nothing_attached(&lab).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,15 +249,7 @@ async fn state_that_cannot_be_adopted_or_is_not_wanted_is_removed() {
     third.up().await;
     assert_eq!(bpffs.pinned(PINS), Vec::<String>::new(), "nothing pinned");
     assert!(!bpffs.0.join(PINS).exists(), "the pin directory is gone");
-    wait_until("the TC programs to be detached", || {
-        lab.tc_programs("ext0").is_empty()
-            && lab.tc_programs(&lab.topo.bridge.to_string()).is_empty()
-    })
-    .await;
-    wait_until("the cgroup programs to be detached", || {
-        all_cgroup_programs(&lab.cgroup.0) == 0
-    })
-    .await;
+    nothing_attached(&lab).await;
     third.stop().await;
 }
 
@@ -433,13 +431,5 @@ async fn an_upgrade_under_load_refuses_no_connection_and_loses_no_flow() {
         "the successor stopped with {status:?}"
     );
     assert_eq!(bpffs.pinned(PINS), Vec::<String>::new(), "nothing pinned");
-    wait_until("the TC programs to be detached", || {
-        lab.tc_programs("ext0").is_empty()
-            && lab.tc_programs(&lab.topo.bridge.to_string()).is_empty()
-    })
-    .await;
-    wait_until("the cgroup programs to be detached", || {
-        all_cgroup_programs(&lab.cgroup.0) == 0
-    })
-    .await;
+    nothing_attached(&lab).await;
 }

@@ -375,7 +375,7 @@ pub(crate) fn receive(fd: RawFd, bytes: &mut Vec<u8>, fds: &mut Vec<OwnedFd>) ->
 }
 
 /// Boxed: it is rare next to waiting, and an idle connection should not carry its room.
-fn write_reply<'a>(
+pub(crate) fn write_reply<'a>(
     stream: &'a UnixStream,
     reply: &'a Reply,
 ) -> std::pin::Pin<Box<impl Future<Output = io::Result<()>> + 'a>> {

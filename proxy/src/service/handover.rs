@@ -67,17 +67,7 @@ pub(crate) async fn send_sockets(
             Vec::new(),
         )
     };
-    let mut line = serde_json::to_vec(&reply).map_err(io::Error::other)?;
-    line.push(b'\n');
-    let mut rest = &line[..];
-    while !rest.is_empty() {
-        stream.writable().await?;
-        match stream.try_write(rest) {
-            Ok(n) => rest = &rest[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
+    super::admin::write_reply(stream, &reply).await?;
     for chunk in sockets.chunks(CHUNK) {
         let raw: Vec<RawFd> = chunk.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
         loop {
