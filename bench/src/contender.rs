@@ -79,6 +79,9 @@ pub(crate) struct Running {
     cni: Vec<crate::cni::Attachment>,
     /// Remove the nat tables at the end (what iptables rules leave registered).
     nat_tables: bool,
+    /// A `berth run` contender's name (its config and admin socket under the logs) and who
+    /// it is, to restart or upgrade it.
+    daemon: Option<(String, PathBuf, Contender)>,
 }
 
 impl Running {
@@ -90,7 +93,77 @@ impl Running {
             iptables: None,
             cni: Vec::new(),
             nat_tables: false,
+            daemon: None,
         }
+    }
+
+    /// SIGKILL to the `berth run` contender, and the same `berth run` again `after` that
+    /// (waited for until its mapping is active). Nothing to do for a contender without one.
+    pub(crate) fn crash_and_restart(
+        &mut self,
+        tools: &Tools,
+        logs: &Path,
+        after: Duration,
+    ) -> anyhow::Result<()> {
+        let Some((name, _, who)) = self.daemon.clone() else {
+            return Ok(());
+        };
+        let mut old = self.children.pop().context("no berth process")?;
+        old.kill()?;
+        old.wait()?;
+        std::thread::sleep(after);
+        let file = logs.join(format!("{name}.toml"));
+        let config = std::fs::read_to_string(&file)?;
+        let (daemon, admin) = spawn_berth_run(tools, &config, &name, logs, who)?;
+        self.children.push(daemon);
+        wait_mapped(&admin, &mut self.children)
+    }
+
+    /// A plain stop of every process (SIGTERM to each group, a successor included), waited
+    /// for at most 10 s: a `berth run` removes its pinned state then. Drop kills the rest.
+    pub(crate) fn terminate(&mut self) {
+        let groups: Vec<nix::unistd::Pid> = self
+            .children
+            .iter()
+            .map(|c| nix::unistd::Pid::from_raw(c.id() as i32))
+            .collect();
+        for &g in &groups {
+            let _ = nix::sys::signal::killpg(g, nix::sys::signal::Signal::SIGTERM);
+        }
+        for c in &mut self.children {
+            let _ = c.try_wait();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline
+            && groups
+                .iter()
+                .any(|&g| nix::sys::signal::killpg(g, None).is_ok())
+        {
+            for c in &mut self.children {
+                let _ = c.try_wait();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `berth upgrade` of the `berth run` contender, onto the same binary. Its successor is
+    /// in the old one's process group, which Drop kills.
+    pub(crate) fn upgrade(&mut self, tools: &Tools) -> anyhow::Result<()> {
+        let Some((_, admin, _)) = &self.daemon else {
+            return Ok(());
+        };
+        let out = Command::new(&tools.berth)
+            .arg("upgrade")
+            .arg("--admin-socket")
+            .arg(admin)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "berth upgrade failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
     }
 
     /// The proxy processes (empty for direct and kernel DNAT).
@@ -367,19 +440,7 @@ impl Contender {
                 bail!("{} is measured in the mappings scenario only", self.name());
             }
             Self::BerthDnat => {
-                // Remote clients arrive on bxh; local ones are this process, in the bench's
-                // cgroup (see topo::enter_bench_cgroup).
-                let config = format!(
-                    "[metrics]\nenabled = false\n[dnat]\ninterfaces = [\"{}\"]\ncgroup = \"{}\"\n\
-                     [[mapping]]\nname = \"bench\"\nproto = \"{proto}\"\nlisten = \"0.0.0.0:{port}\"\ntarget = \"{server}\"\nmode = \"dnat\"\n",
-                    crate::topo::EXT_IFACE,
-                    crate::topo::cgroup().display()
-                );
-                let (daemon, admin) =
-                    spawn_berth_run(tools, &config, &format!("berth-dnat-{port}"), logs, self)?;
-                running.children.push(daemon);
-                wait_mapped(&admin, &mut running.children)?;
-                return Ok(running);
+                return self.start_daemon(tools, proto, port, server, logs, None);
             }
             Self::CniPortmap | Self::BerthCni => {
                 return start_hostports(self, tools, proto, &[port], server, logs);
@@ -406,6 +467,47 @@ impl Contender {
             Proto::Tcp => wait_listening(port, &mut running.children)?,
             Proto::Udp => wait_udp_bound(port, &mut running.children)?,
         }
+        Ok(running)
+    }
+}
+
+impl Contender {
+    /// The contender as `berth run` serving one mapping (berth-dnat always is; berth-splice
+    /// is for the restart scenario), with kernel mode's state pinned under `pin_dir` if given.
+    pub(crate) fn start_daemon(
+        self,
+        tools: &Tools,
+        proto: Proto,
+        port: u16,
+        server: SocketAddr,
+        logs: &Path,
+        pin_dir: Option<&Path>,
+    ) -> anyhow::Result<Running> {
+        let mode = match self {
+            Self::BerthDnat => "dnat",
+            Self::BerthSplice => "splice",
+            _ => bail!("{} is not served by berth run here", self.name()),
+        };
+        // Remote clients arrive on bxh; local ones are this process, in the bench's cgroup
+        // (see topo::enter_bench_cgroup). No pin directory: pinned state of an earlier sample
+        // must not be adopted.
+        let pin_dir = pin_dir.map_or(String::new(), |p| p.display().to_string());
+        let config = format!(
+            "[metrics]\nenabled = false\n[service]\ndrain_timeout = 30\n\
+             [dnat]\ninterfaces = [\"{}\"]\ncgroup = \"{}\"\npin_dir = \"{pin_dir}\"\n\
+             [[mapping]]\nname = \"bench\"\nproto = \"{proto}\"\nlisten = \"0.0.0.0:{port}\"\ntarget = \"{server}\"\nmode = \"{mode}\"\n",
+            crate::topo::EXT_IFACE,
+            crate::topo::cgroup().display()
+        );
+        let name = format!("{}-{port}", self.name());
+        let (daemon, admin) = spawn_berth_run(tools, &config, &name, logs, self)?;
+        let mut running = Running::new(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            SocketAddr::from((HOST_EXT_IP, port)),
+        );
+        running.children.push(daemon);
+        running.daemon = Some((name, admin.clone(), self));
+        wait_mapped(&admin, &mut running.children)?;
         Ok(running)
     }
 }

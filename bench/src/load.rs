@@ -246,3 +246,83 @@ pub(crate) async fn udp_echo(
         elapsed: start.elapsed(),
     })
 }
+
+/// What clients saw across a restart or an upgrade of the contender.
+#[derive(Debug, Default)]
+pub(crate) struct Outage {
+    /// Held connections (echoing a frame every 50 ms) that failed: reset, closed, a wrong
+    /// answer, or no answer within 3 s.
+    pub(crate) held_lost: u64,
+    /// New connections (connect, 64 B request, 64 B response) that failed.
+    pub(crate) new_failed: u64,
+    pub(crate) new_ok: u64,
+    /// The longest stretch without a new connection completing.
+    pub(crate) longest_gap: Duration,
+}
+
+/// `held` echo connections kept busy, and one client connecting in a loop, for `dur`; the
+/// caller restarts or upgrades the contender meanwhile.
+pub(crate) async fn outage(addr: SocketAddr, held: usize, dur: Duration) -> anyhow::Result<Outage> {
+    const ROUND: Duration = Duration::from_millis(50);
+    const ANSWER: Duration = Duration::from_secs(3);
+    let start = Instant::now();
+    let deadline = start + dur;
+    let mut set = JoinSet::new();
+    for i in 0..held {
+        let mut s = connect(addr).await?;
+        s.write_all(b"E").await?;
+        set.spawn(async move {
+            let mut frame = [0u8; FRAME];
+            let mut seq = 0u64;
+            while Instant::now() < deadline {
+                frame[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                frame[8..16].copy_from_slice(&seq.to_le_bytes());
+                let sent = frame;
+                let round = async {
+                    s.write_all(&frame).await?;
+                    s.read_exact(&mut frame).await
+                };
+                match tokio::time::timeout(ANSWER, round).await {
+                    Ok(Ok(_)) if frame == sent => {}
+                    _ => return true,
+                }
+                seq += 1;
+                tokio::time::sleep(ROUND).await;
+            }
+            false
+        });
+    }
+    let prober = tokio::spawn(async move {
+        let mut out = Outage::default();
+        let mut req = [b'r'; FRAME];
+        req[0] = b'C';
+        let mut last = Instant::now();
+        while Instant::now() < deadline {
+            let one = async {
+                let mut s = TcpStream::connect(addr).await?;
+                s.write_all(&req).await?;
+                let mut resp = [0u8; FRAME];
+                s.read_exact(&mut resp).await?;
+                anyhow::Ok(())
+            };
+            if let Ok(Ok(())) = tokio::time::timeout(ANSWER, one).await {
+                out.new_ok += 1;
+                out.longest_gap = out.longest_gap.max(last.elapsed());
+                last = Instant::now();
+            } else {
+                out.new_failed += 1;
+                // A refused connect returns at once: pace the retries.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        out.longest_gap = out.longest_gap.max(last.elapsed());
+        out
+    });
+    let mut lost = 0;
+    while let Some(l) = set.join_next().await {
+        lost += u64::from(l?);
+    }
+    let mut out = prober.await?;
+    out.held_lost = lost;
+    Ok(out)
+}

@@ -11,6 +11,7 @@ use crate::{
     contender::{self, Contender, Tools},
     load,
     metric::{Metric, Metrics},
+    plan,
     plan::{Job, Plan},
     procstat, report, topo,
 };
@@ -28,11 +29,67 @@ pub(crate) struct Env<'a> {
 
 /// One sample of `job` with contender `c`.
 pub(crate) fn take(job: Job, c: Contender, env: &Env<'_>) -> anyhow::Result<Metrics> {
-    if let Job::Mappings = job {
-        mappings(c, env)
-    } else {
-        sample(job, c, env)
+    match job {
+        Job::Mappings => mappings(c, env),
+        Job::Restart { upgrade } => restart(c, upgrade, env),
+        _ => sample(job, c, env),
     }
+}
+
+/// Held connections and a connect loop from the external namespace while the contender is
+/// killed and started again 2 s later (its kernel-mode state pinned on a bpffs of the run's
+/// own), or upgraded with `berth upgrade`. iptables has nothing to restart: its state is the
+/// kernel's.
+fn restart(c: Contender, upgrade: bool, env: &Env<'_>) -> anyhow::Result<Metrics> {
+    let Env {
+        tools,
+        topology,
+        logs,
+        ..
+    } = *env;
+    let port = 10_000 + c as u16 * 10;
+    let server = topology.server_for(c as u16);
+    let bpffs = topo::BpfFs::mount(&logs.join("bpffs"))?;
+    let mut running = match c {
+        Contender::BerthDnat | Contender::BerthSplice => c.start_daemon(
+            tools,
+            Proto::Tcp,
+            port,
+            server,
+            logs,
+            Some(&bpffs.dir("berth")),
+        )?,
+        _ => c.start(tools, Proto::Tcp, port, server, logs)?,
+    };
+    let addr = running.external;
+    let window = Duration::from_secs(plan::RESTART_SECS);
+    let out = std::thread::scope(|s| {
+        let load = s.spawn(|| {
+            on_client(env.rt, topology, true, || {
+                load::outage(addr, plan::RESTART_HELD, window)
+            })
+        });
+        // Every held connection is open and echoing by then.
+        std::thread::sleep(Duration::from_secs(1));
+        let event = if upgrade {
+            running.upgrade(tools)
+        } else {
+            running.crash_and_restart(tools, logs, Duration::from_secs(2))
+        };
+        let out = load
+            .join()
+            .map_err(|_| anyhow::anyhow!("the load thread panicked"))?;
+        event?;
+        out
+    })?;
+    running.terminate();
+    drop(running);
+    drop(bpffs);
+    Ok(Metrics::from([
+        (Metric::HeldLost, out.held_lost as f64),
+        (Metric::NewFailed, out.new_failed as f64),
+        (Metric::LongestGapMs, out.longest_gap.as_secs_f64() * 1e3),
+    ]))
 }
 
 /// Runs `f` on a runtime whose threads live in the client's namespace: the host namespace for
@@ -169,7 +226,7 @@ fn sample(job: Job, c: Contender, env: &Env<'_>) -> anyhow::Result<Metrics> {
                 );
             }
         }
-        Job::Mappings => unreachable!("handled by mappings()"),
+        Job::Mappings | Job::Restart { .. } => unreachable!("handled by take()"),
     }
     Ok(m)
 }

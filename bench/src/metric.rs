@@ -28,10 +28,13 @@ pub(crate) enum Metric {
     PssKibPerProxy,
     MemAvailableDropMib,
     ReadyMs,
+    HeldLost,
+    NewFailed,
+    LongestGapMs,
 }
 
 impl Metric {
-    pub(crate) const ALL: [Self; 18] = [
+    pub(crate) const ALL: [Self; 21] = [
         Self::KdgramPerSec,
         Self::GbitPerSec,
         Self::ConnPerSec,
@@ -50,6 +53,9 @@ impl Metric {
         Self::PssKibPerProxy,
         Self::MemAvailableDropMib,
         Self::ReadyMs,
+        Self::HeldLost,
+        Self::NewFailed,
+        Self::LongestGapMs,
     ];
 
     /// The key in results.json (kept stable: earlier results under bench/results use it).
@@ -73,6 +79,9 @@ impl Metric {
             Self::PssKibPerProxy => "pss_kib_per_proxy",
             Self::MemAvailableDropMib => "mem_available_drop_mib",
             Self::ReadyMs => "ready_ms",
+            Self::HeldLost => "held_lost",
+            Self::NewFailed => "new_failed",
+            Self::LongestGapMs => "longest_gap_ms",
         }
     }
 
@@ -97,6 +106,9 @@ impl Metric {
             Self::PssKibPerProxy => "PSS KiB per process",
             Self::MemAvailableDropMib => "MemAvailable drop MiB",
             Self::ReadyMs => "spawn to ready ms (median)",
+            Self::HeldLost => "held connections lost",
+            Self::NewFailed => "new connections failed",
+            Self::LongestGapMs => "longest gap between new connections, ms",
         }
     }
 }

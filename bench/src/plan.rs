@@ -26,6 +26,9 @@ pub(crate) enum Scenario {
     /// Connection rate with many hostPorts published (CNI: portmap against berth-cni), the
     /// one measured published last.
     Hostport,
+    /// Connections lost and refused while the contender is killed (SIGKILL) and started again
+    /// 2 s later, and while it is upgraded in place (`berth upgrade`).
+    Restart,
 }
 
 impl Scenario {
@@ -40,6 +43,7 @@ impl Scenario {
             Self::External => "external",
             Self::Udp => "udp",
             Self::Hostport => "hostport",
+            Self::Restart => "restart",
         }
     }
 }
@@ -55,6 +59,12 @@ impl serde::Serialize for Scenario {
         s.serialize_str(self.name())
     }
 }
+
+/// Connections held open through a restart or an upgrade.
+pub(crate) const RESTART_HELD: usize = 32;
+/// How long the restart scenario's load runs: the event comes after 1 s, a restart after a
+/// further 2 s.
+pub(crate) const RESTART_SECS: u64 = 6;
 
 /// Durations and sizes for a run.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -152,6 +162,10 @@ pub(crate) enum Job {
     Hostport {
         external: bool,
     },
+    /// Held and new connections across a crash and restart, or an upgrade.
+    Restart {
+        upgrade: bool,
+    },
 }
 
 impl Job {
@@ -167,6 +181,7 @@ impl Job {
             Self::Mappings => Scenario::Mappings,
             Self::Udp { .. } => Scenario::Udp,
             Self::Hostport { .. } => Scenario::Hostport,
+            Self::Restart { .. } => Scenario::Restart,
         }
     }
 
@@ -216,6 +231,12 @@ impl Job {
                 "{size} B datagrams, echo, {} clients x {} in flight",
                 plan.udp_flows, plan.udp_window
             ),
+            Self::Restart { upgrade: false } => format!(
+                "SIGKILL, started again 2 s later; {RESTART_HELD} held echo connections and a connect loop, external, {RESTART_SECS} s"
+            ),
+            Self::Restart { upgrade: true } => format!(
+                "berth upgrade; {RESTART_HELD} held echo connections and a connect loop, external, {RESTART_SECS} s"
+            ),
         }
     }
 
@@ -260,6 +281,12 @@ impl Job {
                     Err("no proxy process to measure")
                 }
             }
+            Self::Restart { upgrade } => match c {
+                C::BerthDnat | C::BerthSplice | C::IptablesDnat => Ok(()),
+                C::Direct => Err("nothing to restart"),
+                _ if upgrade => Err("the upgrade comparison is berth's own modes"),
+                _ => Err("the restart comparison is berth-dnat, berth-splice and iptables-dnat"),
+            },
             Self::Hostport { .. } => {
                 if matches!(c, C::Direct | C::CniPortmap | C::BerthCni) {
                     Ok(())
@@ -290,6 +317,7 @@ impl Job {
             Self::Mappings => plan.mappings as f64 * 0.01 + 1.0,
             Self::Udp { .. } => plan.udp_secs + 0.3,
             Self::Hostport { .. } => plan.crr_secs + plan.mappings as f64 * 0.05 + 1.0,
+            Self::Restart { .. } => RESTART_SECS as f64 + 1.0,
         }
     }
 }
@@ -353,6 +381,12 @@ impl ScenarioSet {
         if self.has(Scenario::Udp) {
             jobs.extend([Job::Udp { size: 64 }, Job::Udp { size: 1400 }]);
         }
+        if self.has(Scenario::Restart) {
+            jobs.extend([
+                Job::Restart { upgrade: false },
+                Job::Restart { upgrade: true },
+            ]);
+        }
         if self.has(Scenario::Hostport) {
             jobs.extend([
                 Job::Hostport { external: false },
@@ -360,5 +394,29 @@ impl ScenarioSet {
             ]);
         }
         jobs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_restart_scenario_is_a_crash_and_an_upgrade_of_berth_against_iptables() {
+        let jobs = ScenarioSet(vec![Scenario::Restart]).jobs();
+        assert_eq!(jobs.len(), 2);
+        for job in jobs {
+            assert_eq!(job.scenario(), Scenario::Restart);
+            for c in [
+                Contender::BerthDnat,
+                Contender::BerthSplice,
+                Contender::IptablesDnat,
+            ] {
+                assert_eq!(job.eligible(c), Ok(()), "{}", c.name());
+            }
+            for c in [Contender::Direct, Contender::Haproxy, Contender::BerthShim] {
+                assert!(job.eligible(c).is_err(), "{}", c.name());
+            }
+        }
     }
 }

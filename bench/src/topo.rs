@@ -186,3 +186,33 @@ fn sysctl(key: &str, value: &str) -> anyhow::Result<()> {
     let path = Path::new("/proc/sys").join(key);
     std::fs::write(&path, value).with_context(|| format!("failed to set {}", path.display()))
 }
+
+/// A bpffs of the run's own, for the restart scenario's pinned state: unmounted (with
+/// whatever is still pinned in it) on drop.
+pub(crate) struct BpfFs(std::path::PathBuf);
+
+impl BpfFs {
+    pub(crate) fn mount(at: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(at)?;
+        nix::mount::mount(
+            Some("bpffs"),
+            at,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| format!("mount bpffs at {}", at.display()))?;
+        Ok(Self(at.to_owned()))
+    }
+
+    pub(crate) fn dir(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}

@@ -20,7 +20,7 @@ use std::net::{IpAddr, SocketAddr};
 use common::{
     EXT_CLIENT, EXT_HOST, HANG, Tally, assert_mirrored,
     bpf::{BpfFs, all_cgroup_programs, map_entries_of},
-    daemon::{Berth, Dir},
+    daemon::{Berth, Dir, successor_pid, upgrade},
     exchange,
     lab::Lab,
     spawn_gated_exchange_server, wait_until,
@@ -253,22 +253,6 @@ async fn state_that_cannot_be_adopted_or_is_not_wanted_is_removed() {
     third.stop().await;
 }
 
-/// `berth upgrade` against the daemon at `admin`: its exit status and output.
-async fn upgrade(admin: &std::path::Path) -> (bool, String) {
-    let admin = admin.to_owned();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
-            .arg("upgrade")
-            .arg("--admin-socket")
-            .arg(admin)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    common::outcome(&out)
-}
-
 /// The successor, which is not the test's child until its parent exits: killed if the test
 /// fails before it stopped it.
 struct Successor(Option<i32>);
@@ -375,12 +359,7 @@ async fn an_upgrade_under_load_refuses_no_connection_and_loses_no_flow() {
 
     let (ok, out) = upgrade(&old.admin).await;
     assert!(ok, "{out}");
-    let new_pid: i32 = out
-        .trim()
-        .rsplit(' ')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {out:?}"));
+    let new_pid = successor_pid(&out);
     assert_ne!(new_pid as u32, old.child.id());
     let successor = Successor(Some(new_pid));
     let new = old.admin.clone();

@@ -11,7 +11,7 @@ use std::{net::SocketAddr, os::fd::OwnedFd, path::Path, process::Command};
 
 use common::{
     HANG, Tally, assert_served,
-    daemon::{Berth, Dir, free_addr, mapping, sample, scrape},
+    daemon::{Berth, Dir, free_addr, mapping, sample, scrape, successor_pid, upgrade},
     exchange, spawn_exchange_server, spawn_gated_exchange_server,
 };
 use nix::sys::signal::Signal;
@@ -904,4 +904,126 @@ async fn a_connect_loop_across_reloads_is_never_refused() {
     );
     assert!(ok.load(Ordering::Relaxed) >= 120);
     berth.stop().await;
+}
+
+/// Processes a test started indirectly (successors): killed if it fails before they end.
+struct Strays(Vec<i32>);
+
+impl Drop for Strays {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// /proc/PID/stat's parent pid and /proc/PID/comm, or None once the process is gone.
+fn parent_and_name(pid: i32) -> Option<(i32, String)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let ppid = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    Some((ppid, comm.trim().to_owned()))
+}
+
+/// `berth run` with a notify socket, as systemd starts it, relaying `web` to a gated server;
+/// then `berth upgrade` while a transfer is held: the first process drains it and becomes
+/// berth-keeper. Returns the daemon, the notify socket, the successor and the server.
+async fn upgraded_under_systemd(
+    dir: &Dir,
+) -> (
+    Berth,
+    tokio::net::UnixDatagram,
+    Strays,
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<std::io::Result<(u64, Tally)>>,
+) {
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = backend.local_addr().unwrap();
+    let (mut seen, gate) = spawn_gated_exchange_server(backend);
+    let notify_path = dir.path("notify");
+    let notify = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
+    let web = free_addr();
+    let config = format!(
+        "[metrics]\nenabled = false\n{}",
+        mapping("web", web, target, "mode = \"splice\"")
+    );
+    let berth = Berth::spawn(dir, &config, Some(&notify_path), Vec::new());
+    berth.up().await;
+    let first = i32::try_from(berth.child.id()).unwrap();
+    let held = tokio::spawn(transfer(web, 1, 4 << 20, 4 << 20));
+    berth
+        .wait_status(|r| r.name == "web" && r.active == 1)
+        .await;
+    let (ok, out) = upgrade(&berth.admin).await;
+    assert!(ok, "{out}");
+    let successor = successor_pid(&out);
+    let strays = Strays(vec![successor]);
+    assert_eq!(parent_and_name(successor).unwrap().0, first);
+    // The held transfer finishes in the first process, which only then becomes the keeper.
+    assert_eq!(parent_and_name(first).unwrap().1, "berth");
+    gate.send(true).unwrap();
+    let t = held.await.unwrap();
+    assert_served(&mut seen, 1, &t).await;
+    common::wait_until("the first berth to become berth-keeper", || {
+        parent_and_name(first).is_some_and(|(_, name)| name == "berth-keeper")
+    })
+    .await;
+    (berth, notify, strays, web, seen)
+}
+
+/// Under systemd (`$NOTIFY_SOCKET`), the process systemd started stays the unit's main
+/// process after `berth upgrade` (systemd does not wait for a main process it did not start):
+/// drained, it becomes berth-keeper, says nothing to systemd (no STOPPING=1, no MAINPID=),
+/// takes a second upgrade's successor as its child when the first successor exits, passes
+/// SIGTERM on, and exits with the last successor's status once that one has drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_upgrade_under_systemd_the_started_process_keeps_the_unit() {
+    let dir = Dir::new();
+    let (berth, notify, mut strays, web, mut seen) = upgraded_under_systemd(&dir).await;
+    let keeper = i32::try_from(berth.child.id()).unwrap();
+    let first = strays.0[0];
+    let (ok, out) = upgrade(&berth.admin).await;
+    assert!(ok, "{out}");
+    let second = successor_pid(&out);
+    strays.0.push(second);
+    common::wait_until("the second successor to come to the keeper", || {
+        parent_and_name(first).is_none()
+            && parent_and_name(second).is_some_and(|(ppid, _)| ppid == keeper)
+    })
+    .await;
+    let t = transfer(web, 2, 1 << 20, 1 << 20).await;
+    assert_served(&mut seen, 2, &t).await;
+    let mut said = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    while let Ok(n) = notify.try_recv(&mut buf) {
+        said.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(
+        !said
+            .iter()
+            .any(|m| m.contains("STOPPING=1") || m.contains("MAINPID=")),
+        "{said:?}"
+    );
+    // systemctl stop: SIGTERM to the main process, which passes it on.
+    berth.signal(Signal::SIGTERM);
+    while !notified(&notify).await.contains("STOPPING=1") {}
+    assert_eq!(berth.exit_code().await, Some(0));
+    assert!(parent_and_name(second).is_none(), "the successor is gone");
+}
+
+/// A successor that crashes under the keeper fails the unit: the keeper exits with 128 + the
+/// signal, so that `Restart=on-failure` applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keeper_fails_when_its_successor_is_killed() {
+    let dir = Dir::new();
+    let (berth, _notify, strays, _web, _seen) = upgraded_under_systemd(&dir).await;
+    let successor = strays.0[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(successor), Signal::SIGKILL).unwrap();
+    assert_eq!(berth.exit_code().await, Some(137));
 }

@@ -489,18 +489,20 @@ async fn berth_runs_hardened_under_systemd_reloads_restarts_and_is_removed() {
     let client = transfer(&m, 9091, 6).await;
     common::assert_served(&mut open_seen, 6, &client).await;
 
-    // `berth upgrade`: the running berth starts its successor, which systemd then knows as
-    // the main process and whose watchdog pings it takes; the port never closes.
-    let before = m.prop("berth.service", "MainPID");
-    let out = tokio::task::block_in_place(|| m.ok("berth upgrade"));
-    assert!(out.contains("handed over to pid"), "{out}");
-    let after = m
-        .wait_prop("berth.service", "MainPID", |p| p != before && p != "0")
-        .await;
-    assert!(
-        out.contains(&after),
-        "systemd's main process is the successor: {out} / {after}"
-    );
+    // A package upgrade (dpkg -i over the installed version) runs `berth upgrade`: the
+    // running berth starts its successor, hands over and, drained, stays the unit's main
+    // process as berth-keeper; the successor notifies systemd (NotifyAccess=all) and feeds
+    // the watchdog; the port never closes.
+    let keeper = m.prop("berth.service", "MainPID");
+    let out = tokio::task::block_in_place(|| m.ok("dpkg -i /root/berth.deb 2>&1"));
+    assert!(!out.contains("restarting"), "{out}");
+    let journal = m.ok("journalctl -u berth.service --no-pager");
+    assert!(journal.contains("upgrade: successor started"), "{journal}");
+    common::wait_until("the old berth to become berth-keeper", || {
+        m.run(&format!("cat /proc/{keeper}/comm")).1.trim() == "berth-keeper"
+    })
+    .await;
+    assert_eq!(m.prop("berth.service", "MainPID"), keeper);
     let client = transfer(&m, 9091, 7).await;
     common::assert_served(&mut open_seen, 7, &client).await;
     // Past two watchdog periods: the successor feeds it (no event marks that; the wait is
@@ -511,12 +513,47 @@ async fn berth_runs_hardened_under_systemd_reloads_restarts_and_is_removed() {
         "1",
         "the watchdog fired"
     );
-    assert_eq!(m.prop("berth.service", "MainPID"), after);
     assert_eq!(m.prop("berth.service", "ActiveState"), "active");
-    // systemd does not wait for a main process that was not its child when it was named
-    // (the successor was the old berth's): a stop now would SIGKILL it at once, without the
-    // drain. A restart gives the unit a main process of its own again (see docs/systemd.md).
-    m.ok("systemctl restart berth.service");
+    // A second upgrade; its successor then comes to the keeper. Then a stop drains it: a
+    // transfer held open across `systemctl stop` completes, and the unit stops cleanly.
+    let out = tokio::task::block_in_place(|| m.ok("berth upgrade"));
+    assert!(out.contains("handed over to pid"), "{out}");
+    let held = m.listen();
+    let held_addr = held.local_addr().unwrap();
+    let (mut held_seen, gate) = common::spawn_gated_exchange_server(held);
+    write(
+        &m,
+        &config(&[("web", 9091, open_addr), ("held", 82, held_addr)]),
+    );
+    m.ok("systemctl reload berth");
+    assert_eq!(m.prop("berth.service", "MainPID"), keeper);
+    let c = m.connect(SocketAddr::from(([127, 0, 0, 1], 82))).await;
+    let live = tokio::spawn(common::exchange(c, 8, 8 << 20, 8 << 20));
+    common::wait_until("the held transfer to show in berth status", || {
+        let rows: Vec<berth::service::status::Row> =
+            serde_json::from_str(&m.ok("berth status --json")).unwrap();
+        rows.iter().any(|r| r.name == "held" && r.active == 1)
+    })
+    .await;
+    m.ok("systemctl --no-block stop berth.service");
+    m.wait_prop("berth.service", "ActiveState", |s| s == "deactivating")
+        .await;
+    gate.send(true).unwrap();
+    let client = tokio::time::timeout(HANG, live)
+        .await
+        .expect("the held transfer hung")
+        .unwrap()
+        .unwrap();
+    common::assert_served(&mut held_seen, 8, &client).await;
+    m.wait_prop("berth.service", "ActiveState", |s| s == "inactive")
+        .await;
+    assert_eq!(m.prop("berth.service", "Result"), "success");
+    let journal = m.ok("journalctl -u berth.service --no-pager");
+    assert!(
+        journal.contains("berth-keeper: no berth left; exiting with 0"),
+        "{journal}"
+    );
+    m.ok("systemctl start berth.service");
 
     // Removing the package stops berth and its socket.
     m.ok("dpkg --remove berth");

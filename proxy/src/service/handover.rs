@@ -220,8 +220,9 @@ impl Successor {
             .arg(&self.admin_socket)
             .arg("--take-over")
             .stdin(std::process::Stdio::null())
-            // systemd's sockets were this process's; the watchdog becomes the successor's
-            // once systemd knows it as the main process.
+            // systemd's sockets were this process's; the watchdog is the successor's once it
+            // serves (the unit's NotifyAccess=all lets it notify: the main process stays
+            // this one, as the keeper).
             .env_remove("LISTEN_PID")
             .env_remove("LISTEN_FDS")
             .env_remove("LISTEN_FDNAMES")

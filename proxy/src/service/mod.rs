@@ -9,6 +9,7 @@
 //! - `persist`: the state file of persistent runtime mappings (the CNI plugin's).
 //! - `metrics`: the `/metrics` endpoint.
 //! - `systemd`: notify, watchdog and socket activation, as wire protocols.
+//! - [`handover`]: `berth upgrade`, both sides; [`keeper`]: the unit's main process after it.
 //! - [`status`]: the status table.
 //!
 //! Mappings themselves (spec, socket, start, drain) are [`crate::mapping`]'s.
@@ -17,6 +18,7 @@ pub mod admin;
 pub mod api;
 pub mod config;
 pub mod handover;
+pub mod keeper;
 mod metrics;
 pub use metrics::family_names;
 mod persist;
@@ -229,9 +231,19 @@ impl Start {
     }
 }
 
+/// How a daemon ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Stopped (SIGTERM, SIGINT): drained, nothing left behind.
+    Stopped,
+    /// Handed over to a successor and drained. `keep`: this is the process systemd started,
+    /// which must now become the [`keeper`] rather than exit.
+    HandedOver { keep: bool },
+}
+
 /// `berth run`: loads `opts.config`, takes systemd's sockets, and serves until SIGTERM or
 /// SIGINT (SIGHUP reloads).
-pub async fn run(opts: Options) -> Result<(), ServiceError> {
+pub async fn run(opts: Options) -> Result<Ended, ServiceError> {
     let config = Config::load(&opts.config)?;
     let admin_socket = opts
         .admin_socket
@@ -285,9 +297,16 @@ pub async fn run(opts: Options) -> Result<(), ServiceError> {
         inherited,
         take_over,
     };
+    let keep = keeper::wanted(opts.take_over);
+    if keep && let Err(e) = keeper::become_subreaper() {
+        warn!(error = %e, "cannot become a child subreaper: a second upgrade's successor would not be waited for");
+    }
     let served = serve(start, reload, shutdown).await;
     hups.abort();
-    served
+    Ok(match served? {
+        Ended::HandedOver { .. } => Ended::HandedOver { keep },
+        Ended::Stopped => Ended::Stopped,
+    })
 }
 
 /// Serves `start` and the runtime API, reloading the file at each message on `reload`, until
@@ -297,7 +316,7 @@ pub async fn serve(
     start: Start,
     mut reload: mpsc::Receiver<()>,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), ServiceError> {
+) -> Result<Ended, ServiceError> {
     let Start {
         config_path,
         config,
@@ -432,10 +451,7 @@ pub async fn serve(
             },
             event = outgoing.next(), if outgoing.busy() => match event {
                 handover::Event::Ready { pid, ack } => {
-                    // The successor is the main process from now on; the pinned state is its.
-                    if let Some(pid) = pid {
-                        notifier.notify(&format!("MAINPID={pid}"));
-                    }
+                    // The pinned state is the successor's from now on.
                     service.kernel.leave_pinned(true);
                     // The successor accepts admin and metrics connections from now on, and
                     // feeds the watchdog.
@@ -472,10 +488,21 @@ pub async fn serve(
         let _ = std::fs::remove_file(&admin_path);
     }
     drop(listeners);
+    // After a hand-over systemd hears from the successor only: a STOPPING=1 from here would
+    // read as the unit stopping.
+    let notifier = if handed.is_some() {
+        Notifier::none()
+    } else {
+        notifier
+    };
     stop(&state, service.config.drain_timeout, &notifier).await;
     background.abort_all();
     info!("berth stopped");
-    Ok(())
+    Ok(if handed.is_some() {
+        Ended::HandedOver { keep: false }
+    } else {
+        Ended::Stopped
+    })
 }
 
 /// Copies of the daemon's own listeners, for a successor.

@@ -46,6 +46,11 @@ impl Notifier {
         Self { socket }
     }
 
+    /// One that says nothing.
+    pub(crate) fn none() -> Self {
+        Self { socket: None }
+    }
+
     /// Sends one notification (newline-separated `KEY=VALUE` assignments).
     pub(crate) fn notify(&self, state: &str) {
         if let Some((sock, addr)) = &self.socket {

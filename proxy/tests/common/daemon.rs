@@ -339,3 +339,28 @@ pub fn shim_with_status(
     std::fs::File::from(r).read_to_string(&mut status).unwrap();
     (child, status)
 }
+
+/// `berth upgrade` against the daemon at `admin`: its exit status and output.
+pub async fn upgrade(admin: &Path) -> (bool, String) {
+    let admin = admin.to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_berth"))
+            .arg("upgrade")
+            .arg("--admin-socket")
+            .arg(admin)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    super::outcome(&out)
+}
+
+/// The successor's pid in `berth upgrade`'s answer ("handed over to pid N").
+pub fn successor_pid(out: &str) -> i32 {
+    out.trim()
+        .rsplit(' ')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {out:?}"))
+}

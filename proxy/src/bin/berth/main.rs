@@ -59,6 +59,7 @@ fn main() -> ExitCode {
     {
         Some("berth-docker-proxy") => return berth::docker_proxy::main(),
         Some("berth-cni") => return berth::cni::main(),
+        Some(berth::service::keeper::NAME) => return berth::service::keeper::main(),
         _ => {}
     }
     let cli = Cli::parse();

@@ -43,8 +43,10 @@ package upgrade just replaced) as `berth run --take-over`, with its configuratio
 admin socket. The successor takes every listening socket and kernel mode's pinned state over,
 serves them, and only then does the old daemon stop accepting, let its open connections finish
 ([service] drain_timeout) and exit. No port closes meanwhile, and kernel-mode flows go on.
-Under systemd the successor becomes the unit's main process (MAINPID=). If the successor fails
-to start, the old daemon serves on and this command fails.")]
+Under systemd the old daemon, once drained, stays the unit's main process as `berth-keeper`,
+which passes signals on and exits with the successor (the unit needs NotifyAccess=all, as the
+shipped one has). If the successor fails to start, the old daemon serves on and this command
+fails.")]
 pub(crate) struct UpgradeArgs {
     /// The admin socket of the berth to upgrade.
     #[arg(long, env = ADMIN_SOCKET_ENV, default_value = DEFAULT_ADMIN_SOCKET)]
@@ -84,12 +86,17 @@ pub(crate) struct ReloadArgs {
 
 pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     sys::raise_nofile_limit();
-    service::run(service::Options {
+    let ended = service::run(service::Options {
         config: args.config,
         admin_socket: args.admin_socket,
         take_over: args.take_over,
     })
     .await?;
+    if ended == (service::Ended::HandedOver { keep: true }) {
+        // Returns only on failure; the successor serves on either way.
+        let e = service::keeper::exec();
+        anyhow::bail!("cannot become {}: {e}", service::keeper::NAME);
+    }
     Ok(ExitCode::SUCCESS)
 }
 
