@@ -49,7 +49,10 @@ fn restart(c: Contender, upgrade: bool, env: &Env<'_>) -> anyhow::Result<Metrics
     } = *env;
     let port = 10_000 + c as u16 * 10;
     let server = topology.server_for(c as u16);
-    let bpffs = topo::BpfFs::mount(&logs.join("bpffs"))?;
+    // Absolute (a config needs it) and outside the report directory.
+    let bpffs = topo::BpfFs::mount(
+        &std::env::temp_dir().join(format!("berth-bench-bpffs-{}", std::process::id())),
+    )?;
     let mut running = match c {
         Contender::BerthDnat | Contender::BerthSplice => c.start_daemon(
             tools,
