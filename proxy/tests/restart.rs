@@ -412,3 +412,25 @@ async fn an_upgrade_under_load_refuses_no_connection_and_loses_no_flow() {
     assert_eq!(bpffs.pinned(PINS), Vec::<String>::new(), "nothing pinned");
     nothing_attached(&lab).await;
 }
+
+/// bpffs refuses names with a dot (EPERM: the kernel keeps them for its own files), so the
+/// default directory, named after the admin socket, has none, and a configured one with a dot
+/// is refused with the reason before anything is created.
+#[test]
+fn pin_directories_are_named_as_bpffs_allows() {
+    common::require_root();
+    let bpffs = BpfFs::mount();
+    let default = berth::dnat::pin::default_dir(std::path::Path::new("/run/berth/admin.sock"));
+    let name = default.file_name().unwrap();
+    let ok = bpffs.0.join("berth").join(name);
+    berth::dnat::pin::PinDir::prepare(&ok).unwrap();
+    assert!(ok.is_dir());
+    let e = berth::dnat::pin::PinDir::prepare(&bpffs.0.join("berth/admin.sock")).unwrap_err();
+    assert!(
+        e.to_string().contains("refuses the name \"admin.sock\""),
+        "{e}"
+    );
+    // What the kernel says without the check.
+    let raw = std::fs::create_dir(bpffs.0.join("admin.sock")).unwrap_err();
+    assert_eq!(raw.raw_os_error(), Some(libc::EPERM));
+}

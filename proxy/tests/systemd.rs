@@ -620,4 +620,60 @@ async fn the_ebpf_drop_in_lets_the_hardened_unit_load_its_programs() {
     common::assert_served(&mut seen, 1, &client).await;
     let metrics = m.ok("berth status --json");
     assert!(metrics.contains("fast"), "{metrics}");
+
+    // Kernel mode pins its state as the dynamic user, thanks to the drop-in's directory
+    // (made and handed over before each start) and ReadWritePaths. A bpffs at /sys/fs/bpf
+    // as systemd mounts it on a host (nspawn's /sys, a read-only tmpfs, has none: made from
+    // outside); an interface for a container to be behind.
+    m.ok(
+        "mount -o remount,rw /sys && mkdir -p /sys/fs/bpf && mount -t bpf bpffs /sys/fs/bpf \
+         && mount -o remount,ro /sys",
+    );
+    let net = |args: &str| {
+        let out = Command::new("nsenter")
+            .arg(format!("--target={}", m.init))
+            .args(["--net", "ip"])
+            .args(args.split(' '))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ip {args}: {}",
+            common::outcome(&out).1
+        );
+    };
+    net("link add bk0 type veth peer name bk1");
+    net("addr add 10.77.0.1/24 dev bk0");
+    net("link set bk0 up");
+    net("link set bk1 up");
+    write(
+        &m,
+        "[[mapping]]\nname = \"kernel\"\nlisten = \"0.0.0.0:8090\"\ntarget = \"10.77.0.2:80\"\nmode = \"dnat\"\n",
+    );
+    m.ok("systemctl restart berth");
+    let pins = "/sys/fs/bpf/berth/run-berth-admin_sock";
+    let pid = m.prop("berth.service", "MainPID");
+    let uid = m.ok(&format!("awk '/^Uid:/ {{print $2}}' /proc/{pid}/status"));
+    let listed = m.ok(&format!("ls {pins}"));
+    assert!(
+        listed.contains("BERTH_DNAT_SVC") && listed.contains("link_tc_"),
+        "{listed}\n{}",
+        m.sh("journalctl -u berth.service --no-pager | tail -20")
+    );
+    assert_eq!(m.ok(&format!("stat -c %u {pins}")).trim(), uid.trim());
+    // A crash: systemd starts berth again, which adopts what its predecessor pinned.
+    let restarts = m.prop("berth.service", "NRestarts");
+    m.ok("systemctl kill --signal=KILL berth.service");
+    m.wait_prop("berth.service", "NRestarts", |n| n != restarts)
+        .await;
+    m.wait_prop("berth.service", "ActiveState", |s| s == "active")
+        .await;
+    let journal = m.ok("journalctl -u berth.service --no-pager");
+    assert!(
+        journal.contains("adopted=true") && !journal.contains("is not pinned"),
+        "{journal}"
+    );
+    // A plain stop leaves nothing pinned.
+    m.ok("systemctl stop berth");
+    assert_eq!(m.ok("ls -A /sys/fs/bpf/berth").trim(), "");
 }

@@ -24,6 +24,10 @@ pub enum PinError {
         "{0} is not on a bpf filesystem (mount one: mount -t bpf bpf /sys/fs/bpf); kernel-mode flows end with the process"
     )]
     NotBpffs(PathBuf),
+    #[error(
+        "cannot use {path} for pinned kernel-mode state: bpffs refuses the name {name:?} (it holds a dot)"
+    )]
+    Dot { path: PathBuf, name: String },
     #[error("cannot use {path} for pinned kernel-mode state: {source}")]
     Io {
         path: PathBuf,
@@ -112,6 +116,18 @@ impl PinDir {
             .unwrap_or(Path::new("/"));
         if !is_bpffs(existing).map_err(io_err)? {
             return Err(PinError::NotBpffs(path.to_owned()));
+        }
+        // The kernel keeps names with a dot for its own files there (EPERM otherwise).
+        if let Some(name) = path
+            .strip_prefix(existing)
+            .unwrap_or(path)
+            .components()
+            .find(|c| c.as_os_str().to_string_lossy().contains('.'))
+        {
+            return Err(PinError::Dot {
+                path: path.to_owned(),
+                name: name.as_os_str().to_string_lossy().into_owned(),
+            });
         }
         if !path.exists() {
             use std::os::unix::fs::DirBuilderExt as _;
@@ -210,13 +226,17 @@ fn is_bpffs(path: &Path) -> io::Result<bool> {
 
 /// The default pin directory of the daemon whose admin socket is `admin`: one per daemon, as
 /// the socket is, and readable: `/run/berth/admin.sock` pins under
-/// `/sys/fs/bpf/berth/run-berth-admin.sock`.
+/// `/sys/fs/bpf/berth/run-berth-admin_sock` (bpffs refuses names with a dot).
 pub fn default_dir(admin: &Path) -> PathBuf {
     let name: String = admin
         .to_string_lossy()
         .trim_start_matches('/')
         .chars()
-        .map(|c| if c == '/' { '-' } else { c })
+        .map(|c| match c {
+            '/' => '-',
+            '.' => '_',
+            c => c,
+        })
         .collect();
     Path::new("/sys/fs/bpf/berth").join(name)
 }
@@ -272,7 +292,7 @@ mod tests {
     fn the_default_directory_is_one_per_admin_socket() {
         assert_eq!(
             default_dir(Path::new("/run/berth/admin.sock")),
-            Path::new("/sys/fs/bpf/berth/run-berth-admin.sock")
+            Path::new("/sys/fs/bpf/berth/run-berth-admin_sock")
         );
         assert_ne!(
             default_dir(Path::new("/tmp/a/admin.sock")),

@@ -230,7 +230,7 @@ fn kernel_mode_pins_under_its_admin_socket_unless_told_otherwise() {
     let default = parse("").unwrap().dnat_for(admin);
     assert_eq!(
         default.pin_dir.as_deref(),
-        Some(Path::new("/sys/fs/bpf/berth/run-other-admin.sock"))
+        Some(Path::new("/sys/fs/bpf/berth/run-other-admin_sock"))
     );
     let set = parse("[dnat]\npin_dir = \"/sys/fs/bpf/mine\"\n").unwrap();
     assert_eq!(
