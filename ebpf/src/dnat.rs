@@ -49,6 +49,14 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 /// The L4 header of an IPv6 packet without extension headers.
 const L4_6: usize = ETH_HLEN + 40;
+/// IPv6 extension headers skipped on the way to the L4 header: hop-by-hop and destination
+/// options carry nothing the mapping changes. A routing header (the destination is not final
+/// yet) and a fragment header (no ports in later fragments) leave the packet to the relay.
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_DSTOPTS: u8 = 60;
+/// At most this many extension headers are skipped (a bounded loop for the verifier; more
+/// than two option headers is unusual).
+const IPV6_MAX_EXT: usize = 4;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
@@ -591,6 +599,8 @@ fn from_backend(flow: &mut Flow, tcp_flags: u8) {
 /// The parts of an IPv6 TCP/UDP packet (no extension headers) the program reads.
 struct Packet6 {
     proto: u8,
+    /// Where the TCP/UDP header starts, past any skipped extension headers.
+    l4: usize,
     saddr: Addr,
     daddr: Addr,
     sport: u16,
@@ -602,16 +612,26 @@ struct Packet6 {
 
 /// IPv6: the same mapping as IPv4's, for IPv6 containers behind `[::]:P` or an IPv6
 /// address. No header checksum; the L4 checksum's pseudo-header gets the 16-byte address
-/// change as a `bpf_csum_diff`. Packets with extension headers (fragments included),
-/// hairpin and IPv6 clients of IPv4 containers are the relay's.
+/// change as a `bpf_csum_diff`. Hop-by-hop and destination options headers are skipped;
+/// packets with a routing or fragment header, hairpin and IPv6 clients of IPv4 containers
+/// are the relay's.
 #[inline(always)]
 fn tc6(ctx: &TcContext) -> Option<i32> {
     let head: [u8; 8] = ctx.load(ETH_HLEN).ok()?;
-    let proto = head[6];
     if head[0] >> 4 != 6 {
         return None;
     }
-    if proto == PROTO_ICMPV6 {
+    let (mut proto, mut l4) = (head[6], L4_6);
+    for _ in 0..IPV6_MAX_EXT {
+        if proto != IPV6_HOPOPTS && proto != IPV6_DSTOPTS {
+            break;
+        }
+        // Next header, then the length in 8-byte units beyond the first 8.
+        let ext: [u8; 2] = ctx.load(l4).ok()?;
+        proto = ext[0];
+        l4 += (usize::from(ext[1]) + 1) * 8;
+    }
+    if proto == PROTO_ICMPV6 && l4 == L4_6 {
         return icmp6_error(ctx, head[7]);
     }
     if proto != PROTO_TCP && proto != PROTO_UDP {
@@ -619,14 +639,15 @@ fn tc6(ctx: &TcContext) -> Option<i32> {
     }
     let saddr: Addr = ctx.load(ETH_HLEN + 8).ok()?;
     let daddr: Addr = ctx.load(ETH_HLEN + 24).ok()?;
-    let ports: [u16; 2] = ctx.load(L4_6).ok()?;
+    let ports: [u16; 2] = ctx.load(l4).ok()?;
     let tcp_flags = if proto == PROTO_TCP {
-        ctx.load::<u8>(L4_6 + 13).ok()?
+        ctx.load::<u8>(l4 + 13).ok()?
     } else {
         0
     };
     let pkt = Packet6 {
         proto,
+        l4,
         saddr,
         daddr,
         sport: ports[0],
@@ -829,9 +850,9 @@ fn rewrite6(
     new_port: u16,
 ) -> Option<()> {
     let csum = if pkt.proto == PROTO_TCP {
-        L4_6 + 16
+        pkt.l4 + 16
     } else {
-        L4_6 + 6
+        pkt.l4 + 6
     };
     // Size 0: `to` is a difference from bpf_csum_diff.
     ctx.l4_csum_replace(csum, 0, diff16(old, new)?, u64::from(BPF_F_PSEUDO_HDR))
@@ -839,7 +860,7 @@ fn rewrite6(
     ctx.l4_csum_replace(csum, u64::from(old_port), u64::from(new_port), 2)
         .ok()?;
     ctx.store(ETH_HLEN + ip_off, new, 0).ok()?;
-    ctx.store(L4_6 + port_off, &new_port, 0).ok()
+    ctx.store(pkt.l4 + port_off, &new_port, 0).ok()
 }
 
 /// Replaces an IPv4 address (at `ip_off` in the IP header) and a port (at `port_off` in the
