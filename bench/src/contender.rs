@@ -483,6 +483,78 @@ impl Contender {
         logs: &Path,
         pin_dir: Option<&Path>,
     ) -> anyhow::Result<Running> {
+        let listen = SocketAddr::from(([0, 0, 0, 0], port));
+        let mut running = self.start_daemon_on(tools, proto, listen, server, logs, pin_dir)?;
+        running.local = SocketAddr::from(([127, 0, 0, 1], port));
+        running.external = SocketAddr::from((HOST_EXT_IP, port));
+        Ok(running)
+    }
+
+    /// The contender mapping TCP `[::]:port` to the IPv6 `server`, reached by the external
+    /// client at the host's IPv6 address (the `ipv6` scenario): direct, a relay, kernel mode
+    /// and ip6tables DNAT.
+    pub(crate) fn start_v6(
+        self,
+        tools: &Tools,
+        port: u16,
+        server: SocketAddr,
+        logs: &Path,
+    ) -> anyhow::Result<Running> {
+        let listen = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+        let external = SocketAddr::from((crate::topo::HOST_EXT_IP6, port));
+        let mut running = match self {
+            Self::Direct => Running::new(server, server),
+            Self::BerthDnat => {
+                self.start_daemon_on(tools, Proto::Tcp, listen, server, logs, None)?
+            }
+            Self::BerthSplice => {
+                let mut running = Running::new(listen, external);
+                let mut cmd = Command::new(&tools.berth);
+                cmd.args(["forward", "--mode", "splice", "--drain-timeout", "0"])
+                    .arg(listen.to_string())
+                    .arg(server.to_string())
+                    .env("BERTH_LOG", "warn");
+                running.children.push(spawn(&mut cmd, logs, self)?);
+                wait_ports(&[port], &mut running.children, procstat::is_listening6)?;
+                running
+            }
+            Self::IptablesDnat => {
+                let iptables = tools.iptables.clone().context("iptables missing")?;
+                let ip6tables = iptables.with_file_name("ip6tables");
+                let mut running = Running::new(listen, external);
+                let rules = dnat_rules(Proto::Tcp, port, server);
+                running.iptables = Some((ip6tables.clone(), rules.clone()));
+                for rule in &rules {
+                    let out = Command::new(&ip6tables).args(rule).output()?;
+                    if !out.status.success() {
+                        bail!(
+                            "ip6tables {} failed: {}",
+                            rule.join(" "),
+                            String::from_utf8_lossy(&out.stderr).trim()
+                        );
+                    }
+                }
+                running
+            }
+            _ => bail!("{} is not part of the IPv6 comparison", self.name()),
+        };
+        if self != Self::Direct {
+            running.external = external;
+        }
+        Ok(running)
+    }
+
+    /// `berth run` serving one mapping from `listen` to `server`; see [`Contender::start_daemon`].
+    fn start_daemon_on(
+        self,
+        tools: &Tools,
+        proto: Proto,
+        listen: SocketAddr,
+        server: SocketAddr,
+        logs: &Path,
+        pin_dir: Option<&Path>,
+    ) -> anyhow::Result<Running> {
+        let port = listen.port();
         let mode = match self {
             Self::BerthDnat => "dnat",
             Self::BerthSplice => "splice",
@@ -495,16 +567,13 @@ impl Contender {
         let config = format!(
             "[metrics]\nenabled = false\n[service]\ndrain_timeout = 30\n\
              [dnat]\ninterfaces = [\"{}\"]\ncgroup = \"{}\"\npin_dir = \"{pin_dir}\"\n\
-             [[mapping]]\nname = \"bench\"\nproto = \"{proto}\"\nlisten = \"0.0.0.0:{port}\"\ntarget = \"{server}\"\nmode = \"{mode}\"\n",
+             [[mapping]]\nname = \"bench\"\nproto = \"{proto}\"\nlisten = \"{listen}\"\ntarget = \"{server}\"\nmode = \"{mode}\"\n",
             crate::topo::EXT_IFACE,
             crate::topo::cgroup().display()
         );
         let name = format!("{}-{port}", self.name());
         let (daemon, admin) = spawn_berth_run(tools, &config, &name, logs, self)?;
-        let mut running = Running::new(
-            SocketAddr::from(([127, 0, 0, 1], port)),
-            SocketAddr::from((HOST_EXT_IP, port)),
-        );
+        let mut running = Running::new(listen, listen);
         running.children.push(daemon);
         running.daemon = Some((name, admin.clone(), self));
         wait_mapped(&admin, &mut running.children)?;

@@ -167,6 +167,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         .map(|c| topo::SERVER_PORT + *c as u16)
         .collect();
     server::spawn(&topology.server_ns, topology.server.ip(), &ports)?;
+    server::spawn(&topology.server_ns, topo::SERVER_IP6.into(), &ports)?;
     tools.server_netns = topology.server_ns.path().to_owned();
 
     let selected_scenarios = if cli.scenarios.is_empty() {

@@ -124,13 +124,19 @@ fn sample(job: Job, c: Contender, env: &Env<'_>) -> anyhow::Result<Metrics> {
         rt,
     } = *env;
     let port = 10_000 + c as u16 * 10;
-    let running = c.start(
-        tools,
-        job.proto(),
-        port,
-        topology.server_for(c as u16),
-        logs,
-    )?;
+    let running = if let Job::Ipv6 { .. } = job {
+        c.start_v6(tools, port, topology.server6_for(c as u16), logs)?
+    } else {
+        c.start(
+            tools,
+            job.proto(),
+            port,
+            topology.server_for(c as u16),
+            logs,
+        )?
+    };
+    // An IPv6 job is measured as its IPv4 twin, at the IPv6 addresses.
+    let job = job.as_v4();
     let pids = running.pids();
     let mut m = Metrics::new();
     match job {
@@ -229,7 +235,9 @@ fn sample(job: Job, c: Contender, env: &Env<'_>) -> anyhow::Result<Metrics> {
                 );
             }
         }
-        Job::Mappings | Job::Restart { .. } => unreachable!("handled by take()"),
+        Job::Mappings | Job::Restart { .. } | Job::Ipv6 { .. } => {
+            unreachable!("handled by take(), or turned into its IPv4 twin")
+        }
     }
     Ok(m)
 }

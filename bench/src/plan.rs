@@ -29,6 +29,9 @@ pub(crate) enum Scenario {
     /// Connections lost and refused while the contender is killed (SIGKILL) and started again
     /// 2 s later, and while it is upgraded in place (`berth upgrade`).
     Restart,
+    /// IPv6 from the external namespace: 1 stream each way and the connection rate, through
+    /// kernel mode, ip6tables DNAT and a relay.
+    Ipv6,
 }
 
 impl Scenario {
@@ -44,6 +47,7 @@ impl Scenario {
             Self::Udp => "udp",
             Self::Hostport => "hostport",
             Self::Restart => "restart",
+            Self::Ipv6 => "ipv6",
         }
     }
 }
@@ -166,6 +170,10 @@ pub(crate) enum Job {
     Restart {
         upgrade: bool,
     },
+    /// The external bulk (`Some(dir)`, 1 stream) or connection rate (`None`) job over IPv6.
+    Ipv6 {
+        dir: Option<Dir>,
+    },
 }
 
 impl Job {
@@ -182,6 +190,20 @@ impl Job {
             Self::Udp { .. } => Scenario::Udp,
             Self::Hostport { .. } => Scenario::Hostport,
             Self::Restart { .. } => Scenario::Restart,
+            Self::Ipv6 { .. } => Scenario::Ipv6,
+        }
+    }
+
+    /// The IPv4 job an IPv6 one measures the same way (itself for the others).
+    pub(crate) fn as_v4(self) -> Self {
+        match self {
+            Self::Ipv6 { dir: Some(dir) } => Self::Bulk {
+                streams: 1,
+                dir,
+                external: true,
+            },
+            Self::Ipv6 { dir: None } => Self::Crr { external: true },
+            other => other,
         }
     }
 
@@ -234,6 +256,10 @@ impl Job {
             Self::Restart { upgrade: false } => format!(
                 "SIGKILL, started again 2 s later; {RESTART_HELD} held echo connections and a connect loop, external, {RESTART_SECS} s"
             ),
+            Self::Ipv6 { dir: Some(_) } => {
+                format!("IPv6, external, {}", self.as_v4().variant(plan))
+            }
+            Self::Ipv6 { dir: None } => format!("IPv6, external, {}", self.as_v4().variant(plan)),
             Self::Restart { upgrade: true } => format!(
                 "berth upgrade; {RESTART_HELD} held echo connections and a connect loop, external, {RESTART_SECS} s"
             ),
@@ -281,6 +307,12 @@ impl Job {
                     Err("no proxy process to measure")
                 }
             }
+            Self::Ipv6 { .. } => match c {
+                C::Direct | C::BerthDnat | C::IptablesDnat | C::BerthSplice => Ok(()),
+                _ => {
+                    Err("the IPv6 comparison is kernel mode against direct, ip6tables and a relay")
+                }
+            },
             Self::Restart { upgrade } => match c {
                 C::BerthDnat | C::BerthSplice | C::IptablesDnat => Ok(()),
                 C::Direct => Err("nothing to restart"),
@@ -318,6 +350,7 @@ impl Job {
             Self::Udp { .. } => plan.udp_secs + 0.3,
             Self::Hostport { .. } => plan.crr_secs + plan.mappings as f64 * 0.05 + 1.0,
             Self::Restart { .. } => RESTART_SECS as f64 + 1.0,
+            Self::Ipv6 { .. } => self.as_v4().estimate_secs(plan),
         }
     }
 }
@@ -381,6 +414,15 @@ impl ScenarioSet {
         if self.has(Scenario::Udp) {
             jobs.extend([Job::Udp { size: 64 }, Job::Udp { size: 1400 }]);
         }
+        if self.has(Scenario::Ipv6) {
+            jobs.extend([
+                Job::Ipv6 { dir: Some(Dir::Up) },
+                Job::Ipv6 {
+                    dir: Some(Dir::Down),
+                },
+                Job::Ipv6 { dir: None },
+            ]);
+        }
         if self.has(Scenario::Restart) {
             jobs.extend([
                 Job::Restart { upgrade: false },
@@ -417,6 +459,18 @@ mod tests {
             for c in [Contender::Direct, Contender::Haproxy, Contender::BerthShim] {
                 assert!(job.eligible(c).is_err(), "{}", c.name());
             }
+        }
+    }
+
+    #[test]
+    fn ipv6_jobs_are_the_external_ones_over_ipv6() {
+        let jobs = ScenarioSet(vec![Scenario::Ipv6]).jobs();
+        assert_eq!(jobs.len(), 3);
+        for job in jobs {
+            assert_eq!(job.scenario(), Scenario::Ipv6);
+            assert_eq!(job.as_v4().scenario(), Scenario::External);
+            assert_eq!(job.eligible(Contender::BerthDnat), Ok(()));
+            assert!(job.eligible(Contender::DockerProxy).is_err());
         }
     }
 }

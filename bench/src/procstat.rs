@@ -116,6 +116,17 @@ pub(crate) fn is_listening(port: u16) -> bool {
     matches!(probe.bind(&std::net::SocketAddr::from(([0, 0, 0, 0], port)).into()), Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE))
 }
 
+/// [`is_listening`] for an IPv6 listener (which may be IPv6-only).
+pub(crate) fn is_listening6(port: u16) -> bool {
+    let Ok(probe) = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None) else {
+        return false;
+    };
+    if probe.set_reuse_address(true).is_err() || probe.set_only_v6(true).is_err() {
+        return false;
+    }
+    matches!(probe.bind(&std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into()), Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE))
+}
+
 /// True when UDP `port` is bound on the wildcard or any address: a bind without SO_REUSEADDR
 /// collides with any socket on the port.
 pub(crate) fn is_udp_bound(port: u16) -> bool {

@@ -44,7 +44,7 @@ pub(crate) fn spawn(ns: &NetNs, ip: IpAddr, ports: &[u16]) -> anyhow::Result<()>
                     }
                     for addr in addrs {
                         let sock = socket2::Socket::new(
-                            socket2::Domain::IPV4,
+                            socket2::Domain::for_address(addr),
                             socket2::Type::STREAM,
                             None,
                         )?;

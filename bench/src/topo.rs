@@ -7,10 +7,15 @@
 //!  ext ns (bx<pid>)            host ns (this process)                  container ns (bs<pid>)
 //!  eth0 198.19.0.2/24 ──veth── bxh 198.19.0.1/24   bb<pid> 198.18.0.254/24 ──veth── eth0 198.18.0.1
 //!  default via .1                proxies listen on 0.0.0.0:P                     load server :7000
+//!  eth0 fd00:b2::2/64            bxh fd00:b2::1/64  bb<pid> fd00:b1::fe/64           eth0 fd00:b1::1
 //! ```
+//!
+//! The IPv6 addresses serve the `ipv6` scenario (kernel mode's IPv6 path against direct,
+//! ip6tables and a relay).
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -23,6 +28,10 @@ use berth::net::{self, ContainerSpec, NetNs, Netlink, Topology};
 pub(crate) const SERVER_PORT: u16 = 7000;
 pub(crate) const HOST_EXT_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 const EXT_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
+pub(crate) const HOST_EXT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xb2, 0, 0, 0, 0, 0, 1);
+const EXT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xb2, 0, 0, 0, 0, 0, 2);
+const BRIDGE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xb1, 0, 0, 0, 0, 0, 0xfe);
+pub(crate) const SERVER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xb1, 0, 0, 0, 0, 0, 1);
 /// The host's end of the external client's veth pair.
 pub(crate) const EXT_IFACE: &str = "bxh";
 /// The bench's bridge, unique per run: its `berth net` record under /run is shared by all.
@@ -43,6 +52,11 @@ impl Topo {
     /// The server address dedicated to contender number `index`.
     pub(crate) fn server_for(&self, index: u16) -> SocketAddr {
         SocketAddr::new(self.server.ip(), SERVER_PORT + index)
+    }
+
+    /// [`Topo::server_for`] on the server's IPv6 address.
+    pub(crate) fn server6_for(&self, index: u16) -> SocketAddr {
+        SocketAddr::from((SERVER_IP6, SERVER_PORT + index))
     }
 }
 
@@ -146,13 +160,23 @@ pub(crate) async fn build() -> anyhow::Result<Topo> {
         nl.rename("bxp", "eth0").await?;
         nl.add_addr("eth0", EXT_IP.into(), 24).await?;
         nl.set_up("eth0").await?;
-        nl.add_default_route(HOST_EXT_IP).await
+        nl.add_default_route(HOST_EXT_IP).await?;
+        nl.add_addr("eth0", EXT_IP6.into(), 64).await?;
+        nl.add_default_route(HOST_EXT_IP6).await
+    })??;
+    nl.add_addr(EXT_IFACE, HOST_EXT_IP6.into(), 64).await?;
+    nl.add_addr(&bridge(), BRIDGE_IP6.into(), 64).await?;
+    topo_ns(&server_name).run_async(|| async {
+        let nl = Netlink::connect()?;
+        nl.add_addr("eth0", SERVER_IP6.into(), 64).await?;
+        nl.add_default_route(BRIDGE_IP6).await
     })??;
 
     // Host-namespace tuning, as a Docker host would have it: forwarding for routed clients
     // and DNAT, loopback DNAT for iptables' local clients, and room for connection churn.
     for (key, value) in [
         ("net/ipv4/ip_forward", "1"),
+        ("net/ipv6/conf/all/forwarding", "1"),
         ("net/ipv4/tcp_tw_reuse", "1"),
         // Ephemeral ports above every port the bench listens on (10000–11999).
         ("net/ipv4/ip_local_port_range", "16384 65000"),
@@ -170,12 +194,36 @@ pub(crate) async fn build() -> anyhow::Result<Topo> {
             sysctl("net/ipv4/ip_local_port_range", "16384 65000")
         })??;
     }
+    // A redirect towards a neighbour that a veth cannot solicit yet (its link-local address
+    // still tentative) loses the packet: wait for duplicate address detection everywhere.
+    for ns in [None, Some(&ext_ns), Some(&topo_ns(&server_name))] {
+        let tentative = || -> anyhow::Result<bool> {
+            let table = std::fs::read_to_string("/proc/thread-self/net/if_inet6")?;
+            Ok(table.lines().any(|l| {
+                l.split_whitespace()
+                    .nth(4)
+                    .and_then(|f| u32::from_str_radix(f, 16).ok())
+                    .is_some_and(|f| f & IFA_F_TENTATIVE != 0)
+            }))
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while match ns {
+            None => tentative()?,
+            Some(ns) => ns.run(tentative)??,
+        } {
+            anyhow::ensure!(Instant::now() < deadline, "IPv6 DAD did not finish in 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     Ok(Topo {
         server_ns: topo_ns(&server_name),
         ext_ns,
         server,
     })
 }
+
+/// `if_inet6`'s flag of an address still under duplicate address detection.
+const IFA_F_TENTATIVE: u32 = 0x40;
 
 fn topo_ns(name: &str) -> NetNs {
     NetNs::named(name)

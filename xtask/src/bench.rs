@@ -22,7 +22,7 @@ pub(crate) struct BenchArgs {
     /// A short run (about 2 minutes) that proves the harness; its numbers are rough.
     #[arg(long)]
     quick: bool,
-    /// bulk, rr, crr, idle, mappings, cpu, external, udp, hostport, restart (repeatable; all by
+    /// bulk, rr, crr, idle, mappings, cpu, external, udp, hostport, restart, ipv6 (repeatable; all by
     /// default).
     #[arg(long = "scenario")]
     scenarios: Vec<String>,
