@@ -22,8 +22,8 @@ pub(crate) struct BenchArgs {
     /// A short run (about 2 minutes) that proves the harness; its numbers are rough.
     #[arg(long)]
     quick: bool,
-    /// bulk, rr, crr, idle, mappings, cpu, external, udp, hostport, restart, ipv6 (repeatable; all by
-    /// default).
+    /// bulk, rr, crr, idle, mappings, cpu, external, udp, hostport, restart, ipv6
+    /// (repeatable; all by default).
     #[arg(long = "scenario")]
     scenarios: Vec<String>,
     /// direct, berth-copy, berth-splice, berth-sockmap, berth-auto, berth-dnat, berth-udp,
