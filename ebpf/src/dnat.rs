@@ -16,8 +16,8 @@ use aya_ebpf::{
 };
 use berth_common::dnat::{
     Addr, BACKEND_DRAINING, Backend, Config, DEFAULT_CONNTRACK, DEFAULT_FRAGS, DEFAULT_LOCAL_ADDRS,
-    DEFAULT_SERVICES, Flow, FlowKey, FragKey, FragRoute, Origin, PROTO_TCP, PROTO_UDP, ServiceKey,
-    SockKey, Stats, is_v4_mapped, v4_mapped,
+    DEFAULT_SERVICES, Flow, FlowKey, FragKey, FragKey6, FragRoute, FragRoute6, Origin, PROTO_TCP,
+    PROTO_UDP, ServiceKey, SockKey, Stats, is_v4_mapped, v4_mapped,
 };
 
 #[map(name = "BERTH_DNAT_SVC")]
@@ -41,6 +41,9 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map(name = "BERTH_DNAT_FRAG")]
 static FRAGS: LruHashMap<FragKey, FragRoute> = LruHashMap::with_max_entries(DEFAULT_FRAGS, 0);
 
+#[map(name = "BERTH_DNAT_FRAG6")]
+static FRAGS6: LruHashMap<FragKey6, FragRoute6> = LruHashMap::with_max_entries(DEFAULT_FRAGS, 0);
+
 /// "Not mine": with TCX the next program runs (TC_ACT_OK would end the chain and hide the
 /// packet from other programs, other berth processes included); with cls_bpf, the default.
 const TC_ACT_UNSPEC: i32 = -1;
@@ -50,10 +53,12 @@ const ETH_P_IPV6: u16 = 0x86DD;
 /// The L4 header of an IPv6 packet without extension headers.
 const L4_6: usize = ETH_HLEN + 40;
 /// IPv6 extension headers skipped on the way to the L4 header: hop-by-hop and destination
-/// options carry nothing the mapping changes. A routing header (the destination is not final
-/// yet) and a fragment header (no ports in later fragments) leave the packet to the relay.
+/// options carry nothing the mapping changes; a fragment header is followed (the first
+/// fragment is mapped and remembered, the later ones follow it, as for IPv4). A routing
+/// header (the destination is not final yet) leaves the packet to the relay.
 const IPV6_HOPOPTS: u8 = 0;
 const IPV6_DSTOPTS: u8 = 60;
+const IPV6_FRAGMENT: u8 = 44;
 /// At most this many extension headers are skipped (a bounded loop for the verifier; more
 /// than two option headers is unusual).
 const IPV6_MAX_EXT: usize = 4;
@@ -601,6 +606,9 @@ struct Packet6 {
     proto: u8,
     /// Where the TCP/UDP header starts, past any skipped extension headers.
     l4: usize,
+    /// The first fragment of a datagram with more to come: its fragment header's
+    /// identification, for the later fragments to follow.
+    frag_id: Option<u32>,
     saddr: Addr,
     daddr: Addr,
     sport: u16,
@@ -622,7 +630,24 @@ fn tc6(ctx: &TcContext) -> Option<i32> {
         return None;
     }
     let (mut proto, mut l4) = (head[6], L4_6);
+    let mut frag_id = None;
     for _ in 0..IPV6_MAX_EXT {
+        if proto == IPV6_FRAGMENT {
+            // Next header, reserved, offset (13 bits) and flags (M, the last), identification.
+            let f: [u8; 8] = ctx.load(l4).ok()?;
+            let offset_flags = u16::from_be_bytes([f[2], f[3]]);
+            let id = u32::from_ne_bytes([f[4], f[5], f[6], f[7]]);
+            let more = offset_flags & 1 != 0;
+            if offset_flags >> 3 != 0 {
+                return later6(ctx, f[0], id, more, head[7]);
+            }
+            if more {
+                frag_id = Some(id);
+            }
+            proto = f[0];
+            l4 += 8;
+            continue;
+        }
         if proto != IPV6_HOPOPTS && proto != IPV6_DSTOPTS {
             break;
         }
@@ -648,6 +673,7 @@ fn tc6(ctx: &TcContext) -> Option<i32> {
     let pkt = Packet6 {
         proto,
         l4,
+        frag_id,
         saddr,
         daddr,
         sport: ports[0],
@@ -678,6 +704,7 @@ fn reply6(ctx: &TcContext, pkt: &Packet6, ifindex: u32) -> Option<i32> {
     hop6(ctx, pkt.hop_limit)?;
     from_backend(flow, pkt.tcp_flags);
     rewrite6(ctx, pkt, 8, &pkt.saddr, &orig, 0, pkt.sport, orig_port)?;
+    remember6(pkt, orig, client_ifindex, id, false);
     count(id, |s| {
         s.packets_out += 1;
         s.bytes_out += pkt.len;
@@ -717,11 +744,68 @@ fn forward6(ctx: &TcContext, pkt: &Packet6, ifindex: u32) -> Option<i32> {
         ifindex,
         0,
     );
+    remember6(pkt, backend.addr, backend.ifindex, backend.id, true);
     count(backend.id, |s| {
         s.packets_in += 1;
         s.bytes_in += pkt.len;
     });
     Some(redirect(backend.ifindex))
+}
+
+/// After the first fragment of an IPv6 datagram was mapped: how to map the rest.
+#[inline(always)]
+fn remember6(pkt: &Packet6, addr: Addr, ifindex: u32, stats_id: u32, to_backend: bool) {
+    let Some(id) = pkt.frag_id else {
+        return;
+    };
+    let key = FragKey6 {
+        saddr: pkt.saddr,
+        daddr: pkt.daddr,
+        id,
+        proto: pkt.proto,
+        _pad: [0; 3],
+    };
+    let route = FragRoute6 {
+        addr,
+        ifindex,
+        stats_id,
+        to_backend: u8::from(to_backend),
+        _pad: [0; 3],
+    };
+    let _ = FRAGS6.insert(key, route, 0);
+}
+
+/// A later fragment of an IPv6 datagram whose first was mapped: the same address, the same
+/// interface (no header checksum; the L4 checksum, in the first fragment, covers it all). One
+/// whose first was not mapped goes to the host's stack, which reassembles it for the relay.
+#[inline(always)]
+fn later6(ctx: &TcContext, proto: u8, id: u32, more: bool, hop_limit: u8) -> Option<i32> {
+    let key = FragKey6 {
+        saddr: ctx.load(ETH_HLEN + 8).ok()?,
+        daddr: ctx.load(ETH_HLEN + 24).ok()?,
+        id,
+        proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: a plain `repr(C)` value, copied out at once.
+    let route = unsafe { FRAGS6.get(key) }.copied()?;
+    hop6(ctx, hop_limit)?;
+    let off = if route.to_backend != 0 { 24 } else { 8 };
+    ctx.store(ETH_HLEN + off, &route.addr, 0).ok()?;
+    if !more {
+        let _ = FRAGS6.remove(key);
+    }
+    let len = u64::from(ctx.len());
+    count(route.stats_id, |s| {
+        if route.to_backend != 0 {
+            s.packets_in += 1;
+            s.bytes_in += len;
+        } else {
+            s.packets_out += 1;
+            s.bytes_out += len;
+        }
+    });
+    Some(redirect(route.ifindex))
 }
 
 /// An ICMPv6 error about a mapped flow, translated as [`icmp_error`] does for IPv4 (Packet

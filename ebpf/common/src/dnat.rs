@@ -41,8 +41,10 @@ pub const CONFIG_MAP: &str = "BERTH_DNAT_CFG";
 /// [`FragKey`] → [`FragRoute`], LRU: where the later fragments of a datagram go once its
 /// first fragment (the only one with ports) was mapped. Kernel side only.
 pub const FRAGS_MAP: &str = "BERTH_DNAT_FRAG";
+/// [`FragKey6`] → [`FragRoute6`], LRU: the same for IPv6 datagrams. Kernel side only.
+pub const FRAGS6_MAP: &str = "BERTH_DNAT_FRAG6";
 /// Every map of the object: what is pinned, and what a successor must find to adopt.
-pub const MAPS: [&str; 7] = [
+pub const MAPS: [&str; 8] = [
     SERVICES_MAP,
     CONNTRACK_MAP,
     REVNAT_MAP,
@@ -50,6 +52,7 @@ pub const MAPS: [&str; 7] = [
     STATS_MAP,
     CONFIG_MAP,
     FRAGS_MAP,
+    FRAGS6_MAP,
 ];
 /// The cgroup programs, each with a link of its own.
 pub const CGROUP_PROGS: [&str; 9] = [
@@ -272,6 +275,32 @@ pub struct FragRoute {
     pub _pad: [u8; 3],
 }
 
+/// A fragmented IPv6 datagram as each of its fragments shows it (before any rewrite): the
+/// fragment header's identification and the protocol after it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey6 {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    pub id: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// What the first fragment of an IPv6 datagram got, for the others (no hairpin: IPv6 hairpin
+/// is the relay's).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragRoute6 {
+    /// The new destination (client → container) or source (a reply).
+    pub addr: Addr,
+    pub ifindex: u32,
+    pub stats_id: u32,
+    /// 1: the destination is rewritten; 0: the source.
+    pub to_backend: u8,
+    pub _pad: [u8; 3],
+}
+
 /// Settings the programs read.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -347,6 +376,8 @@ mod tests {
         assert_eq!(size_of::<Config>(), 16);
         assert_eq!(size_of::<FragKey>(), 12);
         assert_eq!(size_of::<FragRoute>(), 20);
+        assert_eq!(size_of::<FragKey6>(), 40);
+        assert_eq!(size_of::<FragRoute6>(), 28);
     }
 
     #[test]
