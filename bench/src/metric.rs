@@ -85,6 +85,14 @@ impl Metric {
         }
     }
 
+    /// Whether more is better (throughput, rates); otherwise less is (latency, CPU, memory).
+    pub(crate) fn higher_is_better(self) -> bool {
+        matches!(
+            self,
+            Self::KdgramPerSec | Self::GbitPerSec | Self::ConnPerSec
+        )
+    }
+
     /// The column heading in the Markdown report.
     pub(crate) fn label(self) -> &'static str {
         match self {

@@ -180,11 +180,12 @@ pub(crate) fn markdown(samples: &[Sample]) -> String {
         let Some(&headline) = metrics.first() else {
             continue;
         };
-        let direct = per
+        let direct_stat = per
             .get(&Contender::Direct)
             .and_then(|c| c.get(&headline))
-            .and_then(|v| stat(v))
-            .map(|s| s.median);
+            .and_then(|v| stat(v));
+        let direct = direct_stat.map(|s| s.median);
+        let mut flagged = false;
         let _ = writeln!(md, "\n### {scenario}: {variant}\n");
         let mut header = format!("| contender | {} (median, min–max) |", headline.label());
         if direct.is_some() {
@@ -208,14 +209,18 @@ pub(crate) fn markdown(samples: &[Sample]) -> String {
             };
             let mut row = format!("| {} | {} |", contender.name(), cell(headline));
             if let Some(d) = direct {
-                let ratio = values
-                    .get(&headline)
-                    .and_then(|v| stat(v))
-                    .map(|s| s.median / d);
+                let mine = values.get(&headline).and_then(|v| stat(v));
+                let ratio = mine.map(|s| s.median / d);
+                let suspect = *contender != Contender::Direct
+                    && mine.zip(direct_stat).is_some_and(|(c, d)| {
+                        beats_beyond_spread(c, d, headline.higher_is_better())
+                    });
+                flagged |= suspect;
                 let _ = write!(
                     row,
-                    " {} |",
-                    ratio.map_or("–".to_owned(), |r| format!("{r:.2}"))
+                    " {}{} |",
+                    ratio.map_or("–".to_owned(), |r| format!("{r:.2}")),
+                    if suspect { " ⚠" } else { "" }
                 );
             }
             for m in &metrics[1..] {
@@ -223,8 +228,27 @@ pub(crate) fn markdown(samples: &[Sample]) -> String {
             }
             let _ = writeln!(md, "{row}");
         }
+        if flagged {
+            let _ = writeln!(
+                md,
+                "\n⚠ better than `direct` beyond both spreads (and by more than 2%): a contender \
+                 adds work to direct's path and cannot be faster, so this is an artefact of the \
+                 method (where client, server, softirq and proxy ran) until explained."
+            );
+        }
     }
     md
+}
+
+/// Whether `c` beats `direct` with no overlap of their min–max spreads (a single sample is
+/// its own spread) and by more than 2% of direct's median.
+fn beats_beyond_spread(c: Stat, direct: Stat, higher_is_better: bool) -> bool {
+    let margin = direct.median.abs() * 0.02;
+    if higher_is_better {
+        c.min > direct.max && c.median > direct.median + margin
+    } else {
+        c.max < direct.min && c.median < direct.median - margin
+    }
 }
 
 #[cfg(test)]
@@ -265,6 +289,38 @@ mod tests {
             "{md}"
         );
         assert!(!md.contains("999"), "warm-up leaked: {md}");
+    }
+
+    #[test]
+    fn a_contender_faster_than_direct_beyond_the_spread_is_flagged() {
+        let samples = [
+            sample(Contender::Direct, 20.0, false),
+            sample(Contender::Direct, 21.0, false),
+            // Beyond both spreads: flagged.
+            sample(Contender::IptablesDnat, 30.0, false),
+            sample(Contender::IptablesDnat, 32.0, false),
+            // Better median, overlapping spreads: not flagged.
+            sample(Contender::BerthDnat, 20.5, false),
+            sample(Contender::BerthDnat, 22.0, false),
+        ];
+        let md = markdown(&samples);
+        assert!(
+            md.contains("| iptables-dnat | 31.00 (30.00–32.00) | 1.51 ⚠ |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| berth-dnat | 21.25 (20.50–22.00) | 1.04 |"),
+            "{md}"
+        );
+        assert!(md.contains("artefact of the method"), "{md}");
+        let lower = |p50: f64| Stat {
+            median: p50,
+            min: p50,
+            max: p50,
+            n: 1,
+        };
+        assert!(beats_beyond_spread(lower(30.0), lower(80.0), false));
+        assert!(!beats_beyond_spread(lower(79.0), lower(80.0), false));
     }
 
     #[test]
