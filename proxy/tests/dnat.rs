@@ -447,19 +447,7 @@ async fn ipv6_remote_and_local_clients_reach_an_ipv6_container() {
             });
         }
     });
-    let udp_server = container
-        .run(|| std::net::UdpSocket::bind((container6, 0)))
-        .unwrap()
-        .unwrap();
-    let udp_target = udp_server.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 2048];
-        while let Ok((n, from)) = udp_server.recv_from(&mut buf) {
-            let mut reply = buf[..n].to_vec();
-            reply.extend_from_slice(format!(" from {from}").as_bytes());
-            let _ = udp_server.send_to(&reply, from);
-        }
-    });
+    let udp_target = lab.udp_server_at(0, container6.into());
 
     let (tcp_port, udp_port) = (lab.host.free_port(), lab.host.free_port());
     let dir = scratch();
@@ -605,20 +593,7 @@ async fn udp_datagrams_larger_than_the_mtu_are_mapped_fragment_by_fragment() {
 async fn ipv6_udp_datagrams_larger_than_the_mtu_are_mapped_fragment_by_fragment() {
     let lab = Lab::up(1).await;
     let (container6, host6, client6) = lab.add_ipv6();
-    let container = berth::net::NetNs::named(&lab.topo.containers[0].name);
-    let server = container
-        .run(|| std::net::UdpSocket::bind((container6, 0)))
-        .unwrap()
-        .unwrap();
-    let target = server.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 65_536];
-        while let Ok((n, from)) = server.recv_from(&mut buf) {
-            let mut reply = buf[..n].to_vec();
-            reply.extend_from_slice(format!(" from {from}").as_bytes());
-            let _ = server.send_to(&reply, from);
-        }
-    });
+    let target = lab.udp_server_at(0, container6.into());
     let port = lab.host.free_port();
     let dir = scratch();
     let listen: SocketAddr = format!("[::]:{port}").parse().unwrap();

@@ -101,7 +101,15 @@ impl Lab {
 
     /// A UDP server in container `i` that answers each datagram with the sender's address.
     pub fn udp_server(&self, i: usize) -> SocketAddr {
-        let std = self.bind_in(i, std::net::UdpSocket::bind);
+        self.udp_server_at(i, self.container_ip(i).into())
+    }
+
+    /// [`Lab::udp_server`] on another address of container `i` (its IPv6 one).
+    pub fn udp_server_at(&self, i: usize, ip: std::net::IpAddr) -> SocketAddr {
+        let std = net::NetNs::named(&self.topo.containers[i].name)
+            .run(|| std::net::UdpSocket::bind((ip, 0)))
+            .unwrap()
+            .unwrap();
         std.set_nonblocking(true).unwrap();
         let sock = UdpSocket::from_std(std).unwrap();
         let local = sock.local_addr().unwrap();
