@@ -260,9 +260,15 @@ pub(crate) struct Outage {
     pub(crate) longest_gap: Duration,
 }
 
-/// `held` echo connections kept busy, and one client connecting in a loop, for `dur`; the
-/// caller restarts or upgrades the contender meanwhile.
-pub(crate) async fn outage(addr: SocketAddr, held: usize, dur: Duration) -> anyhow::Result<Outage> {
+/// `held` echo connections kept busy, and one client connecting in a loop, for `dur`; once
+/// every held connection is open, `ready` is told, and the caller restarts or upgrades the
+/// contender.
+pub(crate) async fn outage(
+    addr: SocketAddr,
+    held: usize,
+    dur: Duration,
+    ready: std::sync::mpsc::Sender<()>,
+) -> anyhow::Result<Outage> {
     const ROUND: Duration = Duration::from_millis(50);
     const ANSWER: Duration = Duration::from_secs(3);
     let start = Instant::now();
@@ -292,6 +298,7 @@ pub(crate) async fn outage(addr: SocketAddr, held: usize, dur: Duration) -> anyh
             false
         });
     }
+    let _ = ready.send(());
     let prober = tokio::spawn(async move {
         let mut out = Outage::default();
         let mut req = [b'r'; FRAME];

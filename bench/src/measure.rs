@@ -66,14 +66,18 @@ fn restart(c: Contender, upgrade: bool, env: &Env<'_>) -> anyhow::Result<Metrics
     };
     let addr = running.external;
     let window = Duration::from_secs(plan::RESTART_SECS);
+    let (ready, opened) = std::sync::mpsc::channel();
     let out = std::thread::scope(|s| {
         let load = s.spawn(|| {
             on_client(env.rt, topology, true, || {
-                load::outage(addr, plan::RESTART_HELD, window)
+                load::outage(addr, plan::RESTART_HELD, window, ready)
             })
         });
-        // Every held connection is open and echoing by then.
-        std::thread::sleep(Duration::from_secs(1));
+        // Once every held connection is open, 1 s of traffic before the event (part of the
+        // scenario, not a wait for anything). A load that failed to open says why on join.
+        if opened.recv_timeout(Duration::from_secs(30)).is_ok() {
+            std::thread::sleep(Duration::from_secs(1));
+        }
         let event = if upgrade {
             running.upgrade(tools)
         } else {

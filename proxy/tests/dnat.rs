@@ -563,12 +563,26 @@ async fn udp_datagrams_larger_than_the_mtu_are_mapped_fragment_by_fragment() {
     let sock = lab.ext.udp();
     let me = SocketAddr::from((EXT_CLIENT, sock.local_addr().unwrap().port()));
     let public = SocketAddr::from((EXT_HOST, port));
-    let mut buf = vec![0u8; 65_536];
     // 1,473 bytes is the first size that fragments at MTU 1500; the largest needs 44
     // fragments each way. The reply echoes the datagram, then " from ADDR": the container
     // saw the client itself (the relay would show the bridge's gateway), so the kernel
     // mapped every fragment, both ways.
-    for size in [1_473usize, 4_000, 20_000, 60_000] {
+    echo_large_datagrams(&sock, public, me, &[1_473, 4_000, 20_000, 60_000]).await;
+    // Each datagram's entry went with its last fragment.
+    assert_eq!(map_entries_of(berth.child.id(), "BERTH_DNAT_FRAG"), 0);
+}
+
+/// Sends datagrams of each of `sizes` to `public` and checks that each comes back intact from
+/// there, with " from `me`" appended by the container's server: the container saw the
+/// client itself, so every fragment was mapped in the kernel, both ways.
+async fn echo_large_datagrams(
+    sock: &tokio::net::UdpSocket,
+    public: SocketAddr,
+    me: SocketAddr,
+    sizes: &[usize],
+) {
+    let mut buf = vec![0u8; 65_536];
+    for &size in sizes {
         let payload: Vec<u8> = (0..size).map(|i| (i * 7 + size) as u8).collect();
         sock.send_to(&payload, public).await.unwrap();
         let (n, from) = timeout(HANG, sock.recv_from(&mut buf))
@@ -583,8 +597,6 @@ async fn udp_datagrams_larger_than_the_mtu_are_mapped_fragment_by_fragment() {
             "{size} bytes"
         );
     }
-    // Each datagram's entry went with its last fragment.
-    assert_eq!(map_entries_of(berth.child.id(), "BERTH_DNAT_FRAG"), 0);
 }
 
 /// The same over IPv6, where fragments carry a fragment header (an extension header) and no
@@ -599,30 +611,19 @@ async fn ipv6_udp_datagrams_larger_than_the_mtu_are_mapped_fragment_by_fragment(
     let listen: SocketAddr = format!("[::]:{port}").parse().unwrap();
     let berth = lab.berth(&dir, &lab.config("", &[("big6", "udp", listen, target)]));
     berth.up().await;
-    let sock = lab
+    let std = lab
         .ext
         .ns
         .run(|| std::net::UdpSocket::bind("[::]:0").unwrap())
         .unwrap();
-    sock.set_read_timeout(Some(HANG)).unwrap();
+    std.set_nonblocking(true).unwrap();
+    let sock = tokio::net::UdpSocket::from_std(std).unwrap();
     let me = SocketAddr::from((client6, sock.local_addr().unwrap().port()));
     let public = SocketAddr::from((host6, port));
-    let mut buf = vec![0u8; 65_536];
     // 1,453 bytes is the first size that fragments at MTU 1500 over IPv6. The reply names
     // the client itself (the relay would show the bridge's address): the kernel mapped every
     // fragment, both ways.
-    for size in [1_453usize, 4_000, 20_000, 60_000] {
-        let payload: Vec<u8> = (0..size).map(|i| (i * 7 + size) as u8).collect();
-        sock.send_to(&payload, public).unwrap();
-        let (n, from) = tokio::task::block_in_place(|| sock.recv_from(&mut buf)).unwrap();
-        assert_eq!(from, public);
-        assert!(buf[..size] == payload[..], "{size} bytes came back changed");
-        assert_eq!(
-            String::from_utf8_lossy(&buf[size..n]),
-            format!(" from {me}"),
-            "{size} bytes"
-        );
-    }
+    echo_large_datagrams(&sock, public, me, &[1_453, 4_000, 20_000, 60_000]).await;
     assert_eq!(map_entries_of(berth.child.id(), "BERTH_DNAT_FRAG6"), 0);
 }
 

@@ -20,7 +20,7 @@ const FORWARDED: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, 
 
 /// Whether this daemon should keep the main process after handing over: it was started by
 /// systemd (`$NOTIFY_SOCKET`), not as a successor.
-pub(crate) fn wanted(take_over: bool) -> bool {
+pub fn wanted(take_over: bool) -> bool {
     !take_over && std::env::var_os("NOTIFY_SOCKET").is_some()
 }
 

@@ -236,9 +236,9 @@ impl Start {
 pub enum Ended {
     /// Stopped (SIGTERM, SIGINT): drained, nothing left behind.
     Stopped,
-    /// Handed over to a successor and drained. `keep`: this is the process systemd started,
-    /// which must now become the [`keeper`] rather than exit.
-    HandedOver { keep: bool },
+    /// Handed over to a successor and drained; under systemd ([`keeper::wanted`]) the
+    /// process must now become the keeper rather than exit.
+    HandedOver,
 }
 
 /// `berth run`: loads `opts.config`, takes systemd's sockets, and serves until SIGTERM or
@@ -297,16 +297,14 @@ pub async fn run(opts: Options) -> Result<Ended, ServiceError> {
         inherited,
         take_over,
     };
-    let keep = keeper::wanted(opts.take_over);
-    if keep && let Err(e) = keeper::become_subreaper() {
+    if keeper::wanted(opts.take_over)
+        && let Err(e) = keeper::become_subreaper()
+    {
         warn!(error = %e, "cannot become a child subreaper: a second upgrade's successor would not be waited for");
     }
     let served = serve(start, reload, shutdown).await;
     hups.abort();
-    Ok(match served? {
-        Ended::HandedOver { .. } => Ended::HandedOver { keep },
-        Ended::Stopped => Ended::Stopped,
-    })
+    served
 }
 
 /// Serves `start` and the runtime API, reloading the file at each message on `reload`, until
@@ -499,7 +497,7 @@ pub async fn serve(
     background.abort_all();
     info!("berth stopped");
     Ok(if handed.is_some() {
-        Ended::HandedOver { keep: false }
+        Ended::HandedOver
     } else {
         Ended::Stopped
     })

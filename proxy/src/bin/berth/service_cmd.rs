@@ -86,13 +86,14 @@ pub(crate) struct ReloadArgs {
 
 pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     sys::raise_nofile_limit();
+    let take_over = args.take_over;
     let ended = service::run(service::Options {
         config: args.config,
         admin_socket: args.admin_socket,
-        take_over: args.take_over,
+        take_over,
     })
     .await?;
-    if ended == (service::Ended::HandedOver { keep: true }) {
+    if ended == service::Ended::HandedOver && service::keeper::wanted(take_over) {
         // Returns only on failure; the successor serves on either way.
         let e = service::keeper::exec();
         anyhow::bail!("cannot become {}: {e}", service::keeper::NAME);
