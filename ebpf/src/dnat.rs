@@ -16,8 +16,8 @@ use aya_ebpf::{
 };
 use berth_common::dnat::{
     Addr, BACKEND_DRAINING, Backend, Config, DEFAULT_CONNTRACK, DEFAULT_FRAGS, DEFAULT_LOCAL_ADDRS,
-    DEFAULT_SERVICES, Flow, FlowKey, FragKey, FragKey6, FragRoute, FragRoute6, Origin, PROTO_TCP,
-    PROTO_UDP, ServiceKey, SockKey, Stats, is_v4_mapped, v4_mapped,
+    DEFAULT_SERVICES, Flow, FlowKey, FragKey, FragKey6, FragRoute, FragRoute6, NO_ADDR, Origin,
+    PROTO_TCP, PROTO_UDP, ServiceKey, SockKey, Stats, is_v4_mapped, v4_mapped,
 };
 
 #[map(name = "BERTH_DNAT_SVC")]
@@ -53,10 +53,13 @@ const ETH_P_IPV6: u16 = 0x86DD;
 /// The L4 header of an IPv6 packet without extension headers.
 const L4_6: usize = ETH_HLEN + 40;
 /// IPv6 extension headers skipped on the way to the L4 header: hop-by-hop and destination
-/// options carry nothing the mapping changes; a fragment header is followed (the first
-/// fragment is mapped and remembered, the later ones follow it, as for IPv4). A routing
-/// header (the destination is not final yet) leaves the packet to the relay.
+/// options carry nothing the mapping changes, nor does a routing header with no segment
+/// left (its destination is final, and the L4 checksum covers it); a fragment header is
+/// followed (the first fragment is mapped and remembered, the later ones follow it, as for
+/// IPv4). A routing header with segments left is not for a mapping: the destination is
+/// the next hop of a source route, which the host's stack forwards.
 const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
 const IPV6_DSTOPTS: u8 = 60;
 const IPV6_FRAGMENT: u8 = 44;
 /// At most this many extension headers are skipped (a bounded loop for the verifier; more
@@ -274,7 +277,7 @@ fn icmp_error(ctx: &TcContext, e: &IcmpError, ifindex: u32) -> Option<i32> {
     // SAFETY: a plain `repr(C)` value, copied out at once.
     if let Some(flow) = unsafe { CONNTRACK.get(key) }.copied()
         && flow.backend_ifindex == ifindex
-        && flow.hairpin_client == 0
+        && flow.hairpin_client == NO_ADDR
     {
         let orig = flow.orig[3];
         hop(ctx, e.ttl, PROTO_ICMP)?;
@@ -304,7 +307,7 @@ fn icmp_error(ctx: &TcContext, e: &IcmpError, ifindex: u32) -> Option<i32> {
     );
     // SAFETY: as above.
     let flow = unsafe { CONNTRACK.get(key) }.copied()?;
-    if flow.client_ifindex != ifindex || flow.hairpin_client != 0 {
+    if flow.client_ifindex != ifindex || flow.hairpin_client != NO_ADDR {
         return None;
     }
     let container = backend.addr[3];
@@ -444,6 +447,8 @@ fn reply(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
     hop(ctx, pkt.ttl, pkt.proto)?;
     from_backend(flow, pkt.tcp_flags);
     rewrite(ctx, pkt, 12, pkt.saddr, orig_ip, 0, pkt.sport, orig_port).ok()?;
+    // NO_ADDR's last word is 0, FragRoute's "unchanged".
+    let hairpin_client = hairpin_client[3];
     if hairpin_client != 0 {
         // Back from the gateway's address to the container that dialled.
         rewrite(
@@ -478,11 +483,11 @@ fn forward(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
         return None;
     }
     let hairpin = backend.ifindex == ifindex;
-    if hairpin && backend.hairpin_src == 0 {
+    if hairpin && backend.hairpin_src == NO_ADDR {
         return None;
     }
     let client = if hairpin {
-        backend.hairpin_src
+        backend.hairpin_src[3]
     } else {
         pkt.saddr
     };
@@ -498,7 +503,11 @@ fn forward(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
             // Two containers of the bridge with the same source port: the second one's
             // flow would share the first's key. The relay serves it.
             // SAFETY: see `reply`.
-            Some(flow) if unsafe { (*flow).hairpin_client } != pkt.saddr => return None,
+            Some(flow)
+                if unsafe { (*flow).hairpin_client } != v4_mapped(pkt.saddr.to_ne_bytes()) =>
+            {
+                return None;
+            }
             // A connection the relay already serves (its SYN came while the key was taken)
             // stays with the relay: only a SYN starts a hairpin TCP flow.
             None if pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN => {
@@ -513,7 +522,11 @@ fn forward(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
     if hairpin {
         rewrite(ctx, pkt, 12, pkt.saddr, client, 0, pkt.sport, pkt.sport).ok()?;
     }
-    let hairpin_client = if hairpin { pkt.saddr } else { 0 };
+    let hairpin_client = if hairpin {
+        v4_mapped(pkt.saddr.to_ne_bytes())
+    } else {
+        NO_ADDR
+    };
     let gateway = if hairpin { client } else { 0 };
     remember(pkt, new_ip, gateway, backend.ifindex, backend.id, true);
     track(
@@ -544,7 +557,7 @@ fn track(
     backend: &Backend,
     dst: Addr,
     ifindex: u32,
-    hairpin_client: u32,
+    hairpin_client: Addr,
 ) {
     let syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if let Some(flow) = existing {
@@ -601,7 +614,7 @@ fn from_backend(flow: &mut Flow, tcp_flags: u8) {
 
 // === TC: IPv6 ===
 
-/// The parts of an IPv6 TCP/UDP packet (no extension headers) the program reads.
+/// The parts of an IPv6 TCP/UDP packet the program reads.
 struct Packet6 {
     proto: u8,
     /// Where the TCP/UDP header starts, past any skipped extension headers.
@@ -620,9 +633,10 @@ struct Packet6 {
 
 /// IPv6: the same mapping as IPv4's, for IPv6 containers behind `[::]:P` or an IPv6
 /// address. No header checksum; the L4 checksum's pseudo-header gets the 16-byte address
-/// change as a `bpf_csum_diff`. Hop-by-hop and destination options headers are skipped;
-/// packets with a routing or fragment header, hairpin and IPv6 clients of IPv4 containers
-/// are the relay's.
+/// change as a `bpf_csum_diff`. Hop-by-hop and destination options headers are skipped,
+/// fragment headers followed, routing headers with no segment left skipped, hairpin
+/// source-NATed as for IPv4. Packets still on a source route go to the host's stack; IPv6
+/// clients of IPv4 containers are the relay's.
 #[inline(always)]
 fn tc6(ctx: &TcContext) -> Option<i32> {
     let head: [u8; 8] = ctx.load(ETH_HLEN).ok()?;
@@ -648,11 +662,15 @@ fn tc6(ctx: &TcContext) -> Option<i32> {
             l4 += 8;
             continue;
         }
-        if proto != IPV6_HOPOPTS && proto != IPV6_DSTOPTS {
+        if proto != IPV6_HOPOPTS && proto != IPV6_DSTOPTS && proto != IPV6_ROUTING {
             break;
         }
-        // Next header, then the length in 8-byte units beyond the first 8.
-        let ext: [u8; 2] = ctx.load(l4).ok()?;
+        // Next header, then the length in 8-byte units beyond the first 8; a routing
+        // header's type and segments left.
+        let ext: [u8; 4] = ctx.load(l4).ok()?;
+        if proto == IPV6_ROUTING && ext[3] != 0 {
+            return None;
+        }
         proto = ext[0];
         l4 += (usize::from(ext[1]) + 1) * 8;
     }
@@ -700,11 +718,24 @@ fn reply6(ctx: &TcContext, pkt: &Packet6, ifindex: u32) -> Option<i32> {
         return None;
     }
     let (orig, orig_port) = (flow.orig, flow.orig_port);
-    let (client_ifindex, id) = (flow.client_ifindex, flow.id);
+    let (client_ifindex, id, hairpin_client) = (flow.client_ifindex, flow.id, flow.hairpin_client);
     hop6(ctx, pkt.hop_limit)?;
     from_backend(flow, pkt.tcp_flags);
     rewrite6(ctx, pkt, 8, &pkt.saddr, &orig, 0, pkt.sport, orig_port)?;
-    remember6(pkt, orig, client_ifindex, id, false);
+    if hairpin_client != NO_ADDR {
+        // Back from the gateway's address to the container that dialled.
+        rewrite6(
+            ctx,
+            pkt,
+            24,
+            &pkt.daddr,
+            &hairpin_client,
+            2,
+            pkt.dport,
+            pkt.dport,
+        )?;
+    }
+    remember6(pkt, orig, hairpin_client, client_ifindex, id, false);
     count(id, |s| {
         s.packets_out += 1;
         s.bytes_out += pkt.len;
@@ -715,13 +746,33 @@ fn reply6(ctx: &TcContext, pkt: &Packet6, ifindex: u32) -> Option<i32> {
 #[inline(always)]
 fn forward6(ctx: &TcContext, pkt: &Packet6, ifindex: u32) -> Option<i32> {
     let backend = service(pkt.proto, &pkt.daddr, pkt.dport, [0; 4])?;
-    if is_v4_mapped(&backend.addr) || backend.ifindex == ifindex {
+    if is_v4_mapped(&backend.addr) {
         return None;
     }
-    let key = FlowKey::new(backend.addr, pkt.saddr, backend.port, pkt.sport, pkt.proto);
+    // A container of the backend's own bridge: hairpin, as in `forward`.
+    let hairpin = backend.ifindex == ifindex;
+    if hairpin && backend.hairpin_src == NO_ADDR {
+        return None;
+    }
+    let client = if hairpin {
+        backend.hairpin_src
+    } else {
+        pkt.saddr
+    };
+    let key = FlowKey::new(backend.addr, client, backend.port, pkt.sport, pkt.proto);
     let existing = CONNTRACK.get_ptr_mut(key);
     if backend.flags & BACKEND_DRAINING != 0 && existing.is_none() {
         return None;
+    }
+    if hairpin {
+        match existing {
+            // SAFETY: see `reply`.
+            Some(flow) if unsafe { (*flow).hairpin_client } != pkt.saddr => return None,
+            None if pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN => {
+                return None;
+            }
+            _ => {}
+        }
     }
     hop6(ctx, pkt.hop_limit)?;
     rewrite6(
@@ -734,6 +785,12 @@ fn forward6(ctx: &TcContext, pkt: &Packet6, ifindex: u32) -> Option<i32> {
         pkt.dport,
         backend.port,
     )?;
+    let (hairpin_client, gateway) = if hairpin {
+        rewrite6(ctx, pkt, 8, &pkt.saddr, &client, 0, pkt.sport, pkt.sport)?;
+        (pkt.saddr, client)
+    } else {
+        (NO_ADDR, NO_ADDR)
+    };
     track(
         existing,
         &key,
@@ -742,9 +799,16 @@ fn forward6(ctx: &TcContext, pkt: &Packet6, ifindex: u32) -> Option<i32> {
         &backend,
         pkt.daddr,
         ifindex,
-        0,
+        hairpin_client,
     );
-    remember6(pkt, backend.addr, backend.ifindex, backend.id, true);
+    remember6(
+        pkt,
+        backend.addr,
+        gateway,
+        backend.ifindex,
+        backend.id,
+        true,
+    );
     count(backend.id, |s| {
         s.packets_in += 1;
         s.bytes_in += pkt.len;
@@ -754,7 +818,14 @@ fn forward6(ctx: &TcContext, pkt: &Packet6, ifindex: u32) -> Option<i32> {
 
 /// After the first fragment of an IPv6 datagram was mapped: how to map the rest.
 #[inline(always)]
-fn remember6(pkt: &Packet6, addr: Addr, ifindex: u32, stats_id: u32, to_backend: bool) {
+fn remember6(
+    pkt: &Packet6,
+    addr: Addr,
+    other: Addr,
+    ifindex: u32,
+    stats_id: u32,
+    to_backend: bool,
+) {
     let Some(id) = pkt.frag_id else {
         return;
     };
@@ -767,6 +838,7 @@ fn remember6(pkt: &Packet6, addr: Addr, ifindex: u32, stats_id: u32, to_backend:
     };
     let route = FragRoute6 {
         addr,
+        other,
         ifindex,
         stats_id,
         to_backend: u8::from(to_backend),
@@ -790,8 +862,15 @@ fn later6(ctx: &TcContext, proto: u8, id: u32, more: bool, hop_limit: u8) -> Opt
     // SAFETY: a plain `repr(C)` value, copied out at once.
     let route = unsafe { FRAGS6.get(key) }.copied()?;
     hop6(ctx, hop_limit)?;
-    let off = if route.to_backend != 0 { 24 } else { 8 };
+    let (off, other_off) = if route.to_backend != 0 {
+        (24, 8)
+    } else {
+        (8, 24)
+    };
     ctx.store(ETH_HLEN + off, &route.addr, 0).ok()?;
+    if route.other != NO_ADDR {
+        ctx.store(ETH_HLEN + other_off, &route.other, 0).ok()?;
+    }
     if !more {
         let _ = FRAGS6.remove(key);
     }
@@ -836,6 +915,7 @@ fn icmp6_error(ctx: &TcContext, hop_limit: u8) -> Option<i32> {
     // SAFETY: a plain `repr(C)` value, copied out at once.
     if let Some(flow) = unsafe { CONNTRACK.get(key) }.copied()
         && flow.backend_ifindex == ifindex
+        && flow.hairpin_client == NO_ADDR
     {
         // About a client's packet, from the container's side: to the client.
         hop6(ctx, hop_limit)?;
@@ -858,7 +938,7 @@ fn icmp6_error(ctx: &TcContext, hop_limit: u8) -> Option<i32> {
     let key = FlowKey::new(backend.addr, in_dst, backend.port, in_dport, proto);
     // SAFETY: as above.
     let flow = unsafe { CONNTRACK.get(key) }.copied()?;
-    if flow.client_ifindex != ifindex {
+    if flow.client_ifindex != ifindex || flow.hairpin_client != NO_ADDR {
         return None;
     }
     hop6(ctx, hop_limit)?;

@@ -266,19 +266,61 @@ async fn remote_and_local_udp_clients_get_replies_from_the_mapped_address() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hairpin_from_the_container_and_its_neighbour_is_mapped_in_the_kernel() {
     let lab = Lab::up(2).await;
-    let (server, mut seen) = lab.tcp_server(0);
-    let port = lab.host.free_port();
+    let server = lab.tcp_server(0);
+    let udp = lab.udp_server(0);
+    let gateway = lab.topo.gateway.into();
+    hairpin_is_mapped_in_the_kernel(&lab, server, udp, EXT_HOST.into(), gateway).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_hairpin_from_the_container_and_its_neighbour_is_mapped_in_the_kernel() {
+    let lab = Lab::up(2).await;
+    let (container6, host6, _) = lab.add_ipv6();
+    let server = lab.tcp_server_at(0, container6.into());
+    let udp = lab.udp_server_at(0, container6.into());
+    // The host's address towards the container: the bridge's.
+    let gateway = "fd00:77::1".parse().unwrap();
+    hairpin_is_mapped_in_the_kernel(&lab, server, udp, host6.into(), gateway).await;
+}
+
+/// Container 0 dials its own published port, container 1 its neighbour's, both through the
+/// host's uplink address `host` (as a container reaches a published port): TCP with every
+/// byte checked, then UDP datagrams large enough to fragment. Both land on container 0's
+/// servers, which see `gateway`, and the kernel maps all of it.
+async fn hairpin_is_mapped_in_the_kernel(
+    lab: &Lab,
+    (server, mut seen): (
+        SocketAddr,
+        tokio::sync::mpsc::UnboundedReceiver<(SocketAddr, u64, common::Tally)>,
+    ),
+    udp: SocketAddr,
+    host: IpAddr,
+    gateway: IpAddr,
+) {
+    let (port, udp_port) = (lab.host.free_port(), lab.host.free_port());
     let dir = scratch();
-    let listen = SocketAddr::from(([0, 0, 0, 0], port));
-    let (config, metrics) = lab.with_metrics(&lab.config("", &[("web", "tcp", listen, server)]));
+    let any = |port| match host {
+        IpAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], port)),
+        IpAddr::V6(_) => SocketAddr::from(([0u16; 8], port)),
+    };
+    let (config, metrics) = lab.with_metrics(&lab.config(
+        "",
+        &[
+            ("web", "tcp", any(port), server),
+            ("dns", "udp", any(udp_port), udp),
+        ],
+    ));
     let berth = lab.berth(&dir, &config);
     berth.up().await;
-    // Container 0 dials its own published port, container 1 its neighbour's, both through
-    // the host's uplink address, as a container reaches a published port.
-    let public = SocketAddr::from((EXT_HOST, port));
+    let public = SocketAddr::new(host, port);
     for (id, from) in [(1u64, 0usize), (2, 1)] {
-        let sock = berth::net::NetNs::named(&lab.topo.containers[from].name)
-            .run(|| tokio::net::TcpSocket::new_v4().unwrap())
+        let ns = berth::net::NetNs::named(&lab.topo.containers[from].name);
+        let sock = ns
+            .run(|| match host {
+                IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+                IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+            })
+            .unwrap()
             .unwrap();
         let stream = timeout(HANG, sock.connect(public)).await.unwrap().unwrap();
         // The client sees the address it dialled, not the container's.
@@ -289,26 +331,42 @@ async fn hairpin_from_the_container_and_its_neighbour_is_mapped_in_the_kernel() 
             .unwrap();
         let (peer, sid, server_side) = timeout(HANG, seen.recv()).await.unwrap().unwrap();
         // As Docker's hairpin MASQUERADE: the server sees the bridge's gateway.
-        assert_eq!(
-            peer.ip(),
-            IpAddr::V4(lab.topo.gateway),
-            "from container {from}"
-        );
+        assert_eq!(peer.ip(), gateway, "from container {from}");
         assert_mirrored(sid, &client, &server_side);
+
+        // UDP, fragments included: every fragment of both directions is mapped (a reply's
+        // later fragments left to the gateway's address would never reach the container).
+        let std = ns
+            .run(|| std::net::UdpSocket::bind(any(0)))
+            .unwrap()
+            .unwrap();
+        std.set_nonblocking(true).unwrap();
+        let sock = tokio::net::UdpSocket::from_std(std).unwrap();
+        let me = SocketAddr::new(gateway, sock.local_addr().unwrap().port());
+        let public = SocketAddr::new(host, udp_port);
+        echo_large_datagrams(&sock, public, me, &[64, 4_000, 20_000]).await;
     }
-    // The kernel mapped both (two flows); the relay under it served none.
+    // The kernel mapped both (two flows each); the relay under it served none.
     let m = scrape_in(&lab.host.ns, metrics).await;
-    let web = r#"mapping="web""#;
-    assert_eq!(
-        find_sample(&m, "berth_dnat_flows_total", &[web]),
-        Some(2.0),
-        "{m}"
-    );
-    assert_eq!(
-        find_sample(&m, "berth_connections_total", &[web]).unwrap_or(0.0),
-        0.0,
-        "{m}"
-    );
+    for name in ["web", "dns"] {
+        let mapping = format!("mapping=\"{name}\"");
+        assert_eq!(
+            find_sample(&m, "berth_dnat_flows_total", &[&mapping]),
+            Some(2.0),
+            "{m}"
+        );
+        assert_eq!(
+            find_sample(&m, "berth_connections_total", &[&mapping]).unwrap_or(0.0),
+            0.0,
+            "{m}"
+        );
+    }
+    let frags = if host.is_ipv4() {
+        "BERTH_DNAT_FRAG"
+    } else {
+        "BERTH_DNAT_FRAG6"
+    };
+    assert_eq!(map_entries_of(berth.child.id(), frags), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -405,22 +463,50 @@ async fn icmp_errors_reach_both_ends(
     );
 }
 
+/// Writes a sysctl of container 0's namespace.
+fn container_ns_sysctl(lab: &Lab, path: &str, value: &str) {
+    berth::net::NetNs::named(&lab.topo.containers[0].name)
+        .run(|| std::fs::write(path, value))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+}
+
 /// Makes every packet `sock` sends carry an IPv6 destination options header (8 bytes: a PadN
 /// option of 4), as IPV6_DSTOPTS does (it needs CAP_NET_RAW).
 fn with_destination_options(sock: &impl std::os::fd::AsRawFd) {
     // Next header (filled in by the kernel), length 0 (8 bytes), PadN type 1 of length 4.
-    let header: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
-    // SAFETY: setsockopt reads `header`'s 8 bytes.
+    with_ipv6_header(sock, libc::IPV6_DSTOPTS, &[0, 0, 1, 4, 0, 0, 0, 0]);
+}
+
+/// Makes every packet `sock` sends carry a segment routing header (type 4) whose only
+/// segment is `last` with no segment left: a source route that ends at `last`, the address
+/// the socket dials.
+fn with_finished_source_route(sock: &impl std::os::fd::AsRawFd, last: std::net::Ipv6Addr) {
+    // Next header (the kernel's), length 2 (24 bytes), type 4, segments left 0, last
+    // entry 0, flags, tag, then the segment.
+    let mut header = vec![0, 2, 4, 0, 0, 0, 0, 0];
+    header.extend_from_slice(&last.octets());
+    with_ipv6_header(sock, libc::IPV6_RTHDR, &header);
+}
+
+/// Sets the sticky IPv6 extension header `name` (IPV6_DSTOPTS, IPV6_RTHDR) of `sock`.
+fn with_ipv6_header(sock: &impl std::os::fd::AsRawFd, name: libc::c_int, header: &[u8]) {
+    // SAFETY: setsockopt reads `header`'s bytes.
     let rc = unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
             libc::IPPROTO_IPV6,
-            libc::IPV6_DSTOPTS,
+            name,
             header.as_ptr().cast(),
             header.len() as libc::socklen_t,
         )
     };
-    assert_eq!(rc, 0, "IPV6_DSTOPTS: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "IPv6 option {name}: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -428,25 +514,7 @@ async fn ipv6_remote_and_local_clients_reach_an_ipv6_container() {
     use std::net::Ipv6Addr;
     let lab = Lab::up(1).await;
     let (container6, host6, client6) = lab.add_ipv6();
-    let container = berth::net::NetNs::named(&lab.topo.containers[0].name);
-    let std = container
-        .run(|| std::net::TcpListener::bind((container6, 0)))
-        .unwrap()
-        .unwrap();
-    std.set_nonblocking(true).unwrap();
-    let listener = TcpListener::from_std(std).unwrap();
-    let server = listener.local_addr().unwrap();
-    let (tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((stream, peer)) = listener.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                if let Ok((id, tally)) = common::serve_exchange(stream).await {
-                    let _ = tx.send((peer, id, tally));
-                }
-            });
-        }
-    });
+    let (server, mut seen) = lab.tcp_server_at(0, container6.into());
     let udp_target = lab.udp_server_at(0, container6.into());
 
     let (tcp_port, udp_port) = (lab.host.free_port(), lab.host.free_port());
@@ -509,6 +577,30 @@ async fn ipv6_remote_and_local_clients_reach_an_ipv6_container() {
     );
     assert_mirrored(id, &client, &server_side);
 
+    // And with a routing header whose source route has ended at the host (no segment
+    // left): the destination is final, so it is mapped. The container accepts segment
+    // routing headers only when told to (the host never sees these packets).
+    container_ns_sysctl(&lab, "/proc/sys/net/ipv6/conf/all/seg6_enabled", "1");
+    container_ns_sysctl(&lab, "/proc/sys/net/ipv6/conf/eth0/seg6_enabled", "1");
+    let sock = lab
+        .ext
+        .ns
+        .run(|| tokio::net::TcpSocket::new_v6().unwrap())
+        .unwrap();
+    with_finished_source_route(&sock, host6);
+    let stream = timeout(HANG, sock.connect(public)).await.unwrap().unwrap();
+    let client = timeout(HANG, exchange(stream, 4, 4 << 20, 4 << 20))
+        .await
+        .unwrap()
+        .unwrap();
+    let (peer, id, server_side) = timeout(HANG, seen.recv()).await.unwrap().unwrap();
+    assert_eq!(
+        peer.ip(),
+        IpAddr::V6(client6),
+        "a finished routing header kept the flow from the kernel"
+    );
+    assert_mirrored(id, &client, &server_side);
+
     // Remote UDP: the reply comes from the address dialled.
     let sock = lab
         .ext
@@ -540,12 +632,12 @@ async fn ipv6_remote_and_local_clients_reach_an_ipv6_container() {
         .unwrap();
     let (_, id, server_side) = timeout(HANG, seen.recv()).await.unwrap().unwrap();
     assert_mirrored(id, &client, &server_side);
-    // The kernel mapped all of it: two remote flows, one local rewrite, no relay connection.
+    // The kernel mapped all of it: three remote flows, one local rewrite, no relay connection.
     let m = scrape_in(&lab.host.ns, metrics).await;
     let value = |name: &str, mapping: &str| {
         find_sample(&m, name, &[&format!("mapping=\"{mapping}\"")]).unwrap_or(0.0)
     };
-    assert_eq!(value("berth_dnat_flows_total", "web6"), 2.0, "{m}");
+    assert_eq!(value("berth_dnat_flows_total", "web6"), 3.0, "{m}");
     assert_eq!(value("berth_dnat_flows_total", "dns6"), 1.0, "{m}");
     assert_eq!(value("berth_dnat_local_rewrites_total", "web6"), 1.0, "{m}");
     assert_eq!(value("berth_connections_total", "web6"), 0.0, "{m}");

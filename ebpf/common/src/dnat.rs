@@ -108,12 +108,15 @@ pub struct Backend {
     pub ifindex: u32,
     /// The mapping's id: the key of its [`Stats`].
     pub id: u32,
-    /// The host's address on that interface (the bridge's gateway address), as network-order
-    /// bytes: the source given to a container's own hairpin traffic, so that the reply
-    /// comes back through the host, as Docker's hairpin MASQUERADE does. 0: no hairpin in
-    /// the kernel.
-    pub hairpin_src: u32,
+    /// The host's address on that interface (the bridge's gateway address), of the
+    /// backend's family: the source given to a container's own hairpin traffic, so that the
+    /// reply comes back through the host, as Docker's hairpin MASQUERADE does. [`NO_ADDR`]:
+    /// no hairpin in the kernel.
+    pub hairpin_src: Addr,
 }
+
+/// "No address" in the fields that may hold none (`::` is never a hairpin address).
+pub const NO_ADDR: Addr = [0; 4];
 
 /// The mapping is being removed: flows that have a conntrack entry go on, new ones (and new
 /// local connects) are no longer mapped.
@@ -199,10 +202,11 @@ pub struct Flow {
     pub client_rst: u8,
     /// Set when the backend sent RST.
     pub backend_rst: u8,
+    pub _pad2: u32,
     /// For a hairpin flow (a container dialling a published port through the host from the
-    /// backend's own bridge), the container's real address, network-order bytes: the key's
-    /// `client` is then the bridge's gateway address. 0 otherwise.
-    pub hairpin_client: u32,
+    /// backend's own bridge), the container's real address: the key's `client` is then the
+    /// bridge's gateway address. [`NO_ADDR`] otherwise.
+    pub hairpin_client: Addr,
 }
 
 /// A local socket and the backend address it was rewritten to.
@@ -287,13 +291,14 @@ pub struct FragKey6 {
     pub _pad: [u8; 3],
 }
 
-/// What the first fragment of an IPv6 datagram got, for the others (no hairpin: IPv6 hairpin
-/// is the relay's).
+/// What the first fragment of an IPv6 datagram got, for the others.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FragRoute6 {
     /// The new destination (client → container) or source (a reply).
     pub addr: Addr,
+    /// A hairpin flow's other address, as [`FragRoute::other`]; [`NO_ADDR`]: unchanged.
+    pub other: Addr,
     pub ifindex: u32,
     pub stats_id: u32,
     /// 1: the destination is rewritten; 0: the source.
@@ -316,7 +321,8 @@ pub struct Config {
 
 /// The meaning of the maps' entries. Sizes and map types are compared on their own when a
 /// berth adopts pinned maps; bump this when an entry's meaning changes and its size does not.
-pub const LAYOUT: u32 = 1;
+/// 2: hairpin addresses became 16 bytes (IPv6 hairpin), so [`Backend`] and [`Flow`] grew.
+pub const LAYOUT: u32 = 2;
 
 /// The prefix length, in bits, of an IPv4-mapped address's IPv4 part inside an LPM key.
 pub const V4_MAPPED_PREFIX: u32 = 96;
@@ -340,7 +346,7 @@ pub const fn is_v4_mapped(addr: &Addr) -> bool {
 mod pod {
     use super::{Backend, Config, Flow, FlowKey, Origin, ServiceKey, SockKey, Stats};
     // SAFETY: (this and the impls below) `repr(C)` structs of integers whose explicit `_pad`
-    // fields fill every gap (sizes 20, 32, 40, 48, 32, 24, 48, 16 bytes, checked by a test), so
+    // fields fill every gap (sizes 20, 44, 40, 64, 32, 24, 48, 16 bytes, checked by a test), so
     // there is no implicit padding and every bit pattern is valid.
     unsafe impl aya::Pod for ServiceKey {}
     // SAFETY: see above.
@@ -367,9 +373,9 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 20);
-        assert_eq!(size_of::<Backend>(), 32);
+        assert_eq!(size_of::<Backend>(), 44);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<Flow>(), 48);
+        assert_eq!(size_of::<Flow>(), 64);
         assert_eq!(size_of::<SockKey>(), 32);
         assert_eq!(size_of::<Origin>(), 24);
         assert_eq!(size_of::<Stats>(), 48);
@@ -377,7 +383,7 @@ mod tests {
         assert_eq!(size_of::<FragKey>(), 12);
         assert_eq!(size_of::<FragRoute>(), 20);
         assert_eq!(size_of::<FragKey6>(), 40);
-        assert_eq!(size_of::<FragRoute6>(), 28);
+        assert_eq!(size_of::<FragRoute6>(), 44);
     }
 
     #[test]

@@ -134,7 +134,7 @@ pub(crate) async fn interface(nl: &Netlink, name: &str) -> Result<Iface, DnatErr
 pub(crate) async fn route_to(
     nl: &Netlink,
     target: IpAddr,
-) -> Result<(Iface, Option<Ipv4Addr>), DnatError> {
+) -> Result<(Iface, Option<IpAddr>), DnatError> {
     let msg = match target {
         IpAddr::V4(v4) => RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(v4, 32)
@@ -166,7 +166,8 @@ pub(crate) async fn route_to(
         })
         .ok_or_else(|| DnatError::Target(format!("the route to {target} has no interface")))?;
     let src = route.attributes.iter().find_map(|a| match a {
-        RouteAttribute::PrefSource(RouteAddress::Inet(a)) => Some(*a),
+        RouteAttribute::PrefSource(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+        RouteAttribute::PrefSource(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
         _ => None,
     });
     let name = index_to_name(index).map_err(|e| DnatError::Interface {

@@ -2,7 +2,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use aya::maps::{HashMap, MapData};
-use berth_common::dnat::{Addr, PROTO_TCP, PROTO_UDP, ServiceKey};
+use berth_common::dnat::{Addr, NO_ADDR, PROTO_TCP, PROTO_UDP, ServiceKey};
 
 use super::DnatError;
 use crate::addr::Proto;
@@ -61,6 +61,16 @@ pub(super) fn service_key(proto: Proto, listen: SocketAddr) -> ServiceKey {
     }
 }
 
+/// The hairpin source of a mapping to `target`: `src`, the host's address towards the
+/// target (its bridge's gateway), if it has the target's family; [`NO_ADDR`] (hairpin left
+/// to the relay) if there is none.
+pub(super) fn hairpin_src(target: IpAddr, src: Option<IpAddr>) -> Addr {
+    match src {
+        Some(src) if src.is_ipv4() == target.is_ipv4() && !src.is_unspecified() => addr_of(src),
+        _ => NO_ADDR,
+    }
+}
+
 /// The address of `addr` (the maps' 16-byte layout): IPv4 if IPv4-mapped.
 pub(crate) fn ip_of(addr: &Addr) -> IpAddr {
     let mut octets = [0u8; 16];
@@ -108,5 +118,19 @@ mod tests {
             addr_of("10.1.2.3".parse().unwrap()),
             shared::v4_mapped([10, 1, 2, 3])
         );
+    }
+
+    #[test]
+    fn the_hairpin_source_has_the_target_family_or_is_none() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            hairpin_src(ip("172.18.0.2"), Some(ip("172.18.0.1"))),
+            shared::v4_mapped([172, 18, 0, 1])
+        );
+        let gw6 = hairpin_src(ip("fd00::2"), Some(ip("fd00::1")));
+        assert_eq!(ip_of(&gw6), ip("fd00::1"));
+        assert_eq!(hairpin_src(ip("fd00::2"), Some(ip("172.18.0.1"))), NO_ADDR);
+        assert_eq!(hairpin_src(ip("172.18.0.2"), None), NO_ADDR);
+        assert_eq!(hairpin_src(ip("fd00::2"), Some(ip("::"))), NO_ADDR);
     }
 }

@@ -35,7 +35,7 @@ pub mod pin;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
     fs::File,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
@@ -65,7 +65,7 @@ pub(crate) use self::keys::addr_of;
 use self::{
     background::{host_watcher, sweeper},
     error::{map_err, prog_err, stats_err},
-    keys::service_key,
+    keys::{hairpin_src, service_key},
 };
 pub use self::{
     conntrack::Timeouts,
@@ -230,7 +230,7 @@ pub struct Route {
     via: Iface,
     /// The source for hairpin flows (the bridge's gateway address); none: the relay serves
     /// hairpin traffic.
-    src: Option<std::net::Ipv4Addr>,
+    src: Option<IpAddr>,
 }
 
 impl Dnat {
@@ -435,7 +435,7 @@ impl Dnat {
     ) -> Result<DnatMapping, DnatError> {
         check_listen(listen)?;
         check_target(target)?;
-        let hairpin_src = via.src.map_or(0, |a| u32::from_ne_bytes(a.octets()));
+        let hairpin_src = hairpin_src(target.ip(), via.src);
         let via = &via.via;
         let key = service_key(proto, listen);
         let mut backend = Backend {
@@ -584,7 +584,7 @@ impl Dnat {
     }
 
     /// [`Self::follow_containers`] for one mapping, now reached through `via`.
-    fn follow(&self, key: ServiceKey, old: Backend, via: &Iface, src: Option<std::net::Ipv4Addr>) {
+    fn follow(&self, key: ServiceKey, old: Backend, via: &Iface, src: Option<IpAddr>) {
         let target = keys::ip_of(&old.addr);
         {
             let mut inner = self.lock();
@@ -597,7 +597,7 @@ impl Dnat {
             }
             let mut b = inner.maps.services.get(&key, 0).unwrap_or(old);
             b.ifindex = via.index;
-            b.hairpin_src = src.map_or(0, |a| u32::from_ne_bytes(a.octets()));
+            b.hairpin_src = hairpin_src(target, src);
             if inner.maps.services.insert(key, b, 0).is_err() {
                 return;
             }

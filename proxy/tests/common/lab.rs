@@ -81,7 +81,22 @@ impl Lab {
         SocketAddr,
         mpsc::UnboundedReceiver<(SocketAddr, u64, Tally)>,
     ) {
-        let std = self.bind_in(i, std::net::TcpListener::bind);
+        self.tcp_server_at(i, self.container_ip(i).into())
+    }
+
+    /// [`Lab::tcp_server`] on another address of container `i` (its IPv6 one).
+    pub fn tcp_server_at(
+        &self,
+        i: usize,
+        ip: std::net::IpAddr,
+    ) -> (
+        SocketAddr,
+        mpsc::UnboundedReceiver<(SocketAddr, u64, Tally)>,
+    ) {
+        let std = net::NetNs::named(&self.topo.containers[i].name)
+            .run(|| std::net::TcpListener::bind((ip, 0)))
+            .unwrap()
+            .unwrap();
         std.set_nonblocking(true).unwrap();
         let listener = TcpListener::from_std(std).unwrap();
         let local = listener.local_addr().unwrap();
@@ -175,12 +190,13 @@ impl Lab {
         c
     }
 
-    /// Adds IPv6 beside the lab's IPv4: fd00:77::1/64 on the bridge, fd00:77::2 on the
-    /// first container, fd00:99::1/64 on the uplink, fd00:99::2 on the external client,
-    /// each with its default route. Returns (container, host uplink, client) addresses.
+    /// Adds IPv6 beside the lab's IPv4: fd00:77::1/64 on the bridge, fd00:77::2, ::3… on the
+    /// containers ([`Lab::container6`]), fd00:99::1/64 on the uplink, fd00:99::2 on the
+    /// external client, each with its default route. Returns (first container, host uplink,
+    /// client) addresses.
     pub fn add_ipv6(&self) -> (Ipv6Addr, Ipv6Addr, Ipv6Addr) {
         let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
-        let (bridge6, container6) = (v6("fd00:77::1"), v6("fd00:77::2"));
+        let (bridge6, container6) = (v6("fd00:77::1"), self.container6(0));
         let (host6, client6) = (v6("fd00:99::1"), v6("fd00:99::2"));
         let bridge = self.topo.bridge.to_string();
         self.host
@@ -191,11 +207,21 @@ impl Lab {
                 nl.add_addr("ext0", host6.into(), 64).await.unwrap();
             })
             .unwrap();
-        let container = net::NetNs::named(&self.topo.containers[0].name);
-        for (ns, addr, gateway) in [
-            (&container, container6, bridge6),
-            (&self.ext.ns, client6, host6),
-        ] {
+        let containers: Vec<_> = (0..self.topo.containers.len())
+            .map(|i| {
+                (
+                    net::NetNs::named(&self.topo.containers[i].name),
+                    self.container6(i),
+                    bridge6,
+                )
+            })
+            .collect();
+        for (ns, addr, gateway) in
+            containers
+                .iter()
+                .map(|(ns, a, g)| (ns, *a, *g))
+                .chain([(&self.ext.ns, client6, host6)])
+        {
             ns.run_async(|| async move {
                 let nl = net::Netlink::connect().unwrap();
                 nl.add_addr("eth0", addr.into(), 64).await.unwrap();
@@ -207,7 +233,10 @@ impl Lab {
         // addresses, the host cannot send neighbour solicitations from them, and the first
         // packet redirected towards an unresolved neighbour is lost.
         let deadline = std::time::Instant::now() + super::HANG;
-        for ns in [&self.host.ns, &container, &self.ext.ns] {
+        for ns in [&self.host.ns, &self.ext.ns]
+            .into_iter()
+            .chain(containers.iter().map(|(ns, _, _)| ns))
+        {
             loop {
                 let table = ns
                     .run(|| std::fs::read_to_string("/proc/thread-self/net/if_inet6"))
@@ -231,6 +260,11 @@ impl Lab {
             }
         }
         (container6, host6, client6)
+    }
+
+    /// Container `i`'s IPv6 address, once [`Lab::add_ipv6`] gave it one.
+    pub fn container6(&self, i: usize) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 2 + i as u16)
     }
 
     /// `config` (from [`Lab::config`]) with /metrics on, at the returned address of the host
