@@ -931,21 +931,25 @@ fn parent_and_name(pid: i32) -> Option<(i32, String)> {
     Some((ppid, comm.trim().to_owned()))
 }
 
+/// What [`upgrading_with_a_held_transfer`] leaves: the daemon, its notify socket, the
+/// successor, the mapped address, the server's reports, its gate and the held transfer.
+struct Upgrading {
+    berth: Berth,
+    notify: tokio::net::UnixDatagram,
+    strays: Strays,
+    web: SocketAddr,
+    seen: tokio::sync::mpsc::UnboundedReceiver<std::io::Result<(u64, Tally)>>,
+    gate: tokio::sync::watch::Sender<bool>,
+    held: tokio::task::JoinHandle<Tally>,
+}
+
 /// `berth run` with a notify socket, as systemd starts it, relaying `web` to a gated server;
-/// then `berth upgrade` while a transfer is held: the first process drains it and becomes
-/// berth-keeper. Returns the daemon, the notify socket, the successor and the server.
-async fn upgraded_under_systemd(
-    dir: &Dir,
-) -> (
-    Berth,
-    tokio::net::UnixDatagram,
-    Strays,
-    SocketAddr,
-    tokio::sync::mpsc::UnboundedReceiver<std::io::Result<(u64, Tally)>>,
-) {
+/// then `berth upgrade` while a transfer is held (the gate closed): the first process
+/// drains it.
+async fn upgrading_with_a_held_transfer(dir: &Dir) -> Upgrading {
     let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let target = backend.local_addr().unwrap();
-    let (mut seen, gate) = spawn_gated_exchange_server(backend);
+    let (seen, gate) = spawn_gated_exchange_server(backend);
     let notify_path = dir.path("notify");
     let notify = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
     let web = free_addr();
@@ -967,6 +971,38 @@ async fn upgraded_under_systemd(
     assert_eq!(parent_and_name(successor).unwrap().0, first);
     // The held transfer finishes in the first process, which only then becomes the keeper.
     assert_eq!(parent_and_name(first).unwrap().1, "berth");
+    Upgrading {
+        berth,
+        notify,
+        strays,
+        web,
+        seen,
+        gate,
+        held,
+    }
+}
+
+/// [`upgrading_with_a_held_transfer`], then the held transfer completes and the first process
+/// becomes berth-keeper. Returns the daemon, the notify socket, the successor and the server.
+async fn upgraded_under_systemd(
+    dir: &Dir,
+) -> (
+    Berth,
+    tokio::net::UnixDatagram,
+    Strays,
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<std::io::Result<(u64, Tally)>>,
+) {
+    let Upgrading {
+        berth,
+        notify,
+        strays,
+        web,
+        mut seen,
+        gate,
+        held,
+    } = upgrading_with_a_held_transfer(dir).await;
+    let first = i32::try_from(berth.child.id()).unwrap();
     gate.send(true).unwrap();
     let t = held.await.unwrap();
     assert_served(&mut seen, 1, &t).await;
@@ -975,6 +1011,36 @@ async fn upgraded_under_systemd(
     })
     .await;
     (berth, notify, strays, web, seen)
+}
+
+/// A successor that stops while the process it replaced still drains (a `systemctl stop`
+/// that lands in the drain signals both) is left unreaped for the keeper: the keeper reports
+/// its status (0) rather than finding no child and failing the unit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_that_ends_during_the_drain_is_left_for_the_keeper() {
+    let dir = Dir::new();
+    let Upgrading {
+        berth,
+        strays,
+        mut seen,
+        gate,
+        held,
+        ..
+    } = upgrading_with_a_held_transfer(&dir).await;
+    let successor = strays.0[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(successor), Signal::SIGTERM).unwrap();
+    // It has exited, and nobody collected it: a zombie of the draining process.
+    common::wait_until("the successor to exit and stay unreaped", || {
+        std::fs::read_to_string(format!("/proc/{successor}/stat"))
+            .ok()
+            .and_then(|stat| Some(stat.rsplit_once(')')?.1.trim_start().starts_with('Z')))
+            .unwrap_or(false)
+    })
+    .await;
+    gate.send(true).unwrap();
+    let t = held.await.unwrap();
+    assert_served(&mut seen, 1, &t).await;
+    assert_eq!(berth.exit_code().await, Some(0));
 }
 
 /// Under systemd (`$NOTIFY_SOCKET`), the process systemd started stays the unit's main

@@ -211,8 +211,8 @@ pub struct Successor {
 }
 
 impl Successor {
-    fn spawn(&self) -> io::Result<tokio::process::Child> {
-        let mut cmd = tokio::process::Command::new(&self.exe);
+    fn spawn(&self) -> io::Result<Spawned> {
+        let mut cmd = std::process::Command::new(&self.exe);
         cmd.arg("run")
             .arg("--config")
             .arg(&self.config)
@@ -227,7 +227,64 @@ impl Successor {
             .env_remove("LISTEN_FDS")
             .env_remove("LISTEN_FDNAMES")
             .env_remove("WATCHDOG_PID");
-        cmd.spawn()
+        Spawned::new(cmd.spawn()?)
+    }
+}
+
+/// A started successor, watched through a pidfd and never reaped once it took over.
+///
+/// tokio reaps the children it spawned even after their handle is dropped; a successor
+/// that exits while this process still drains would then be gone before the keeper (which
+/// this process becomes under systemd) could report its status, and the unit would fail.
+/// A std child is only reaped when waited for, which happens only if it exits before it
+/// took over; after that its exit stays for the keeper to collect.
+#[derive(Debug)]
+struct Spawned {
+    child: std::process::Child,
+    /// Readable once the child has exited (it is not reaped by that).
+    exited: tokio::io::unix::AsyncFd<OwnedFd>,
+}
+
+impl Spawned {
+    fn new(mut child: std::process::Child) -> io::Result<Self> {
+        match Self::watch(&child) {
+            Ok(exited) => Ok(Self { child, exited }),
+            Err(e) => {
+                // Unwatched, it could not be told from a successor that serves: stop it.
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
+            }
+        }
+    }
+
+    /// A pidfd of `child`, registered with the runtime.
+    fn watch(child: &std::process::Child) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+        let pid = child.id() as libc::pid_t;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor that pidfd_open just returned, owned by nobody else.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as RawFd) };
+        // SAFETY: the AsyncFd owns the pidfd, so its descriptor stays open and the same.
+        Ok(unsafe { tokio::io::unix::AsyncFd::register(fd) }?)
+    }
+
+    fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the successor to exit before taking over, and reaps it.
+    async fn wait(&mut self) -> io::Result<std::process::ExitStatus> {
+        loop {
+            let mut ready = self.exited.readable().await?;
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            ready.clear_ready();
+        }
     }
 }
 
@@ -248,7 +305,7 @@ pub(crate) enum Event {
 struct Upgrade {
     reply: tokio::sync::oneshot::Sender<Reply>,
     conn: u64,
-    child: tokio::process::Child,
+    child: Spawned,
 }
 
 /// The running daemon's side of hand-overs: at most one at a time.
@@ -288,7 +345,7 @@ impl Outgoing {
         }
         match successor.spawn() {
             Ok(child) => {
-                tracing::info!(pid = ?child.id(), exe = %successor.exe.display(), "upgrade: successor started");
+                tracing::info!(pid = child.id(), exe = %successor.exe.display(), "upgrade: successor started");
                 self.upgrade = Some(Upgrade { reply, conn, child });
             }
             Err(e) => {
