@@ -7,17 +7,18 @@
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, bpf_sock, bpf_sock_addr},
     helpers::{
-        bpf_csum_diff, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
-        bpf_redirect_neigh,
+        bpf_check_mtu, bpf_csum_diff, bpf_get_netns_cookie, bpf_get_socket_cookie,
+        bpf_ktime_get_ns, bpf_redirect_neigh, bpf_skb_change_tail, bpf_skb_load_bytes,
     },
     macros::{cgroup_sock, cgroup_sock_addr, classifier, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::{SockAddrContext, SockContext, TcContext},
 };
 use berth_common::dnat::{
     Addr, BACKEND_DRAINING, Backend, Config, DEFAULT_CONNTRACK, DEFAULT_FRAGS, DEFAULT_LOCAL_ADDRS,
     DEFAULT_SERVICES, Flow, FlowKey, FragKey, FragKey6, FragRoute, FragRoute6, NO_ADDR, Origin,
-    PROTO_TCP, PROTO_UDP, ServiceKey, SockKey, Stats, is_v4_mapped, v4_mapped,
+    PROTO_TCP, PROTO_UDP, SCRATCH_LEN, Scratch, ServiceKey, SockKey, Stats, is_v4_mapped,
+    v4_mapped,
 };
 
 #[map(name = "BERTH_DNAT_SVC")]
@@ -41,12 +42,16 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map(name = "BERTH_DNAT_FRAG")]
 static FRAGS: LruHashMap<FragKey, FragRoute> = LruHashMap::with_max_entries(DEFAULT_FRAGS, 0);
 
+#[map(name = "BERTH_DNAT_SCRATCH")]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
 #[map(name = "BERTH_DNAT_FRAG6")]
 static FRAGS6: LruHashMap<FragKey6, FragRoute6> = LruHashMap::with_max_entries(DEFAULT_FRAGS, 0);
 
 /// "Not mine": with TCX the next program runs (TC_ACT_OK would end the chain and hide the
 /// packet from other programs, other berth processes included); with cls_bpf, the default.
 const TC_ACT_UNSPEC: i32 = -1;
+const TC_ACT_SHOT: i32 = 2;
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
@@ -76,6 +81,13 @@ const PROTO_ICMPV6: u8 = 58;
 const ICMPV6_ERRORS: core::ops::RangeInclusive<u8> = 1..=3;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
+/// Destination unreachable's code for "fragmentation needed and DF set".
+const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+/// `BPF_MTU_CHK_RET_SUCCESS`: the packet fits the interface's MTU.
+const MTU_FITS: i64 = 0;
+/// The hop limit of the ICMP errors the program sends, as the host's own would have.
+const ICMP_HOP_LIMIT: u8 = 64;
 
 // === TC: remote clients ===
 
@@ -89,6 +101,9 @@ struct Packet {
     tcp_flags: u8,
     /// Time to live, and the protocol beside it: one 16-bit word of the header checksum.
     ttl: u8,
+    /// Don't fragment: a router that cannot forward the packet whole answers "fragmentation
+    /// needed" rather than fragment it.
+    df: bool,
     /// IP identification, and whether more fragments follow (the first of several).
     id: u16,
     more: bool,
@@ -225,6 +240,7 @@ fn parse(ctx: &TcContext) -> Option<Parsed> {
         dport,
         tcp_flags,
         ttl,
+        df: frag & 0x4000 != 0,
         id,
         more,
         l4,
@@ -274,8 +290,9 @@ fn parse_icmp(ctx: &TcContext, l4: usize, saddr: u32, daddr: u32, ttl: u8) -> Op
 #[inline(always)]
 fn icmp_error(ctx: &TcContext, e: &IcmpError, ifindex: u32) -> Option<i32> {
     let key = FlowKey::v4(e.in_daddr, e.in_saddr, e.in_dport, e.in_sport, e.proto);
-    // SAFETY: a plain `repr(C)` value, copied out at once.
-    if let Some(flow) = unsafe { CONNTRACK.get(key) }.copied()
+    // SAFETY: a map value stays valid while the program runs (not copied: the stack is
+    // tight).
+    if let Some(flow) = unsafe { CONNTRACK.get(key) }
         && flow.backend_ifindex == ifindex
         && flow.hairpin_client == NO_ADDR
     {
@@ -306,7 +323,7 @@ fn icmp_error(ctx: &TcContext, e: &IcmpError, ifindex: u32) -> Option<i32> {
         e.proto,
     );
     // SAFETY: as above.
-    let flow = unsafe { CONNTRACK.get(key) }.copied()?;
+    let flow = unsafe { CONNTRACK.get(key) }?;
     if flow.client_ifindex != ifindex || flow.hairpin_client != NO_ADDR {
         return None;
     }
@@ -444,6 +461,16 @@ fn reply(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
     }
     let (orig_ip, orig_port) = (flow.orig[3], flow.orig_port);
     let (client_ifindex, id, hairpin_client) = (flow.client_ifindex, flow.id, flow.hairpin_client);
+    if let Some(mtu) = too_big(ctx, client_ifindex) {
+        count(id, |s| s.too_big += 1);
+        // Without DF a router would fragment it; the host's stack would not translate it
+        // back: dropped, and counted.
+        return Some(if pkt.df {
+            frag_needed(ctx, pkt.l4, mtu, ifindex).unwrap_or(TC_ACT_SHOT)
+        } else {
+            TC_ACT_SHOT
+        });
+    }
     hop(ctx, pkt.ttl, pkt.proto)?;
     from_backend(flow, pkt.tcp_flags);
     rewrite(ctx, pkt, 12, pkt.saddr, orig_ip, 0, pkt.sport, orig_port).ok()?;
@@ -517,6 +544,15 @@ fn forward(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
         }
     }
     let (new_ip, new_port) = (backend.addr[3], backend.port);
+    if let Some(mtu) = too_big(ctx, backend.ifindex) {
+        count(backend.id, |s| s.too_big += 1);
+        // Without DF, the host's stack and the relay fragment it, as routing would.
+        return if pkt.df {
+            frag_needed(ctx, pkt.l4, mtu, ifindex)
+        } else {
+            None
+        };
+    }
     hop(ctx, pkt.ttl, pkt.proto)?;
     rewrite(ctx, pkt, 16, pkt.daddr, new_ip, 2, pkt.dport, new_port).ok()?;
     if hairpin {
@@ -719,6 +755,10 @@ fn reply6(ctx: &TcContext, pkt: &Packet6, ifindex: u32) -> Option<i32> {
     }
     let (orig, orig_port) = (flow.orig, flow.orig_port);
     let (client_ifindex, id, hairpin_client) = (flow.client_ifindex, flow.id, flow.hairpin_client);
+    if let Some(mtu) = too_big(ctx, client_ifindex) {
+        count(id, |s| s.too_big += 1);
+        return Some(packet_too_big(ctx, pkt.l4, mtu, ifindex).unwrap_or(TC_ACT_SHOT));
+    }
     hop6(ctx, pkt.hop_limit)?;
     from_backend(flow, pkt.tcp_flags);
     rewrite6(ctx, pkt, 8, &pkt.saddr, &orig, 0, pkt.sport, orig_port)?;
@@ -773,6 +813,10 @@ fn forward6(ctx: &TcContext, pkt: &Packet6, ifindex: u32) -> Option<i32> {
             }
             _ => {}
         }
+    }
+    if let Some(mtu) = too_big(ctx, backend.ifindex) {
+        count(backend.id, |s| s.too_big += 1);
+        return packet_too_big(ctx, pkt.l4, mtu, ifindex);
     }
     hop6(ctx, pkt.hop_limit)?;
     rewrite6(
@@ -912,8 +956,9 @@ fn icmp6_error(ctx: &TcContext, hop_limit: u8) -> Option<i32> {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let len = u64::from(ctx.len());
     let key = FlowKey::new(in_dst, in_src, in_dport, in_sport, proto);
-    // SAFETY: a plain `repr(C)` value, copied out at once.
-    if let Some(flow) = unsafe { CONNTRACK.get(key) }.copied()
+    // SAFETY: a map value stays valid while the program runs (not copied: the stack is
+    // tight).
+    if let Some(flow) = unsafe { CONNTRACK.get(key) }
         && flow.backend_ifindex == ifindex
         && flow.hairpin_client == NO_ADDR
     {
@@ -937,7 +982,7 @@ fn icmp6_error(ctx: &TcContext, hop_limit: u8) -> Option<i32> {
     }
     let key = FlowKey::new(backend.addr, in_dst, backend.port, in_dport, proto);
     // SAFETY: as above.
-    let flow = unsafe { CONNTRACK.get(key) }.copied()?;
+    let flow = unsafe { CONNTRACK.get(key) }?;
     if flow.client_ifindex != ifindex || flow.hairpin_client != NO_ADDR {
         return None;
     }
@@ -1060,6 +1105,159 @@ fn rewrite(
     set_addr(ctx, ip_off, old_ip, new_ip).ok_or(-1)?;
     ctx.store(pkt.l4 + port_off, &new_port, 0)?;
     Ok(())
+}
+
+/// The MTU of `ifindex` if the packet (or, for a GRO aggregate, each of its segments) is
+/// larger: `bpf_redirect_neigh` does not check, and the bridge would drop it silently.
+#[inline(always)]
+fn too_big(ctx: &TcContext, ifindex: u32) -> Option<u32> {
+    let mut mtu = 0u32;
+    // SAFETY: the program's own skb; `mtu` is a u32 on this stack (0: check the skb's length).
+    let ret = unsafe { bpf_check_mtu(ctx.skb.skb.cast(), ifindex, &mut mtu, 0, 0) };
+    (ret != MTU_FITS && ret > 0).then_some(mtu)
+}
+
+/// The ones' complement checksum of `len` bytes (a multiple of 4) at `at` in the scratch
+/// buffer, ready to store.
+#[inline(always)]
+fn checksum(buf: &mut Scratch, at: usize, len: usize) -> Option<u16> {
+    if at + len > SCRATCH_LEN {
+        return None;
+    }
+    // SAFETY: `len` bytes of the map value from `at`, checked above; no `from` buffer.
+    let sum = unsafe {
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            buf.as_mut_ptr().add(at).cast(),
+            len as u32,
+            0,
+        )
+    };
+    if sum < 0 {
+        return None;
+    }
+    let mut s = sum as u64 & 0xffff_ffff;
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    Some(!(s as u16))
+}
+
+/// Writes 4 bytes at `at` in the scratch buffer.
+#[inline(always)]
+fn put(buf: &mut Scratch, at: usize, bytes: [u8; 4]) {
+    if at + 4 <= SCRATCH_LEN {
+        buf[at..at + 4].copy_from_slice(&bytes);
+    }
+}
+
+/// Copies `len` bytes of the packet from `offset` to `at` in the scratch buffer (a constant
+/// length: aya's `load_bytes` clamps it to the packet, which the verifier reads as possibly
+/// zero).
+#[inline(always)]
+fn copy_in(ctx: &TcContext, offset: usize, buf: &mut Scratch, at: usize, len: usize) -> Option<()> {
+    if at + len > SCRATCH_LEN {
+        return None;
+    }
+    // SAFETY: `len` bytes of the map value from `at`, checked above.
+    let ret = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            offset as u32,
+            buf.as_mut_ptr().add(at).cast(),
+            len as u32,
+        )
+    };
+    (ret == 0).then_some(())
+}
+
+/// Shrinks the packet to `len` bytes from the start of its frame.
+#[inline(always)]
+fn truncate(ctx: &TcContext, len: usize) -> Option<()> {
+    // SAFETY: the program's own skb.
+    let ret = unsafe { bpf_skb_change_tail(ctx.skb.skb.cast(), len as u32, 0) };
+    (ret == 0).then_some(())
+}
+
+/// This CPU's scratch buffer.
+#[inline(always)]
+fn scratch() -> Option<&'static mut Scratch> {
+    // SAFETY: this CPU's own copy, used by one program run at a time (TC programs do not
+    // preempt each other on a CPU).
+    SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// Turns an IPv4 packet that does not fit the next link into the ICMP "fragmentation
+/// needed" a router would answer, from the address it was sent to, quoting its header and
+/// first 8 bytes, and sends it back out of `back` (the interface it came from). Packets with
+/// IP options are left to the host (the quote assumes a 20-byte header).
+#[inline(always)]
+fn frag_needed(ctx: &TcContext, l4: usize, mtu: u32, back: u32) -> Option<i32> {
+    if l4 != ETH_HLEN + 20 {
+        return None;
+    }
+    let buf = scratch()?;
+    // The IP header (20 bytes), the ICMP header (8), the quote (28).
+    const ICMP: usize = 20;
+    const LEN: usize = 20 + 8 + 28;
+    copy_in(ctx, ETH_HLEN, buf, ICMP + 8, 28)?;
+    let next_hop = (mtu.min(0xffff) as u16).to_be_bytes();
+    put(buf, ICMP, [ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0]);
+    put(buf, ICMP + 4, [0, 0, next_hop[0], next_hop[1]]);
+    let sum = checksum(buf, ICMP, 8 + 28)?.to_ne_bytes();
+    put(
+        buf,
+        ICMP,
+        [ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, sum[0], sum[1]],
+    );
+    let total = (LEN as u16).to_be_bytes();
+    put(buf, 0, [0x45, 0xc0, total[0], total[1]]);
+    put(buf, 4, [0; 4]);
+    put(buf, 8, [ICMP_HOP_LIMIT, PROTO_ICMP, 0, 0]);
+    // From the address the packet was sent to, to its sender.
+    let addrs: [u32; 2] = ctx.load(ETH_HLEN + 12).ok()?;
+    put(buf, 12, addrs[1].to_ne_bytes());
+    put(buf, 16, addrs[0].to_ne_bytes());
+    let sum = checksum(buf, 0, 20)?.to_ne_bytes();
+    put(buf, 8, [ICMP_HOP_LIMIT, PROTO_ICMP, sum[0], sum[1]]);
+    let out: &[u8; LEN] = buf[..LEN].try_into().ok()?;
+    ctx.store(ETH_HLEN, out, 0).ok()?;
+    truncate(ctx, ETH_HLEN + LEN)?;
+    Some(redirect(back))
+}
+
+/// The IPv6 counterpart of [`frag_needed`]: ICMPv6 "packet too big" (routers never fragment
+/// IPv6), quoting the IPv6 header and 8 bytes. Packets with extension headers are left to
+/// the host (the quote would not reach their ports).
+#[inline(always)]
+fn packet_too_big(ctx: &TcContext, l4: usize, mtu: u32, back: u32) -> Option<i32> {
+    if l4 != L4_6 {
+        return None;
+    }
+    let buf = scratch()?;
+    // The pseudo-header (source, destination, length, next header: 40 bytes) the checksum
+    // covers, then the message: the ICMPv6 header (8) and the quote (48).
+    const MSG: usize = 40;
+    const MSG_LEN: usize = 8 + 48;
+    copy_in(ctx, ETH_HLEN, buf, MSG + 8, 48)?;
+    // From the address the packet was sent to, to its sender: the quote has both.
+    buf.copy_within(MSG + 8 + 24..MSG + 8 + 40, 0);
+    buf.copy_within(MSG + 8 + 8..MSG + 8 + 24, 16);
+    put(buf, 32, (MSG_LEN as u32).to_be_bytes());
+    put(buf, 36, [0, 0, 0, PROTO_ICMPV6]);
+    put(buf, MSG, [ICMPV6_PACKET_TOO_BIG, 0, 0, 0]);
+    put(buf, MSG + 4, mtu.to_be_bytes());
+    let sum = checksum(buf, 0, MSG + MSG_LEN)?.to_ne_bytes();
+    put(buf, MSG, [ICMPV6_PACKET_TOO_BIG, 0, sum[0], sum[1]]);
+    let len = (MSG_LEN as u16).to_be_bytes();
+    let ip: [u8; 8] = [0x60, 0, 0, 0, len[0], len[1], PROTO_ICMPV6, ICMP_HOP_LIMIT];
+    ctx.store(ETH_HLEN, &ip, 0).ok()?;
+    let addrs: &[u8; 32] = buf[..32].try_into().ok()?;
+    ctx.store(ETH_HLEN + 8, addrs, 0).ok()?;
+    let msg: &[u8; MSG_LEN] = buf[MSG..MSG + MSG_LEN].try_into().ok()?;
+    ctx.store(L4_6, msg, 0).ok()?;
+    truncate(ctx, L4_6 + MSG_LEN)?;
+    Some(redirect(back))
 }
 
 #[inline(always)]

@@ -719,6 +719,249 @@ async fn ipv6_udp_datagrams_larger_than_the_mtu_are_mapped_fragment_by_fragment(
     assert_eq!(map_entries_of(berth.child.id(), "BERTH_DNAT_FRAG6"), 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_too_big_for_the_next_link_get_fragmentation_needed() {
+    let lab = Lab::up(1).await;
+    let container = lab.container_ip(0).into();
+    too_big_for_the_next_link(&lab, container, EXT_HOST.into(), EXT_CLIENT.into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_packets_too_big_for_the_next_link_get_packet_too_big() {
+    let lab = Lab::up(1).await;
+    let (container6, host6, client6) = lab.add_ipv6();
+    too_big_for_the_next_link(&lab, container6.into(), host6.into(), client6.into()).await;
+}
+
+/// Sets the MTU of both ends of a link: `host_end` in the lab's host namespace, `eth0` in
+/// `ns`.
+async fn narrow_link(lab: &Lab, ns: &berth::net::NetNs, host_end: &str, mtu: u32) {
+    let host_end = host_end.to_owned();
+    lab.host
+        .ns
+        .run_async(|| async move {
+            let nl = berth::net::Netlink::connect().unwrap();
+            nl.set_mtu(&host_end, mtu).await.unwrap();
+        })
+        .unwrap();
+    ns.run_async(|| async move {
+        let nl = berth::net::Netlink::connect().unwrap();
+        nl.set_mtu("eth0", mtu).await.unwrap();
+    })
+    .unwrap();
+}
+
+/// The path MTU a connected socket has learnt (IP_MTU / IPV6_MTU).
+fn path_mtu(sock: &std::net::UdpSocket, v6: bool) -> i32 {
+    use std::os::fd::AsRawFd as _;
+    let (level, name) = if v6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_MTU)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_MTU)
+    };
+    let mut mtu: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `mtu`.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            (&raw mut mtu).cast(),
+            &raw mut len,
+        )
+    };
+    assert_eq!(rc, 0, "path MTU: {}", std::io::Error::last_os_error());
+    mtu
+}
+
+/// Sets "don't fragment" on every datagram of `sock` (IP_PMTUDISC_DO, or its IPv6 twin).
+fn never_fragment(sock: &std::net::UdpSocket, v6: bool) {
+    if v6 {
+        mtu_discover(
+            sock,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_DO,
+        );
+    } else {
+        mtu_discover(
+            sock,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DO,
+        );
+    }
+}
+
+/// Sets a path MTU discovery mode of `sock`.
+fn mtu_discover(
+    sock: &std::net::UdpSocket,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: setsockopt reads one c_int.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "MTU discovery {value}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Path MTU discovery through kernel-mode mappings, as a router's forwarding gives it: the
+/// redirect skips the host's forwarding, so the program answers a packet too big for the
+/// next link with "fragmentation needed" (IPv4) or "packet too big" (IPv6) itself. First the
+/// container's link at MTU 1280: a TCP bulk transfer completes, and a client's 1,400-byte
+/// datagram with DF makes the client's path MTU 1280. Then the client's link at 1280 and the
+/// container's at 1500 again: the container's 1,400-byte reply does the same for it.
+async fn too_big_for_the_next_link(lab: &Lab, container: IpAddr, host: IpAddr, client_ip: IpAddr) {
+    let v6 = container.is_ipv6();
+    let ns = berth::net::NetNs::named(&lab.topo.containers[0].name);
+    let server = ns
+        .run(|| std::net::UdpSocket::bind(SocketAddr::new(container, 0)))
+        .unwrap()
+        .unwrap();
+    server.set_read_timeout(Some(HANG)).unwrap();
+    never_fragment(&server, v6);
+    let (tcp_server, mut seen) = lab.tcp_server_at(0, container);
+    let any: IpAddr = if v6 {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    };
+    let (udp_port, tcp_port) = (lab.host.free_port(), lab.host.free_port());
+    let dir = scratch();
+    let (config, metrics) = lab.with_metrics(&lab.config(
+        "",
+        &[
+            (
+                "dns",
+                "udp",
+                SocketAddr::new(any, udp_port),
+                server.local_addr().unwrap(),
+            ),
+            ("web", "tcp", SocketAddr::new(any, tcp_port), tcp_server),
+        ],
+    ));
+    let berth = lab.berth(&dir, &config);
+    berth.up().await;
+    let host_veth = lab.topo.containers[0].host_veth.to_string();
+    narrow_link(lab, &ns, &host_veth, 1280).await;
+
+    // TCP: the segment size follows the container's MSS; every byte arrives.
+    let sock = lab
+        .ext
+        .ns
+        .run(|| {
+            if v6 {
+                tokio::net::TcpSocket::new_v6()
+            } else {
+                tokio::net::TcpSocket::new_v4()
+            }
+        })
+        .unwrap()
+        .unwrap();
+    let stream = timeout(HANG, sock.connect(SocketAddr::new(host, tcp_port)))
+        .await
+        .unwrap()
+        .unwrap();
+    let tally = timeout(HANG, exchange(stream, 1, 8 << 20, 8 << 20))
+        .await
+        .unwrap()
+        .unwrap();
+    let (peer, id, server_side) = timeout(HANG, seen.recv()).await.unwrap().unwrap();
+    assert_eq!(peer.ip(), client_ip, "mapped in the kernel");
+    assert_mirrored(id, &tally, &server_side);
+
+    if !v6 {
+        // An IPv4 datagram without DF: routing would fragment it, and so does the relay
+        // under the mapping, which gets it (the container sees the relay's address). First: once
+        // the client has learnt the path MTU below, its own kernel would fragment it.
+        let plain = lab
+            .ext
+            .ns
+            .run(|| std::net::UdpSocket::bind(SocketAddr::new(any, 0)))
+            .unwrap()
+            .unwrap();
+        mtu_discover(
+            &plain,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DONT,
+        );
+        plain
+            .send_to(&[11u8; 1400], SocketAddr::new(host, udp_port))
+            .unwrap();
+        let mut buf = vec![0u8; 2048];
+        let (n, relayed) = tokio::task::block_in_place(|| server.recv_from(&mut buf)).unwrap();
+        assert_eq!((n, relayed.ip()), (1400, IpAddr::V4(lab.topo.gateway)));
+    }
+
+    // UDP with DF, client to container: the client learns the container link's MTU.
+    let client = lab
+        .ext
+        .ns
+        .run(|| std::net::UdpSocket::bind(SocketAddr::new(any, 0)))
+        .unwrap()
+        .unwrap();
+    client.set_read_timeout(Some(HANG)).unwrap();
+    never_fragment(&client, v6);
+    client.connect(SocketAddr::new(host, udp_port)).unwrap();
+    assert_eq!(path_mtu(&client, v6), 1500);
+    client.send(&[7u8; 1400]).unwrap();
+    wait_until("the client's path MTU to drop to 1280", || {
+        path_mtu(&client, v6) == 1280
+    })
+    .await;
+    // The error reaches the connected socket too; then what fits goes through, mapped in
+    // the kernel.
+    assert_eq!(
+        client.take_error().unwrap().unwrap().raw_os_error(),
+        Some(libc::EMSGSIZE)
+    );
+    client.send(&[8u8; 1000]).unwrap();
+    let mut buf = vec![0u8; 2048];
+    let (n, from) = tokio::task::block_in_place(|| server.recv_from(&mut buf)).unwrap();
+    assert_eq!((n, from.ip()), (1000, client_ip));
+
+    // UDP with DF, container to client: the container learns the client link's MTU.
+    narrow_link(lab, &ns, &host_veth, 1500).await;
+    narrow_link(lab, &lab.ext.ns, "ext0", 1280).await;
+    server.connect(from).unwrap();
+    assert_eq!(path_mtu(&server, v6), 1500);
+    server.send(&[9u8; 1400]).unwrap();
+    wait_until("the container's path MTU to drop to 1280", || {
+        path_mtu(&server, v6) == 1280
+    })
+    .await;
+    assert_eq!(
+        server.take_error().unwrap().unwrap().raw_os_error(),
+        Some(libc::EMSGSIZE)
+    );
+    server.send(&[10u8; 1000]).unwrap();
+    let n = tokio::task::block_in_place(|| client.recv(&mut buf)).unwrap();
+    assert_eq!(n, 1000);
+
+    let m = scrape_in(&lab.host.ns, metrics).await;
+    assert_eq!(
+        find_sample(&m, "berth_dnat_too_big_total", &[r#"mapping="dns""#]),
+        Some(if v6 { 2.0 } else { 3.0 }),
+        "{m}"
+    );
+}
+
 /// Sends `payload` to `to` with `ttl`, and returns the reply's source and TTL.
 fn ask_with_ttl(sock: &std::net::UdpSocket, to: SocketAddr, ttl: i32) -> (SocketAddr, u8) {
     use nix::sys::socket::{setsockopt, sockopt};

@@ -43,7 +43,16 @@ pub const CONFIG_MAP: &str = "BERTH_DNAT_CFG";
 pub const FRAGS_MAP: &str = "BERTH_DNAT_FRAG";
 /// [`FragKey6`] → [`FragRoute6`], LRU: the same for IPv6 datagrams. Kernel side only.
 pub const FRAGS6_MAP: &str = "BERTH_DNAT_FRAG6";
-/// Every map of the object: what is pinned, and what a successor must find to adopt.
+/// One [`Scratch`] per CPU: where the TC program builds the ICMP errors it answers with (the
+/// BPF stack is too small for them beside the rest). Kernel side only, never pinned: it
+/// holds nothing between packets.
+pub const SCRATCH_MAP: &str = "BERTH_DNAT_SCRATCH";
+/// The scratch buffer's size in bytes.
+pub const SCRATCH_LEN: usize = 128;
+/// [`SCRATCH_MAP`]'s value.
+pub type Scratch = [u8; SCRATCH_LEN];
+/// Every map of the object that outlives a packet: what is pinned, and what a successor
+/// must find to adopt.
 pub const MAPS: [&str; 8] = [
     SERVICES_MAP,
     CONNTRACK_MAP,
@@ -246,6 +255,10 @@ pub struct Stats {
     /// Backend → client packets and bytes.
     pub packets_out: u64,
     pub bytes_out: u64,
+    /// Packets of either direction larger than the next interface's MTU: answered with ICMP
+    /// "fragmentation needed" / "packet too big" as a router would, or (IPv4 without DF, to
+    /// the container) left to the host's stack and the relay, which fragment them.
+    pub too_big: u64,
 }
 
 /// A fragmented IPv4 datagram as each of its fragments shows it on the wire (before any
@@ -321,7 +334,8 @@ pub struct Config {
 
 /// The meaning of the maps' entries. Sizes and map types are compared on their own when a
 /// berth adopts pinned maps; bump this when an entry's meaning changes and its size does not.
-/// 2: hairpin addresses became 16 bytes (IPv6 hairpin), so [`Backend`] and [`Flow`] grew.
+/// 2: hairpin addresses became 16 bytes (IPv6 hairpin), so [`Backend`] and [`Flow`] grew,
+/// and [`Stats`] counts packets too big for the next link.
 pub const LAYOUT: u32 = 2;
 
 /// The prefix length, in bits, of an IPv4-mapped address's IPv4 part inside an LPM key.
@@ -346,7 +360,7 @@ pub const fn is_v4_mapped(addr: &Addr) -> bool {
 mod pod {
     use super::{Backend, Config, Flow, FlowKey, Origin, ServiceKey, SockKey, Stats};
     // SAFETY: (this and the impls below) `repr(C)` structs of integers whose explicit `_pad`
-    // fields fill every gap (sizes 20, 44, 40, 64, 32, 24, 48, 16 bytes, checked by a test), so
+    // fields fill every gap (sizes 20, 44, 40, 64, 32, 24, 56, 16 bytes, checked by a test), so
     // there is no implicit padding and every bit pattern is valid.
     unsafe impl aya::Pod for ServiceKey {}
     // SAFETY: see above.
@@ -378,7 +392,7 @@ mod tests {
         assert_eq!(size_of::<Flow>(), 64);
         assert_eq!(size_of::<SockKey>(), 32);
         assert_eq!(size_of::<Origin>(), 24);
-        assert_eq!(size_of::<Stats>(), 48);
+        assert_eq!(size_of::<Stats>(), 56);
         assert_eq!(size_of::<Config>(), 16);
         assert_eq!(size_of::<FragKey>(), 12);
         assert_eq!(size_of::<FragRoute>(), 20);

@@ -54,6 +54,7 @@ impl DnatMapping {
                 s.bytes_in += c.bytes_in;
                 s.packets_out += c.packets_out;
                 s.bytes_out += c.bytes_out;
+                s.too_big += c.too_big;
             }
         }
         s

@@ -124,6 +124,8 @@ pub struct Snapshot {
     pub bytes_in: u64,
     pub packets_out: u64,
     pub bytes_out: u64,
+    /// Packets too big for the next link (see [`berth_common::dnat::Stats::too_big`]).
+    pub too_big: u64,
     /// Conntrack entries at the last sweep.
     pub conntrack_entries: u64,
 }

@@ -151,6 +151,16 @@ impl Netlink {
         .await
     }
 
+    /// Sets `name`'s MTU (the tests narrow a link to exercise path MTU discovery).
+    pub async fn set_mtu(&self, name: &str, mtu: u32) -> Result<(), NetError> {
+        let index = self.index(name).await?;
+        self.set(
+            LinkUnspec::new_with_index(index).mtu(mtu).build(),
+            format!("set {name}'s MTU to {mtu}"),
+        )
+        .await
+    }
+
     pub async fn rename(&self, name: &str, to: &str) -> Result<(), NetError> {
         let index = self.index(name).await?;
         self.set(

@@ -49,6 +49,7 @@ struct Families {
     udp_dropped: IntCounterVec,
     dnat_flows: IntCounterVec,
     dnat_local: IntCounterVec,
+    dnat_too_big: IntCounterVec,
     dnat_packets: IntCounterVec,
     dnat_bytes: IntCounterVec,
     dnat_conntrack: IntGaugeVec,
@@ -131,6 +132,11 @@ impl Families {
                 "Kernel mode: local connects and unconnected UDP sends pointed at the target.",
                 &[],
             ),
+            dnat_too_big: counter(
+                "berth_dnat_too_big_total",
+                "Kernel mode: packets too big for the next link, answered with ICMP fragmentation needed / packet too big (or, IPv4 without DF to the target, left to the relay).",
+                &[],
+            ),
             dnat_packets: counter(
                 "berth_dnat_packets_total",
                 "Kernel mode: packets of remote flows rewritten, by direction.",
@@ -154,7 +160,7 @@ impl Families {
         }
     }
 
-    fn collectors(&self) -> [&dyn Collector; 20] {
+    fn collectors(&self) -> [&dyn Collector; 21] {
         [
             &self.info,
             &self.connections,
@@ -172,6 +178,7 @@ impl Families {
             &self.udp_dropped,
             &self.dnat_flows,
             &self.dnat_local,
+            &self.dnat_too_big,
             &self.dnat_packets,
             &self.dnat_bytes,
             &self.dnat_conntrack,
@@ -238,6 +245,7 @@ impl Families {
                 let s = d.snapshot();
                 count(&self.dnat_flows, &[], s.flows);
                 count(&self.dnat_local, &[], s.local_rewrites);
+                count(&self.dnat_too_big, &[], s.too_big);
                 count(&self.dnat_packets, &["to_target"], s.packets_in);
                 count(&self.dnat_packets, &["to_client"], s.packets_out);
                 count(&self.dnat_bytes, &["to_target"], s.bytes_in);
