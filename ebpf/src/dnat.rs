@@ -1220,6 +1220,9 @@ fn frag_needed(ctx: &TcContext, l4: usize, mtu: u32, back: u32) -> Option<i32> {
     put(buf, 16, addrs[0].to_ne_bytes());
     let sum = checksum(buf, 0, 20)?.to_ne_bytes();
     put(buf, 8, [ICMP_HOP_LIMIT, PROTO_ICMP, sum[0], sum[1]]);
+    // The checksums are complete, whatever the skb's checksum state says: a packet left
+    // for offload (CHECKSUM_PARTIAL) came from a local namespace and goes back to it, where
+    // it is not checked again; one from a NIC never is.
     let out: &[u8; LEN] = buf[..LEN].try_into().ok()?;
     ctx.store(ETH_HLEN, out, 0).ok()?;
     truncate(ctx, ETH_HLEN + LEN)?;

@@ -632,6 +632,24 @@ async fn ipv6_remote_and_local_clients_reach_an_ipv6_container() {
         .unwrap();
     let (_, id, server_side) = timeout(HANG, seen.recv()).await.unwrap().unwrap();
     assert_mirrored(id, &client, &server_side);
+    // Local UDP, unconnected: sendto [::1] reaches the IPv6 container (sendmsg6), and
+    // recvfrom shows [::1] (recvmsg6); the container sees the host's bridge address.
+    let dial = SocketAddr::from((Ipv6Addr::LOCALHOST, udp_port));
+    let local = lab
+        .host
+        .ns
+        .run(|| {
+            lab.cgroup
+                .run(|| std::net::UdpSocket::bind("[::]:0").unwrap())
+        })
+        .unwrap();
+    local.set_read_timeout(Some(HANG)).unwrap();
+    local.send_to(b"ping", dial).unwrap();
+    let (n, from) = tokio::task::block_in_place(|| local.recv_from(&mut buf)).unwrap();
+    assert_eq!(from, dial, "recvfrom shows the address dialled");
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(text.starts_with("ping from [fd00:77::1]:"), "{text}");
+
     // The kernel mapped all of it: three remote flows, one local rewrite, no relay connection.
     let m = scrape_in(&lab.host.ns, metrics).await;
     let value = |name: &str, mapping: &str| {
@@ -639,6 +657,7 @@ async fn ipv6_remote_and_local_clients_reach_an_ipv6_container() {
     };
     assert_eq!(value("berth_dnat_flows_total", "web6"), 3.0, "{m}");
     assert_eq!(value("berth_dnat_flows_total", "dns6"), 1.0, "{m}");
+    assert_eq!(value("berth_dnat_local_rewrites_total", "dns6"), 1.0, "{m}");
     assert_eq!(value("berth_dnat_local_rewrites_total", "web6"), 1.0, "{m}");
     assert_eq!(value("berth_connections_total", "web6"), 0.0, "{m}");
 }
