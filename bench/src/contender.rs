@@ -60,6 +60,9 @@ pub(crate) struct Tools {
     pub(crate) socat: Option<PathBuf>,
     pub(crate) haproxy: Option<PathBuf>,
     pub(crate) iptables: Option<PathBuf>,
+    /// The cross-check's load tools.
+    pub(crate) iperf3: Option<PathBuf>,
+    pub(crate) sockperf: Option<PathBuf>,
     /// CNI's reference portmap plugin.
     pub(crate) cni_portmap: Option<PathBuf>,
     /// berth-cni, as installed (a link to the static berth).

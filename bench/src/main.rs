@@ -12,10 +12,12 @@
 mod chart;
 mod cni;
 mod contender;
+mod crosscheck;
 mod host;
 mod load;
 mod measure;
 mod metric;
+mod pin;
 mod plan;
 mod procstat;
 mod report;
@@ -142,6 +144,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         },
         socat: host::which("socat"),
         haproxy: host::which("haproxy"),
+        iperf3: host::which("iperf3"),
+        sockperf: host::which("sockperf"),
         iptables: host::which("iptables"),
         cni_portmap: Some(std::path::Path::new(cni::PLUGIN_DIR).join("portmap"))
             .filter(|p| p.exists()),

@@ -27,28 +27,102 @@ pub(crate) struct Env<'a> {
     pub(crate) rt: &'a tokio::runtime::Runtime,
 }
 
-/// One sample of `job` with contender `c`.
-pub(crate) fn take(job: Job, c: Contender, env: &Env<'_>) -> anyhow::Result<Metrics> {
+/// One sample of `job` with contender `c`, on port slot `slot` (its proxy port and the
+/// server port it maps to; [`slot`] rotates them between repetitions).
+pub(crate) fn take(job: Job, c: Contender, slot: u16, env: &Env<'_>) -> anyhow::Result<Metrics> {
     match job {
         Job::Mappings => mappings(c, env),
-        Job::Restart { upgrade } => restart(c, upgrade, env),
-        _ => sample(job, c, env),
+        Job::Restart { upgrade } => restart(c, upgrade, slot, env),
+        Job::Iperf3 { .. } | Job::Sockperf => crosscheck(job, c, slot, env),
+        _ => sample(job, c, slot, env),
     }
+}
+
+/// The port slot of contender `c` in repetition `rep`: every contender moves one slot on per
+/// repetition, so that no contender keeps a port (its listener's hash bucket, its
+/// server-side socket) that might favour it, and with enough repetitions each has had
+/// several.
+pub(crate) fn slot(c: Contender, rep: u32) -> u16 {
+    let n = Contender::ALL.len() as u32;
+    ((c as u32 + rep) % n) as u16
+}
+
+/// iperf3 or sockperf through contender `c`: the tool's server in the container namespace,
+/// its client in the host's, all of it (and the proxy) on the pinned CPU.
+fn crosscheck(job: Job, c: Contender, slot: u16, env: &Env<'_>) -> anyhow::Result<Metrics> {
+    use crate::crosscheck as x;
+    let Env {
+        tools,
+        topology,
+        plan,
+        logs,
+        ..
+    } = *env;
+    let missing = |what| anyhow::anyhow!("{what} is not installed (cargo xtask bench installs it)");
+    let ip = topology.server.ip();
+    let (server, target) = match job {
+        Job::Iperf3 { .. } => {
+            let tool = tools.iperf3.as_deref().ok_or_else(|| missing("iperf3"))?;
+            let at = std::net::SocketAddr::new(ip, x::IPERF3_PORT + slot);
+            (
+                x::serve(&topology.server_ns, x::iperf3_server(tool, at), at, logs)?,
+                at,
+            )
+        }
+        _ => {
+            let tool = tools
+                .sockperf
+                .as_deref()
+                .ok_or_else(|| missing("sockperf"))?;
+            let at = std::net::SocketAddr::new(ip, x::SOCKPERF_PORT + slot);
+            (
+                x::serve(&topology.server_ns, x::sockperf_server(tool, at), at, logs)?,
+                at,
+            )
+        }
+    };
+    let running = c.start(tools, Proto::Tcp, proxy_port(slot), target, logs)?;
+    let mut pids = running.pids();
+    pids.push(server.pid());
+    let _pinned = crate::pin::Pinned::new(&pids)?;
+    let mut m = Metrics::new();
+    match job {
+        Job::Iperf3 { dir } => {
+            let tool = tools.iperf3.as_deref().ok_or_else(|| missing("iperf3"))?;
+            let gbit = x::iperf3(tool, running.local, plan.bulk_secs, dir == load::Dir::Down)?;
+            m.insert(Metric::GbitPerSec, gbit);
+        }
+        _ => {
+            let tool = tools
+                .sockperf
+                .as_deref()
+                .ok_or_else(|| missing("sockperf"))?;
+            let (p50, p99) = x::sockperf(tool, running.local, plan.rr_secs)?;
+            m.insert(Metric::P50Us, p50);
+            m.insert(Metric::P99Us, p99);
+        }
+    }
+    Ok(m)
+}
+
+/// The proxy port of slot `slot`.
+fn proxy_port(slot: u16) -> u16 {
+    10_000 + slot * 10
 }
 
 /// Held connections and a connect loop from the external namespace while the contender is
 /// killed and started again 2 s later (its kernel-mode state pinned on a bpffs of the run's
 /// own), or upgraded with `berth upgrade`. iptables has nothing to restart: its state is the
 /// kernel's.
-fn restart(c: Contender, upgrade: bool, env: &Env<'_>) -> anyhow::Result<Metrics> {
+fn restart(c: Contender, upgrade: bool, slot: u16, env: &Env<'_>) -> anyhow::Result<Metrics> {
     let Env {
         tools,
         topology,
         logs,
         ..
     } = *env;
-    let port = 10_000 + c as u16 * 10;
-    let server = topology.server_for(c as u16);
+    let port = proxy_port(slot);
+    let server = topology.server_for(slot);
     // Absolute (a config needs it) and outside the report directory.
     let bpffs = topo::BpfFs::mount(
         &std::env::temp_dir().join(format!("berth-bench-bpffs-{}", std::process::id())),
@@ -119,7 +193,7 @@ fn on_client<T: Send, Fut: Future<Output = anyhow::Result<T>>>(
     })?
 }
 
-fn sample(job: Job, c: Contender, env: &Env<'_>) -> anyhow::Result<Metrics> {
+fn sample(job: Job, c: Contender, slot: u16, env: &Env<'_>) -> anyhow::Result<Metrics> {
     let Env {
         tools,
         topology,
@@ -127,17 +201,18 @@ fn sample(job: Job, c: Contender, env: &Env<'_>) -> anyhow::Result<Metrics> {
         logs,
         rt,
     } = *env;
-    let port = 10_000 + c as u16 * 10;
+    let port = proxy_port(slot);
     let running = if let Job::Ipv6 { .. } = job {
-        c.start_v6(tools, port, topology.server6_for(c as u16), logs)?
+        c.start_v6(tools, port, topology.server6_for(slot), logs)?
     } else {
-        c.start(
-            tools,
-            job.proto(),
-            port,
-            topology.server_for(c as u16),
-            logs,
-        )?
+        c.start(tools, job.proto(), port, topology.server_for(slot), logs)?
+    };
+    // Single flows with client, server and proxy on one CPU (see `pin`): kept until the
+    // load is done, released before the contender stops.
+    let _pinned = if job.single_flow() {
+        Some(crate::pin::Pinned::new(&running.pids())?)
+    } else {
+        None
     };
     // An IPv6 job is measured as its IPv4 twin, at the IPv6 addresses.
     let job = job.as_v4();
@@ -239,7 +314,11 @@ fn sample(job: Job, c: Contender, env: &Env<'_>) -> anyhow::Result<Metrics> {
                 );
             }
         }
-        Job::Mappings | Job::Restart { .. } | Job::Ipv6 { .. } => {
+        Job::Mappings
+        | Job::Restart { .. }
+        | Job::Ipv6 { .. }
+        | Job::Iperf3 { .. }
+        | Job::Sockperf => {
             unreachable!("handled by take(), or turned into its IPv4 twin")
         }
     }
@@ -303,4 +382,21 @@ fn mappings(c: Contender, env: &Env<'_>) -> anyhow::Result<Metrics> {
         m.insert(Metric::ReadyMs, report::stat(&ms).map_or(0.0, |s| s.median));
     }
     Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_distinct_in_a_round_and_move_on_each_round() {
+        for rep in 0..4 {
+            let slots: std::collections::BTreeSet<u16> =
+                Contender::ALL.iter().map(|c| slot(*c, rep)).collect();
+            assert_eq!(slots.len(), Contender::ALL.len(), "round {rep}");
+        }
+        for c in Contender::ALL {
+            assert_ne!(slot(c, 1), slot(c, 2));
+        }
+    }
 }

@@ -32,6 +32,9 @@ pub(crate) enum Scenario {
     /// IPv6 from the external namespace: 1 stream each way and the connection rate, through
     /// kernel mode, ip6tables DNAT and a relay.
     Ipv6,
+    /// The single-flow figures again with independent tools: iperf3 (1 stream each way) and
+    /// sockperf (TCP ping-pong, 64 B).
+    Crosscheck,
 }
 
 impl Scenario {
@@ -48,6 +51,7 @@ impl Scenario {
             Self::Hostport => "hostport",
             Self::Restart => "restart",
             Self::Ipv6 => "ipv6",
+            Self::Crosscheck => "crosscheck",
         }
     }
 }
@@ -174,6 +178,12 @@ pub(crate) enum Job {
     Ipv6 {
         dir: Option<Dir>,
     },
+    /// One iperf3 stream, local.
+    Iperf3 {
+        dir: Dir,
+    },
+    /// sockperf's TCP ping-pong, 64 B, local.
+    Sockperf,
 }
 
 impl Job {
@@ -191,6 +201,7 @@ impl Job {
             Self::Hostport { .. } => Scenario::Hostport,
             Self::Restart { .. } => Scenario::Restart,
             Self::Ipv6 { .. } => Scenario::Ipv6,
+            Self::Iperf3 { .. } | Self::Sockperf => Scenario::Crosscheck,
         }
     }
 
@@ -216,7 +227,28 @@ impl Job {
         }
     }
 
+    /// One flow at a time, whose figures depend on where client, server and proxy run: these
+    /// run with all three on one CPU ([`crate::pin`]).
+    pub(crate) fn single_flow(self) -> bool {
+        match self {
+            Self::Bulk { streams, .. } => streams == 1,
+            Self::Rr | Self::Iperf3 { .. } | Self::Sockperf => true,
+            Self::Ipv6 { dir } => dir.is_some(),
+            _ => false,
+        }
+    }
+
     pub(crate) fn variant(self, plan: &Plan) -> String {
+        let pinned = if self.single_flow() {
+            format!(", all on CPU {}", crate::pin::CPU)
+        } else {
+            String::new()
+        };
+        format!("{}{pinned}", self.describe(plan))
+    }
+
+    /// [`Self::variant`] without the CPU placement.
+    fn describe(self, plan: &Plan) -> String {
         match self {
             Self::Bulk { streams, dir, .. } => {
                 format!(
@@ -256,10 +288,17 @@ impl Job {
             Self::Restart { upgrade: false } => format!(
                 "SIGKILL, started again 2 s later; {RESTART_HELD} held echo connections and a connect loop, external, {RESTART_SECS} s"
             ),
-            Self::Ipv6 { dir: Some(_) } => {
-                format!("IPv6, external, {}", self.as_v4().variant(plan))
-            }
-            Self::Ipv6 { dir: None } => format!("IPv6, external, {}", self.as_v4().variant(plan)),
+            Self::Ipv6 { .. } => format!("IPv6, external, {}", self.as_v4().describe(plan)),
+            Self::Iperf3 { dir } => format!(
+                "iperf3, {}",
+                Self::Bulk {
+                    streams: 1,
+                    dir,
+                    external: false
+                }
+                .describe(plan)
+            ),
+            Self::Sockperf => "sockperf ping-pong, 64 B, 1 connection".into(),
             Self::Restart { upgrade: true } => format!(
                 "berth upgrade; {RESTART_HELD} held echo connections and a connect loop, external, {RESTART_SECS} s"
             ),
@@ -307,6 +346,16 @@ impl Job {
                     Err("no proxy process to measure")
                 }
             }
+            Self::Iperf3 { .. } | Self::Sockperf => match c {
+                C::Direct
+                | C::BerthSplice
+                | C::BerthAuto
+                | C::BerthDnat
+                | C::DockerProxy
+                | C::Haproxy
+                | C::IptablesDnat => Ok(()),
+                _ => Err("not part of the cross-check"),
+            },
             Self::Ipv6 { .. } => match c {
                 C::Direct | C::BerthDnat | C::IptablesDnat | C::BerthSplice => Ok(()),
                 _ => {
@@ -351,6 +400,9 @@ impl Job {
             Self::Hostport { .. } => plan.crr_secs + plan.mappings as f64 * 0.05 + 1.0,
             Self::Restart { .. } => RESTART_SECS as f64 + 1.0,
             Self::Ipv6 { .. } => self.as_v4().estimate_secs(plan),
+            // The tools take whole seconds, and start a server each.
+            Self::Iperf3 { .. } => plan.bulk_secs.ceil().max(1.0) + 1.0,
+            Self::Sockperf => plan.rr_secs.ceil().max(1.0) + 1.0,
         }
     }
 }
@@ -433,6 +485,13 @@ impl ScenarioSet {
             jobs.extend([
                 Job::Hostport { external: false },
                 Job::Hostport { external: true },
+            ]);
+        }
+        if self.has(Scenario::Crosscheck) {
+            jobs.extend([
+                Job::Iperf3 { dir: Dir::Up },
+                Job::Iperf3 { dir: Dir::Down },
+                Job::Sockperf,
             ]);
         }
         jobs

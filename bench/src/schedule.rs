@@ -43,7 +43,14 @@ pub(crate) fn run(
             if let Err(why) = job.eligible(*c)
                 && !why.ends_with(" only")
             {
-                skipped.push((format!("{} in {}", c.name(), job.scenario()), why.into()));
+                // Once per scenario, not once per job of it.
+                let entry = (
+                    format!("{} in {}", c.name(), job.scenario()),
+                    why.to_owned(),
+                );
+                if !skipped.contains(&entry) {
+                    skipped.push(entry);
+                }
             }
         }
         for &(rep, warmup) in &reps {
@@ -60,9 +67,10 @@ pub(crate) fn run(
                 ));
                 let what = || format!("{} / {} / {}", job.scenario(), job.variant(plan), c.name());
                 // One retry, reported: a single transient failure should not void a long run.
-                let result = measure::take(*job, c, env).or_else(|first| {
+                let slot = measure::slot(c, rep);
+                let result = measure::take(*job, c, slot, env).or_else(|first| {
                     bar.println(format!("{} failed, retrying once: {first:#}", what()));
-                    let second = measure::take(*job, c, env);
+                    let second = measure::take(*job, c, slot, env);
                     if second.is_ok() {
                         out.retried
                             .push(format!("{} (rep {rep}): {first:#}", what()));

@@ -794,6 +794,24 @@ fn path_mtu(sock: &std::net::UdpSocket, v6: bool) -> i32 {
     mtu
 }
 
+/// `sock` (connected, DF set) sends 1,400 bytes through a path of MTU 1280 and learns it:
+/// its path MTU drops from 1500 to 1280 and the error reaches it; then it sends 1,000 bytes,
+/// which fit.
+async fn learns_a_path_mtu_of_1280(sock: &std::net::UdpSocket, v6: bool, who: &str) {
+    assert_eq!(path_mtu(sock, v6), 1500, "{who}");
+    sock.send(&[7u8; 1400]).unwrap();
+    wait_until(&format!("{who}'s path MTU to drop to 1280"), || {
+        path_mtu(sock, v6) == 1280
+    })
+    .await;
+    assert_eq!(
+        sock.take_error().unwrap().unwrap().raw_os_error(),
+        Some(libc::EMSGSIZE),
+        "{who}"
+    );
+    sock.send(&[8u8; 1000]).unwrap();
+}
+
 /// Sets "don't fragment" on every datagram of `sock` (IP_PMTUDISC_DO, or its IPv6 twin).
 fn never_fragment(sock: &std::net::UdpSocket, v6: bool) {
     if v6 {
@@ -938,19 +956,7 @@ async fn too_big_for_the_next_link(lab: &Lab, container: IpAddr, host: IpAddr, c
     client.set_read_timeout(Some(HANG)).unwrap();
     never_fragment(&client, v6);
     client.connect(SocketAddr::new(host, udp_port)).unwrap();
-    assert_eq!(path_mtu(&client, v6), 1500);
-    client.send(&[7u8; 1400]).unwrap();
-    wait_until("the client's path MTU to drop to 1280", || {
-        path_mtu(&client, v6) == 1280
-    })
-    .await;
-    // The error reaches the connected socket too; then what fits goes through, mapped in
-    // the kernel.
-    assert_eq!(
-        client.take_error().unwrap().unwrap().raw_os_error(),
-        Some(libc::EMSGSIZE)
-    );
-    client.send(&[8u8; 1000]).unwrap();
+    learns_a_path_mtu_of_1280(&client, v6, "the client").await;
     let mut buf = vec![0u8; 2048];
     let (n, from) = tokio::task::block_in_place(|| server.recv_from(&mut buf)).unwrap();
     assert_eq!((n, from.ip()), (1000, client_ip));
@@ -959,17 +965,7 @@ async fn too_big_for_the_next_link(lab: &Lab, container: IpAddr, host: IpAddr, c
     narrow_link(lab, &ns, &host_veth, 1500).await;
     narrow_link(lab, &lab.ext.ns, "ext0", 1280).await;
     server.connect(from).unwrap();
-    assert_eq!(path_mtu(&server, v6), 1500);
-    server.send(&[9u8; 1400]).unwrap();
-    wait_until("the container's path MTU to drop to 1280", || {
-        path_mtu(&server, v6) == 1280
-    })
-    .await;
-    assert_eq!(
-        server.take_error().unwrap().unwrap().raw_os_error(),
-        Some(libc::EMSGSIZE)
-    );
-    server.send(&[10u8; 1000]).unwrap();
+    learns_a_path_mtu_of_1280(&server, v6, "the container").await;
     let n = tokio::task::block_in_place(|| client.recv(&mut buf)).unwrap();
     assert_eq!(n, 1000);
 

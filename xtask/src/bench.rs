@@ -8,13 +8,15 @@ use crate::{exec, setup};
 
 /// Debian packages the contenders come from (docker-proxy is extracted separately); nft
 /// removes the nat table after each kernel-DNAT sample; CNI's portmap plugin is the hostport
-/// baseline.
+/// baseline; iperf3 and sockperf are the cross-check's load tools.
 const APT_PACKAGES: &[&str] = &[
     "socat",
     "haproxy",
     "iptables",
     "nftables",
     "containernetworking-plugins",
+    "iperf3",
+    "sockperf",
 ];
 
 #[derive(Debug, clap::Args)]
@@ -22,8 +24,8 @@ pub(crate) struct BenchArgs {
     /// A short run (about 2 minutes) that proves the harness; its numbers are rough.
     #[arg(long)]
     quick: bool,
-    /// bulk, rr, crr, idle, mappings, cpu, external, udp, hostport, restart, ipv6
-    /// (repeatable; all by default).
+    /// bulk, rr, crr, idle, mappings, cpu, external, udp, hostport, restart, ipv6,
+    /// crosscheck (repeatable; all by default).
     #[arg(long = "scenario")]
     scenarios: Vec<String>,
     /// direct, berth-copy, berth-splice, berth-sockmap, berth-auto, berth-dnat, berth-udp,
