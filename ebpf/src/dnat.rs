@@ -525,23 +525,9 @@ fn forward(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
     if backend.flags & BACKEND_DRAINING != 0 && existing.is_none() {
         return None;
     }
-    if hairpin {
-        match existing {
-            // Two containers of the bridge with the same source port: the second one's
-            // flow would share the first's key. The relay serves it.
-            // SAFETY: see `reply`.
-            Some(flow)
-                if unsafe { (*flow).hairpin_client } != v4_mapped(pkt.saddr.to_ne_bytes()) =>
-            {
-                return None;
-            }
-            // A connection the relay already serves (its SYN came while the key was taken)
-            // stays with the relay: only a SYN starts a hairpin TCP flow.
-            None if pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN => {
-                return None;
-            }
-            _ => {}
-        }
+    let container = v4_mapped(pkt.saddr.to_ne_bytes());
+    if hairpin && !hairpin_may_use(existing, &container, pkt.proto, pkt.tcp_flags) {
+        return None;
     }
     let (new_ip, new_port) = (backend.addr[3], backend.port);
     if let Some(mtu) = too_big(ctx, backend.ifindex) {
@@ -558,11 +544,7 @@ fn forward(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
     if hairpin {
         rewrite(ctx, pkt, 12, pkt.saddr, client, 0, pkt.sport, pkt.sport).ok()?;
     }
-    let hairpin_client = if hairpin {
-        v4_mapped(pkt.saddr.to_ne_bytes())
-    } else {
-        NO_ADDR
-    };
+    let hairpin_client = if hairpin { container } else { NO_ADDR };
     let gateway = if hairpin { client } else { 0 };
     remember(pkt, new_ip, gateway, backend.ifindex, backend.id, true);
     track(
@@ -580,6 +562,26 @@ fn forward(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Option<i32> {
         s.bytes_in += pkt.len;
     });
     Some(redirect(backend.ifindex))
+}
+
+/// Whether a hairpin packet from `container` may take the flow entry `existing` (looked up
+/// by the gateway's address and the container's source port), or start one.
+#[inline(always)]
+fn hairpin_may_use(
+    existing: Option<*mut Flow>,
+    container: &Addr,
+    proto: u8,
+    tcp_flags: u8,
+) -> bool {
+    match existing {
+        // Two containers of the bridge with the same source port: the second one's flow
+        // would share the first's key. The relay serves it.
+        // SAFETY: see `reply`.
+        Some(flow) => (unsafe { (*flow).hairpin_client }) == *container,
+        // A connection the relay already serves (its SYN came while the key was taken)
+        // stays with the relay: only a SYN starts a hairpin TCP flow.
+        None => proto != PROTO_TCP || tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+    }
 }
 
 /// Refreshes the flow's conntrack entry (`existing`, looked up by the caller) or creates it.
@@ -804,15 +806,8 @@ fn forward6(ctx: &TcContext, pkt: &Packet6, ifindex: u32) -> Option<i32> {
     if backend.flags & BACKEND_DRAINING != 0 && existing.is_none() {
         return None;
     }
-    if hairpin {
-        match existing {
-            // SAFETY: see `reply`.
-            Some(flow) if unsafe { (*flow).hairpin_client } != pkt.saddr => return None,
-            None if pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN => {
-                return None;
-            }
-            _ => {}
-        }
+    if hairpin && !hairpin_may_use(existing, &pkt.saddr, pkt.proto, pkt.tcp_flags) {
+        return None;
     }
     if let Some(mtu) = too_big(ctx, backend.ifindex) {
         count(backend.id, |s| s.too_big += 1);
