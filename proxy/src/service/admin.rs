@@ -71,6 +71,24 @@ pub enum AdminError {
     Answer { path: PathBuf, why: String },
 }
 
+impl AdminError {
+    /// For `map_err` on connecting to the berth at `path`.
+    pub(crate) fn connecting(path: &Path) -> impl FnOnce(io::Error) -> Self + '_ {
+        move |source| Self::Connect {
+            path: path.to_owned(),
+            source,
+        }
+    }
+
+    /// Builds the errors about a bad answer from the berth at `path`.
+    pub(crate) fn answering(path: &Path) -> impl Fn(String) -> Self + '_ {
+        move |why| Self::Answer {
+            path: path.to_owned(),
+            why,
+        }
+    }
+}
+
 /// Binds the admin socket (replacing a stale one), readable and writable by root only.
 pub(crate) fn bind(path: &Path) -> Result<UnixListener, AdminError> {
     let err = |source| AdminError::Bind {
@@ -402,14 +420,8 @@ async fn write_reply_now(stream: &UnixStream, reply: &Reply) -> io::Result<()> {
 pub async fn request(path: &Path, command: &str) -> Result<Reply, AdminError> {
     let mut stream = UnixStream::connect(path)
         .await
-        .map_err(|source| AdminError::Connect {
-            path: path.to_owned(),
-            source,
-        })?;
-    let bad = |why: String| AdminError::Answer {
-        path: path.to_owned(),
-        why,
-    };
+        .map_err(AdminError::connecting(path))?;
+    let bad = AdminError::answering(path);
     stream
         .write_all(format!("{}\n", command.trim_end()).as_bytes())
         .await
@@ -438,12 +450,8 @@ impl Client {
     pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
     pub fn connect(path: &Path) -> Result<Self, AdminError> {
-        let stream = std::os::unix::net::UnixStream::connect(path).map_err(|source| {
-            AdminError::Connect {
-                path: path.to_owned(),
-                source,
-            }
-        })?;
+        let stream =
+            std::os::unix::net::UnixStream::connect(path).map_err(AdminError::connecting(path))?;
         let _ = stream.set_read_timeout(Some(Self::ANSWER_TIMEOUT));
         Ok(Self {
             path: path.to_owned(),
@@ -463,10 +471,7 @@ impl Client {
         call: &Call,
         socket: Option<BorrowedFd<'_>>,
     ) -> Result<Reply, AdminError> {
-        let bad = |why: String| AdminError::Answer {
-            path: self.path.clone(),
-            why,
-        };
+        let bad = AdminError::answering(&self.path);
         let mut line = serde_json::to_vec(call).map_err(|e| bad(e.to_string()))?;
         line.push(b'\n');
         let stream = self.reader.get_ref();

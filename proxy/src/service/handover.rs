@@ -104,16 +104,9 @@ pub struct TakeOver {
 impl TakeOver {
     /// Asks the daemon at `path` for its sockets, by name.
     pub fn request(path: &Path) -> Result<(Self, HashMap<String, OwnedFd>), AdminError> {
-        let stream = std::os::unix::net::UnixStream::connect(path).map_err(|source| {
-            AdminError::Connect {
-                path: path.to_owned(),
-                source,
-            }
-        })?;
-        let bad = |why: String| AdminError::Answer {
-            path: path.to_owned(),
-            why,
-        };
+        let stream =
+            std::os::unix::net::UnixStream::connect(path).map_err(AdminError::connecting(path))?;
+        let bad = AdminError::answering(path);
         let _ = stream.set_read_timeout(Some(STEP_TIMEOUT));
         (&stream)
             .write_all(b"handover\n")
@@ -164,10 +157,7 @@ impl TakeOver {
     /// Tells the old daemon that this process serves everything, and waits for its answer:
     /// from then on it stops accepting and goes.
     pub fn ready(mut self) -> Result<(), AdminError> {
-        let bad = |why: String| AdminError::Answer {
-            path: self.path.clone(),
-            why,
-        };
+        let bad = AdminError::answering(&self.path);
         (&self.stream)
             .write_all(b"ready\n")
             .map_err(|e| bad(format!("cannot say ready: {e}")))?;
