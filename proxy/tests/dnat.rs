@@ -540,66 +540,45 @@ async fn ipv6_remote_and_local_clients_reach_an_ipv6_container() {
     berth.up().await;
     assert_eq!(berth.row("web6").await.mode, "dnat");
 
-    // Remote TCP: the container sees the client's own address; every byte arrives.
-    let public = SocketAddr::from((host6, tcp_port));
-    let sock = lab
-        .ext
-        .ns
-        .run(|| tokio::net::TcpSocket::new_v6().unwrap())
-        .unwrap();
-    let stream = timeout(HANG, sock.connect(public)).await.unwrap().unwrap();
-    let client = timeout(HANG, exchange(stream, 1, 8 << 20, 8 << 20))
-        .await
-        .unwrap()
-        .unwrap();
-    let (peer, id, server_side) = timeout(HANG, seen.recv()).await.unwrap().unwrap();
-    assert_eq!(peer.ip(), IpAddr::V6(client6), "mapped in the kernel");
-    assert_mirrored(id, &client, &server_side);
-
-    // The same with a destination options header in every packet the client sends (an
-    // extension header before TCP's): still mapped in the kernel, every byte intact.
-    let sock = lab
-        .ext
-        .ns
-        .run(|| tokio::net::TcpSocket::new_v6().unwrap())
-        .unwrap();
-    with_destination_options(&sock);
-    let stream = timeout(HANG, sock.connect(public)).await.unwrap().unwrap();
-    let client = timeout(HANG, exchange(stream, 3, 4 << 20, 4 << 20))
-        .await
-        .unwrap()
-        .unwrap();
-    let (peer, id, server_side) = timeout(HANG, seen.recv()).await.unwrap().unwrap();
-    assert_eq!(
-        peer.ip(),
-        IpAddr::V6(client6),
-        "an extension header kept the flow from the kernel"
-    );
-    assert_mirrored(id, &client, &server_side);
-
-    // And with a routing header whose source route has ended at the host (no segment
-    // left): the destination is final, so it is mapped. The container accepts segment
+    // Remote TCP: the container sees the client's own address; every byte arrives. Then the
+    // same with a destination options header in every packet the client sends (an extension
+    // header before TCP's), and with a routing header whose source route has ended at the
+    // host (no segment left: the destination is final). The container accepts segment
     // routing headers only when told to (the host never sees these packets).
+    let public = SocketAddr::from((host6, tcp_port));
     container_ns_sysctl(&lab, "/proc/sys/net/ipv6/conf/all/seg6_enabled", "1");
     container_ns_sysctl(&lab, "/proc/sys/net/ipv6/conf/eth0/seg6_enabled", "1");
-    let sock = lab
-        .ext
-        .ns
-        .run(|| tokio::net::TcpSocket::new_v6().unwrap())
-        .unwrap();
-    with_finished_source_route(&sock, host6);
-    let stream = timeout(HANG, sock.connect(public)).await.unwrap().unwrap();
-    let client = timeout(HANG, exchange(stream, 4, 4 << 20, 4 << 20))
-        .await
-        .unwrap()
-        .unwrap();
-    let (peer, id, server_side) = timeout(HANG, seen.recv()).await.unwrap().unwrap();
-    assert_eq!(
-        peer.ip(),
-        IpAddr::V6(client6),
-        "a finished routing header kept the flow from the kernel"
-    );
-    assert_mirrored(id, &client, &server_side);
+    /// Sets the extension headers of a client socket that dials the host's `Ipv6Addr`.
+    type Headers = fn(&tokio::net::TcpSocket, Ipv6Addr);
+    let headers: [(&str, Headers); 3] = [
+        ("no extension header", |_, _| {}),
+        ("a destination options header", |s, _| {
+            with_destination_options(s);
+        }),
+        ("a finished routing header", |s, host| {
+            with_finished_source_route(s, host);
+        }),
+    ];
+    for (id, (what, prepare)) in (10u64..).zip(headers) {
+        let sock = lab
+            .ext
+            .ns
+            .run(|| tokio::net::TcpSocket::new_v6().unwrap())
+            .unwrap();
+        prepare(&sock, host6);
+        let stream = timeout(HANG, sock.connect(public)).await.unwrap().unwrap();
+        let client = timeout(HANG, exchange(stream, id, 4 << 20, 4 << 20))
+            .await
+            .unwrap()
+            .unwrap();
+        let (peer, sid, server_side) = timeout(HANG, seen.recv()).await.unwrap().unwrap();
+        assert_eq!(
+            peer.ip(),
+            IpAddr::V6(client6),
+            "with {what}, the flow was not mapped in the kernel"
+        );
+        assert_mirrored(sid, &client, &server_side);
+    }
 
     // Remote UDP: the reply comes from the address dialled.
     let sock = lab
