@@ -24,6 +24,9 @@ pub(crate) enum Contender {
     Direct,
     BerthCopy,
     BerthSplice,
+    /// `tokio-splice-proxy` (bench/src/bin): tokio-splice's `zero_copy_bidirectional`, the
+    /// crate's own splice loop against berth's.
+    TokioSplice,
     DockerProxy,
     Socat,
     Haproxy,
@@ -32,6 +35,8 @@ pub(crate) enum Contender {
     BerthUdp,
     /// The same with `--udp-batch 1`: what batching is worth.
     BerthUdpB1,
+    /// The same with `--no-udp-offload`: what UDP_GRO / UDP_SEGMENT are worth.
+    BerthUdpNoOffload,
     /// `berth forward --mode sockmap`: the kernel moves the bytes (experimental).
     BerthSockmap,
     /// `berth forward` (mode auto): splice, each connection promoted to the kernel relay
@@ -67,6 +72,8 @@ pub(crate) struct Tools {
     pub(crate) cni_portmap: Option<PathBuf>,
     /// berth-cni, as installed (a link to the static berth).
     pub(crate) berth_cni: PathBuf,
+    /// The tokio-splice contender, built beside this program.
+    pub(crate) tokio_splice: PathBuf,
     /// The server's namespace, for the CNI contenders' `CNI_NETNS` (set once it exists).
     pub(crate) server_netns: PathBuf,
 }
@@ -230,16 +237,18 @@ fn undo_rule(rule: &[String]) -> Vec<Vec<String>> {
 const CHAIN: &str = "BERTH-BENCH";
 
 impl Contender {
-    pub(crate) const ALL: [Self; 16] = [
+    pub(crate) const ALL: [Self; 18] = [
         Self::Direct,
         Self::BerthCopy,
         Self::BerthSplice,
+        Self::TokioSplice,
         Self::DockerProxy,
         Self::Socat,
         Self::Haproxy,
         Self::IptablesDnat,
         Self::BerthUdp,
         Self::BerthUdpB1,
+        Self::BerthUdpNoOffload,
         Self::BerthSockmap,
         Self::BerthAuto,
         Self::BerthDnat,
@@ -254,12 +263,14 @@ impl Contender {
             Self::Direct => "direct",
             Self::BerthCopy => "berth-copy",
             Self::BerthSplice => "berth-splice",
+            Self::TokioSplice => "tokio-splice",
             Self::DockerProxy => "docker-proxy",
             Self::Socat => "socat",
             Self::Haproxy => "haproxy",
             Self::IptablesDnat => "iptables-dnat",
             Self::BerthUdp => "berth-udp",
             Self::BerthUdpB1 => "berth-udp-batch1",
+            Self::BerthUdpNoOffload => "berth-udp-no-offload",
             Self::BerthSockmap => "berth-sockmap",
             Self::BerthAuto => "berth-auto",
             Self::BerthDnat => "berth-dnat",
@@ -281,6 +292,7 @@ impl Contender {
                 | Self::BerthAuto
                 | Self::BerthUdp
                 | Self::BerthUdpB1
+                | Self::BerthUdpNoOffload
                 | Self::BerthDnat
                 | Self::BerthShim
                 | Self::BerthShimDaemon
@@ -296,9 +308,10 @@ impl Contender {
             | Self::BerthSockmap
             | Self::BerthAuto
             | Self::Haproxy
+            | Self::TokioSplice
             | Self::BerthShim
             | Self::BerthShimDaemon => proto == Proto::Tcp,
-            Self::BerthUdp | Self::BerthUdpB1 => proto == Proto::Udp,
+            Self::BerthUdp | Self::BerthUdpB1 | Self::BerthUdpNoOffload => proto == Proto::Udp,
             Self::Direct
             | Self::DockerProxy
             | Self::Socat
@@ -331,6 +344,7 @@ impl Contender {
             | Self::BerthSplice
             | Self::BerthUdp
             | Self::BerthUdpB1
+            | Self::BerthUdpNoOffload
             | Self::BerthSockmap
             | Self::BerthAuto
             | Self::BerthDnat
@@ -348,6 +362,12 @@ impl Contender {
             .or_else(|| missing(&tools.iptables, "iptables", "iptables")),
             Self::BerthCni => (!tools.berth_cni.exists())
                 .then(|| format!("{} not found", tools.berth_cni.display())),
+            Self::TokioSplice => (!tools.tokio_splice.exists()).then(|| {
+                format!(
+                    "{} not found (built with berth-bench)",
+                    tools.tokio_splice.display()
+                )
+            }),
         }
     }
 
@@ -395,11 +415,19 @@ impl Contender {
                 .env("BERTH_LOG", "warn");
                 running.children.push(spawn(&mut cmd, logs, self)?);
             }
-            Self::BerthUdp | Self::BerthUdpB1 => {
-                let batch = if self == Self::BerthUdp { "32" } else { "1" };
+            Self::TokioSplice => {
+                let mut cmd = Command::new(&tools.tokio_splice);
+                cmd.arg(format!("0.0.0.0:{port}")).arg(server.to_string());
+                running.children.push(spawn(&mut cmd, logs, self)?);
+            }
+            Self::BerthUdp | Self::BerthUdpB1 | Self::BerthUdpNoOffload => {
+                let batch = if self == Self::BerthUdpB1 { "1" } else { "32" };
                 let mut cmd = Command::new(&tools.berth);
-                cmd.args(["forward", "--proto", "udp", "--udp-batch", batch])
-                    .arg(format!("0.0.0.0:{port}"))
+                cmd.args(["forward", "--proto", "udp", "--udp-batch", batch]);
+                if self == Self::BerthUdpNoOffload {
+                    cmd.arg("--no-udp-offload");
+                }
+                cmd.arg(format!("0.0.0.0:{port}"))
                     .arg(server.to_string())
                     .env("BERTH_LOG", "warn");
                 running.children.push(spawn(&mut cmd, logs, self)?);

@@ -150,6 +150,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         cni_portmap: Some(std::path::Path::new(cni::PLUGIN_DIR).join("portmap"))
             .filter(|p| p.exists()),
         berth_cni: berth.with_file_name("berth-cni"),
+        tokio_splice: std::env::current_exe()?.with_file_name("tokio-splice-proxy"),
         berth,
         server_netns: PathBuf::new(),
     };

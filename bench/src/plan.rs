@@ -339,6 +339,9 @@ impl Job {
                     Err("not part of the external comparison")
                 }
             }
+            Self::Idle if c == C::TokioSplice => Err(
+                "tokio-splice is measured for bulk, rr and crr (it holds two pipes per connection)",
+            ),
             Self::Idle => {
                 if c.has_process() {
                     Ok(())

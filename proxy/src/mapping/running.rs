@@ -160,6 +160,7 @@ impl Running {
                     idle_timeout: spec.udp_idle_timeout,
                     max_flows: spec.max_flows,
                     batch: spec.udp_batch,
+                    offload: spec.udp_offload,
                 };
                 let mut stop = rx.clone();
                 let stop = async move {

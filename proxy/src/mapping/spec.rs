@@ -107,6 +107,8 @@ pub struct Spec {
     pub max_flows: usize,
     /// UDP: datagrams per system call.
     pub udp_batch: usize,
+    /// UDP: segmentation offload (UDP_GRO in, UDP_SEGMENT out) where the kernel has it.
+    pub udp_offload: bool,
     /// Whether berth binds the port and relays what the kernel programs pass through. Only
     /// kernel mode may do without (`relay = false`): the port is then mapped in the kernel
     /// alone, as CNI's portmap maps it, and stays free for a runtime that reserves it.
@@ -148,6 +150,8 @@ pub struct Draft {
     pub max_flows: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub udp_batch: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub udp_offload: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub relay: Option<bool>,
 }
@@ -197,6 +201,7 @@ impl FieldError {
         match self.field {
             "listen" | "target" => self.field.to_uppercase(),
             "relay" => "--no-relay".to_owned(),
+            "udp_offload" => "--no-udp-offload".to_owned(),
             f => format!("--{}", f.replace('_', "-")),
         }
     }
@@ -295,6 +300,12 @@ impl Draft {
         let defaults = Defaults::only_for(&defaults.options, proto);
         let merged = merge(&own, &defaults);
         let checked = check_options(&merged, proto)?;
+        if self.udp_offload.is_some() && proto != Proto::Udp {
+            return Err(FieldError::new(
+                "udp_offload",
+                "applies to udp mappings only",
+            ));
+        }
         let relay = self.relay.unwrap_or(true);
         if !relay && !checked.mode.is_kernel() {
             return Err(FieldError::new(
@@ -329,6 +340,7 @@ impl Draft {
             udp_idle_timeout: checked.udp_idle_timeout,
             max_flows: checked.max_flows,
             udp_batch: checked.udp_batch,
+            udp_offload: self.udp_offload.unwrap_or(true),
             relay,
         })
     }
@@ -555,6 +567,26 @@ mod tests {
         let kernel = defaults(r#"{"mode":"dnat"}"#);
         let udp = draft(&format!("{{{UDP}}}")).resolve(&kernel).unwrap();
         assert_eq!(udp.mode, ModeChoice::Dnat);
+    }
+
+    #[test]
+    fn udp_offload_is_on_unless_turned_off_and_only_for_udp() {
+        let none = Defaults::default();
+        assert!(
+            draft(&format!("{{{UDP}}}"))
+                .resolve(&none)
+                .unwrap()
+                .udp_offload
+        );
+        let off = draft(&format!("{{{UDP},\"udp_offload\":false}}"))
+            .resolve(&none)
+            .unwrap();
+        assert!(!off.udp_offload);
+        let e = draft(&format!("{{{TCP},\"udp_offload\":false}}"))
+            .resolve(&none)
+            .unwrap_err();
+        assert_eq!(e.to_string(), "udp_offload: applies to udp mappings only");
+        assert_eq!(e.flag(), "--no-udp-offload");
     }
 
     #[test]

@@ -47,6 +47,7 @@ struct Families {
     datagrams: IntCounterVec,
     udp_unreachable: IntCounterVec,
     udp_dropped: IntCounterVec,
+    udp_offload_refused: IntCounterVec,
     dnat_flows: IntCounterVec,
     dnat_local: IntCounterVec,
     dnat_too_big: IntCounterVec,
@@ -122,6 +123,11 @@ impl Families {
                 "UDP datagrams that could not be forwarded.",
                 &[],
             ),
+            udp_offload_refused: counter(
+                "berth_udp_offload_refused_total",
+                "Segmented UDP sends (UDP_SEGMENT) a path refused; their datagrams were sent again one by one.",
+                &[],
+            ),
             dnat_flows: counter(
                 "berth_dnat_flows_total",
                 "Kernel mode: remote flows begun (conntrack entries created).",
@@ -160,7 +166,7 @@ impl Families {
         }
     }
 
-    fn collectors(&self) -> [&dyn Collector; 21] {
+    fn collectors(&self) -> [&dyn Collector; 22] {
         [
             &self.info,
             &self.connections,
@@ -176,6 +182,7 @@ impl Families {
             &self.datagrams,
             &self.udp_unreachable,
             &self.udp_dropped,
+            &self.udp_offload_refused,
             &self.dnat_flows,
             &self.dnat_local,
             &self.dnat_too_big,
@@ -238,6 +245,7 @@ impl Families {
                 count(&self.datagrams, &["to_client"], s.datagrams_to_client);
                 count(&self.udp_unreachable, &[], s.unreachable);
                 count(&self.udp_dropped, &[], s.dropped);
+                count(&self.udp_offload_refused, &[], s.offload_refused);
             }
         }
         if let Some(d) = &m.counters.dnat {

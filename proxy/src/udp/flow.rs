@@ -13,11 +13,12 @@ use std::{
 
 use socket2::{Domain, Socket, Type};
 use tokio::{io::Interest, net::UdpSocket, task::AbortHandle, time::Instant};
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::{
     Stats,
     batch::{self, Batch},
+    offload::{Cursor, Offload, Refusal},
 };
 use crate::pool::Pool;
 
@@ -35,6 +36,12 @@ pub(super) struct Mapping {
     pub(super) stats: Arc<Stats>,
     /// Datagrams per system call.
     pub(super) batch: usize,
+    /// Receive coalesced datagrams (UDP_GRO) on flow sockets too: the listener took it.
+    pub(super) gro: bool,
+    /// Segmentation offload of the sends towards the target (flow sockets) and towards
+    /// clients (the listener).
+    pub(super) to_target: Offload,
+    pub(super) to_clients: Offload,
     /// Zero point of the flows' millisecond timestamps.
     pub(super) epoch: Instant,
 }
@@ -88,6 +95,10 @@ impl Flow {
         // connect() binds an ephemeral port and makes the kernel drop datagrams from anyone
         // but the target; it also routes ICMP errors for this flow to this socket.
         sock.connect(&target.into())?;
+        if mapping.gro {
+            // The listener took it, so this kernel has it; a refusal only costs batching.
+            let _ = batch::enable_gro(std::os::fd::AsFd::as_fd(&sock));
+        }
         let sock = Arc::new(UdpSocket::from_std(sock.into())?);
         let shared = Arc::new(Shared {
             local: Mutex::new(local),
@@ -167,8 +178,15 @@ async fn carry_replies(
                     shared.last_reply.store(now.saturating_add(1), Relaxed);
                     let from = *shared.local.lock().unwrap_or_else(PoisonError::into_inner);
                     let to = Some(client);
-                    let (sent, bytes) =
-                        send_all(&mapping.listener, &batch, 0..n, to, from, &mapping.stats).await;
+                    let (sent, bytes) = send_all(
+                        &mapping.listener,
+                        &batch,
+                        0..n,
+                        (to, from),
+                        &mapping.to_clients,
+                        &mapping.stats,
+                    )
+                    .await;
                     mapping.stats.to_client(sent, bytes);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -188,34 +206,34 @@ async fn carry_replies(
     }
 }
 
-/// Sends datagrams `range` of `batch`, waiting while the socket's buffer is full, and returns
-/// how many datagrams and payload bytes went out. A datagram the kernel refuses is retried
-/// once if the refusal was a pending ICMP report (which the send consumed), and otherwise
-/// dropped and counted; it never holds up the rest.
+/// Sends datagrams `range` of `batch` to `to` from `from` (see [`batch::send`]), waiting while
+/// the socket's buffer is full, and returns how many datagrams and payload bytes went out. A
+/// segmented send the path refuses is sent again datagram by datagram (and `offload` learns
+/// it); a send refused for a pending ICMP report (which the send consumed) is retried once;
+/// any other refusal drops that message's datagrams, counted, and never holds up the rest.
 pub(super) async fn send_all(
     sock: &UdpSocket,
     batch: &Batch,
     range: std::ops::Range<usize>,
-    to: Option<SocketAddr>,
-    from: Option<IpAddr>,
+    (to, from): (Option<SocketAddr>, Option<IpAddr>),
+    offload: &Offload,
     stats: &Stats,
 ) -> (usize, usize) {
     let (mut datagrams, mut bytes) = (0, 0);
-    let mut next = range.start;
+    let mut next = Cursor::at(range.start);
     let mut retried = false;
-    while next < range.end {
+    while next.slot < range.end {
+        let limit = offload.limit();
         let r = sock
             .async_io(Interest::WRITABLE, || {
-                batch::send(sock.as_fd(), batch, next..range.end, to, from)
+                batch::send(sock.as_fd(), batch, next, range.end, to, from, limit)
             })
             .await;
         match r {
             Ok(sent) => {
-                datagrams += sent;
-                bytes += (next..next + sent)
-                    .map(|i| batch.meta()[i].len)
-                    .sum::<usize>();
-                next += sent;
+                datagrams += sent.datagrams;
+                bytes += sent.bytes;
+                next = sent.next;
                 retried = false;
             }
             Err(e) if is_icmp_report(&e) && !retried => {
@@ -223,10 +241,27 @@ pub(super) async fn send_all(
                 retried = true;
             }
             Err(e) => {
-                debug!(error = %e, to = ?to, from = ?from, "datagram dropped");
-                stats.dropped(1);
-                next += 1;
-                retried = false;
+                let first = batch.first_train(next, range.end, limit);
+                let errno = e.raw_os_error().unwrap_or(0);
+                match first
+                    .segment
+                    .and_then(|s| offload.refused(usize::from(s), errno).map(|r| (s, r)))
+                {
+                    Some((segment, Refusal::Unsupported)) => {
+                        info!(error = %e, segment, "UDP segmentation offload refused; sending datagrams one by one");
+                        stats.offload_refused();
+                    }
+                    Some((segment, Refusal::TooBig)) => {
+                        debug!(error = %e, segment, "segment too big for the path; sending such datagrams one by one");
+                        stats.offload_refused();
+                    }
+                    None => {
+                        debug!(error = %e, to = ?to, from = ?from, datagrams = first.datagrams, "datagrams dropped");
+                        stats.dropped(first.datagrams);
+                        next = first.end;
+                        retried = false;
+                    }
+                }
             }
         }
     }

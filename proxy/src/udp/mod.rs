@@ -13,6 +13,7 @@
 mod batch;
 mod flow;
 pub mod flows;
+mod offload;
 mod stats;
 
 use std::{future::Future, io, net::SocketAddr, os::fd::AsFd as _, sync::Arc, time::Duration};
@@ -25,8 +26,10 @@ pub use flows::DEFAULT_IDLE_TIMEOUT;
 pub use stats::{Snapshot, Stats};
 
 use self::{
+    batch::Meta,
     flow::{Flow, Mapping, send_all},
     flows::FlowTable,
+    offload::Offload,
 };
 use crate::addr::{ClientAddr, TargetAddr};
 
@@ -40,6 +43,9 @@ pub struct Config {
     pub max_flows: usize,
     /// Datagrams moved per system call (recvmmsg/sendmmsg), 1 to [`Config::MAX_BATCH`].
     pub batch: usize,
+    /// UDP segmentation offload: receive bursts coalesced (UDP_GRO) and send runs of equal
+    /// datagrams as one segmented send (UDP_SEGMENT), where the kernel and the path take it.
+    pub offload: bool,
 }
 
 impl Config {
@@ -53,6 +59,7 @@ impl Config {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_flows: Self::DEFAULT_MAX_FLOWS,
             batch: Self::DEFAULT_BATCH,
+            offload: true,
         }
     }
 }
@@ -78,12 +85,19 @@ pub async fn run(
 ) -> Result<(), UdpError> {
     let local = socket.local_addr().map_err(UdpError::NoLocalAddr)?;
     enable_packet_info(&socket, local).map_err(UdpError::PacketInfo)?;
+    let gro = config.offload
+        && batch::enable_gro(socket.as_fd())
+            .inspect_err(|e| info!(listen = %local, error = %e, "UDP GRO unavailable; datagrams are received one by one"))
+            .is_ok();
     info!(listen = %local, target = %config.target, proto = "udp", idle_timeout = ?config.idle_timeout, max_flows = config.max_flows, "listening");
     let mapping = Arc::new(Mapping {
         wildcard: local.ip().is_unspecified(),
         listener: Arc::new(socket),
         stats,
         batch: config.batch,
+        gro,
+        to_target: Offload::new(config.offload),
+        to_clients: Offload::new(config.offload),
         epoch: Instant::now(),
     });
     let mut table: FlowTable<Flow> = FlowTable::new(config.max_flows, config.idle_timeout);
@@ -188,7 +202,7 @@ async fn forward_batch(
     while i < n {
         let first = meta[i];
         if first.truncated {
-            mapping.stats.dropped(1);
+            mapping.stats.dropped(first.datagrams());
             i += 1;
             continue;
         }
@@ -201,11 +215,21 @@ async fn forward_batch(
         // queued before packet info was enabled, on an adopted socket, carries none valid).
         let local = meta[end - 1].local.filter(|_| mapping.wildcard);
         let Some(sock) = flow_socket(table, mapping, config, first.peer, local, now, alerts) else {
-            mapping.stats.dropped(end - i);
+            mapping
+                .stats
+                .dropped(meta[i..end].iter().map(Meta::datagrams).sum());
             i = end;
             continue;
         };
-        let (sent, bytes) = send_all(&sock, &batch, i..end, None, None, &mapping.stats).await;
+        let (sent, bytes) = send_all(
+            &sock,
+            &batch,
+            i..end,
+            (None, None),
+            &mapping.to_target,
+            &mapping.stats,
+        )
+        .await;
         mapping.stats.to_target(sent, bytes);
         i = end;
     }

@@ -15,6 +15,7 @@ pub struct Stats {
     flows_evicted: AtomicU64,
     unreachable: AtomicU64,
     dropped: AtomicU64,
+    offload_refused: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -39,6 +40,9 @@ pub struct Snapshot {
     /// Datagrams that could not be forwarded: no socket for a new flow, a send error, or an
     /// IPv6 jumbogram too large for the buffer.
     pub dropped: u64,
+    /// Segmented sends a path refused (segment larger than its MTU, or no offload on the
+    /// route): their datagrams went again one by one, none lost.
+    pub offload_refused: u64,
 }
 
 impl Stats {
@@ -54,6 +58,7 @@ impl Stats {
             flows_evicted: self.flows_evicted.load(Relaxed),
             unreachable: self.unreachable.load(Relaxed),
             dropped: self.dropped.load(Relaxed),
+            offload_refused: self.offload_refused.load(Relaxed),
         }
     }
 
@@ -91,5 +96,9 @@ impl Stats {
 
     pub(super) fn dropped(&self, datagrams: usize) {
         self.dropped.fetch_add(datagrams as u64, Relaxed);
+    }
+
+    pub(super) fn offload_refused(&self) {
+        self.offload_refused.fetch_add(1, Relaxed);
     }
 }

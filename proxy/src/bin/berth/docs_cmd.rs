@@ -175,6 +175,7 @@ mod tests {
             udp_idle_timeout: Some(0.0),
             max_flows: Some(0),
             udp_batch: Some(0),
+            udp_offload: Some(false),
             relay: Some(false),
         };
         let page = config_page();

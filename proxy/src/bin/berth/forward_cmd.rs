@@ -97,6 +97,11 @@ pub(crate) struct ForwardArgs {
     /// [default: 32].
     #[arg(long)]
     udp_batch: Option<i64>,
+    /// UDP: turn segmentation offload off (UDP_GRO on receive, UDP_SEGMENT on send, used
+    /// where the kernel and the path take them; a path that refuses a segment size is sent
+    /// that size one datagram at a time anyway).
+    #[arg(long)]
+    no_udp_offload: bool,
     /// Kernel mode only (`--mode dnat`): map the port in the kernel alone and bind no
     /// socket, as CNI's portmap does. What the programs pass through (hairpin, fragments)
     /// is then not served.
@@ -155,6 +160,7 @@ pub(crate) async fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
         udp_idle_timeout: args.udp_idle_timeout,
         max_flows: args.max_flows,
         udp_batch: args.udp_batch,
+        udp_offload: args.no_udp_offload.then_some(false),
         relay: args.no_relay.then_some(false),
     };
     let spec = match draft.resolve(&Defaults::default()) {
