@@ -251,3 +251,69 @@ async fn out_of_descriptors_new_clients_are_reset_at_once_and_service_recovers()
     assert_eq!(count("out of file descriptors"), 1, "{log:#?}");
     assert_eq!(count("file descriptors available again"), 1, "{log:#?}");
 }
+
+/// With every local port towards the target held in TIME_WAIT (a namespace whose ephemeral
+/// range is 4 ports, and clients that close first, so berth's leg to the target closes
+/// first too), a new client is reset at once rather than left hanging, and the episode is
+/// logged once with what to change.
+#[test]
+fn no_local_port_left_towards_the_target_resets_new_clients_and_says_why() {
+    let ns = common::TestNs::create();
+    let listen: SocketAddr = ([127, 0, 0, 1], ns.free_port()).into();
+    let ns2 = ns.ns.clone();
+    ns.ns
+        .run_async(|| async move {
+            // The target: reads until the client's end, then closes (after berth's FIN, so
+            // berth's side of this connection is the one in TIME_WAIT).
+            let target_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let target = target_listener.local_addr().unwrap();
+            tokio::spawn(async move {
+                while let Ok((mut s, _)) = target_listener.accept().await {
+                    tokio::spawn(async move {
+                        let _ = s.read_to_end(&mut Vec::new()).await;
+                    });
+                }
+            });
+            let mut cmd = ns2.command(env!("CARGO_BIN_EXE_berth")).unwrap();
+            cmd.args(["forward", &listen.to_string(), &target.to_string()])
+                .env("BERTH_LOG", "info")
+                .stderr(Stdio::piped());
+            let mut child = cmd.spawn().unwrap();
+            let lines = common::lines_of(child.stderr.take().unwrap());
+            let berth = common::Guard(child);
+            common::wait_listening(listen).await;
+            // Bound already: only connections made from now on draw from 4 ports.
+            std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "40000 40003").unwrap();
+            let (mut served, mut reset) = (0, 0);
+            for i in 0..16u8 {
+                // Each client from its own address, so that the clients' own TIME_WAIT
+                // (they close first too) never takes a port this test needs.
+                let sock = TcpSocket::new_v4().unwrap();
+                sock.bind(([127, 0, 1, 10 + i], 0).into()).unwrap();
+                let mut s = timeout(HANG, sock.connect(listen)).await.unwrap().unwrap();
+                // The reset may come before the shutdown is sent, or after.
+                let ended = async {
+                    s.shutdown().await?;
+                    s.read(&mut [0; 1]).await
+                };
+                match timeout(HANG, ended).await.unwrap() {
+                    Ok(0) => served += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => reset += 1,
+                    other => panic!("client {i}: expected an end or a reset, got {other:?}"),
+                }
+            }
+            assert!(served >= 1, "nothing was served while ports were free");
+            assert!(
+                reset >= 2,
+                "served {served} clients through 4 ports: none was reset"
+            );
+            berth.signal(nix::sys::signal::Signal::SIGTERM);
+            let status = berth.exited().await;
+            assert!(status.success(), "{status}");
+            let log: Vec<String> = lines.try_iter().collect();
+            let count = |needle: &str| log.iter().filter(|l| l.contains(needle)).count();
+            assert_eq!(count("no local port left"), 1, "{log:#?}");
+            assert_eq!(count("net.ipv4.tcp_tw_reuse=1"), 1, "{log:#?}");
+        })
+        .unwrap();
+}

@@ -1,7 +1,12 @@
 //! Connecting to the target, with a timeout and an error that says which failure it was.
-use std::{io, time::Duration};
+use std::{
+    io,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use tokio::net::{TcpSocket, TcpStream};
+use tracing::{info, warn};
 
 use crate::addr::TargetAddr;
 
@@ -18,6 +23,13 @@ pub enum ConnectError {
     /// beyond the connection limit.
     #[error("no descriptor left to connect to {0}: {1}")]
     Descriptors(TargetAddr, #[source] io::Error),
+    /// Every local port towards the target is taken (EADDRNOTAVAIL): connections that berth
+    /// closed first wait out TIME_WAIT (60 s) on them, and Linux reuses such a port for a
+    /// new connection only with `net.ipv4.tcp_tw_reuse=1`.
+    #[error(
+        "no local port left to connect to {0} (connections to it that berth closed first hold theirs for 60 s in TIME_WAIT: widen net.ipv4.ip_local_port_range or set net.ipv4.tcp_tw_reuse=1): {1}"
+    )]
+    Ports(TargetAddr, #[source] io::Error),
     #[error("failed to connect to {0}: {1}")]
     Other(TargetAddr, #[source] io::Error),
 }
@@ -29,6 +41,7 @@ impl ConnectError {
             Self::Timeout(..) => "timeout",
             Self::Unreachable(..) => "unreachable",
             Self::Descriptors(..) => "descriptors",
+            Self::Ports(..) => "ports",
             Self::Other(..) => "other",
         }
     }
@@ -45,6 +58,7 @@ pub async fn connect(target: TargetAddr, timeout: Duration) -> Result<TcpStream,
                     ConnectError::Unreachable(target, e)
                 }
                 Some(libc::EMFILE | libc::ENFILE) => ConnectError::Descriptors(target, e),
+                Some(libc::EADDRNOTAVAIL) => ConnectError::Ports(target, e),
                 _ => ConnectError::Other(target, e),
             });
         }
@@ -52,6 +66,23 @@ pub async fn connect(target: TargetAddr, timeout: Duration) -> Result<TcpStream,
     };
     let _ = stream.set_nodelay(true);
     Ok(stream)
+}
+
+/// Whether connects are failing for want of a local port (an episode is logged once).
+static NO_PORTS: AtomicBool = AtomicBool::new(false);
+
+/// Logs the start of an episode without local ports, once.
+pub(super) fn out_of_ports(e: &ConnectError) {
+    if !NO_PORTS.swap(true, Ordering::Relaxed) {
+        warn!(error = %e, "resetting new clients until local ports free up");
+    }
+}
+
+/// Logs the end of the episode, once: a connect succeeded.
+pub(super) fn ports_again() {
+    if NO_PORTS.load(Ordering::Relaxed) && NO_PORTS.swap(false, Ordering::Relaxed) {
+        info!("local ports available again, serving new clients");
+    }
 }
 
 /// The connect itself, from a socket with SO_REUSEADDR. The kernel gives it a port from the

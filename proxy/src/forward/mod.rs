@@ -217,6 +217,7 @@ async fn handle(
     let target = match connected {
         Ok(t) => {
             accept::served();
+            connect::ports_again();
             t
         }
         Err(ConnectError::Descriptors(_, e)) => {
@@ -224,6 +225,14 @@ async fn handle(
             accept::out_of_descriptors(&e);
             debug!(client.addr = %client_addr, error = %e, "refused: out of file descriptors");
             stats.connect_failed("descriptors");
+            relay::abort_stream(client);
+            return;
+        }
+        Err(e @ ConnectError::Ports(..)) => {
+            // One warning per episode: at a high connection rate this lasts up to 60 s.
+            connect::out_of_ports(&e);
+            debug!(client.addr = %client_addr, error = %e, "refused: no local port");
+            stats.connect_failed(e.reason());
             relay::abort_stream(client);
             return;
         }

@@ -24,6 +24,7 @@ pub struct Stats {
     limit: AtomicU64,
     client_limit: AtomicU64,
     descriptors: AtomicU64,
+    ports: AtomicU64,
     idle: AtomicU64,
     /// One count per bucket of [`DURATION_BUCKETS`] plus one for longer ones (not cumulative).
     durations: [AtomicU64; DURATION_BUCKETS.len() + 1],
@@ -40,7 +41,7 @@ pub struct Snapshot {
     pub bytes_to_target: u64,
     pub bytes_to_client: u64,
     /// Clients that could not be served, by reason (the `reason` label of the metric).
-    pub errors: [(&'static str, u64); 7],
+    pub errors: [(&'static str, u64); 8],
     /// Connections reset by the idle timeout.
     pub idle_closed: u64,
     /// Connections `auto` handed from splice to the kernel relay.
@@ -81,6 +82,7 @@ impl Stats {
                 ("limit", self.limit.load(Relaxed)),
                 ("client_limit", self.client_limit.load(Relaxed)),
                 ("descriptors", self.descriptors.load(Relaxed)),
+                ("ports", self.ports.load(Relaxed)),
                 ("other", self.other.load(Relaxed)),
             ],
             idle_closed: self.idle.load(Relaxed),
@@ -137,6 +139,7 @@ impl Stats {
             "timeout" => &self.timeout,
             "unreachable" => &self.unreachable,
             "descriptors" => &self.descriptors,
+            "ports" => &self.ports,
             _ => &self.other,
         };
         counter.fetch_add(1, Relaxed);

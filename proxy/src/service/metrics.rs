@@ -83,7 +83,7 @@ impl Families {
             ),
             errors: counter(
                 "berth_connect_errors_total",
-                "TCP clients not served, by reason (refused, timeout, unreachable, limit, client_limit, descriptors, other).",
+                "TCP clients not served, by reason (refused, timeout, unreachable, limit, client_limit, descriptors, ports, other).",
                 &["reason"],
             ),
             idle_closed: counter(

@@ -799,11 +799,12 @@ pub async fn wait_udp_bound(addr: SocketAddr) {
     wait_socket(addr, "udp", "07").await;
 }
 
-/// Polls /proc/net/{proto}{,6} for a socket on `addr` in `state` (hex, as the kernel shows it).
+/// Polls /proc/thread-self/net/{proto}{,6} for a socket on `addr` in `state` (hex, as the
+/// kernel shows it): the calling thread's network namespace, which a test may have entered.
 async fn wait_socket(addr: SocketAddr, proto: &str, state: &str) {
     let (file, hex) = match addr {
         SocketAddr::V4(a) => (
-            format!("/proc/net/{proto}"),
+            format!("/proc/thread-self/net/{proto}"),
             format!(
                 "{:08X}:{:04X}",
                 u32::from_le_bytes(a.ip().octets()),
@@ -818,7 +819,7 @@ async fn wait_socket(addr: SocketAddr, proto: &str, state: &str) {
                 .map(|w| format!("{:08X}", u32::from_le_bytes([w[0], w[1], w[2], w[3]])))
                 .collect();
             (
-                format!("/proc/net/{proto}6"),
+                format!("/proc/thread-self/net/{proto}6"),
                 format!("{words}:{:04X}", a.port()),
             )
         }
