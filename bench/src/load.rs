@@ -148,6 +148,96 @@ pub(crate) async fn crr(
     Ok((all.len(), start.elapsed(), all))
 }
 
+/// What a run of sequential connections measured.
+#[derive(Debug, Clone)]
+pub(crate) struct SeqRun {
+    /// Connections that completed their round trip.
+    pub(crate) done: u64,
+    /// Connections reset, refused or cut short.
+    pub(crate) failed: u64,
+    pub(crate) elapsed: Duration,
+    /// Connection rate in each of the tenths of the run (fewer if the time ran out).
+    pub(crate) tenths: Vec<f64>,
+}
+
+/// `n` connections one after another, each: connect, a 64 B echo, and the client closes
+/// first (so the proxy's leg to the server closes first too, and its local port waits in
+/// TIME_WAIT). Stops after `n` or `max`. The client binds its own ports, cycling through
+/// the ephemeral range with SO_REUSEADDR, so that its own TIME_WAIT (it closes first) never
+/// limits the run: only the proxy's ports are measured.
+pub(crate) async fn sequential(addr: SocketAddr, n: u64, max: Duration) -> anyhow::Result<SeqRun> {
+    let range = berth::forward::ports::Range::read()?;
+    let cursor = berth::forward::ports::Cursor::new();
+    let start = Instant::now();
+    let deadline = start + max;
+    let tenth = (n / 10).max(1);
+    let (mut done, mut failed, mut tenths) = (0u64, 0u64, Vec::new());
+    let mut window = Instant::now();
+    for i in 1..=n {
+        if Instant::now() >= deadline {
+            break;
+        }
+        match tokio::time::timeout(OP_TIMEOUT, one_closing_first(addr, &range, &cursor)).await {
+            Ok(Ok(())) => done += 1,
+            Ok(Err(_)) | Err(_) => failed += 1,
+        }
+        if i % tenth == 0 || Instant::now() >= deadline {
+            tenths.push(tenth as f64 / window.elapsed().as_secs_f64());
+            window = Instant::now();
+        }
+    }
+    Ok(SeqRun {
+        done,
+        failed,
+        elapsed: start.elapsed(),
+        tenths,
+    })
+}
+
+/// One connection of [`sequential`]: the echo command and a frame, the frame back.
+async fn one_closing_first(
+    addr: SocketAddr,
+    range: &berth::forward::ports::Range,
+    cursor: &berth::forward::ports::Cursor,
+) -> anyhow::Result<()> {
+    let mut last = None;
+    for port in cursor.candidates(range) {
+        let sock = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        sock.set_reuseaddr(true)?;
+        let any: std::net::IpAddr = if addr.is_ipv4() {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        };
+        if let Err(e) = sock.bind(SocketAddr::new(any, port)) {
+            last = Some(e);
+            continue;
+        }
+        match sock.connect(addr).await {
+            Ok(mut s) => {
+                s.set_nodelay(true)?;
+                let mut sent = [0x42u8; FRAME + 1];
+                sent[0] = b'E';
+                s.write_all(&sent).await?;
+                let mut got = [0u8; FRAME];
+                s.read_exact(&mut got).await?;
+                anyhow::ensure!(got[..] == sent[1..], "the echo differs");
+                // The client's end first; then the server's.
+                s.shutdown().await?;
+                anyhow::ensure!(s.read(&mut [0; 1]).await? == 0, "data after the echo");
+                return Ok(());
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => last = Some(e),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(last.map_or_else(|| anyhow::anyhow!("no client port"), anyhow::Error::from))
+}
+
 /// Opens `n` connections that each completed a round trip to the container, and keeps them.
 pub(crate) async fn open_idle(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<TcpStream>> {
     let mut conns = Vec::with_capacity(n);

@@ -34,6 +34,15 @@ pub(crate) fn take(job: Job, c: Contender, slot: u16, env: &Env<'_>) -> anyhow::
         Job::Mappings => mappings(c, env),
         Job::Restart { upgrade } => restart(c, upgrade, slot, env),
         Job::Iperf3 { .. } | Job::Sockperf => crosscheck(job, c, slot, env),
+        Job::Sequential => {
+            // The last sample's TIME_WAIT would count against this one (a quick run's
+            // figures are rough anyway: it does not wait).
+            if env.plan.seq_conns >= 10_000 {
+                time_wait_gone(env.topology)?;
+            }
+            let _defaults = topo::HostDefaults::set()?;
+            sample(job, c, slot, env)
+        }
         _ => sample(job, c, slot, env),
     }
 }
@@ -103,6 +112,36 @@ fn crosscheck(job: Job, c: Contender, slot: u16, env: &Env<'_>) -> anyhow::Resul
         }
     }
     Ok(m)
+}
+
+/// Waits (at most 65 s: TIME_WAIT lasts 60) until neither the host's namespace nor the
+/// external client's holds a TCP socket in TIME_WAIT.
+fn time_wait_gone(topology: &topo::Topo) -> anyhow::Result<()> {
+    fn count() -> anyhow::Result<usize> {
+        let mut n = 0;
+        for file in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
+            let text = std::fs::read_to_string(file)?;
+            // The fourth column is the state; 06 is TIME_WAIT.
+            n += text
+                .lines()
+                .skip(1)
+                .filter(|l| l.split_whitespace().nth(3) == Some("06"))
+                .count();
+        }
+        Ok(n)
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(65);
+    loop {
+        let left = count()? + topology.ext_ns.run(count)??;
+        if left == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{left} sockets still in TIME_WAIT after 65 s"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// The proxy port of slot `slot`.
@@ -276,6 +315,24 @@ fn sample(job: Job, c: Contender, slot: u16, env: &Env<'_>) -> anyhow::Result<Me
             })?;
             m.insert(Metric::ConnPerSec, n as f64 / elapsed.as_secs_f64());
             m.insert(Metric::P99Ms, hist.value_at_quantile(0.99) as f64 / 1e6);
+        }
+        Job::Sequential => {
+            let run = on_client(rt, topology, true, || {
+                load::sequential(
+                    running.external,
+                    plan.seq_conns,
+                    Duration::from_secs_f64(plan.seq_max_secs),
+                )
+            })?;
+            anyhow::ensure!(run.done > 0, "no connection completed");
+            if let Some(slowest) = run.tenths.iter().copied().reduce(f64::min) {
+                m.insert(Metric::SlowestTenthConnPerSec, slowest);
+            }
+            m.insert(
+                Metric::ConnPerSec,
+                (run.done + run.failed) as f64 / run.elapsed.as_secs_f64(),
+            );
+            m.insert(Metric::NewFailed, run.failed as f64);
         }
         Job::Idle => {
             let conns = rt.block_on(load::open_idle(running.local, plan.idle_conns))?;

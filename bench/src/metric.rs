@@ -12,6 +12,7 @@ pub(crate) type Metrics = BTreeMap<Metric, f64>;
 pub(crate) enum Metric {
     KdgramPerSec,
     GbitPerSec,
+    SlowestTenthConnPerSec,
     ConnPerSec,
     P50Us,
     PssMib,
@@ -34,9 +35,10 @@ pub(crate) enum Metric {
 }
 
 impl Metric {
-    pub(crate) const ALL: [Self; 21] = [
+    pub(crate) const ALL: [Self; 22] = [
         Self::KdgramPerSec,
         Self::GbitPerSec,
+        Self::SlowestTenthConnPerSec,
         Self::ConnPerSec,
         Self::P50Us,
         Self::PssMib,
@@ -63,6 +65,7 @@ impl Metric {
         match self {
             Self::KdgramPerSec => "kdgram_s",
             Self::GbitPerSec => "gbit_s",
+            Self::SlowestTenthConnPerSec => "slowest_tenth_conn_s",
             Self::ConnPerSec => "conn_s",
             Self::P50Us => "p50_us",
             Self::PssMib => "pss_mib",
@@ -89,7 +92,7 @@ impl Metric {
     pub(crate) fn higher_is_better(self) -> bool {
         matches!(
             self,
-            Self::KdgramPerSec | Self::GbitPerSec | Self::ConnPerSec
+            Self::KdgramPerSec | Self::GbitPerSec | Self::SlowestTenthConnPerSec | Self::ConnPerSec
         )
     }
 
@@ -98,6 +101,7 @@ impl Metric {
         match self {
             Self::KdgramPerSec => "k datagrams/s",
             Self::GbitPerSec => "Gbit/s",
+            Self::SlowestTenthConnPerSec => "slowest tenth, conn/s",
             Self::ConnPerSec => "conn/s",
             Self::P50Us => "p50 µs",
             Self::PssMib => "PSS MiB",

@@ -32,6 +32,12 @@ pub(crate) enum Scenario {
     /// IPv6 from the external namespace: 1 stream each way and the connection rate, through
     /// kernel mode, ip6tables DNAT and a relay.
     Ipv6,
+    /// 100,000 connections one after another from the external namespace, the client closing
+    /// first: the proxy's leg to the server closes first too, and its port waits 60 s in
+    /// TIME_WAIT. The host namespace has Linux's default TIME_WAIT reuse (loopback only) and
+    /// ephemeral range for it. The slowest tenth's rate shows whether the proxy runs out of
+    /// ports.
+    Sequential,
     /// The single-flow figures again with independent tools: iperf3 (1 stream each way) and
     /// sockperf (TCP ping-pong, 64 B).
     Crosscheck,
@@ -51,6 +57,7 @@ impl Scenario {
             Self::Hostport => "hostport",
             Self::Restart => "restart",
             Self::Ipv6 => "ipv6",
+            Self::Sequential => "sequential",
             Self::Crosscheck => "crosscheck",
         }
     }
@@ -89,6 +96,9 @@ pub(crate) struct Plan {
     pub(crate) udp_secs: f64,
     pub(crate) udp_flows: usize,
     pub(crate) udp_window: usize,
+    /// Connections in the sequential scenario, and the most time it may take.
+    pub(crate) seq_conns: u64,
+    pub(crate) seq_max_secs: f64,
 }
 
 impl Plan {
@@ -123,6 +133,8 @@ impl Plan {
                 udp_secs: 1.0,
                 udp_flows: 4,
                 udp_window: 32,
+                seq_conns: 2_000,
+                seq_max_secs: 10.0,
             }
         } else {
             Self {
@@ -138,6 +150,8 @@ impl Plan {
                 udp_secs: 5.0,
                 udp_flows: 4,
                 udp_window: 32,
+                seq_conns: 100_000,
+                seq_max_secs: 90.0,
             }
         }
     }
@@ -184,6 +198,8 @@ pub(crate) enum Job {
     },
     /// sockperf's TCP ping-pong, 64 B, local.
     Sockperf,
+    /// Connections one after another, the client closing first, external.
+    Sequential,
 }
 
 impl Job {
@@ -202,7 +218,14 @@ impl Job {
             Self::Restart { .. } => Scenario::Restart,
             Self::Ipv6 { .. } => Scenario::Ipv6,
             Self::Iperf3 { .. } | Self::Sockperf => Scenario::Crosscheck,
+            Self::Sequential => Scenario::Sequential,
         }
+    }
+
+    /// Measured once per run, without a warm-up: the sequential job leaves the proxy's ports
+    /// in TIME_WAIT for 60 s, so every sample waits that out first.
+    pub(crate) fn once(self) -> bool {
+        matches!(self, Self::Sequential)
     }
 
     /// The IPv4 job an IPv6 one measures the same way (itself for the others).
@@ -299,6 +322,10 @@ impl Job {
                 .describe(plan)
             ),
             Self::Sockperf => "sockperf ping-pong, 64 B, 1 connection".into(),
+            Self::Sequential => format!(
+                "{} connections one after another (at most {} s), connect+64 B echo, the client closing first, external; host with tcp_tw_reuse=2 and ports 32768–60999 (Linux's defaults)",
+                plan.seq_conns, plan.seq_max_secs
+            ),
             Self::Restart { upgrade: true } => format!(
                 "berth upgrade; {RESTART_HELD} held echo connections and a connect loop, external, {RESTART_SECS} s"
             ),
@@ -371,6 +398,16 @@ impl Job {
                 _ if upgrade => Err("the upgrade comparison is berth's own modes"),
                 _ => Err("the restart comparison is berth-dnat, berth-splice and iptables-dnat"),
             },
+            Self::Sequential => match c {
+                C::Direct
+                | C::BerthSplice
+                | C::BerthAuto
+                | C::DockerProxy
+                | C::Haproxy
+                | C::TokioSplice
+                | C::IptablesDnat => Ok(()),
+                _ => Err("the sequential comparison is the relays and iptables DNAT"),
+            },
             Self::Hostport { .. } => {
                 if matches!(c, C::Direct | C::CniPortmap | C::BerthCni) {
                     Ok(())
@@ -406,6 +443,9 @@ impl Job {
             // The tools take whole seconds, and start a server each.
             Self::Iperf3 { .. } => plan.bulk_secs.ceil().max(1.0) + 1.0,
             Self::Sockperf => plan.rr_secs.ceil().max(1.0) + 1.0,
+            // About 4,000 conn/s when nothing runs out, plus waiting out the last run's
+            // TIME_WAIT (60 s).
+            Self::Sequential => (plan.seq_conns as f64 / 4000.0).min(plan.seq_max_secs) + 30.0,
         }
     }
 }
@@ -489,6 +529,9 @@ impl ScenarioSet {
                 Job::Hostport { external: false },
                 Job::Hostport { external: true },
             ]);
+        }
+        if self.has(Scenario::Sequential) {
+            jobs.push(Job::Sequential);
         }
         if self.has(Scenario::Crosscheck) {
             jobs.extend([

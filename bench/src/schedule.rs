@@ -28,7 +28,7 @@ pub(crate) fn run(
         .map(|j| {
             available.iter().filter(|c| j.eligible(**c).is_ok()).count() as f64
                 * j.estimate_secs(plan)
-                * reps.len() as f64
+                * if j.once() { 1.0 } else { reps.len() as f64 }
         })
         .sum();
     let bar = ProgressBar::new(total.ceil() as u64);
@@ -54,6 +54,9 @@ pub(crate) fn run(
             }
         }
         for &(rep, warmup) in &reps {
+            if job.once() && (warmup || rep > 1) {
+                continue;
+            }
             for &c in available.iter().filter(|c| job.eligible(**c).is_ok()) {
                 bar.set_message(format!(
                     "{} · {} · {}",

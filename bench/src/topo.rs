@@ -230,6 +230,27 @@ fn topo_ns(name: &str) -> NetNs {
 }
 
 /// Writes a sysctl of the calling thread's network namespace.
+/// Linux's defaults for TIME_WAIT reuse (loopback only) and the ephemeral range in the host
+/// namespace while it lives, instead of the run's tuning: a Docker host as it comes, for the
+/// sequential scenario. The tuning is back on drop.
+pub(crate) struct HostDefaults(());
+
+impl HostDefaults {
+    pub(crate) fn set() -> anyhow::Result<Self> {
+        // The default range starts above every port the bench listens on, too.
+        sysctl("net/ipv4/tcp_tw_reuse", "2")?;
+        sysctl("net/ipv4/ip_local_port_range", "32768 60999")?;
+        Ok(Self(()))
+    }
+}
+
+impl Drop for HostDefaults {
+    fn drop(&mut self) {
+        let _ = sysctl("net/ipv4/tcp_tw_reuse", "1");
+        let _ = sysctl("net/ipv4/ip_local_port_range", "16384 65000");
+    }
+}
+
 fn sysctl(key: &str, value: &str) -> anyhow::Result<()> {
     let path = Path::new("/proc/sys").join(key);
     std::fs::write(&path, value).with_context(|| format!("failed to set {}", path.display()))

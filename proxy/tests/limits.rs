@@ -252,68 +252,122 @@ async fn out_of_descriptors_new_clients_are_reset_at_once_and_service_recovers()
     assert_eq!(count("file descriptors available again"), 1, "{log:#?}");
 }
 
-/// With every local port towards the target held in TIME_WAIT (a namespace whose ephemeral
-/// range is 4 ports, and clients that close first, so berth's leg to the target closes
-/// first too), a new client is reset at once rather than left hanging, and the episode is
-/// logged once with what to change.
+/// What became of clients that close first through `berth forward`, in a namespace whose
+/// ephemeral range is 4 ports (so berth's legs to the target, which close first too, hold
+/// those 4 in TIME_WAIT), with TCP timestamps on or off.
+struct CloseFirst {
+    served: usize,
+    reset: usize,
+    log: Vec<String>,
+}
+
+impl CloseFirst {
+    fn run(clients: u8, timestamps: bool) -> Self {
+        let ns = common::TestNs::create();
+        let listen: SocketAddr = ([127, 0, 0, 1], ns.free_port()).into();
+        let ns2 = ns.ns.clone();
+        ns.ns
+            .run_async(|| async move {
+                let sys = |name: &str, value: &str| {
+                    std::fs::write(format!("/proc/sys/net/ipv4/{name}"), value).unwrap();
+                };
+                // Loopback's default (2) lets the kernel's own pick reuse TIME_WAIT after 1 s:
+                // off, so that only berth's choice can.
+                sys("tcp_tw_reuse", "0");
+                sys("tcp_timestamps", if timestamps { "1" } else { "0" });
+                // The target: reads until the client's end, then closes (after berth's FIN,
+                // so berth's side of this connection is the one in TIME_WAIT).
+                let target_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let target = target_listener.local_addr().unwrap();
+                tokio::spawn(async move {
+                    while let Ok((mut s, _)) = target_listener.accept().await {
+                        tokio::spawn(async move {
+                            let _ = s.read_to_end(&mut Vec::new()).await;
+                        });
+                    }
+                });
+                // Another peer, which the test connects to at the end.
+                let elsewhere_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let elsewhere = elsewhere_listener.local_addr().unwrap();
+                let mut cmd = ns2.command(env!("CARGO_BIN_EXE_berth")).unwrap();
+                cmd.args(["forward", &listen.to_string(), &target.to_string()])
+                    .env("BERTH_LOG", "info")
+                    .stderr(Stdio::piped());
+                let mut child = cmd.spawn().unwrap();
+                let lines = common::lines_of(child.stderr.take().unwrap());
+                let berth = common::Guard(child);
+                common::wait_listening(listen).await;
+                // Bound already: only connections made from now on draw from 4 ports.
+                sys("ip_local_port_range", "40000 40003");
+                let (mut served, mut reset) = (0, 0);
+                for i in 0..clients {
+                    // Each client from its own address and a port outside the 4, so that the
+                    // clients' own sockets (they close first too) never hold a port berth
+                    // needs. The namespace is the test's own: nothing else binds there.
+                    let sock = TcpSocket::new_v4().unwrap();
+                    sock.bind(([127, 0, 1, 10 + i], 50_000 + u16::from(i)).into())
+                        .unwrap();
+                    // The reset may come before the connect is seen through, before the
+                    // shutdown is sent, or after.
+                    let ended = async {
+                        let mut s = sock.connect(listen).await?;
+                        s.shutdown().await?;
+                        s.read(&mut [0; 1]).await
+                    };
+                    match timeout(HANG, ended).await.unwrap() {
+                        Ok(0) => served += 1,
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => reset += 1,
+                        other => panic!("client {i}: expected an end or a reset, got {other:?}"),
+                    }
+                }
+                // The ports berth took over are still there for connects to other peers.
+                let other = timeout(HANG, TcpStream::connect(elsewhere)).await.unwrap();
+                assert!(other.is_ok(), "a connect elsewhere got no port: {other:?}");
+                berth.signal(nix::sys::signal::Signal::SIGTERM);
+                let status = berth.exited().await;
+                assert!(status.success(), "{status}");
+                Self {
+                    served,
+                    reset,
+                    log: lines.try_iter().collect(),
+                }
+            })
+            .unwrap()
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        self.log.iter().filter(|l| l.contains(needle)).count()
+    }
+}
+
+/// With every local port towards the target held in TIME_WAIT, berth connects from those
+/// ports anyway (the connections carried TCP timestamps, so the kernel lets a socket bound
+/// to one take it): clients that close first are all served, four times as many as there
+/// are ports, the switch is logged once, and connects to other peers still find ports.
+#[test]
+fn clients_closing_first_are_served_from_ports_in_time_wait() {
+    let run = CloseFirst::run(16, true);
+    assert_eq!((run.served, run.reset), (16, 0), "{:#?}", run.log);
+    assert_eq!(
+        run.count("choosing ports held in TIME_WAIT"),
+        1,
+        "{:#?}",
+        run.log
+    );
+    assert_eq!(run.count("no local port left"), 0, "{:#?}", run.log);
+}
+
+/// Without TCP timestamps no port in TIME_WAIT can be taken: a new client is reset at once
+/// rather than left hanging, and the episode is logged once with what to change.
 #[test]
 fn no_local_port_left_towards_the_target_resets_new_clients_and_says_why() {
-    let ns = common::TestNs::create();
-    let listen: SocketAddr = ([127, 0, 0, 1], ns.free_port()).into();
-    let ns2 = ns.ns.clone();
-    ns.ns
-        .run_async(|| async move {
-            // The target: reads until the client's end, then closes (after berth's FIN, so
-            // berth's side of this connection is the one in TIME_WAIT).
-            let target_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let target = target_listener.local_addr().unwrap();
-            tokio::spawn(async move {
-                while let Ok((mut s, _)) = target_listener.accept().await {
-                    tokio::spawn(async move {
-                        let _ = s.read_to_end(&mut Vec::new()).await;
-                    });
-                }
-            });
-            let mut cmd = ns2.command(env!("CARGO_BIN_EXE_berth")).unwrap();
-            cmd.args(["forward", &listen.to_string(), &target.to_string()])
-                .env("BERTH_LOG", "info")
-                .stderr(Stdio::piped());
-            let mut child = cmd.spawn().unwrap();
-            let lines = common::lines_of(child.stderr.take().unwrap());
-            let berth = common::Guard(child);
-            common::wait_listening(listen).await;
-            // Bound already: only connections made from now on draw from 4 ports.
-            std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "40000 40003").unwrap();
-            let (mut served, mut reset) = (0, 0);
-            for i in 0..16u8 {
-                // Each client from its own address, so that the clients' own TIME_WAIT
-                // (they close first too) never takes a port this test needs.
-                let sock = TcpSocket::new_v4().unwrap();
-                sock.bind(([127, 0, 1, 10 + i], 0).into()).unwrap();
-                let mut s = timeout(HANG, sock.connect(listen)).await.unwrap().unwrap();
-                // The reset may come before the shutdown is sent, or after.
-                let ended = async {
-                    s.shutdown().await?;
-                    s.read(&mut [0; 1]).await
-                };
-                match timeout(HANG, ended).await.unwrap() {
-                    Ok(0) => served += 1,
-                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => reset += 1,
-                    other => panic!("client {i}: expected an end or a reset, got {other:?}"),
-                }
-            }
-            assert!(served >= 1, "nothing was served while ports were free");
-            assert!(
-                reset >= 2,
-                "served {served} clients through 4 ports: none was reset"
-            );
-            berth.signal(nix::sys::signal::Signal::SIGTERM);
-            let status = berth.exited().await;
-            assert!(status.success(), "{status}");
-            let log: Vec<String> = lines.try_iter().collect();
-            let count = |needle: &str| log.iter().filter(|l| l.contains(needle)).count();
-            assert_eq!(count("no local port left"), 1, "{log:#?}");
-            assert_eq!(count("net.ipv4.tcp_tw_reuse=1"), 1, "{log:#?}");
-        })
-        .unwrap();
+    let run = CloseFirst::run(16, false);
+    assert!(run.served >= 1, "nothing was served while ports were free");
+    assert!(
+        run.reset >= 2,
+        "served {} clients through 4 ports: none was reset",
+        run.served
+    );
+    assert_eq!(run.count("no local port left"), 1, "{:#?}", run.log);
+    assert_eq!(run.count("net.ipv4.tcp_tw_reuse=1"), 1, "{:#?}", run.log);
 }

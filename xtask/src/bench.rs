@@ -25,12 +25,13 @@ pub(crate) struct BenchArgs {
     #[arg(long)]
     quick: bool,
     /// bulk, rr, crr, idle, mappings, cpu, external, udp, hostport, restart, ipv6,
-    /// crosscheck (repeatable; all by default).
+    /// sequential, crosscheck (repeatable; all by default).
     #[arg(long = "scenario")]
     scenarios: Vec<String>,
     /// direct, berth-copy, berth-splice, berth-sockmap, berth-auto, berth-dnat, berth-udp,
-    /// berth-udp-b1, docker-proxy, socat, haproxy, iptables-dnat, berth-shim,
-    /// berth-shim-daemon, cni-portmap, berth-cni (repeatable; all by default).
+    /// berth-udp-b1, berth-udp-no-offload, tokio-splice, docker-proxy, socat, haproxy,
+    /// iptables-dnat, berth-shim, berth-shim-daemon, cni-portmap, berth-cni (repeatable; all
+    /// by default).
     #[arg(long = "contender")]
     contenders: Vec<String>,
     /// Output directory [default: target/bench].

@@ -1,13 +1,19 @@
 //! Connecting to the target, with a timeout and an error that says which failure it was.
 use std::{
     io,
-    sync::atomic::{AtomicBool, Ordering},
-    time::Duration,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
-use tokio::net::{TcpSocket, TcpStream};
-use tracing::{info, warn};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
 
+use super::ports::{self, Range};
 use crate::addr::TargetAddr;
 
 /// Why the target could not be reached. `reason()` is a stable label for metrics.
@@ -24,10 +30,10 @@ pub enum ConnectError {
     #[error("no descriptor left to connect to {0}: {1}")]
     Descriptors(TargetAddr, #[source] io::Error),
     /// Every local port towards the target is taken (EADDRNOTAVAIL): connections that berth
-    /// closed first wait out TIME_WAIT (60 s) on them, and Linux reuses such a port for a
-    /// new connection only with `net.ipv4.tcp_tw_reuse=1`.
+    /// closed first wait out TIME_WAIT (60 s) on them, and berth could take none of those
+    /// either (the target does not use TCP timestamps, or live connections hold the ports).
     #[error(
-        "no local port left to connect to {0} (connections to it that berth closed first hold theirs for 60 s in TIME_WAIT: widen net.ipv4.ip_local_port_range or set net.ipv4.tcp_tw_reuse=1): {1}"
+        "no local port left to connect to {0} (connections to it that berth closed first hold theirs for 60 s in TIME_WAIT, and without TCP timestamps none can be reused: widen net.ipv4.ip_local_port_range or set net.ipv4.tcp_tw_reuse=1): {1}"
     )]
     Ports(TargetAddr, #[source] io::Error),
     #[error("failed to connect to {0}: {1}")]
@@ -47,9 +53,17 @@ impl ConnectError {
     }
 }
 
+/// A connection to the target.
+#[derive(Debug)]
+pub struct Connected {
+    pub stream: TcpStream,
+    /// Made from a port berth chose because the kernel had none left (see [`ports`]).
+    pub chosen_port: bool,
+}
+
 /// Connects to `target` within `timeout` (TCP_NODELAY set), classifying any failure.
-pub async fn connect(target: TargetAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
-    let stream = match tokio::time::timeout(timeout, dial(target)).await {
+pub async fn connect(target: TargetAddr, timeout: Duration) -> Result<Connected, ConnectError> {
+    let connected = match tokio::time::timeout(timeout, dial(target)).await {
         Err(_) => return Err(ConnectError::Timeout(target, timeout)),
         Ok(Err(e)) => {
             return Err(match e.raw_os_error() {
@@ -62,10 +76,10 @@ pub async fn connect(target: TargetAddr, timeout: Duration) -> Result<TcpStream,
                 _ => ConnectError::Other(target, e),
             });
         }
-        Ok(Ok(s)) => s,
+        Ok(Ok(c)) => c,
     };
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
+    let _ = connected.stream.set_nodelay(true);
+    Ok(connected)
 }
 
 /// Whether connects are failing for want of a local port (an episode is logged once).
@@ -85,18 +99,127 @@ pub(super) fn ports_again() {
     }
 }
 
-/// The connect itself, from a socket with SO_REUSEADDR. The kernel gives it a port from the
-/// ephemeral range, where runtimes also pick host ports (`docker run -P`): without the
-/// option, a mapping added on a port that one of berth's own connections happens to use
-/// would fail to bind (EADDRINUSE) until that connection ends. With it on both sockets the
-/// kernel lets a listener bind beside connected sockets (never beside another listener).
-async fn dial(target: TargetAddr) -> std::io::Result<TcpStream> {
+/// Ports for connects once the kernel's pick is crowded out (one cursor per process).
+static CURSOR: ports::Cursor = ports::Cursor::new();
+/// The ephemeral range, read again each time the kernel's pick fails.
+static RANGE: Mutex<Option<Arc<Range>>> = Mutex::new(None);
+/// Ports of connections to targets that ended lately (see [`ended`]).
+static RECENT: Mutex<ports::Recent> = Mutex::new(ports::Recent::new());
+/// Whether connects are choosing their own ports (an episode is logged once).
+static CHOOSING: AtomicBool = AtomicBool::new(false);
+
+/// Milliseconds on a monotonic clock that starts with the first connect.
+fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    u64::try_from(START.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Locks one of the statics above: a poisoned lock only means a panic elsewhere, and what
+/// it guards is whole.
+fn lock<T>(m: &'static Mutex<T>) -> std::sync::MutexGuard<'static, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A connection to a target from local port `port` ended: if berth closed first, its
+/// TIME_WAIT holds the port for 60 s, and a connect choosing its own port tries it first.
+pub(super) fn ended(port: u16) {
+    lock(&RECENT).push(port, now_ms());
+}
+
+/// The connect: the kernel picks the local port. When it has none left (EADDRNOTAVAIL) or
+/// had to search long for one (TIME_WAIT crowding the range), berth picks the ports itself
+/// for the next second, which may take ports in TIME_WAIT (see [`ports`]).
+async fn dial(target: TargetAddr) -> io::Result<Connected> {
     let addr = target.get();
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.connect(addr).await
+    if CURSOR.autobind(now_ms()) {
+        let crowded = match dial_from(addr, None).await {
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => None,
+            Ok((stream, took)) if took < Duration::from_micros(ports::SLOW_CONNECT_US) => {
+                if CHOOSING.load(Ordering::Relaxed) && CHOOSING.swap(false, Ordering::Relaxed) {
+                    info!("ephemeral ports free again, the kernel picks them");
+                }
+                return Ok(Connected {
+                    stream,
+                    chosen_port: false,
+                });
+            }
+            Ok((stream, _)) => Some(stream),
+            Err(e) => return Err(e),
+        };
+        CURSOR.autobind_failed(now_ms());
+        match Range::read() {
+            Ok(r) => *lock(&RANGE) = Some(Arc::new(r)),
+            Err(re) => debug!(error = %re, "cannot read the ephemeral port range"),
+        }
+        if !CHOOSING.swap(true, Ordering::Relaxed) {
+            info!(target = %target, "the ephemeral ports are crowded, choosing ports held in TIME_WAIT (reusable where the connection had TCP timestamps)");
+        }
+        if let Some(stream) = crowded {
+            return Ok(Connected {
+                stream,
+                chosen_port: false,
+            });
+        }
+    }
+    let range = lock(&RANGE).clone();
+    let recent = std::iter::from_fn(|| lock(&RECENT).pop(now_ms())).take(ports::ATTEMPTS);
+    let walked = range.iter().flat_map(|r| CURSOR.candidates(r));
+    for port in recent.chain(walked) {
+        match dial_from(addr, Some(port)).await {
+            Ok((stream, _)) => {
+                return Ok(Connected {
+                    stream,
+                    chosen_port: true,
+                });
+            }
+            // Held by a listener, or by a live connection to the same peer (or a TIME_WAIT
+            // without timestamps): the next.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EADDRINUSE | libc::EADDRNOTAVAIL)
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::from_raw_os_error(libc::EADDRNOTAVAIL))
+}
+
+/// One connect, from a socket with SO_REUSEADDR, bound to `port` on the unspecified address
+/// if given; also how long the connect() call itself took (the kernel's port search is
+/// part of it). The kernel gives an unbound socket a port from the ephemeral range, where
+/// runtimes also pick host ports (`docker run -P`): without the option, a mapping added on
+/// a port that one of berth's own connections happens to use would fail to bind
+/// (EADDRINUSE) until that connection ends. With it on both sockets the kernel lets a
+/// listener bind beside connected sockets (never beside another listener), and an explicit
+/// port may be one whose earlier connection is in TIME_WAIT.
+async fn dial_from(addr: SocketAddr, port: Option<u16>) -> io::Result<(TcpStream, Duration)> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    if let Some(port) = port {
+        let any = if addr.is_ipv4() {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        };
+        socket.bind(&SocketAddr::new(any, port).into())?;
+    }
+    let started = Instant::now();
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let took = started.elapsed();
+    let stream = TcpStream::from_std(socket.into())?;
+    // As tokio's own connect: writable once the handshake ended, one way or the other.
+    stream.writable().await?;
+    if let Some(e) = stream.take_error()? {
+        return Err(e);
+    }
+    Ok((stream, took))
 }

@@ -8,6 +8,7 @@ mod accept;
 mod connect;
 mod idle;
 mod per_client;
+pub mod ports;
 mod stats;
 
 use std::{future::Future, sync::Arc, time::Duration};
@@ -19,7 +20,7 @@ use tokio::{
 };
 use tracing::{Instrument as _, debug, debug_span, info, warn};
 
-pub use connect::{ConnectError, connect};
+pub use connect::{ConnectError, Connected, connect};
 pub use stats::{DURATION_BUCKETS, Snapshot, Stats};
 
 use self::per_client::PerClient;
@@ -215,10 +216,13 @@ async fn handle(
         }
     };
     let target = match connected {
-        Ok(t) => {
+        Ok(c) => {
             accept::served();
             connect::ports_again();
-            t
+            if c.chosen_port {
+                stats.chosen_port();
+            }
+            c.stream
         }
         Err(ConnectError::Descriptors(_, e)) => {
             // One warning per episode, not one per client.
@@ -260,7 +264,12 @@ async fn handle(
             () = idle => {}
         }
     };
-    match relay::run(client, target, &config.pump, &meter, cut).await {
+    let local_port = target.local_addr().map(|a| a.port());
+    let relayed = relay::run(client, target, &config.pump, &meter, cut).await;
+    if let Ok(port) = local_port {
+        connect::ended(port);
+    }
+    match relayed {
         Ok(t) => debug!(
             to_target = t.to_target,
             to_client = t.to_client,

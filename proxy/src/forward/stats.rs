@@ -25,6 +25,7 @@ pub struct Stats {
     client_limit: AtomicU64,
     descriptors: AtomicU64,
     ports: AtomicU64,
+    chosen_ports: AtomicU64,
     idle: AtomicU64,
     /// One count per bucket of [`DURATION_BUCKETS`] plus one for longer ones (not cumulative).
     durations: [AtomicU64; DURATION_BUCKETS.len() + 1],
@@ -44,6 +45,8 @@ pub struct Snapshot {
     pub errors: [(&'static str, u64); 8],
     /// Connections reset by the idle timeout.
     pub idle_closed: u64,
+    /// Connects to the target from a port berth chose, the kernel having none left.
+    pub chosen_ports: u64,
     /// Connections `auto` handed from splice to the kernel relay.
     pub promoted: u64,
     /// Cumulative counts for each of [`DURATION_BUCKETS`], the total count and sum (seconds).
@@ -86,6 +89,7 @@ impl Stats {
                 ("other", self.other.load(Relaxed)),
             ],
             idle_closed: self.idle.load(Relaxed),
+            chosen_ports: self.chosen_ports.load(Relaxed),
             promoted: self.bytes.promoted(),
             duration_buckets,
             duration_count,
@@ -131,6 +135,10 @@ impl Stats {
 
     pub(super) fn idle_closed(&self) {
         self.idle.fetch_add(1, Relaxed);
+    }
+
+    pub(super) fn chosen_port(&self) {
+        self.chosen_ports.fetch_add(1, Relaxed);
     }
 
     pub(super) fn connect_failed(&self, reason: &str) {

@@ -40,6 +40,7 @@ struct Families {
     errors: IntCounterVec,
     idle_closed: IntCounterVec,
     promoted: IntCounterVec,
+    chosen_ports: IntCounterVec,
     flows_active: IntGaugeVec,
     flows_created: IntCounterVec,
     flows_expired: IntCounterVec,
@@ -94,6 +95,11 @@ impl Families {
             promoted: counter(
                 "berth_connections_promoted_total",
                 "TCP connections that mode auto handed from splice to the kernel relay (sockmap).",
+                &[],
+            ),
+            chosen_ports: counter(
+                "berth_connect_chosen_ports_total",
+                "TCP connects to the target from a local port berth chose because the kernel had none left (most often one whose earlier connection was in TIME_WAIT, reused under TCP timestamps).",
                 &[],
             ),
             flows_active: gauge("berth_udp_flows_active", "UDP flows open now.", &[]),
@@ -166,7 +172,7 @@ impl Families {
         }
     }
 
-    fn collectors(&self) -> [&dyn Collector; 22] {
+    fn collectors(&self) -> [&dyn Collector; 23] {
         [
             &self.info,
             &self.connections,
@@ -175,6 +181,7 @@ impl Families {
             &self.errors,
             &self.idle_closed,
             &self.promoted,
+            &self.chosen_ports,
             &self.flows_active,
             &self.flows_created,
             &self.flows_expired,
@@ -232,6 +239,7 @@ impl Families {
                 }
                 count(&self.idle_closed, &[], s.idle_closed);
                 count(&self.promoted, &[], s.promoted);
+                count(&self.chosen_ports, &[], s.chosen_ports);
             }
             RelayCounters::Udp(s) => {
                 let s = s.snapshot();

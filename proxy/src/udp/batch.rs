@@ -60,6 +60,9 @@ impl Meta {
 pub(super) struct Batch {
     data: Box<[u8]>,
     meta: Vec<Meta>,
+    /// What [`send`] plans its messages from, one per `meta` entry: made once per receive,
+    /// not per send (a batch may take several sends, and a refused one is planned again).
+    shapes: Vec<Shape>,
     slots: usize,
 }
 
@@ -71,6 +74,7 @@ impl Batch {
         Self {
             data: vec![0u8; slots * SLOT].into_boxed_slice(),
             meta: Vec::with_capacity(slots),
+            shapes: Vec::with_capacity(slots),
             slots,
         }
     }
@@ -82,8 +86,17 @@ impl Batch {
 
     /// The first message a [`send`] from `at` would make (what a failed send refused).
     pub(super) fn first_train(&self, at: Cursor, end: usize, limit: usize) -> offload::Train {
-        let shapes: Vec<Shape> = self.meta.iter().map(Meta::shape).collect();
-        offload::next_train(&shapes, at, end.min(shapes.len()), limit)
+        offload::next_train(&self.shapes, at, end.min(self.shapes.len()), limit)
+    }
+
+    fn clear(&mut self) {
+        self.meta.clear();
+        self.shapes.clear();
+    }
+
+    fn push(&mut self, meta: Meta) {
+        self.shapes.push(meta.shape());
+        self.meta.push(meta);
     }
 
     /// The payload of datagram `i`.
@@ -128,7 +141,7 @@ pub(super) fn recv(fd: BorrowedFd<'_>, batch: &mut Batch) -> io::Result<usize> {
         )
     };
     let got = usize::try_from(got).map_err(|_| io::Error::last_os_error())?;
-    batch.meta.clear();
+    batch.clear();
     for (i, m) in hdrs.iter().take(got).enumerate() {
         let h = &m.msg_hdr;
         // SAFETY: the kernel wrote a socket address of `msg_namelen` bytes into names[i].
@@ -142,7 +155,7 @@ pub(super) fn recv(fd: BorrowedFd<'_>, batch: &mut Batch) -> io::Result<usize> {
         .ok_or_else(|| io::Error::other("datagram from a non-IP address"))?;
         // SAFETY: the header's control fields describe the kernel-filled ctrl[i].
         let (local, segment) = unsafe { read_control(h) };
-        batch.meta.push(Meta {
+        batch.push(Meta {
             len: (m.msg_len as usize).min(SLOT),
             peer,
             local,
@@ -234,12 +247,8 @@ pub(super) fn send(
     from: Option<IpAddr>,
     limit: usize,
 ) -> io::Result<Sent> {
-    let end = end.min(batch.meta.len());
-    let mut shapes = [Shape::default(); MAX_BATCH];
-    for (shape, m) in shapes.iter_mut().zip(&batch.meta) {
-        *shape = m.shape();
-    }
-    let shapes = &shapes[..batch.meta.len()];
+    let shapes = &batch.shapes[..];
+    let end = end.min(shapes.len());
     let name = to.map(SockAddr::from);
     let mut ctrl = [[0u64; CTRL_WORDS]; MAX_BATCH];
     // One iovec per slot a train touches: at most one per message plus one per slot boundary
@@ -499,7 +508,7 @@ mod tests {
         let payload: Vec<u8> = (0..5300u32).map(|i| (i % 251) as u8).collect();
         let mut batch = Batch::new(4);
         batch.data[..payload.len()].copy_from_slice(&payload);
-        batch.meta.push(Meta {
+        batch.push(Meta {
             len: payload.len(),
             peer: relay.local_addr().unwrap(),
             local: None,
