@@ -160,6 +160,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     ctrlc::set_handler(|| {
+        // Ctrl-C, SIGTERM or SIGHUP (the "termination" feature): the namespaces go too.
         eprintln!("\ninterrupted: tearing down");
         topo::teardown();
         std::process::exit(130);
