@@ -182,7 +182,13 @@ async fn dial(target: TargetAddr) -> io::Result<Connected> {
             Err(e) => return Err(e),
         }
     }
-    Err(io::Error::from_raw_os_error(libc::EADDRNOTAVAIL))
+    // None of those would do (ports held by other programs' sockets without SO_REUSEADDR,
+    // their TIME_WAIT included, refuse the bind): the kernel's pick, slow or not, so that
+    // choosing never serves fewer clients than not choosing.
+    dial_from(addr, None).await.map(|(stream, _)| Connected {
+        stream,
+        chosen_port: false,
+    })
 }
 
 /// One connect, from a socket with SO_REUSEADDR, bound to `port` on the unspecified address
