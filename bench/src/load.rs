@@ -156,7 +156,8 @@ pub(crate) struct SeqRun {
     /// Connections reset, refused or cut short.
     pub(crate) failed: u64,
     pub(crate) elapsed: Duration,
-    /// Connection rate in each of the tenths of the run (fewer if the time ran out).
+    /// Connection rate (attempts, failed ones included) in each tenth of the run (fewer if
+    /// the time ran out; the last one then partial).
     pub(crate) tenths: Vec<f64>,
 }
 
@@ -172,8 +173,8 @@ pub(crate) async fn sequential(addr: SocketAddr, n: u64, max: Duration) -> anyho
     let deadline = start + max;
     let tenth = (n / 10).max(1);
     let (mut done, mut failed, mut tenths) = (0u64, 0u64, Vec::new());
-    let mut window = Instant::now();
-    for i in 1..=n {
+    let (mut window, mut in_window) = (Instant::now(), 0u64);
+    for _ in 0..n {
         if Instant::now() >= deadline {
             break;
         }
@@ -181,9 +182,11 @@ pub(crate) async fn sequential(addr: SocketAddr, n: u64, max: Duration) -> anyho
             Ok(Ok(())) => done += 1,
             Ok(Err(_)) | Err(_) => failed += 1,
         }
-        if i % tenth == 0 || Instant::now() >= deadline {
-            tenths.push(tenth as f64 / window.elapsed().as_secs_f64());
-            window = Instant::now();
+        in_window += 1;
+        // A window cut short by the deadline counts what it held, not a whole tenth.
+        if in_window == tenth || Instant::now() >= deadline {
+            tenths.push(in_window as f64 / window.elapsed().as_secs_f64());
+            (window, in_window) = (Instant::now(), 0);
         }
     }
     Ok(SeqRun {

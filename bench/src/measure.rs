@@ -328,9 +328,10 @@ fn sample(job: Job, c: Contender, slot: u16, env: &Env<'_>) -> anyhow::Result<Me
             if let Some(slowest) = run.tenths.iter().copied().reduce(f64::min) {
                 m.insert(Metric::SlowestTenthConnPerSec, slowest);
             }
+            // Completed connections only: a proxy that drops clients fast is not faster.
             m.insert(
                 Metric::ConnPerSec,
-                (run.done + run.failed) as f64 / run.elapsed.as_secs_f64(),
+                run.done as f64 / run.elapsed.as_secs_f64(),
             );
             m.insert(Metric::NewFailed, run.failed as f64);
         }
