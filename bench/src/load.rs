@@ -211,12 +211,7 @@ async fn one_closing_first(
             tokio::net::TcpSocket::new_v6()?
         };
         sock.set_reuseaddr(true)?;
-        let any: std::net::IpAddr = if addr.is_ipv4() {
-            std::net::Ipv4Addr::UNSPECIFIED.into()
-        } else {
-            std::net::Ipv6Addr::UNSPECIFIED.into()
-        };
-        if let Err(e) = sock.bind(SocketAddr::new(any, port)) {
+        if let Err(e) = sock.bind(berth::forward::ports::unspecified(&addr, port)) {
             last = Some(e);
             continue;
         }

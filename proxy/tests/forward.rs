@@ -152,6 +152,81 @@ async fn half_close_both_ways_splice() {
     half_close_server_first(Mode::Splice).await;
 }
 
+/// A reply that the server's close follows at once reaches the client in one segment, the
+/// FIN with the last bytes (a segment, its softirq and its ACK less per connection); a close
+/// that comes later still comes on its own, after everything.
+async fn fin_leaves_with_the_last_bytes(mode: Mode) {
+    let net = TestNet::up(1).await;
+    let listener = net.listen(0);
+    let proxy = proxy_to(listener.local_addr().unwrap(), mode);
+    let (later, close_later) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        let mut request = [0u8; 64];
+        // Answers and closes at once: the reply and the FIN reach berth together.
+        let (mut s, _) = listener.accept().await.unwrap();
+        s.read_exact(&mut request).await.unwrap();
+        SockRef::from(&s)
+            .send_with_flags(&request, libc::MSG_MORE)
+            .unwrap();
+        s.shutdown().await.unwrap();
+        // Closes once the client has the reply.
+        let (mut s, _) = listener.accept().await.unwrap();
+        s.read_exact(&mut request).await.unwrap();
+        s.write_all(&request).await.unwrap();
+        close_later.await.unwrap();
+        s.shutdown().await.unwrap();
+        s
+    });
+    let mut together = TcpStream::connect(proxy.addr).await.unwrap();
+    together.write_all(&[7; 64]).await.unwrap();
+    assert_eq!(read_until_end(&mut together).await.unwrap(), 64);
+
+    let mut apart = TcpStream::connect(proxy.addr).await.unwrap();
+    apart.write_all(&[8; 64]).await.unwrap();
+    let mut reply = [0u8; 64];
+    timeout(HANG, apart.read_exact(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply, [8; 64]);
+    later.send(()).unwrap();
+    assert_eq!(read_until_end(&mut apart).await.unwrap(), 0);
+    let _server_side = timeout(HANG, server).await.unwrap().unwrap();
+
+    // Both saw the same handshake and the same ACK of their request; only the FIN differs.
+    assert_eq!(
+        segments_in(&together) + 1,
+        segments_in(&apart),
+        "{mode}: the FIN after a reply should leave in the reply's segment"
+    );
+}
+
+/// Segments `s` has received (TCP_INFO).
+fn segments_in(s: &TcpStream) -> u32 {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: TCP_INFO fills a tcp_info, plain integers for which all-zero is valid; the
+    // length says how much of it the kernel may write.
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>()).unwrap();
+        let rc = libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
+        );
+        assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+        info.tcpi_segs_in
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fin_leaves_with_the_last_bytes_copy_and_splice() {
+    fin_leaves_with_the_last_bytes(Mode::Copy).await;
+    fin_leaves_with_the_last_bytes(Mode::Splice).await;
+}
+
 /// Reads until the connection ends and returns how it ended.
 async fn read_until_end(c: &mut TcpStream) -> std::io::Result<usize> {
     let mut sink = Vec::new();

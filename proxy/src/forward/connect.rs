@@ -1,9 +1,9 @@
 //! Connecting to the target, with a timeout and an error that says which failure it was.
 use std::{
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     sync::{
-        Arc, Mutex, OnceLock,
+        Arc, LazyLock, Mutex, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
@@ -13,7 +13,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use super::ports::{self, Range};
+use super::ports::{self, Change, Pick, Range};
 use crate::addr::TargetAddr;
 
 /// Why the target could not be reached. `reason()` is a stable label for metrics.
@@ -59,6 +59,25 @@ pub struct Connected {
     pub stream: TcpStream,
     /// Made from a port berth chose because the kernel had none left (see [`ports`]).
     pub chosen_port: bool,
+    /// Its local port, known when ports are being remembered (see [`ended`]).
+    pub local_port: Option<u16>,
+}
+
+impl Connected {
+    /// `chosen`: the port berth bound, if it chose one.
+    fn new(stream: TcpStream, chosen: Option<u16>) -> Self {
+        let local_port = chosen.or_else(|| {
+            CROWDING
+                .remember(now_ms())
+                .then(|| stream.local_addr().ok().map(|a| a.port()))
+                .flatten()
+        });
+        Self {
+            stream,
+            chosen_port: chosen.is_some(),
+            local_port,
+        }
+    }
 }
 
 /// Connects to `target` within `timeout` (TCP_NODELAY set), classifying any failure.
@@ -99,14 +118,19 @@ pub(super) fn ports_again() {
     }
 }
 
-/// Ports for connects once the kernel's pick is crowded out (one cursor per process).
-static CURSOR: ports::Cursor = ports::Cursor::new();
-/// The ephemeral range, read again each time the kernel's pick fails.
+/// Ports for connects once the kernel's pick is crowded out (one cursor per process, from a
+/// random place in the range).
+static CURSOR: LazyLock<ports::Cursor> = LazyLock::new(|| {
+    // std's hasher keys are random per process: enough to spread processes apart.
+    let random = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), 0u8);
+    ports::Cursor::starting_at(random as u32)
+});
+/// Whether the kernel picks the ports of connects, or berth chooses them.
+static CROWDING: ports::Crowding = ports::Crowding::new();
+/// The ephemeral range, read again whenever the kernel's pick is found crowded.
 static RANGE: Mutex<Option<Arc<Range>>> = Mutex::new(None);
 /// Ports of connections to targets that ended lately (see [`ended`]).
 static RECENT: Mutex<ports::Recent> = Mutex::new(ports::Recent::new());
-/// Whether connects are choosing their own ports (an episode is logged once).
-static CHOOSING: AtomicBool = AtomicBool::new(false);
 
 /// Milliseconds on a monotonic clock that starts with the first connect.
 fn now_ms() -> u64 {
@@ -122,56 +146,28 @@ fn lock<T>(m: &'static Mutex<T>) -> std::sync::MutexGuard<'static, T> {
 
 /// A connection to a target from local port `port` ended: if berth closed first, its
 /// TIME_WAIT holds the port for 60 s, and a connect choosing its own port tries it first.
+/// Only ports of [`Connected::local_port`] come here: while the range has never been
+/// crowded, a connection's end costs nothing.
 pub(super) fn ended(port: u16) {
     lock(&RECENT).push(port, now_ms());
 }
 
-/// The connect: the kernel picks the local port. When it has none left (EADDRNOTAVAIL) or
-/// had to search long for one (TIME_WAIT crowding the range), berth picks the ports itself
-/// for the next second, which may take ports in TIME_WAIT (see [`ports`]).
+/// The connect: the kernel picks the local port, unless its picks have been failing or slow
+/// (TIME_WAIT crowding the range, see [`ports::Crowding`]): then berth picks the ports
+/// itself, which may take ports in TIME_WAIT (see [`ports`]).
 async fn dial(target: TargetAddr) -> io::Result<Connected> {
     let addr = target.get();
-    if CURSOR.autobind(now_ms()) {
-        let crowded = match dial_from(addr, None).await {
-            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => None,
-            Ok((stream, took)) if took < Duration::from_micros(ports::SLOW_CONNECT_US) => {
-                if CHOOSING.load(Ordering::Relaxed) && CHOOSING.swap(false, Ordering::Relaxed) {
-                    info!("ephemeral ports free again, the kernel picks them");
-                }
-                return Ok(Connected {
-                    stream,
-                    chosen_port: false,
-                });
-            }
-            Ok((stream, _)) => Some(stream),
-            Err(e) => return Err(e),
-        };
-        CURSOR.autobind_failed(now_ms());
-        match Range::read() {
-            Ok(r) => *lock(&RANGE) = Some(Arc::new(r)),
-            Err(re) => debug!(error = %re, "cannot read the ephemeral port range"),
-        }
-        if !CHOOSING.swap(true, Ordering::Relaxed) {
-            info!(target = %target, "the ephemeral ports are crowded, choosing ports held in TIME_WAIT (reusable where the connection had TCP timestamps)");
-        }
-        if let Some(stream) = crowded {
-            return Ok(Connected {
-                stream,
-                chosen_port: false,
-            });
-        }
+    if CROWDING.autobind(now_ms())
+        && let Some(stream) = kernel_pick(target).await?
+    {
+        return Ok(Connected::new(stream, None));
     }
     let range = lock(&RANGE).clone();
     let recent = std::iter::from_fn(|| lock(&RECENT).pop(now_ms())).take(ports::ATTEMPTS);
     let walked = range.iter().flat_map(|r| CURSOR.candidates(r));
     for port in recent.chain(walked) {
         match dial_from(addr, Some(port)).await {
-            Ok((stream, _)) => {
-                return Ok(Connected {
-                    stream,
-                    chosen_port: true,
-                });
-            }
+            Ok((stream, _)) => return Ok(Connected::new(stream, Some(port))),
             // Held by a listener, or by a live connection to the same peer (or a TIME_WAIT
             // without timestamps): the next.
             Err(e)
@@ -185,10 +181,37 @@ async fn dial(target: TargetAddr) -> io::Result<Connected> {
     // None of those would do (ports held by other programs' sockets without SO_REUSEADDR,
     // their TIME_WAIT included, refuse the bind): the kernel's pick, slow or not, so that
     // choosing never serves fewer clients than not choosing.
-    dial_from(addr, None).await.map(|(stream, _)| Connected {
-        stream,
-        chosen_port: false,
-    })
+    let (stream, _) = dial_from(addr, None).await?;
+    Ok(Connected::new(stream, None))
+}
+
+/// A connect whose port the kernel picks, its speed recorded in [`CROWDING`]; `None` if the
+/// kernel had no port left.
+async fn kernel_pick(target: TargetAddr) -> io::Result<Option<TcpStream>> {
+    let (pick, stream) = match dial_from(target.get(), None).await {
+        Ok((stream, took)) if took < Duration::from_micros(ports::SLOW_CONNECT_US) => {
+            (Pick::Quick, Some(stream))
+        }
+        Ok((stream, _)) => (Pick::Slow, Some(stream)),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => (Pick::Failed, None),
+        Err(e) => return Err(e),
+    };
+    let now = now_ms();
+    match CROWDING.record(pick, now) {
+        Some(Change::Started) => {
+            info!(target = %target, "the ephemeral ports are crowded, choosing ports held in TIME_WAIT (reusable where the connection had TCP timestamps)");
+        }
+        Some(Change::Ended) => info!("ephemeral ports free again, the kernel picks them"),
+        None => {}
+    }
+    if !CROWDING.autobind(now) {
+        // Choosing from now on: from the range as it is now.
+        match Range::read() {
+            Ok(r) => *lock(&RANGE) = Some(Arc::new(r)),
+            Err(e) => debug!(error = %e, "cannot read the ephemeral port range"),
+        }
+    }
+    Ok(stream)
 }
 
 /// One connect, from a socket with SO_REUSEADDR, bound to `port` on the unspecified address
@@ -207,12 +230,7 @@ async fn dial_from(addr: SocketAddr, port: Option<u16>) -> io::Result<(TcpStream
     )?;
     socket.set_reuse_address(true)?;
     if let Some(port) = port {
-        let any = if addr.is_ipv4() {
-            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
-        } else {
-            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-        };
-        socket.bind(&SocketAddr::new(any, port).into())?;
+        socket.bind(&ports::unspecified(&addr, port).into())?;
     }
     let started = Instant::now();
     match socket.connect(&addr.into()) {
@@ -221,11 +239,37 @@ async fn dial_from(addr: SocketAddr, port: Option<u16>) -> io::Result<(TcpStream
         Err(e) => return Err(e),
     }
     let took = started.elapsed();
+    // Towards a target on this host (a container behind a bridge or veth, loopback) the
+    // handshake has run inside connect() itself, in the softirq of the SYN's delivery: a
+    // poll that does not wait says so, and spares the round through the reactor (a wake-up
+    // of the task, an epoll event and SO_ERROR) that tokio's own connect makes.
+    let done = ready_now(&socket)?;
     let stream = TcpStream::from_std(socket.into())?;
-    // As tokio's own connect: writable once the handshake ended, one way or the other.
-    stream.writable().await?;
-    if let Some(e) = stream.take_error()? {
-        return Err(e);
+    if !done {
+        // Writable once the handshake ended, one way or the other.
+        stream.writable().await?;
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
     }
     Ok((stream, took))
+}
+
+/// Whether the connect on `socket` has already succeeded; its error if it has failed.
+fn ready_now(socket: &Socket) -> io::Result<bool> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLOUT)];
+    poll(&mut fds, PollTimeout::ZERO)?;
+    let revents = fds[0].revents().unwrap_or(PollFlags::empty());
+    if revents == PollFlags::POLLOUT {
+        return Ok(true);
+    }
+    if revents.intersects(PollFlags::POLLERR | PollFlags::POLLHUP)
+        && let Some(e) = socket.take_error()?
+    {
+        return Err(e);
+    }
+    // Still under way (or an odd state): tokio's reactor will tell.
+    Ok(false)
 }

@@ -215,14 +215,18 @@ async fn handle(
             return;
         }
     };
-    let target = match connected {
+    let connect::Connected {
+        stream: target,
+        local_port,
+        ..
+    } = match connected {
         Ok(c) => {
             accept::served();
             connect::ports_again();
             if c.chosen_port {
                 stats.chosen_port();
             }
-            c.stream
+            c
         }
         Err(ConnectError::Descriptors(_, e)) => {
             // One warning per episode, not one per client.
@@ -264,9 +268,8 @@ async fn handle(
             () = idle => {}
         }
     };
-    let local_port = target.local_addr().map(|a| a.port());
     let relayed = relay::run(client, target, &config.pump, &meter, cut).await;
-    if let Ok(port) = local_port {
+    if let Some(port) = local_port {
         connect::ended(port);
     }
     match relayed {

@@ -1,7 +1,8 @@
 //! The copy pump: read into a userspace buffer, write it out.
 use std::io;
 
-use tokio::net::TcpStream;
+use socket2::SockRef;
+use tokio::{io::Interest, net::TcpStream};
 
 use super::{Direction, Meter};
 use crate::pool::Pool;
@@ -19,14 +20,16 @@ pub(super) async fn pump(
     meter: &Meter,
 ) -> io::Result<()> {
     loop {
-        src.readable().await?;
+        // As in the splice pump: with the peer's FIN in, the last bytes go with MSG_MORE so
+        // that the shutdown's FIN leaves with them.
+        let more = src.ready(Interest::READABLE).await?.is_read_closed();
         let mut buf = BUFFERS.take(|| Ok(vec![0u8; BUF_SIZE].into_boxed_slice()))?;
         // Move data until the socket is drained; the buffer goes back to the pool in between.
         let eof = loop {
             match src.try_read(&mut buf) {
                 Ok(0) => break true,
                 Ok(n) => {
-                    write_all(dst, &buf[..n]).await?;
+                    write_all(dst, &buf[..n], more).await?;
                     meter.add(dir, n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
@@ -40,10 +43,13 @@ pub(super) async fn pump(
     }
 }
 
-async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+async fn write_all(dst: &TcpStream, mut data: &[u8], more: bool) -> io::Result<()> {
+    let flags = if more { libc::MSG_MORE } else { 0 };
     while !data.is_empty() {
         dst.writable().await?;
-        match dst.try_write(data) {
+        match dst.try_io(Interest::WRITABLE, || {
+            SockRef::from(dst).send_with_flags(data, flags)
+        }) {
             Ok(n) => data = &data[n..],
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),

@@ -62,14 +62,23 @@ pub(super) async fn pump(
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut moved_any = false;
     loop {
-        match promo {
+        let ready = match promo {
             Some(p) if p.requested() => return Ok(Ended::Promoted),
             Some(p) => tokio::select! {
-                r = src.readable() => r?,
+                r = src.ready(Interest::READABLE) => r?,
                 () = p.decided() => return Ok(Ended::Promoted),
             },
-            None => src.readable().await?,
-        }
+            None => src.ready(Interest::READABLE).await?,
+        };
+        // The peer's FIN is in (EPOLLRDHUP): what is left to read is all there is, and the
+        // shutdown follows it. Writing it with MSG_MORE lets that FIN leave with the last
+        // bytes, one segment instead of two (a request or an answer followed by a close: a
+        // segment, its softirq and its ACK less per connection).
+        let last = if ready.is_read_closed() {
+            SpliceFFlags::SPLICE_F_MORE
+        } else {
+            SpliceFFlags::empty()
+        };
         let pipe = match PIPES.take(Pipe::new) {
             Ok(pipe) => pipe,
             Err(e) => {
@@ -99,7 +108,7 @@ pub(super) async fn pump(
             while left > 0 {
                 dst.writable().await?;
                 match dst.try_io(Interest::WRITABLE, || {
-                    splice(&pipe.read, None, dst.as_fd(), None, left, flags)
+                    splice(&pipe.read, None, dst.as_fd(), None, left, flags | last)
                         .map_err(io::Error::from)
                 }) {
                     Ok(n) => {

@@ -41,7 +41,10 @@ pub async fn relay_auto(
     let mut cut = pin!(cut);
     let promo = Promotion::new(threshold);
     match relay::splice_promotable(&client, &target, meter, &promo, cut.as_mut()).await? {
-        [Ended::Promoted, Ended::Promoted] => kernel(client, target, sm, meter, cut, true).await,
+        // Boxed: only connections that proved long-lived pay for the kernel relay's state.
+        [Ended::Promoted, Ended::Promoted] => {
+            Box::pin(kernel(client, target, sm, meter, cut, true)).await
+        }
         [Ended::Eof, Ended::Eof] => Ok(meter.transfer()),
         // One way is over (its shutdown passed on): splice the rest. The ended direction
         // reads its EOF again and repeats the shutdown, which changes nothing.
