@@ -262,12 +262,12 @@ fn ready_now(socket: &Socket) -> io::Result<bool> {
     let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLOUT)];
     poll(&mut fds, PollTimeout::ZERO)?;
     let revents = fds[0].revents().unwrap_or(PollFlags::empty());
-    if revents == PollFlags::POLLOUT {
+    let failed = revents.intersects(PollFlags::POLLERR | PollFlags::POLLHUP);
+    if revents.contains(PollFlags::POLLOUT) && !failed {
+        // Writable and no error: established (a server that speaks first adds POLLIN).
         return Ok(true);
     }
-    if revents.intersects(PollFlags::POLLERR | PollFlags::POLLHUP)
-        && let Some(e) = socket.take_error()?
-    {
+    if failed && let Some(e) = socket.take_error()? {
         return Err(e);
     }
     // Still under way (or an odd state): tokio's reactor will tell.
