@@ -59,7 +59,8 @@ pub struct Connected {
     pub stream: TcpStream,
     /// Made from a port berth chose because the kernel had none left (see [`ports`]).
     pub chosen_port: bool,
-    /// Its local port, known when ports are being remembered (see [`ended`]).
+    /// Its local port, known while berth keeps the ports of ended connections (the range
+    /// has been crowded lately).
     pub local_port: Option<u16>,
 }
 
