@@ -44,7 +44,8 @@ pub(super) async fn pump(
 }
 
 async fn write_all(dst: &TcpStream, mut data: &[u8], more: bool) -> io::Result<()> {
-    let flags = if more { libc::MSG_MORE } else { 0 };
+    // MSG_NOSIGNAL as tokio's own writes: a reset peer is an error, not a SIGPIPE.
+    let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
     while !data.is_empty() {
         dst.writable().await?;
         match dst.try_io(Interest::WRITABLE, || {

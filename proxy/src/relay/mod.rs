@@ -255,6 +255,7 @@ pub struct RelayError {
     #[source]
     pub source: io::Error,
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,6 +272,7 @@ mod tests {
             .unwrap();
         let (b, _) = l.accept().await.unwrap();
         let meter = Meter::default();
+        // The size is the future type's: every pump's state is in it, auto's included.
         let pump = Pump::Splice;
         let relay = run(a, b, &pump, &meter, std::future::pending::<()>());
         let size = std::mem::size_of_val(&relay);
