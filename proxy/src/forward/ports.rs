@@ -221,7 +221,11 @@ impl Crowding {
                 return ended.then_some(Change::Ended);
             }
             Pick::Quick => {
-                self.streak.store(0, Ordering::Relaxed);
+                // Read first: every connect comes here, and a store on each would bounce
+                // this line between the workers' caches for nothing.
+                if self.streak.load(Ordering::Relaxed) != 0 {
+                    self.streak.store(0, Ordering::Relaxed);
+                }
                 return None;
             }
         };
