@@ -54,6 +54,12 @@ pub fn init_logging(filter: &str) {
         .try_init();
 }
 
+/// The kernel's TCP_INFO of a TCP socket: its state, segment and byte counters.
+pub fn tcp_info(s: impl std::os::fd::AsFd) -> std::io::Result<libc::tcp_info> {
+    // SAFETY: TCP_INFO fills a tcp_info, plain integers for which all-zero is valid.
+    unsafe { sockopt(s.as_fd(), libc::IPPROTO_TCP, libc::TCP_INFO) }
+}
+
 /// Reads the socket option `level`/`name` into a `T`.
 ///
 /// # Safety

@@ -203,22 +203,7 @@ async fn fin_leaves_with_the_last_bytes(mode: Mode) {
 
 /// Segments `s` has received (TCP_INFO).
 fn segments_in(s: &TcpStream) -> u32 {
-    use std::os::fd::AsRawFd as _;
-    // SAFETY: TCP_INFO fills a tcp_info, plain integers for which all-zero is valid; the
-    // length says how much of it the kernel may write.
-    unsafe {
-        let mut info: libc::tcp_info = std::mem::zeroed();
-        let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>()).unwrap();
-        let rc = libc::getsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &raw mut len,
-        );
-        assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
-        info.tcpi_segs_in
-    }
+    berth::sys::tcp_info(s).expect("TCP_INFO").tcpi_segs_in
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

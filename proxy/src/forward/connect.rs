@@ -65,11 +65,11 @@ pub struct Connected {
 }
 
 impl Connected {
-    /// `chosen`: the port berth bound, if it chose one.
-    fn new(stream: TcpStream, chosen: Option<u16>) -> Self {
+    /// `chosen`: the port berth bound, if it chose one; `now`: [`now_ms`] of this connect.
+    fn new(stream: TcpStream, chosen: Option<u16>, now: u64) -> Self {
         let local_port = chosen.or_else(|| {
             CROWDING
-                .remember(now_ms())
+                .remember(now)
                 .then(|| stream.local_addr().ok().map(|a| a.port()))
                 .flatten()
         });
@@ -158,17 +158,19 @@ pub(super) fn ended(port: u16) {
 /// itself, which may take ports in TIME_WAIT (see [`ports`]).
 async fn dial(target: TargetAddr) -> io::Result<Connected> {
     let addr = target.get();
-    if CROWDING.autobind(now_ms())
+    // One clock read for the common path (ms: a connect's own time does not matter here).
+    let now = now_ms();
+    if CROWDING.autobind(now)
         && let Some(stream) = kernel_pick(target).await?
     {
-        return Ok(Connected::new(stream, None));
+        return Ok(Connected::new(stream, None, now));
     }
     let range = lock(&RANGE).clone();
     let recent = std::iter::from_fn(|| lock(&RECENT).pop(now_ms())).take(ports::ATTEMPTS);
     let walked = range.iter().flat_map(|r| CURSOR.candidates(r));
     for port in recent.chain(walked) {
         match dial_from(addr, Some(port)).await {
-            Ok((stream, _)) => return Ok(Connected::new(stream, Some(port))),
+            Ok((stream, _)) => return Ok(Connected::new(stream, Some(port), now_ms())),
             // Held by a listener, or by a live connection to the same peer (or a TIME_WAIT
             // without timestamps): the next.
             Err(e)
@@ -183,7 +185,7 @@ async fn dial(target: TargetAddr) -> io::Result<Connected> {
     // their TIME_WAIT included, refuse the bind): the kernel's pick, slow or not, so that
     // choosing never serves fewer clients than not choosing.
     let (stream, _) = dial_from(addr, None).await?;
-    Ok(Connected::new(stream, None))
+    Ok(Connected::new(stream, None, now_ms()))
 }
 
 /// A connect whose port the kernel picks, its speed recorded in [`CROWDING`]; `None` if the

@@ -2,7 +2,7 @@
 //! hand-over compares the program's counters with.
 use std::{io, net::TcpStream as StdStream, os::fd::AsFd};
 
-use crate::sys::sockopt;
+use crate::sys::tcp_info;
 
 /// Payload bytes `s` has received: TCP_INFO's count, less the one the FIN adds once it came.
 pub(super) fn received_payload(s: &StdStream) -> io::Result<u64> {
@@ -13,11 +13,6 @@ pub(super) fn received_payload(s: &StdStream) -> io::Result<u64> {
         TCP_ESTABLISHED | TCP_FIN_WAIT1 | TCP_FIN_WAIT2
     );
     Ok(info.tcpi_bytes_received.saturating_sub(u64::from(fin)))
-}
-
-fn tcp_info(s: impl AsFd) -> io::Result<libc::tcp_info> {
-    // SAFETY: TCP_INFO fills a tcp_info, plain integers for which all-zero is valid.
-    unsafe { sockopt(s.as_fd(), libc::IPPROTO_TCP, libc::TCP_INFO) }
 }
 
 /// Bytes written into `s` that its peer has acknowledged.
