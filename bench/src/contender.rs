@@ -412,7 +412,9 @@ impl Contender {
                 ])
                 .arg(format!("0.0.0.0:{port}"))
                 .arg(server.to_string())
-                .env("BERTH_LOG", "warn");
+                // Warnings, and when the ephemeral ports crowded and berth chose its own
+                // (the sequential scenario's question; two lines per episode).
+                .env("BERTH_LOG", "warn,berth::forward::connect=info");
                 running.children.push(spawn(&mut cmd, logs, self)?);
             }
             Self::TokioSplice => {
