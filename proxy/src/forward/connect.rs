@@ -168,9 +168,18 @@ async fn dial(target: TargetAddr) -> io::Result<Connected> {
     let range = lock(&RANGE).clone();
     let recent = std::iter::from_fn(|| lock(&RECENT).pop(now_ms())).take(ports::ATTEMPTS);
     let walked = range.iter().flat_map(|r| CURSOR.candidates(r));
-    for port in recent.chain(walked) {
+    let (stream, chosen) = dial_choosing(addr, recent.chain(walked)).await?;
+    Ok(Connected::new(stream, chosen, now_ms()))
+}
+
+/// A connect from the first of `ports` that can be bound; the port, if one could.
+async fn dial_choosing(
+    addr: SocketAddr,
+    ports: impl Iterator<Item = u16>,
+) -> io::Result<(TcpStream, Option<u16>)> {
+    for port in ports {
         match dial_from(addr, Some(port)).await {
-            Ok((stream, _)) => return Ok(Connected::new(stream, Some(port), now_ms())),
+            Ok((stream, _)) => return Ok((stream, Some(port))),
             // Held by a listener, or by a live connection to the same peer (or a TIME_WAIT
             // without timestamps): the next.
             Err(e)
@@ -185,7 +194,7 @@ async fn dial(target: TargetAddr) -> io::Result<Connected> {
     // their TIME_WAIT included, refuse the bind): the kernel's pick, slow or not, so that
     // choosing never serves fewer clients than not choosing.
     let (stream, _) = dial_from(addr, None).await?;
-    Ok(Connected::new(stream, None, now_ms()))
+    Ok((stream, None))
 }
 
 /// A connect whose port the kernel picks, its speed recorded in [`CROWDING`]; `None` if the
@@ -275,4 +284,51 @@ fn ready_now(socket: &Socket) -> io::Result<bool> {
     }
     // Still under way (or an odd state): tokio's reactor will tell.
     Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port_of(l: &std::net::TcpListener) -> u16 {
+        l.local_addr().unwrap().port()
+    }
+
+    /// The order of attempts when berth chooses: each given port in turn, past those that
+    /// cannot be bound, and the kernel's pick when none can (choosing never serves fewer
+    /// clients than not choosing); any other failure ends it at once.
+    #[tokio::test]
+    async fn chosen_ports_in_order_then_the_kernels_pick() {
+        let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = target.local_addr().unwrap();
+        // Listeners hold these: no socket binds beside a listener.
+        let held = [
+            std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+            std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        ];
+        let held_ports = held.each_ref().map(port_of);
+
+        let (stream, chosen) = dial_choosing(addr, held_ports.into_iter()).await.unwrap();
+        assert_eq!(chosen, None, "no given port could be bound");
+        let local = stream.local_addr().unwrap().port();
+        assert!(!held_ports.contains(&local), "{local} is held");
+        let (_, peer) = target.accept().unwrap();
+        assert_eq!(peer.port(), local, "the kernel's pick reached the target");
+
+        let free = port_of(&std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+        let (stream, chosen) = dial_choosing(addr, [held_ports[0], free].into_iter())
+            .await
+            .unwrap();
+        assert_eq!(chosen, Some(free), "the first port that binds");
+        assert_eq!(stream.local_addr().unwrap().port(), free);
+        assert_eq!(target.accept().unwrap().1.port(), free);
+
+        drop(target);
+        let unused = port_of(&std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+        let mut tried = 0;
+        let ports = [unused, held_ports[1]].into_iter().inspect(|_| tried += 1);
+        let e = dial_choosing(addr, ports).await.unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED), "{e}");
+        assert_eq!(tried, 1, "a refusal is the target's answer, not the port's");
+    }
 }
