@@ -17,7 +17,7 @@ pub(super) fn received_payload(s: &StdStream) -> io::Result<u64> {
 
 /// Bytes written into `s` that its peer has acknowledged.
 pub(super) fn acked_by_peer(s: &StdStream) -> io::Result<u64> {
-    Ok(tcp_info(s.as_fd())?.tcpi_bytes_acked)
+    Ok(tcp_info(s)?.tcpi_bytes_acked)
 }
 
 /// Bytes ever written into `s`: acknowledged by its peer, plus still in its send queue.
@@ -40,5 +40,5 @@ const TCP_FIN_WAIT1: u8 = 4;
 const TCP_FIN_WAIT2: u8 = 5;
 
 pub(super) fn established(s: &impl AsFd) -> bool {
-    tcp_info(s.as_fd()).is_ok_and(|i| i.tcpi_state == TCP_ESTABLISHED)
+    tcp_info(s).is_ok_and(|i| i.tcpi_state == TCP_ESTABLISHED)
 }
